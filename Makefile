@@ -1,0 +1,53 @@
+# vmwipe: the two commands a newcomer needs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: setup system-packages test test-fast demo bench lint abi kmod kmod-check fuzz clean
+
+setup: system-packages $(STAMP)
+
+system-packages:
+	@bash scripts/setup-system.sh
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test,libvirt]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+# pytest exits 5 when it collected nothing; that is a failure of the suite, say so.
+test: setup
+	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
+
+test-fast: setup
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/python examples/demo.py
+
+bench: setup
+	$(BIN)/python benchmarks/run.py
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy protocol host_agent examples/lab benchmarks tests
+
+abi: setup
+	$(BIN)/python -m vmwipe.protocol.cheader
+
+kmod:
+	$(MAKE) -C guest_kmod
+
+kmod-check:
+	bash guest_kmod/check-builds.sh
+
+fuzz: setup
+	HYPOTHESIS_PROFILE=long $(BIN)/pytest tests -k fuzz
+
+clean:
+	$(MAKE) -C guest_kmod clean || true
+	rm -rf build

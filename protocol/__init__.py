@@ -1,0 +1,47 @@
+"""vmwipe wire protocol v1: table layout, validation, SSDT, and C header generation.
+
+See SPEC.md in this folder; `layout` holds the construct definitions every other
+piece is derived from.
+"""
+
+from .errors import HeaderError, ProtocolError, SlotError, SsdtError
+from .layout import (
+    ACPI_HID,
+    HEADER_CRC_LEN,
+    HEADER_SIZE,
+    HOST_FIELDS_SIZE,
+    MAGIC,
+    MIN_REGION_SIZE,
+    PAGE_SIZE,
+    SLOT_SIZE,
+    SLOT_VALID,
+    SLOTS_OFFSET,
+    VERSION,
+    WIPE_GENERATION_OFFSET,
+    WIPE_PAGES_OFFSET,
+)
+from .sizes import parse_size
+from .ssdt import decode_ssdt, encode_ssdt
+from .table import (
+    Header,
+    Region,
+    Slot,
+    Table,
+    build_region,
+    decode_header,
+    decode_table,
+    encode_header,
+    encode_host_fields,
+    encode_slot,
+    slot_count_for,
+    validate_region,
+)
+
+__all__ = [
+    "ACPI_HID", "HEADER_CRC_LEN", "HEADER_SIZE", "HOST_FIELDS_SIZE", "MAGIC", "MIN_REGION_SIZE",
+    "PAGE_SIZE", "SLOTS_OFFSET", "SLOT_SIZE", "SLOT_VALID", "VERSION", "WIPE_GENERATION_OFFSET",
+    "WIPE_PAGES_OFFSET", "Header", "HeaderError", "ProtocolError", "Region", "Slot", "SlotError",
+    "SsdtError", "Table", "build_region", "decode_header", "decode_ssdt", "decode_table",
+    "encode_header", "encode_host_fields", "encode_slot", "encode_ssdt", "parse_size",
+    "slot_count_for", "validate_region",
+]

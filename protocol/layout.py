@@ -1,0 +1,76 @@
+"""Wire protocol v1: the construct definitions are the single source of truth.
+
+Everything else -- the Python decoder, the generated C header
+(`guest_kmod/vmwipe_abi.h`) and the spec's tables -- is derived from the
+structures below, so a field can only move in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from construct import Bytes, Int32ul, Int64ul, Struct
+
+PAGE_SIZE: Final = 4096
+VERSION: Final = 1
+MAGIC: Final = b"VMWIPEv1"
+HEADER_SIZE: Final = 4096
+SLOT_SIZE: Final = 16
+SLOTS_OFFSET: Final = 4096
+MIN_REGION_SIZE: Final = 8192
+SLOT_VALID: Final = 0x1
+SLOT_RESERVED_BITS: Final = 0xFFE  # bits 11..1 of `word`
+SLOT_ADDR_MASK: Final = ~0xFFF & 0xFFFF_FFFF_FFFF_FFFF
+ACPI_HID: Final = "VMWP0001"
+
+#: Page 0 of the region.  Only these 0x50 bytes carry meaning; the rest is reserved (0).
+HeaderStruct = Struct(
+    "magic" / Bytes(8),
+    "version" / Int32ul,
+    "header_size" / Int32ul,
+    "region_size" / Int64ul,
+    "slot_size" / Int32ul,
+    "slot_count" / Int32ul,
+    "slots_offset" / Int64ul,
+    "boot_id" / Bytes(16),
+    "header_crc32" / Int32ul,
+    "reserved0" / Int32ul,
+    "wipe_generation" / Int64ul,
+    "wipe_pages" / Int64ul,
+)
+
+#: One table entry.
+SlotStruct = Struct(
+    "word" / Int64ul,
+    "npages" / Int32ul,
+    "reserved" / Int32ul,
+)
+
+#: The fields only the host writes, after a completed and verified wipe.
+HostFieldsStruct = Struct(
+    "wipe_generation" / Int64ul,
+    "wipe_pages" / Int64ul,
+)
+
+
+def field_offsets(struct: Struct) -> dict[str, tuple[int, int]]:
+    """Return {name: (offset, size)} for a flat construct Struct (used by the C generator)."""
+    offsets: dict[str, tuple[int, int]] = {}
+    pos = 0
+    for sub in struct.subcons:
+        size = sub.sizeof()
+        offsets[sub.name] = (pos, size)
+        pos += size
+    return offsets
+
+
+_HEADER_FIELDS: Final = field_offsets(HeaderStruct)
+#: The CRC covers every guest-written byte before the CRC field itself.
+HEADER_CRC_LEN: Final = _HEADER_FIELDS["header_crc32"][0]
+HEADER_USED_SIZE: Final = HeaderStruct.sizeof()
+WIPE_GENERATION_OFFSET: Final = _HEADER_FIELDS["wipe_generation"][0]
+WIPE_PAGES_OFFSET: Final = _HEADER_FIELDS["wipe_pages"][0]
+HOST_FIELDS_SIZE: Final = HostFieldsStruct.sizeof()
+
+assert HEADER_CRC_LEN == 0x38 and WIPE_GENERATION_OFFSET == 0x40 and HEADER_USED_SIZE == 0x50
+assert SlotStruct.sizeof() == SLOT_SIZE
