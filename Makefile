@@ -34,7 +34,8 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/mypy protocol host_agent examples/lab benchmarks tests
+	$(BIN)/mypy -p vmwipe.protocol -p vmwipe.host_agent -p vmwipe.lab
+	$(BIN)/mypy tests benchmarks
 
 abi: setup
 	$(BIN)/python -m vmwipe.protocol.cheader

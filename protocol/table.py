@@ -15,10 +15,10 @@ import struct
 import zlib
 from array import array
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from functools import reduce
 from itertools import compress, islice, repeat
 from operator import add, and_, le, mul, or_
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from . import layout as L
@@ -54,7 +54,8 @@ class Header:
     wipe_pages: int
 
 
-class Slot(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Slot:
     """A VALID slot that passed every rule: `npages` pages starting at `gpa`."""
 
     index: int
@@ -303,7 +304,7 @@ def _validate_slow(
 
 
 def _drop_overlaps(slots: list[Slot], errors: list[SlotError], strict: bool) -> list[Slot]:
-    """The guest publishes each page once, so duplicated or overlapping slots mean a forged table."""
+    """The guest publishes each page once: duplicated or overlapping slots mean a forged table."""
     ordered = sorted(slots, key=lambda s: s.gpa)
     bad: set[int] = set()
     prev_end = -1
