@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Build vmwipe.ko with W=1 against the Debian 12 kernel (6.1) and a 6.12 kernel
+# (Debian 13, or bookworm-backports on Debian 12, installed on demand) and fail
+# on any compiler warning. Builds happen in build/kmod-<release>/ so the source
+# tree stays clean. Used by `make kmod-check`.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+out=${VMWIPE_BUILD_DIR:-$here/../build}
+
+newest() { ls -d /usr/src/linux-headers-"$1"*-amd64 2>/dev/null | sort -V | tail -n 1; }
+
+[ -n "$(newest 6.12.)" ] || "$here/install-6.12-headers.sh" >/dev/null
+kdirs=()
+for series in 6.1. 6.12.; do
+	kdir=$(newest "$series")
+	[ -n "$kdir" ] || { echo "check-builds: no linux-headers-${series}*-amd64" >&2; exit 1; }
+	kdirs+=("$kdir")
+done
+
+rc=0
+for kdir in "${kdirs[@]}"; do
+	rel=${kdir#/usr/src/linux-headers-}
+	dir=$out/kmod-$rel
+	rm -rf "$dir"
+	mkdir -p "$dir"
+	cp "$here"/Kbuild "$here"/*.c "$here"/*.h "$dir"/
+	log=$dir/build.log
+	if ! make -C "$kdir" M="$dir" W=1 modules >"$log" 2>&1; then
+		echo "check-builds: $rel: build FAILED" >&2
+		cat "$log" >&2
+		rc=1
+	elif grep -q 'warning:' "$log"; then
+		echo "check-builds: $rel: warnings" >&2
+		grep -A3 'warning:' "$log" >&2
+		rc=1
+	else
+		echo "check-builds: $rel: OK, no warnings (W=1)"
+	fi
+done
+exit $rc

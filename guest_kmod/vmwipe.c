@@ -1,0 +1,622 @@
+// SPDX-License-Identifier: GPL-2.0-only
+/*
+ * vmwipe: pages that the hypervisor zeroes before a restored snapshot or a
+ * clone of this VM runs again.
+ *
+ * The host describes a reserved range of guest RAM with an ACPI device
+ * (_HID "VMWP0001", _CRS = the range). This driver writes a table there
+ * (protocol v1, see vmwipe_abi.h) listing every page it hands out; before
+ * resuming a restored image the host zeroes the listed pages and bumps
+ * wipe_generation in the header.
+ *
+ * Pages are handed out to user space through mmap() of /dev/vmwipe and to
+ * other modules through vmwipe_alloc_pages(). A read() of /dev/vmwipe
+ * returns the last wipe_generation seen (u64, native endian); poll() reports
+ * EPOLLPRI once the generation differs from the one this file last read.
+ */
+
+#include <linux/crc32.h>
+#include <linux/device.h>
+#include <linux/highmem.h>
+#include <linux/io.h>
+#include <linux/ioport.h>
+#include <linux/kobject.h>
+#include <linux/miscdevice.h>
+#include <linux/mm.h>
+#include <linux/mod_devicetable.h>
+#include <linux/module.h>
+#include <linux/platform_device.h>
+#include <linux/poll.h>
+#include <linux/random.h>
+#include <linux/refcount.h>
+#include <linux/sched/signal.h>
+#include <linux/sched/user.h>
+#include <linux/slab.h>
+#include <linux/uaccess.h>
+#include <linux/version.h>
+#include <linux/wait.h>
+#include <linux/workqueue.h>
+
+#include "vmwipe.h"
+#include "vmwipe_abi.h"
+
+static ushort mode = 0666;
+module_param(mode, ushort, 0444);
+MODULE_PARM_DESC(mode, "permissions of /dev/vmwipe (default 0666)");
+
+static unsigned int poll_ms = 100;
+module_param(poll_ms, uint, 0644);
+MODULE_PARM_DESC(poll_ms, "period in ms for checking wipe_generation, 0 = only on vmgenid (default 100)");
+
+struct vmwipe {
+	struct miscdevice misc;
+	struct vmwipe_header *hdr;	/* start of the mapped region */
+	struct vmwipe_slot *slots;
+	size_t size;
+	u32 capacity;
+
+	/*
+	 * Free slots, kept in kernel memory: nothing in the region is ever
+	 * trusted, since the host (or a stale image) may have written there.
+	 */
+	spinlock_t lock;
+	u32 nfree;
+	u32 *free;
+
+	u64 generation;			/* last wipe_generation seen */
+	wait_queue_head_t wait;
+	struct delayed_work watch;
+	struct notifier_block vmfork;
+};
+
+/* The one bound instance, for the in-kernel API. */
+static struct vmwipe *vmwipe_instance;
+
+struct vmwipe_file {
+	struct vmwipe *vmw;
+	u64 seen;
+};
+
+/* Shared by all VMAs of one mmap() (a VMA is only copied by mremap). */
+struct vmwipe_mapping {
+	refcount_t refs;
+	struct vmwipe *vmw;
+	struct user_struct *user;	/* charged for RLIMIT_MEMLOCK, or NULL */
+	unsigned long npages;
+	struct page *pages[];
+};
+
+/* Give every page a slot (stored in page_private), all or none. */
+static int vmwipe_claim(struct vmwipe *vmw, struct page **pages, unsigned long n)
+{
+	unsigned long i;
+
+	spin_lock(&vmw->lock);
+	if (vmw->nfree < n) {
+		spin_unlock(&vmw->lock);
+		return -ENOSPC;
+	}
+	for (i = 0; i < n; i++)
+		set_page_private(pages[i], vmw->free[--vmw->nfree]);
+	spin_unlock(&vmw->lock);
+	return 0;
+}
+
+static void vmwipe_unclaim(struct vmwipe *vmw, struct page **pages, unsigned long n)
+{
+	unsigned long i;
+
+	spin_lock(&vmw->lock);
+	for (i = 0; i < n; i++)
+		vmw->free[vmw->nfree++] = page_private(pages[i]);
+	spin_unlock(&vmw->lock);
+}
+
+static void vmwipe_publish(struct vmwipe *vmw, struct page *page, u32 npages)
+{
+	struct vmwipe_slot *slot = &vmw->slots[page_private(page)];
+
+	WRITE_ONCE(slot->npages, cpu_to_le32(npages));
+	/*
+	 * npages must be in place before VALID is: the host may read the
+	 * table at any moment. The caller hands the page out only after this
+	 * store, so no secret can be written to a page the host would miss.
+	 */
+	smp_store_release(&slot->word, cpu_to_le64(page_to_phys(page) | VMWIPE_SLOT_VALID));
+}
+
+static void vmwipe_unpublish(struct vmwipe *vmw, struct page *page, u32 npages)
+{
+	struct vmwipe_slot *slot = &vmw->slots[page_private(page)];
+	u32 i;
+
+	for (i = 0; i < npages; i++)
+		clear_highpage(page + i);
+	/*
+	 * The zeroes must be visible before the slot goes: a snapshot taken
+	 * in between would otherwise keep the secret in a page nobody wipes.
+	 */
+	smp_store_release(&slot->word, 0);
+	WRITE_ONCE(slot->npages, 0);
+}
+
+/**
+ * vmwipe_alloc_pages() - allocate zeroed pages that the host wipes
+ * @order: allocate 2^@order physically contiguous pages
+ *
+ * Return: the first page, or NULL if no vmwipe device is bound or out of
+ * memory or table slots. Free with vmwipe_free_pages().
+ */
+struct page *vmwipe_alloc_pages(unsigned int order)
+{
+	struct vmwipe *vmw = READ_ONCE(vmwipe_instance);
+	struct page *page;
+
+	if (!vmw)
+		return NULL;
+	page = alloc_pages(GFP_KERNEL | __GFP_ZERO, order);
+	if (!page)
+		return NULL;
+	if (vmwipe_claim(vmw, &page, 1)) {
+		__free_pages(page, order);
+		return NULL;
+	}
+	vmwipe_publish(vmw, page, 1U << order);
+	return page;
+}
+EXPORT_SYMBOL_GPL(vmwipe_alloc_pages);
+
+/**
+ * vmwipe_free_pages() - clear, unpublish and free pages
+ * @page: first page, as returned by vmwipe_alloc_pages()
+ * @order: the order it was allocated with
+ */
+void vmwipe_free_pages(struct page *page, unsigned int order)
+{
+	struct vmwipe *vmw = READ_ONCE(vmwipe_instance);
+
+	vmwipe_unpublish(vmw, page, 1U << order);
+	vmwipe_unclaim(vmw, &page, 1);
+	__free_pages(page, order);
+}
+EXPORT_SYMBOL_GPL(vmwipe_free_pages);
+
+/*
+ * Pinned pages are charged to the user's RLIMIT_MEMLOCK, in the counter that
+ * io_uring and memfd_secret use, so that one user of a 0666 device can pin
+ * neither unbounded memory nor every slot.
+ */
+static int vmwipe_charge(struct vmwipe_mapping *m)
+{
+	unsigned long limit = rlimit(RLIMIT_MEMLOCK) >> PAGE_SHIFT;
+	struct user_struct *user = current_user();
+	long cur;
+
+	if (capable(CAP_IPC_LOCK))
+		return 0;
+	cur = atomic_long_read(&user->locked_vm);
+	do {
+		if (cur + m->npages > limit)
+			return -EAGAIN;
+	} while (!atomic_long_try_cmpxchg(&user->locked_vm, &cur, cur + m->npages));
+	m->user = get_uid(user);
+	return 0;
+}
+
+static void vmwipe_mapping_free(struct vmwipe_mapping *m, bool published)
+{
+	unsigned long i;
+
+	if (published) {
+		for (i = 0; i < m->npages; i++)
+			vmwipe_unpublish(m->vmw, m->pages[i], 1);
+		vmwipe_unclaim(m->vmw, m->pages, m->npages);
+	}
+	for (i = 0; i < m->npages && m->pages[i]; i++)
+		__free_page(m->pages[i]);
+	if (m->user) {
+		atomic_long_sub(m->npages, &m->user->locked_vm);
+		free_uid(m->user);
+	}
+	kvfree(m);
+}
+
+static void vmwipe_vm_open(struct vm_area_struct *vma)
+{
+	struct vmwipe_mapping *m = vma->vm_private_data;
+
+	refcount_inc(&m->refs);
+}
+
+static void vmwipe_vm_close(struct vm_area_struct *vma)
+{
+	struct vmwipe_mapping *m = vma->vm_private_data;
+
+	/* Called after the page tables are gone: only we use the pages. */
+	if (refcount_dec_and_test(&m->refs))
+		vmwipe_mapping_free(m, true);
+}
+
+/* A split would leave pages without a mapping to free them: no partial munmap. */
+static int vmwipe_vm_may_split(struct vm_area_struct *vma, unsigned long addr)
+{
+	return -EINVAL;
+}
+
+static int vmwipe_vm_mremap(struct vm_area_struct *vma)
+{
+	return -EINVAL;
+}
+
+static const struct vm_operations_struct vmwipe_vm_ops = {
+	.open = vmwipe_vm_open,
+	.close = vmwipe_vm_close,
+	.may_split = vmwipe_vm_may_split,
+	.mremap = vmwipe_vm_mremap,
+};
+
+static int vmwipe_mmap(struct file *file, struct vm_area_struct *vma)
+{
+	struct vmwipe_file *vf = file->private_data;
+	struct vmwipe *vmw = vf->vmw;
+	unsigned long i, n = vma_pages(vma);
+	struct vmwipe_mapping *m;
+	int ret;
+
+	if (!(vma->vm_flags & VM_SHARED) || vma->vm_pgoff)
+		return -EINVAL;
+	if (vma->vm_flags & VM_EXEC)
+		return -EPERM;
+	if (n > vmw->capacity)
+		return -ENOSPC;
+
+	m = kvzalloc(struct_size(m, pages, n), GFP_KERNEL);
+	if (!m)
+		return -ENOMEM;
+	refcount_set(&m->refs, 1);
+	m->vmw = vmw;
+	m->npages = n;
+	ret = vmwipe_charge(m);
+	if (ret)
+		goto err;
+	for (i = 0; i < n; i++) {
+		m->pages[i] = alloc_page(GFP_KERNEL | __GFP_ZERO);
+		if (!m->pages[i]) {
+			ret = -ENOMEM;
+			goto err;
+		}
+	}
+	ret = vmwipe_claim(vmw, m->pages, n);
+	if (ret)
+		goto err;
+	for (i = 0; i < n; i++)
+		vmwipe_publish(vmw, m->pages[i], 1);
+
+	/* Published, so they may now be mapped. */
+	for (i = 0; i < n; i++) {
+		ret = vm_insert_page(vma, vma->vm_start + i * PAGE_SIZE, m->pages[i]);
+		if (ret) {
+			vmwipe_mapping_free(m, true);
+			return ret;
+		}
+	}
+
+	/* Not inherited by fork(), not in core dumps, never grown or executed. */
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 3, 0)
+	vm_flags_mod(vma, VM_DONTCOPY | VM_DONTDUMP | VM_DONTEXPAND, VM_MAYEXEC);
+#else
+	vma->vm_flags |= VM_DONTCOPY | VM_DONTDUMP | VM_DONTEXPAND;
+	vma->vm_flags &= ~VM_MAYEXEC;
+#endif
+	vma->vm_ops = &vmwipe_vm_ops;
+	vma->vm_private_data = m;
+	return 0;
+
+err:
+	vmwipe_mapping_free(m, false);
+	return ret;
+}
+
+static int vmwipe_open(struct inode *inode, struct file *file)
+{
+	struct vmwipe *vmw = container_of(file->private_data, struct vmwipe, misc);
+	struct vmwipe_file *vf;
+
+	vf = kzalloc(sizeof(*vf), GFP_KERNEL);
+	if (!vf)
+		return -ENOMEM;
+	vf->vmw = vmw;
+	vf->seen = READ_ONCE(vmw->generation);
+	file->private_data = vf;
+	return nonseekable_open(inode, file);
+}
+
+static int vmwipe_release(struct inode *inode, struct file *file)
+{
+	kfree(file->private_data);
+	return 0;
+}
+
+static ssize_t vmwipe_read(struct file *file, char __user *buf, size_t len, loff_t *ppos)
+{
+	struct vmwipe_file *vf = file->private_data;
+	u64 gen = READ_ONCE(vf->vmw->generation);
+
+	if (len < sizeof(gen))
+		return -EINVAL;
+	if (copy_to_user(buf, &gen, sizeof(gen)))
+		return -EFAULT;
+	WRITE_ONCE(vf->seen, gen);
+	return sizeof(gen);
+}
+
+static __poll_t vmwipe_poll(struct file *file, poll_table *wait)
+{
+	struct vmwipe_file *vf = file->private_data;
+
+	poll_wait(file, &vf->vmw->wait, wait);
+	return READ_ONCE(vf->vmw->generation) != READ_ONCE(vf->seen) ? EPOLLPRI : 0;
+}
+
+static const struct file_operations vmwipe_fops = {
+	.owner = THIS_MODULE,
+	.open = vmwipe_open,
+	.release = vmwipe_release,
+	.read = vmwipe_read,
+	.poll = vmwipe_poll,
+	.mmap = vmwipe_mmap,
+};
+
+static struct vmwipe *dev_to_vmwipe(struct device *dev)
+{
+	return container_of(dev_get_drvdata(dev), struct vmwipe, misc);
+}
+
+static ssize_t capacity_show(struct device *dev, struct device_attribute *attr, char *buf)
+{
+	return sysfs_emit(buf, "%u\n", dev_to_vmwipe(dev)->capacity);
+}
+static DEVICE_ATTR_RO(capacity);
+
+static ssize_t used_show(struct device *dev, struct device_attribute *attr, char *buf)
+{
+	struct vmwipe *vmw = dev_to_vmwipe(dev);
+
+	return sysfs_emit(buf, "%u\n", vmw->capacity - READ_ONCE(vmw->nfree));
+}
+static DEVICE_ATTR_RO(used);
+
+static ssize_t generation_show(struct device *dev, struct device_attribute *attr, char *buf)
+{
+	return sysfs_emit(buf, "%llu\n", READ_ONCE(dev_to_vmwipe(dev)->generation));
+}
+static DEVICE_ATTR_RO(generation);
+
+static struct attribute *vmwipe_attrs[] = {
+	&dev_attr_capacity.attr,
+	&dev_attr_used.attr,
+	&dev_attr_generation.attr,
+	NULL
+};
+ATTRIBUTE_GROUPS(vmwipe);
+
+/* The host bumps wipe_generation after it has wiped the listed pages. */
+static void vmwipe_watch(struct work_struct *work)
+{
+	struct vmwipe *vmw = container_of(to_delayed_work(work), struct vmwipe, watch);
+	u64 gen = le64_to_cpu(READ_ONCE(vmw->hdr->wipe_generation));
+	unsigned int period = READ_ONCE(poll_ms);
+
+	if (gen != vmw->generation) {
+		char env[40];
+		char *envp[] = { env, NULL };
+
+		WRITE_ONCE(vmw->generation, gen);
+		wake_up_interruptible_poll(&vmw->wait, EPOLLPRI);
+		snprintf(env, sizeof(env), "VMWIPE_GENERATION=%llu", gen);
+		kobject_uevent_env(&vmw->misc.this_device->kobj, KOBJ_CHANGE, envp);
+	}
+	if (period)
+		schedule_delayed_work(&vmw->watch, msecs_to_jiffies(period));
+}
+
+/* vmgenid says we were restored or cloned: look at once, not at the next tick. */
+static int vmwipe_vmfork(struct notifier_block *nb, unsigned long action, void *data)
+{
+	struct vmwipe *vmw = container_of(nb, struct vmwipe, vmfork);
+
+	mod_delayed_work(system_wq, &vmw->watch, 0);
+	return NOTIFY_DONE;
+}
+
+static void vmwipe_clear_magic(struct vmwipe *vmw)
+{
+	/* Without the magic the host ignores the table (and so will the next boot). */
+	smp_store_release((u64 *)vmw->hdr->magic, 0);
+}
+
+static void vmwipe_init_region(struct vmwipe *vmw)
+{
+	struct vmwipe_header h = {
+		.version = cpu_to_le32(VMWIPE_ABI_VERSION),
+		.header_size = cpu_to_le32(VMWIPE_HEADER_SIZE),
+		.region_size = cpu_to_le64(vmw->size),
+		.slot_size = cpu_to_le32(VMWIPE_SLOT_SIZE),
+		.slot_count = cpu_to_le32(vmw->capacity),
+		.slots_offset = cpu_to_le64(VMWIPE_SLOTS_OFFSET),
+	};
+	u64 magic;
+
+	memcpy(h.magic, VMWIPE_MAGIC, VMWIPE_MAGIC_LEN);
+	get_random_bytes(h.boot_id, sizeof(h.boot_id));
+	h.header_crc32 = cpu_to_le32(crc32_le(~0U, (u8 *)&h, VMWIPE_HEADER_CRC_LEN) ^ ~0U);
+
+	/* A table left by an earlier boot is stale: drop its magic first. */
+	vmwipe_clear_magic(vmw);
+	memset((u8 *)vmw->hdr + VMWIPE_MAGIC_LEN, 0, vmw->size - VMWIPE_MAGIC_LEN);
+	memcpy((u8 *)vmw->hdr + VMWIPE_MAGIC_LEN, (u8 *)&h + VMWIPE_MAGIC_LEN,
+	       sizeof(h) - VMWIPE_MAGIC_LEN);
+	/* Magic last: the host must not see a half-written header. */
+	memcpy(&magic, h.magic, sizeof(magic));
+	smp_store_release((u64 *)vmw->hdr->magic, magic);
+}
+
+/*
+ * At unbind no page is handed out any more (module refcount). At shutdown
+ * some may be: a later unpublish then writes into a table the host ignores.
+ */
+static void vmwipe_retire(void *data)
+{
+	struct vmwipe *vmw = data;
+
+	vmwipe_clear_magic(vmw);
+	memset((u8 *)vmw->hdr + VMWIPE_MAGIC_LEN, 0, vmw->size - VMWIPE_MAGIC_LEN);
+}
+
+static void vmwipe_kvfree(void *data)
+{
+	kvfree(data);
+}
+
+static void vmwipe_stop_watch(void *data)
+{
+	struct vmwipe *vmw = data;
+
+	cancel_delayed_work_sync(&vmw->watch);
+}
+
+static void vmwipe_unregister_vmfork(void *data)
+{
+	struct vmwipe *vmw = data;
+
+	unregister_random_vmfork_notifier(&vmw->vmfork);
+}
+
+static void vmwipe_deregister(void *data)
+{
+	struct vmwipe *vmw = data;
+
+	WRITE_ONCE(vmwipe_instance, NULL);
+	misc_deregister(&vmw->misc);
+}
+
+static int vmwipe_probe(struct platform_device *pdev)
+{
+	struct device *dev = &pdev->dev;
+	struct resource *res;
+	struct vmwipe *vmw;
+	resource_size_t size;
+	void *base;
+	u32 i;
+	int ret;
+
+	res = platform_get_resource(pdev, IORESOURCE_MEM, 0);
+	if (!res)
+		return dev_err_probe(dev, -ENODEV, "no memory range in _CRS\n");
+	size = resource_size(res);
+	if (!PAGE_ALIGNED(res->start) || !PAGE_ALIGNED(size))
+		return dev_err_probe(dev, -EINVAL, "%pR is not page aligned\n", res);
+	if (size < VMWIPE_MIN_REGION_SIZE ||
+	    (size - VMWIPE_SLOTS_OFFSET) / VMWIPE_SLOT_SIZE > U32_MAX)
+		return dev_err_probe(dev, -EINVAL, "%pR has an unusable size\n", res);
+	/*
+	 * Unless memmap= (or the like) took the range out of System RAM,
+	 * memremap() would return the direct map and the table would
+	 * overwrite memory the kernel is using.
+	 */
+	if (region_intersects(res->start, size, IORESOURCE_SYSTEM_RAM,
+			      IORES_DESC_NONE) != REGION_DISJOINT)
+		return dev_err_probe(dev, -EBUSY,
+				     "%pR overlaps System RAM, reserve it with memmap=\n", res);
+	if (!devm_request_mem_region(dev, res->start, size, KBUILD_MODNAME))
+		return dev_err_probe(dev, -EBUSY, "%pR is in use\n", res);
+	base = devm_memremap(dev, res->start, size, MEMREMAP_WB);
+	if (IS_ERR(base))
+		return dev_err_probe(dev, PTR_ERR(base), "cannot map %pR\n", res);
+
+	vmw = devm_kzalloc(dev, sizeof(*vmw), GFP_KERNEL);
+	if (!vmw)
+		return -ENOMEM;
+	vmw->hdr = base;
+	vmw->slots = base + VMWIPE_SLOTS_OFFSET;
+	vmw->size = size;
+	vmw->capacity = (size - VMWIPE_SLOTS_OFFSET) / VMWIPE_SLOT_SIZE;
+	spin_lock_init(&vmw->lock);
+	init_waitqueue_head(&vmw->wait);
+	INIT_DELAYED_WORK(&vmw->watch, vmwipe_watch);
+	platform_set_drvdata(pdev, vmw);
+
+	vmw->free = kvmalloc_array(vmw->capacity, sizeof(*vmw->free), GFP_KERNEL);
+	ret = devm_add_action_or_reset(dev, vmwipe_kvfree, vmw->free);
+	if (ret)
+		return ret;
+	if (!vmw->free)
+		return -ENOMEM;
+	/* Hand out low slots first, which keeps the host's scan short. */
+	for (i = 0; i < vmw->capacity; i++)
+		vmw->free[i] = vmw->capacity - 1 - i;
+	vmw->nfree = vmw->capacity;
+
+	vmwipe_init_region(vmw);
+	ret = devm_add_action_or_reset(dev, vmwipe_retire, vmw);
+	if (ret)
+		return ret;
+
+	if (poll_ms)
+		schedule_delayed_work(&vmw->watch, msecs_to_jiffies(poll_ms));
+	ret = devm_add_action_or_reset(dev, vmwipe_stop_watch, vmw);
+	if (ret)
+		return ret;
+
+	vmw->vmfork.notifier_call = vmwipe_vmfork;
+	ret = register_random_vmfork_notifier(&vmw->vmfork);
+	if (ret)
+		return ret;
+	ret = devm_add_action_or_reset(dev, vmwipe_unregister_vmfork, vmw);
+	if (ret)
+		return ret;
+
+	vmw->misc.minor = MISC_DYNAMIC_MINOR;
+	vmw->misc.name = KBUILD_MODNAME;
+	vmw->misc.fops = &vmwipe_fops;
+	vmw->misc.mode = mode;
+	vmw->misc.parent = dev;
+	vmw->misc.groups = vmwipe_groups;
+	ret = misc_register(&vmw->misc);
+	if (ret)
+		return ret;
+	WRITE_ONCE(vmwipe_instance, vmw);
+	ret = devm_add_action_or_reset(dev, vmwipe_deregister, vmw);
+	if (ret)
+		return ret;
+
+	dev_info(dev, "%pR: %u slots\n", res, vmw->capacity);
+	return 0;
+}
+
+/* Reboot, poweroff and kexec: the next kernel must not inherit a live table. */
+static void vmwipe_shutdown(struct platform_device *pdev)
+{
+	vmwipe_retire(platform_get_drvdata(pdev));
+}
+
+static const struct acpi_device_id vmwipe_acpi_ids[] = {
+	{ VMWIPE_ACPI_HID, 0 },
+	{ }
+};
+MODULE_DEVICE_TABLE(acpi, vmwipe_acpi_ids);
+
+static struct platform_driver vmwipe_driver = {
+	.probe = vmwipe_probe,
+	.shutdown = vmwipe_shutdown,
+	.driver = {
+		.name = KBUILD_MODNAME,
+		.acpi_match_table = vmwipe_acpi_ids,
+		/* Unbinding with pages handed out would orphan the table. */
+		.suppress_bind_attrs = true,
+	},
+};
+module_platform_driver(vmwipe_driver);
+
+MODULE_DESCRIPTION("Pages the hypervisor wipes before a restored VM runs");
+MODULE_LICENSE("GPL");
