@@ -1,0 +1,390 @@
+"""`vmwipe` command line: wipe secret guest pages before a paused VM runs.
+
+Subcommands register themselves on an argparse subparser (`register(sub)`);
+the foundation's `ssdt` and `qemu-args` live in `setup_cmds`.  Every report can
+be printed as JSON, every error is one line on stderr, and the exit code says
+what went wrong (see `vmwipe --help`).  Whatever fails, the VM stays paused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+from vmwipe.protocol import ProtocolError
+
+from . import setup_cmds
+from .clone import clone_flow
+from .errors import EXIT_CODES, AgentError, Interrupted
+from .flows import (
+    AgentOptions,
+    FlowReport,
+    inspect_flow,
+    loadvm_flow,
+    restore_flow,
+    save_flow,
+    wipe_flow,
+)
+from .memaccess import BACKENDS
+from .qmp import QMPSession
+from .region import parse_region_arg
+from .wipe import ON_INVALID
+
+log = logging.getLogger("vmwipe")
+
+
+def _exit_code_help() -> str:
+    return "exit codes:\n" + "\n".join(f"  {c:3d}  {t}" for c, t in sorted(EXIT_CODES.items()))
+
+
+def _common() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="log progress to stderr (-vv for QMP traffic)",
+    )
+    return p
+
+
+def _vm(with_guard: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--qmp", required=True, metavar="SOCK", help="QEMU's QMP unix socket")
+    p.add_argument(
+        "--region",
+        metavar="BASE:SIZE",
+        type=_region_type,
+        help="region override (default: decoded from QEMU's -acpitable SSDT)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="memory access backend (default: auto = process_vm, then shared)",
+    )
+    p.add_argument(
+        "--qmp-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait for a QMP answer (default %(default)s)",
+    )
+    if with_guard:
+        p.add_argument(
+            "--no-reset-guard",
+            action="store_true",
+            help="wipe even without the reset-time zero page (-device loader at the "
+            "region base); unsafe across guest reboots, prints a warning",
+        )
+        p.add_argument(
+            "--on-invalid",
+            choices=ON_INVALID,
+            default="fail",
+            help="fail (default): any invalid slot aborts and leaves the VM paused; "
+            "skip: wipe the valid slots, report the invalid ones, continue",
+        )
+        p.add_argument(
+            "--populate",
+            action="store_true",
+            help="shared backend: MAP_POPULATE the whole RAM mapping up front",
+        )
+        p.add_argument(
+            "--timeout",
+            type=float,
+            default=600.0,
+            metavar="S",
+            help="seconds to wait for migrations (default %(default)s)",
+        )
+    return p
+
+
+def _region_type(text: str) -> Any:
+    try:
+        return parse_region_arg(text)
+    except AgentError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _opts(args: argparse.Namespace) -> AgentOptions:
+    return AgentOptions(
+        region=args.region,
+        reset_guard=not getattr(args, "no_reset_guard", False),
+        backend=args.backend,
+        on_invalid=getattr(args, "on_invalid", "fail"),
+        populate=getattr(args, "populate", False),
+        timeout=getattr(args, "timeout", 600.0),
+    )
+
+
+def _fmt_report(rep: FlowReport) -> str:
+    lines = [
+        f"{rep.command}: QEMU {rep.qemu_version} pid {rep.pid} ({rep.qmp}), "
+        f"state {rep.state_before} -> {rep.state_after}"
+    ]
+    lines += [f"warning: {msg}" for msg in rep.warnings]
+    w = rep.wipe
+    if w is not None:
+        lines.append(
+            f"region {w.region[0]:#x}+{w.region[1]:#x} ({rep.region_source}), backend {w.backend}"
+        )
+        if w.status == "nothing-registered":
+            lines.append("no vmwipe table in the region: nothing registered, nothing wiped")
+        else:
+            lines.append(
+                f"{w.status}: {w.slots_valid} valid of {w.slots_used} used slots, "
+                f"{w.pages} pages ({w.bytes} bytes) in {w.spans} spans, "
+                f"generation {w.generation_before} -> {w.generation_after}"
+            )
+        for e in w.invalid:
+            lines.append(f"skipped: {e}")
+    for k, v in rep.extra.items():
+        if k in ("slots", "ram_ranges"):
+            continue
+        lines.append(f"{k}: {v}")
+    if rep.command == "inspect":
+        for r in rep.extra.get("ram_ranges", []):
+            lines.append(f"ram {r['gpa']:#x}+{r['size']:#x} {r['block']} @{r['offset']:#x}")
+        for s in rep.extra.get("slots", [])[:50]:
+            lines.append(f"slot {s['index']}: {s['gpa']:#x} x{s['npages']}")
+    lines.append("resumed" if rep.resumed else "VM left paused" if rep.command != "inspect" else "")
+    lines.append("timings (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in rep.timings_ms.items()))
+    return "\n".join(x for x in lines if x)
+
+
+def _emit(args: argparse.Namespace, rep: FlowReport) -> int:
+    if args.json:
+        print(json.dumps(rep.to_dict(), indent=2))
+    else:
+        print(_fmt_report(rep))
+    return 0
+
+
+def _session(args: argparse.Namespace) -> QMPSession:
+    return QMPSession(args.qmp, timeout=args.qmp_timeout)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    with _session(args) as s:
+        return _emit(args, inspect_flow(s, _opts(args)))
+
+
+def _cmd_wipe(args: argparse.Namespace) -> int:
+    with _session(args) as s:
+        return _emit(args, wipe_flow(s, _opts(args), args.resume))
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    with _session(args) as s:
+        return _emit(args, restore_flow(s, _opts(args), args.from_file, not args.no_resume))
+
+
+def _cmd_loadvm(args: argparse.Namespace) -> int:
+    with _session(args) as s:
+        return _emit(args, loadvm_flow(s, _opts(args), args.tag, not args.no_resume))
+
+
+def _cmd_save(args: argparse.Namespace) -> int:
+    with _session(args) as s:
+        return _emit(args, save_flow(s, _opts(args), args.to, args.resume))
+
+
+def _cmd_clone(args: argparse.Namespace) -> int:
+    qemu = list(args.qemu_args)
+    if qemu and qemu[0] == "--":
+        qemu = qemu[1:]
+    if args.qemu:
+        qemu.insert(0, args.qemu)
+    res = clone_flow(
+        args.snapshot, args.n, qemu, _opts(args), directory=args.dir, do_resume=args.resume
+    )
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=2))
+    else:
+        print(f"{'#':>3} {'pid':>8} {'pages':>8} {'state':<8} qmp")
+        for c in res.clones:
+            w = c.report.wipe
+            pages = w.pages if w else 0
+            print(f"{c.index:>3} {c.pid:>8} {pages:>8} {c.report.state_after:<8} {c.qmp}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the agent's commands to the `vmwipe` parser."""
+    common = _common()
+    fmt = argparse.RawDescriptionHelpFormatter
+    epilog = _exit_code_help()
+
+    p = sub.add_parser(
+        "inspect",
+        parents=[common, _vm(with_guard=False)],
+        formatter_class=fmt,
+        help="show the guest's vmwipe table (read-only)",
+        epilog=epilog,
+        description="Read the vmwipe region of a VM and show header fields, "
+        "slots in use, pages, validity problems and the wipe generation. "
+        "Writes nothing.",
+    )
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser(
+        "wipe",
+        parents=[common, _vm()],
+        formatter_class=fmt,
+        epilog=epilog,
+        help="wipe a paused VM, optionally resume it",
+        description="Wipe the pages a paused VM's table lists. Refuses a running "
+        "VM; waits while QEMU is inmigrate. Resumes (cont) only with --resume and "
+        "only after a verified wipe.",
+    )
+    p.add_argument("--resume", action="store_true", help="cont after a verified wipe")
+    p.set_defaults(func=_cmd_wipe)
+
+    p = sub.add_parser(
+        "restore",
+        parents=[common, _vm()],
+        formatter_class=fmt,
+        epilog=epilog,
+        help="load a saved state into a -S -incoming defer QEMU, wipe, cont",
+        description="For a QEMU started with -S -incoming defer: migrate-incoming "
+        "from FILE (exec:cat, or file: on QEMU >= 8.2), wait until completed, wipe, "
+        "then cont.",
+    )
+    p.add_argument(
+        "--from",
+        dest="from_file",
+        required=True,
+        metavar="FILE",
+        help="saved migration stream (e.g. from `vmwipe save`)",
+    )
+    p.add_argument("--no-resume", action="store_true", help="leave the VM paused after the wipe")
+    p.set_defaults(func=_cmd_restore)
+
+    p = sub.add_parser(
+        "loadvm",
+        parents=[common, _vm()],
+        formatter_class=fmt,
+        epilog=epilog,
+        help="stop, load an internal snapshot, wipe, cont",
+        description="stop the VM, loadvm TAG (internal qcow2 snapshot), wipe, cont.",
+    )
+    p.add_argument("tag", help="snapshot tag")
+    p.add_argument("--no-resume", action="store_true", help="leave the VM paused after the wipe")
+    p.set_defaults(func=_cmd_loadvm)
+
+    p = sub.add_parser(
+        "save",
+        parents=[common, _vm(with_guard=False)],
+        formatter_class=fmt,
+        epilog=epilog,
+        help="stop the VM and save its state to a file",
+        description="stop, raise max-bandwidth, migrate to FILE (exec:cat > FILE, "
+        "or file: on QEMU >= 8.2), report. The source stays paused unless "
+        "--resume.",
+    )
+    p.add_argument("--to", required=True, metavar="FILE", help="output file")
+    p.add_argument("--resume", action="store_true", help="cont the source after saving")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="seconds to wait for the save (default %(default)s)",
+    )
+    p.set_defaults(func=_cmd_save)
+
+    p = sub.add_parser(
+        "clone",
+        parents=[common],
+        formatter_class=fmt,
+        epilog=epilog,
+        help="start N wiped clones of a saved state",
+        usage="vmwipe clone SNAPSHOT -n N [options] -- [QEMU] QEMU-ARGS...",
+        description="Start N QEMU processes (-S -incoming defer, own QMP sockets in "
+        "--dir), restore SNAPSHOT into each, wipe each before it runs, and print a "
+        "table of PIDs, sockets and pages wiped. Progress goes to stderr. On any "
+        "failure every QEMU started is killed.",
+    )
+    p.add_argument("snapshot", help="saved migration stream")
+    p.add_argument("-n", type=int, default=1, help="number of clones (default 1)")
+    p.add_argument("--resume", action="store_true", help="cont each clone after its wipe")
+    p.add_argument("--dir", help="directory for QMP sockets and logs (default: a new temp dir)")
+    p.add_argument(
+        "--qemu",
+        help="QEMU binary (default: first QEMU-ARG if it is not an option, "
+        "else qemu-system-x86_64)",
+    )
+    p.add_argument("--region", metavar="BASE:SIZE", type=_region_type, help="region override")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help="memory backend")
+    p.add_argument("--no-reset-guard", action="store_true", help="see `vmwipe wipe --help`")
+    p.add_argument(
+        "--on-invalid", choices=ON_INVALID, default="fail", help="see `vmwipe wipe --help`"
+    )
+    p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="restore timeout")
+    p.add_argument("qemu_args", nargs=argparse.REMAINDER, help="QEMU binary and arguments after --")
+    p.set_defaults(func=_cmd_clone)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vmwipe",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Zero the guest pages a vmwipe table lists before a restored or cloned VM "
+        "runs. The VM is resumed only after a verified wipe.",
+        epilog=_exit_code_help(),
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log progress to stderr (-vv for QMP traffic)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    register(sub)
+    setup_cmds.register(sub)
+    return parser
+
+
+class _Terminate(BaseException):
+    """Raised from the SIGTERM handler so cleanup code runs and the VM stays paused."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Terminate()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="vmwipe: %(levelname)s: %(message)s")
+    if args.verbose < 2:
+        logging.getLogger("qemu").setLevel(logging.CRITICAL)
+    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        rc: int = args.func(args)
+        return rc
+    except (KeyboardInterrupt, _Terminate):
+        err: AgentError = Interrupted("interrupted; the VM was not resumed")
+    except AgentError as e:
+        err = e
+    except (ProtocolError, ValueError) as e:
+        print(f"vmwipe: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    print(f"vmwipe: error: {err}", file=sys.stderr)
+    return err.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

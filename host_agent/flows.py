@@ -1,0 +1,387 @@
+"""The operations behind each CLI command, on an open `QMPSession`.
+
+Fail closed: a flow sends `cont` only as its very last step, after the wipe
+engine returned a verified result.  Any exception leaves the VM exactly as
+paused as it was.  `cont` is never sent while QEMU is `inmigrate`: QEMU would
+remember it and autostart the guest the moment loading ends, before any wipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from vmwipe.protocol import HeaderError, Region, SlotError, decode_table
+
+from .errors import MigrationError, QMPFailure, RegionError, VMStateError
+from .memaccess import MemoryBackend, open_backend
+from .memmap import GuestMemoryMap, load_memory_map
+from .qmp import QMPSession
+from .region import discover_region, read_cmdline, reset_guard_problem
+from .wipe import Phases, WipeReport, read_region, run_wipe
+
+log = logging.getLogger(__name__)
+
+#: Run states in which the vCPUs are stopped and a wipe is meaningful.
+PAUSED_STATES = frozenset({"paused", "prelaunch", "postmigrate"})
+MAX_BANDWIDTH = 1 << 40  # bytes/s: effectively unlimited for a local save
+
+
+@dataclass
+class AgentOptions:
+    """Knobs shared by every wiping command (see `vmwipe wipe --help`)."""
+
+    region: Region | None = None
+    reset_guard: bool = True
+    backend: str = "auto"
+    on_invalid: str = "fail"
+    populate: bool = False
+    timeout: float = 600.0  # for waits on migrations
+
+
+@dataclass
+class Target:
+    """A VM the agent can read and write: PID, region, memory map, backend."""
+
+    pid: int
+    region: Region
+    region_source: str
+    memmap: GuestMemoryMap
+    backend: MemoryBackend
+    warnings: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def locate_region(
+    session: QMPSession, opts: AgentOptions, guard: bool
+) -> tuple[Region, str, list[str]]:
+    """Region from --region or QEMU's cmdline, then the reset guard (refuse or warn)."""
+    argv = read_cmdline(session.pid)
+    if opts.region is not None:
+        region, source = opts.region, "--region"
+    else:
+        found = discover_region(session.pid, argv)
+        region, source = found.region, found.source
+    warnings: list[str] = []
+    problem = reset_guard_problem(session.pid, argv, region)
+    if problem is not None:
+        if guard and opts.reset_guard:
+            raise RegionError(problem)
+        warnings.append("reset guard: " + problem.split(" (add it")[0])
+        if guard:
+            log.warning("--no-reset-guard: %s", problem)
+    return region, source, warnings
+
+
+def open_target(
+    session: QMPSession,
+    opts: AgentOptions,
+    guard: bool = True,
+    located: tuple[Region, str, list[str]] | None = None,
+) -> Target:
+    """Everything needed to touch guest RAM; raises with a one-line reason otherwise."""
+    region, source, warnings = located or locate_region(session, opts, guard)
+    memdevs = session.cmd("query-memdev")
+    shared = {str(m["id"]): bool(m.get("share", False)) for m in memdevs}
+    memmap = load_memory_map(session.hmp, set(shared))
+    backend = open_backend(opts.backend, memmap, session.pid, shared, opts.populate)
+    return Target(session.pid, region, source, memmap, backend, warnings)
+
+
+# --- run state -----------------------------------------------------------------------
+
+
+def _migration_status(session: QMPSession) -> str:
+    return str(session.cmd("query-migrate").get("status", "none"))
+
+
+def wait_incoming_done(session: QMPSession, timeout: float) -> str:
+    """Wait while QEMU is `inmigrate`; return the run state after loading ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = session.status()
+        if state != "inmigrate":
+            return state
+        mig = _migration_status(session)
+        if mig in ("failed", "cancelled"):
+            raise MigrationError(f"incoming migration {mig}; the VM stays paused")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            if mig == "none":
+                raise VMStateError(
+                    "QEMU is waiting for an incoming migration that has not started "
+                    "(-incoming defer: use `vmwipe restore`)"
+                )
+            raise MigrationError(f"incoming migration still {mig} after {timeout:g} s")
+        session.wait_event("MIGRATION", min(0.2, left))
+
+
+def require_paused(session: QMPSession, timeout: float) -> str:
+    """The current run state, after waiting out an incoming migration; refuse running VMs."""
+    state = session.status()
+    if state == "inmigrate":
+        log.info("QEMU is inmigrate; waiting for the incoming migration to finish")
+        state = wait_incoming_done(session, timeout)
+        if state == "running":
+            raise VMStateError(
+                "the VM started running when the incoming migration ended (QEMU lacks -S); "
+                "it cannot be wiped before it runs"
+            )
+    if state == "running":
+        raise VMStateError(
+            "the VM is running; stop it first (a running guest cannot be wiped safely)"
+        )
+    if state not in PAUSED_STATES:
+        raise VMStateError(f"the VM is in state {state!r}; expected one of {sorted(PAUSED_STATES)}")
+    return state
+
+
+def resume(session: QMPSession) -> None:
+    """`cont`, but only from a plain paused state (never during inmigrate)."""
+    state = session.status()
+    if state not in PAUSED_STATES:
+        raise VMStateError(f"not resuming: the VM is in state {state!r}")
+    session.cmd("cont")
+
+
+# --- flows ---------------------------------------------------------------------------
+
+
+@dataclass
+class FlowReport:
+    """A command's report: the wipe report plus flow-level facts."""
+
+    command: str
+    qmp: str
+    pid: int
+    qemu_version: str
+    state_before: str = ""
+    state_after: str = ""
+    resumed: bool = False
+    region_source: str = ""
+    warnings: list[str] = field(default_factory=list)
+    wipe: WipeReport | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["wipe"] = self.wipe.to_dict() if self.wipe else None
+        return d
+
+
+def _new_report(command: str, session: QMPSession) -> FlowReport:
+    return FlowReport(command, session.path, session.pid, ".".join(map(str, session.version)))
+
+
+def _wipe_and_maybe_resume(
+    session: QMPSession,
+    opts: AgentOptions,
+    rep: FlowReport,
+    phases: Phases,
+    do_resume: bool,
+    located: tuple[Region, str, list[str]] | None = None,
+) -> FlowReport:
+    target = open_target(session, opts, guard=True, located=located)
+    try:
+        rep.region_source = target.region_source
+        rep.warnings += target.warnings
+        phases.mark("map")
+        rep.wipe = run_wipe(target.backend, target.region, opts.on_invalid, phases)
+    finally:
+        target.close()
+    if do_resume:
+        resume(session)
+        rep.resumed = True
+        phases.mark("resume")
+    rep.state_after = session.status()
+    rep.timings_ms = dict(phases.ms)
+    return rep
+
+
+def inspect_flow(session: QMPSession, opts: AgentOptions) -> FlowReport:
+    """Read-only: header, slots in use, pages, validity problems, generation."""
+    phases = Phases()
+    rep = _new_report("inspect", session)
+    rep.state_before = rep.state_after = session.status()
+    if rep.state_before == "running":
+        rep.warnings.append("VM is running: the table may change while it is read")
+    target = open_target(session, opts, guard=False)
+    try:
+        rep.region_source = target.region_source
+        rep.warnings += target.warnings
+        phases.mark("map")
+        data = read_region(target.backend, target.region)
+        info: dict[str, Any] = {
+            "region": {"base": target.region.base, "size": target.region.size},
+            "backend": target.backend.name,
+            "ram_ranges": [
+                {"gpa": r.gpa, "size": r.size, "block": r.block, "offset": r.offset}
+                for r in target.memmap.ranges
+            ],
+        }
+        try:
+            table = decode_table(data, target.region, target.memmap.pairs(), strict=False)
+        except HeaderError as e:
+            info["registered"] = True
+            info["header_error"] = str(e)
+        except SlotError as e:  # pragma: no cover - strict=False collects slot errors
+            info["errors"] = [str(e)]
+        else:
+            info["registered"] = table.header is not None
+            if table.header is not None:
+                h = table.header
+                info["header"] = {
+                    "version": h.version,
+                    "region_size": h.region_size,
+                    "slot_count": h.slot_count,
+                    "boot_id": h.boot_id.hex(),
+                    "wipe_generation": h.wipe_generation,
+                    "wipe_pages": h.wipe_pages,
+                }
+                info["slots_used"] = table.used
+                info["slots_valid"] = len(table.slots)
+                info["pages"] = table.pages
+                info["slots"] = [
+                    {"index": s.index, "gpa": s.gpa, "npages": s.npages} for s in table.slots[:1000]
+                ]
+                info["errors"] = [str(e) for e in table.errors]
+        rep.extra = info
+    finally:
+        target.close()
+    phases.mark("read")
+    rep.timings_ms = dict(phases.ms)
+    return rep
+
+
+def wipe_flow(session: QMPSession, opts: AgentOptions, do_resume: bool) -> FlowReport:
+    """Wipe a VM that is already paused (waiting out an incoming migration first)."""
+    phases = Phases()
+    rep = _new_report("wipe", session)
+    rep.state_before = require_paused(session, opts.timeout)
+    phases.mark("state")
+    return _wipe_and_maybe_resume(session, opts, rep, phases, do_resume)
+
+
+def incoming_uri(session: QMPSession, path: str) -> str:
+    """`file:` where QEMU has it (8.2+), else `exec:cat FILE` (QEMU 7.2 rejects file:)."""
+    path = os.path.abspath(path)
+    if session.at_least(8, 2):
+        return f"file:{path}"
+    return f"exec:cat {shlex.quote(path)}"
+
+
+def restore_flow(
+    session: QMPSession, opts: AgentOptions, path: str, do_resume: bool = True
+) -> FlowReport:
+    """migrate-incoming from FILE into a `-S -incoming defer` QEMU, wipe, then cont."""
+    phases = Phases()
+    rep = _new_report("restore", session)
+    rep.state_before = session.status()
+    if not os.path.isfile(path):
+        raise MigrationError(f"saved state {path} does not exist")
+    if rep.state_before != "inmigrate" or _migration_status(session) not in ("none", ""):
+        raise VMStateError(
+            f"QEMU must be started with -S -incoming defer and not be loading yet "
+            f"(state {rep.state_before!r})"
+        )
+    # Region and reset guard come from the command line: check them before loading.
+    located = locate_region(session, opts, guard=True)
+    session.cmd(
+        "migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]}
+    )
+    session.clear_events()
+    uri = incoming_uri(session, path)
+    session.cmd("migrate-incoming", {"uri": uri})
+    phases.mark("start")
+    state = wait_incoming_done(session, opts.timeout)
+    mig = _migration_status(session)
+    if mig != "completed":
+        raise MigrationError(f"incoming migration ended as {mig!r}")
+    if state == "running":
+        raise VMStateError("the VM autostarted after loading (QEMU lacks -S); it was not wiped")
+    phases.mark("load")
+    rep.extra["uri"] = uri
+    rep.extra["bytes"] = os.path.getsize(path)
+    return _wipe_and_maybe_resume(session, opts, rep, phases, do_resume, located)
+
+
+def loadvm_flow(
+    session: QMPSession, opts: AgentOptions, tag: str, do_resume: bool = True
+) -> FlowReport:
+    """stop, loadvm TAG (internal snapshot), wipe, cont."""
+    phases = Phases()
+    rep = _new_report("loadvm", session)
+    rep.state_before = session.status()
+    if rep.state_before == "inmigrate":
+        raise VMStateError("QEMU is inmigrate; loadvm is not possible now")
+    located = locate_region(session, opts, guard=True)
+    if rep.state_before == "running":
+        session.cmd("stop")
+    phases.mark("stop")
+    out = session.hmp(f"loadvm {tag}", timeout=opts.timeout).strip()
+    if out:
+        raise MigrationError(f"loadvm {tag}: {out.splitlines()[-1]}")
+    state = session.status()
+    if state == "running":
+        raise VMStateError("the VM is running after loadvm; not wiping a running guest")
+    phases.mark("load")
+    rep.extra["tag"] = tag
+    return _wipe_and_maybe_resume(session, opts, rep, phases, do_resume, located)
+
+
+def save_flow(
+    session: QMPSession, opts: AgentOptions, path: str, do_resume: bool = False
+) -> FlowReport:
+    """stop, raise max-bandwidth, migrate to FILE, report; optionally resume the source."""
+    phases = Phases()
+    rep = _new_report("save", session)
+    rep.state_before = session.status()
+    if rep.state_before == "inmigrate":
+        raise VMStateError("QEMU is inmigrate; nothing to save yet")
+    path = os.path.abspath(path)
+    if rep.state_before == "running":
+        session.cmd("stop")
+    phases.mark("stop")
+    old = session.cmd("query-migrate-parameters").get("max-bandwidth")
+    session.cmd(
+        "migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]}
+    )
+    session.cmd("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
+    session.clear_events()
+    uri = f"file:{path}" if session.at_least(8, 2) else f"exec:cat > {shlex.quote(path)}"
+    try:
+        session.cmd("migrate", {"uri": uri})
+        deadline = time.monotonic() + opts.timeout
+        while True:
+            st = _migration_status(session)
+            if st == "completed":
+                break
+            if st in ("failed", "cancelled"):
+                err = session.cmd("query-migrate").get("error-desc", "")
+                raise MigrationError(f"save to {path} {st}: {err}".rstrip(": "))
+            if time.monotonic() > deadline:
+                session.cmd("migrate_cancel")
+                raise MigrationError(f"save to {path} did not finish in {opts.timeout:g} s")
+            session.wait_event("MIGRATION", 0.1)
+    finally:
+        if old is not None:
+            try:
+                session.cmd("migrate-set-parameters", {"max-bandwidth": old})
+            except QMPFailure as e:
+                log.warning("could not restore max-bandwidth: %s", e)
+    phases.mark("save")
+    rep.extra.update({"path": path, "uri": uri, "bytes": os.path.getsize(path)})
+    if do_resume:
+        session.cmd("cont")
+        rep.resumed = True
+        phases.mark("resume")
+    rep.state_after = session.status()
+    rep.timings_ms = dict(phases.ms)
+    return rep

@@ -1,0 +1,185 @@
+"""The wipe engine: validate the untrusted table, zero, verify, and only then commit.
+
+Order matters and is the whole point:
+
+1. Read the region (header + slots) and validate it with `vmwipe.protocol`
+   against the guest RAM ranges.  The table comes from the guest, so anything
+   off is an error that names the field or slot; nothing is written.
+2. Coalesce and sort the slot ranges, then split them at RAM-range boundaries
+   (so each piece lies in one RAM block with one host address).
+3. Zero the pieces, then read them back and check every byte is zero.
+4. Only then store `wipe_generation + 1` and `wipe_pages` in the header: the
+   guest (and the operator) can trust the generation bump to mean "verified".
+
+The engine never writes outside the listed pages and those 16 header bytes.
+It does not resume the VM; the callers do that after it returns normally.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from vmwipe.protocol import (
+    HEADER_SIZE,
+    HOST_FIELDS_SIZE,
+    PAGE_SIZE,
+    WIPE_GENERATION_OFFSET,
+    HeaderError,
+    Region,
+    SlotError,
+    Table,
+    decode_table,
+    encode_host_fields,
+)
+
+from .errors import InvalidTableError, MemoryAccessError, RegionError, UsageError, VerifyError
+from .memaccess import MemoryBackend
+from .memmap import GuestMemoryMap
+
+log = logging.getLogger(__name__)
+
+ON_INVALID = ("fail", "skip")
+_U64 = 1 << 64
+
+
+@dataclass
+class Phases:
+    """Wall-clock time per phase, in milliseconds, in the order they ran."""
+
+    ms: dict[str, float] = field(default_factory=dict)
+    _t: float = field(default_factory=time.perf_counter, repr=False)
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.ms[name] = round(self.ms.get(name, 0.0) + (now - self._t) * 1000, 3)
+        self._t = now
+
+
+@dataclass
+class WipeReport:
+    """What the engine did; `status` is wiped, nothing-registered or wiped-skipping-invalid."""
+
+    status: str
+    region: tuple[int, int]
+    backend: str
+    slots_used: int = 0
+    slots_valid: int = 0
+    invalid: list[str] = field(default_factory=list)
+    spans: int = 0
+    pages: int = 0
+    bytes: int = 0
+    generation_before: int | None = None
+    generation_after: int | None = None
+    boot_id: str | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def coalesce(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sort (addr, size) spans and merge overlapping or adjacent ones."""
+    out: list[list[int]] = []
+    for start, size in sorted(s for s in spans if s[1] > 0):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], start + size)
+        else:
+            out.append([start, start + size])
+    return [(a, b - a) for a, b in out]
+
+
+def split_spans(memmap: GuestMemoryMap, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Cut spans at RAM-range boundaries; MemoryAccessError if any byte is not RAM."""
+    return [(g, n) for gpa, size in spans for g, n, _r in memmap.split(gpa, size)]
+
+
+def read_region(backend: MemoryBackend, region: Region) -> bytes:
+    """The whole region, as the guest left it."""
+    try:
+        return backend.read(region.base, region.size)
+    except MemoryAccessError as e:
+        raise RegionError(
+            f"region {region.base:#x}+{region.size:#x} is not readable guest RAM: {e}"
+        ) from None
+
+
+def decode(data: bytes, region: Region, memmap: GuestMemoryMap, strict: bool) -> Table:
+    """Validate the table; protocol errors become InvalidTableError (one line, names the field)."""
+    try:
+        return decode_table(data, region, memmap.pairs(), strict=strict)
+    except (HeaderError, SlotError) as e:
+        raise InvalidTableError(str(e)) from None
+
+
+def run_wipe(
+    backend: MemoryBackend,
+    region: Region,
+    on_invalid: str = "fail",
+    phases: Phases | None = None,
+    before_commit: Callable[[], None] | None = None,
+) -> WipeReport:
+    """Validate, zero, verify, commit.  Raises on any problem; nothing is resumed here.
+
+    `before_commit` runs after verification and before the header write (the
+    tests use it to kill the agent at the worst moment; flows could use it to
+    re-check the run state).
+    """
+    if on_invalid not in ON_INVALID:
+        raise UsageError(f"--on-invalid must be one of {ON_INVALID}")
+    phases = phases or Phases()
+    memmap = backend.memmap
+    report = WipeReport("nothing-registered", (region.base, region.size), backend.name)
+
+    data = read_region(backend, region)
+    phases.mark("read")
+    table = decode(data, region, memmap, strict=(on_invalid == "fail"))
+    phases.mark("validate")
+    if table.header is None:
+        log.info("no vmwipe magic in region %#x: nothing registered", region.base)
+        report.timings_ms = dict(phases.ms)
+        return report
+    hdr = table.header
+    report.slots_used = table.used
+    report.slots_valid = len(table.slots)
+    report.invalid = [str(e) for e in table.errors]
+    report.generation_before = hdr.wipe_generation
+    report.boot_id = hdr.boot_id.hex()
+
+    spans = split_spans(memmap, coalesce((s.gpa, s.size) for s in table.slots))
+    for gpa, size in spans:  # belt and braces: decode_table already refuses these
+        if gpa < region.end and region.base < gpa + size:
+            raise InvalidTableError(f"range {gpa:#x}+{size:#x} overlaps the region")
+        if gpa % PAGE_SIZE or size % PAGE_SIZE:
+            raise InvalidTableError(f"range {gpa:#x}+{size:#x} is not page aligned")
+    total = sum(n for _g, n in spans)
+    report.spans, report.bytes, report.pages = len(spans), total, total // PAGE_SIZE
+    phases.mark("plan")
+
+    backend.zero(spans)
+    phases.mark("zero")
+    bad = backend.first_nonzero(spans)
+    if bad is not None:
+        raise VerifyError(f"guest address {bad:#x} is not zero after the wipe; header not updated")
+    phases.mark("verify")
+
+    if before_commit is not None:
+        before_commit()
+    again = backend.read(region.base, HEADER_SIZE)
+    if again != data[:HEADER_SIZE]:
+        raise VerifyError("the region header changed during the wipe (is the VM really paused?)")
+    gen = (hdr.wipe_generation + 1) % _U64
+    host_fields = encode_host_fields(gen, report.pages % _U64)
+    assert len(host_fields) == HOST_FIELDS_SIZE
+    backend.write(region.base + WIPE_GENERATION_OFFSET, host_fields)
+    if backend.read(region.base + WIPE_GENERATION_OFFSET, HOST_FIELDS_SIZE) != host_fields:
+        raise VerifyError("header host fields did not read back as written")
+    report.generation_after = gen
+    report.status = "wiped-skipping-invalid" if report.invalid else "wiped"
+    phases.mark("commit")
+    report.timings_ms = dict(phases.ms)
+    log.info("wiped %d pages in %d spans (backend %s)", report.pages, report.spans, backend.name)
+    return report
