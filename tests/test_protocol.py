@@ -7,6 +7,7 @@ import struct
 import zlib
 
 import pytest
+
 from vmwipe.protocol import (
     HEADER_SIZE,
     MAGIC,

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from vmwipe.protocol import Region, SsdtError, decode_ssdt, encode_ssdt
 
 
