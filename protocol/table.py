@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
 from itertools import compress, islice, repeat
-from operator import add, and_, le, mul, or_
+from operator import add, and_, le, lshift, or_, rshift
 from typing import NamedTuple
 
 from . import layout as L
@@ -193,85 +193,94 @@ def decode_table(
         raise RuntimeError("array('Q') is not 64-bit on this platform")
     rams = _RamIndex(ram) if ram is not None else None
     word_col, tail_col = words[0::2], words[1::2]
-    used = list(compress(range(len(word_col)), map(or_, word_col, tail_col)))
-    table = Table(header=header, used=len(used))
-    if not used:
+    words_list, tails_list = word_col.tolist(), tail_col.tolist()
+    table = Table(header=header, used=_count_used(words_list, tails_list))
+    if not table.used:
         return table
-    columns = _validate_fast(used, word_col, tail_col, region, rams)
+    columns = _validate_fast(words_list, tails_list, region, rams)
     if columns is None:
         # Something is wrong: take the slow path, which names the slot and the rule.
-        columns = _validate_slow(used, word_col, tail_col, region, rams, table.errors, strict)
+        columns = _validate_slow(words_list, tails_list, region, rams, table.errors, strict)
     table.indices, table.gpas, table.npages = columns
     return table
 
 
 _Columns = tuple[list[int], list[int], list[int]]
+_PAGE_SHIFT = 12
+
+
+def _count_used(words: list[int], tails: list[int]) -> int:
+    """Slots that are not all zero; a full table of VALID slots skips the scan."""
+    if list(map(and_, words, repeat(L.SLOT_VALID))).count(0) == 0:
+        return len(words)
+    return len(words) - list(map(or_, words, tails)).count(0)
 
 
 def _validate_fast(
-    used: list[int], word_col: array[int], tail_col: array[int], region: Region,
-    rams: _RamIndex | None,
+    word_col: list[int], tail_col: list[int], region: Region, rams: _RamIndex | None
 ) -> _Columns | None:
     """Check every rule over whole columns at C speed; None means "some slot is bad".
 
-    It must accept exactly what `_validate_slow` accepts; the property tests
-    compare the two on random tables.
+    It works in page frame numbers: they fit in one 30-bit digit of a Python int
+    for guests below 4 TiB, which makes the sort several times cheaper.  It must
+    accept exactly what `_validate_slow` accepts; the property tests compare the
+    two on random tables.
     """
-    if len(used) == len(word_col):
-        words, tails = word_col.tolist(), tail_col.tolist()
-    else:
-        words, tails = [word_col[i] for i in used], [tail_col[i] for i in used]
-    valid = list(map(and_, words, repeat(L.SLOT_VALID)))
-    indices = list(compress(used, valid))
-    if not indices:
+    valid = list(map(and_, word_col, repeat(L.SLOT_VALID)))
+    count = valid.count(1)
+    if count == 0:
         return [], [], []
-    if len(indices) != len(used):
-        words, tails = list(compress(words, valid)), list(compress(tails, valid))
+    if count == len(word_col):
+        indices, words, tails = list(range(count)), word_col, tail_col
+    else:
+        indices = list(compress(range(len(word_col)), valid))
+        words, tails = list(compress(word_col, valid)), list(compress(tail_col, valid))
     if reduce(or_, words, 0) & L.SLOT_RESERVED_BITS or reduce(or_, tails, 0) >> 32:
         return None
     if min(tails) == 0:
         return None
-    gpas = list(map(and_, words, repeat(L.SLOT_ADDR_MASK)))
-    ends = list(map(add, gpas, map(mul, tails, repeat(L.PAGE_SIZE))))
-    if max(ends) > _U64:
-        return None
-    if all(map(le, gpas, islice(gpas, 1, None))):
-        sorted_gpas, sorted_ends = gpas, ends
-    elif max(tails) == 1:  # the common shape: one page per slot, so ends follow gpas
-        sorted_gpas = sorted(gpas)
-        sorted_ends = list(map(add, sorted_gpas, repeat(L.PAGE_SIZE)))
+    pfns = list(map(rshift, words, repeat(_PAGE_SHIFT)))
+    if max(tails) == 1:  # the common shape: one page per slot, so ends follow starts
+        sorted_pfns = sorted(pfns)
+        sorted_ends = list(map(add, sorted_pfns, repeat(1)))
+        last_end = sorted_ends[-1]
     else:
-        order = sorted(range(len(gpas)), key=gpas.__getitem__)
-        sorted_gpas = [gpas[i] for i in order]
+        ends = list(map(add, pfns, tails))
+        order = sorted(range(len(pfns)), key=pfns.__getitem__)
+        sorted_pfns = [pfns[i] for i in order]
         sorted_ends = [ends[i] for i in order]
-    if not all(map(le, sorted_ends, islice(sorted_gpas, 1, None))):
+        last_end = max(ends)
+    if last_end > _U64 >> _PAGE_SHIFT:
+        return None  # overflows 2^64
+    if not all(map(le, sorted_ends, islice(sorted_pfns, 1, None))):
         return None  # duplicated or overlapping slots
-    first = bisect.bisect_right(sorted_ends, region.base)
-    if first < len(sorted_gpas) and sorted_gpas[first] < region.end:
+    first = bisect.bisect_right(sorted_ends, region.base >> _PAGE_SHIFT)
+    if first < len(sorted_pfns) and sorted_pfns[first] < region.end >> _PAGE_SHIFT:
         return None  # a slot reaches into the region itself
     if rams is not None:
         covered = 0
         for start, end in zip(rams.starts, rams.ends, strict=True):
-            lo = bisect.bisect_left(sorted_gpas, start)
-            hi = bisect.bisect_left(sorted_gpas, end)
-            if hi > lo and sorted_ends[hi - 1] > end:
+            start_pfn = -(-start >> _PAGE_SHIFT)  # only whole pages of RAM count
+            end_pfn = end >> _PAGE_SHIFT
+            lo = bisect.bisect_left(sorted_pfns, start_pfn)
+            hi = bisect.bisect_left(sorted_pfns, max(end_pfn, start_pfn))
+            if hi > lo and sorted_ends[hi - 1] > end_pfn:
                 return None
             covered += hi - lo
-        if covered != len(sorted_gpas):
+        if covered != len(sorted_pfns):
             return None
-    return indices, gpas, tails
+    return indices, list(map(lshift, pfns, repeat(_PAGE_SHIFT))), tails
 
 
 def _validate_slow(
-    used: list[int], word_col: array[int], tail_col: array[int], region: Region,
+    word_col: list[int], tail_col: list[int], region: Region,
     rams: _RamIndex | None, errors: list[SlotError], strict: bool,
 ) -> _Columns:
     """Apply the rules slot by slot, naming each failure (see SPEC.md, "host rules")."""
     good: list[Slot] = []
     page = L.PAGE_SIZE
     rbase, rend = region.base, region.end
-    for i in used:
-        word, tail = word_col[i], tail_col[i]
+    for i, (word, tail) in enumerate(zip(word_col, tail_col, strict=True)):
         if not word & L.SLOT_VALID:
             continue  # mid-publish or mid-unpublish: the guest has not handed it out
         npages = tail & 0xFFFF_FFFF
