@@ -159,6 +159,7 @@ def run_wipe(
     report.spans, report.bytes, report.pages = len(spans), total, total // PAGE_SIZE
     phases.mark("plan")
 
+    log.info("zeroing %d pages in %d spans", report.pages, report.spans)
     backend.zero(spans)
     phases.mark("zero")
     bad = backend.first_nonzero(spans)
