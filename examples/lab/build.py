@@ -1,0 +1,226 @@
+"""Build what a test guest needs: vmwipe.ko, the static example programs, an initramfs.
+
+Every output is cached under the build directory by a hash of its inputs, so a
+second test run (or a second test module) reuses it, and a changed source file
+can never be served from a stale cache. Outputs are written to a temporary
+name and renamed into place, so concurrent runs never see half-written files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+KMOD_SOURCES = ("Kbuild", "vmwipe.c", "vmwipe.h", "vmwipe_abi.h")
+EXAMPLE_SOURCES = ("vmwipe.c", "vmwipe.h", "drbg.c", "drbg.h", "drbg_stream.c", "vmwipe_test.c")
+PROGRAMS: dict[str, tuple[str, ...]] = {
+    "drbg_stream": ("drbg_stream.c", "drbg.c", "vmwipe.c"),
+    "vmwipe_test": ("vmwipe_test.c", "vmwipe.c"),
+}
+BUSYBOX = Path("/bin/busybox")
+
+# The guest's /init: mount the basics, silence printk on the console (it would
+# interleave with command output), then run one command per console line.
+# Input lines are "ID COMMAND"; after each command it prints "@@DONE ID RC".
+# Echo is off and no interactive shell runs, so the console carries only
+# command output and markers.
+INIT_SCRIPT = """#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+echo 1 > /proc/sys/kernel/printk
+stty -echo
+echo "@@READY $(cat /proc/sys/kernel/random/boot_id)"
+while read -r id cmd; do
+    eval "$cmd" </dev/null
+    echo "@@DONE $id $?"
+done
+echo "@@EOF"
+"""
+
+
+class BuildError(RuntimeError):
+    """A build step failed; the message carries the tool's output."""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A packaged Debian kernel: the image to boot and the headers to build against."""
+
+    release: str
+
+    @property
+    def image(self) -> Path:
+        return Path("/boot") / f"vmlinuz-{self.release}"
+
+    @property
+    def headers(self) -> Path:
+        return Path("/usr/src") / f"linux-headers-{self.release}"
+
+    def missing(self) -> list[str]:
+        """What is absent for booting and building (empty when usable)."""
+        return [str(p) for p in (self.image, self.headers / "Makefile") if not p.exists()]
+
+
+def source_root() -> Path:
+    """The repository checkout holding guest_kmod/ and examples/.
+
+    The lab is only useful from a checkout (it compiles the module and the
+    programs), so an installed copy points here with VMWIPE_SRC.
+    """
+    env = os.environ.get("VMWIPE_SRC")
+    root = Path(env) if env else Path(__file__).resolve().parents[2]
+    if not (root / "guest_kmod" / "vmwipe.c").is_file():
+        raise BuildError(f"no vmwipe checkout at {root} (set VMWIPE_SRC)")
+    return root
+
+
+def build_root() -> Path:
+    """Cache directory (gitignored `build/` in the checkout unless VMWIPE_BUILD_DIR)."""
+    env = os.environ.get("VMWIPE_BUILD_DIR")
+    path = Path(env) if env else source_root() / "build"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def installed_kernels() -> list[Kernel]:
+    """Kernels with both an image and headers, oldest first."""
+    found = []
+    for image in Path("/boot").glob("vmlinuz-*"):
+        kernel = Kernel(image.name.removeprefix("vmlinuz-"))
+        if not kernel.missing():
+            found.append(kernel)
+    return sorted(found, key=lambda k: [int(x) if x.isdigit() else -1 for x in
+                                        k.release.replace("-", ".").replace("+", ".").split(".")])
+
+
+def default_kernel() -> Kernel | None:
+    """VMWIPE_TEST_KERNEL if set, else the newest kernel we can both build for and boot."""
+    env = os.environ.get("VMWIPE_TEST_KERNEL")
+    if env:
+        return Kernel(env)
+    kernels = installed_kernels()
+    return kernels[-1] if kernels else None
+
+
+def _digest(parts: Iterable[bytes]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()[:16]
+
+
+def _run(cmd: list[str], cwd: Path | None = None) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise BuildError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+    return proc.stdout + proc.stderr
+
+
+def _publish(tmp: Path, final: Path) -> Path:
+    """Rename a finished output into place; a concurrent builder may have won."""
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not final.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def build_module(kernel: Kernel) -> Path:
+    """vmwipe.ko for `kernel`, built with W=1; a compiler warning is a build error."""
+    src = source_root() / "guest_kmod"
+    key = _digest([kernel.release.encode(), *((src / f).read_bytes() for f in KMOD_SOURCES)])
+    out = build_root() / "lab" / f"kmod-{kernel.release}-{key}"
+    if (out / "vmwipe.ko").is_file():
+        return out / "vmwipe.ko"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.", dir=out.parent))
+    for f in KMOD_SOURCES:
+        shutil.copy2(src / f, tmp / f)
+    log = _run(["make", "-C", str(kernel.headers), f"M={tmp}", "W=1", "modules"])
+    if "warning:" in log:
+        raise BuildError(f"vmwipe.ko has compiler warnings for {kernel.release}:\n{log}")
+    # Kbuild records the directory in .cmd files; only the .ko travels.
+    final_tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.", dir=out.parent))
+    shutil.copy2(tmp / "vmwipe.ko", final_tmp / "vmwipe.ko")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return _publish(final_tmp, out) / "vmwipe.ko"
+
+
+def build_programs() -> dict[str, Path]:
+    """The example and test programs, linked statically for a bare initramfs."""
+    src = source_root() / "examples"
+    cc = os.environ.get("CC", "gcc")
+    version = _run([cc, "--version"]).encode()
+    key = _digest([version, *((src / f).read_bytes() for f in EXAMPLE_SOURCES)])
+    out = build_root() / "lab" / f"progs-{key}"
+    if not all((out / name).is_file() for name in PROGRAMS):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.", dir=out.parent))
+        for name, files in PROGRAMS.items():
+            _run([cc, "-O2", "-Wall", "-Wextra", "-Werror", "-static", "-o", str(tmp / name),
+                  *(str(src / f) for f in files)])
+        _publish(tmp, out)
+    return {name: out / name for name in PROGRAMS}
+
+
+def build_initramfs(module: Path, programs: dict[str, Path]) -> Path:
+    """An uncompressed newc cpio: busybox, /init, /vmwipe.ko and the programs in /bin."""
+    if not BUSYBOX.is_file():
+        raise BuildError(f"{BUSYBOX} missing (install busybox-static)")
+    files = {"vmwipe.ko": module, **{f"bin/{n}": p for n, p in sorted(programs.items())}}
+    key = _digest([INIT_SCRIPT.encode(), BUSYBOX.read_bytes(),
+                   *(name.encode() + path.read_bytes() for name, path in files.items())])
+    out = build_root() / "lab" / f"initramfs-{key}.cpio"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="initramfs.", dir=out.parent) as tmpdir:
+        root = Path(tmpdir) / "root"
+        for d in ("bin", "dev", "proc", "sys", "tmp"):
+            (root / d).mkdir(parents=True)
+        shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+        for name, path in files.items():
+            shutil.copy2(path, root / name)
+        init = root / "init"
+        init.write_text(INIT_SCRIPT)
+        init.chmod(0o755)
+        # The kernel opens /dev/console for init before devtmpfs is mounted.
+        os.mknod(root / "dev" / "console", stat.S_IFCHR | 0o600, os.makedev(5, 1))
+        names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+        archive = Path(tmpdir) / "out.cpio"
+        with archive.open("wb") as fh:
+            proc = subprocess.run(["cpio", "-o", "-H", "newc", "--owner=0:0", "--quiet"],
+                                  cwd=root, input="\n".join(names).encode(), stdout=fh,
+                                  stderr=subprocess.PIPE, check=False)
+        if proc.returncode != 0:
+            raise BuildError(f"cpio failed: {proc.stderr.decode(errors='replace')}")
+        os.replace(archive, out)
+    return out
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """Everything one boot needs, all built for the same kernel release."""
+
+    kernel: Kernel
+    module: Path
+    initramfs: Path
+
+
+def build_guest_image(kernel: Kernel) -> GuestImage:
+    module = build_module(kernel)
+    return GuestImage(kernel, module, build_initramfs(module, build_programs()))
