@@ -1,0 +1,495 @@
+"""Scrub a saved VM: zero every copy of every page the guest's vmwipe table lists.
+
+Wiping at resume protects the restored VM, but the secrets still sit in the
+save file, where backups, copies and forensic tools can read them.  The scrub
+closes that gap in place:
+
+1. Walk the whole file (libvirt header if any, then the migration stream,
+   device state included; see `migstream`) and index every RAM page record.
+   Nothing is written unless the walk accounts for every byte.
+2. Map guest-physical addresses to (RAM block, offset).  The map comes from a
+   sidecar `FILE.vmwipe.json` (written by `vmwipe save`), from
+   `--machine/--mem`, or from the stream itself (machine type from the
+   CONFIGURATION section, `pc.ram` length from the block list), using QEMU's
+   own low/high RAM split rules of pc (i440fx) and q35.
+3. Rebuild the region from the stream's last copy of each of its pages (the
+   last copy is what a restore loads), and decode and validate the table
+   exactly as at resume (`vmwipe.protocol.decode_table` with the RAM ranges).
+4. Zero the 4096 data bytes of every PAGE record of every listed page; a ZERO
+   record is already zero.  Record lengths never change, so the file remains
+   a stream QEMU loads.  fsync, then read back.
+
+A second run finds every listed copy already zero and writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmwipe.protocol import PAGE_SIZE, ProtocolError, decode_ssdt, decode_table
+from vmwipe.protocol.table import Region, Table
+
+from .errors import InvalidTableError, UsageError
+from .memmap import GuestMemoryMap, RamRange
+from .migstream import (
+    KIND_PAGE,
+    KIND_ZERO,
+    StreamError,
+    StreamIndex,
+    copies,
+    index_stream,
+    last_copies,
+    open_mapped,
+)
+from .saveimage import HEADER_SIZE as LIBVIRT_HEADER_SIZE
+from .saveimage import is_save_image, parse_header
+
+GiB = 1 << 30
+FOUR_GIB = 4 * GiB
+SIDECAR_SUFFIX = ".vmwipe.json"
+SIDECAR_FORMAT = "vmwipe-sidecar"
+SIDECAR_VERSION = 1
+#: Legacy VGA window and BIOS area: in the pc.ram block but never guest RAM.
+LEGACY_HOLE = (0xA0000, 0x100000)
+PROGRESS_MIN_FILE = 256 << 20
+
+Progress = Callable[[str], None]
+
+
+class LayoutError(UsageError):
+    """The guest RAM layout cannot be determined, or disagrees with the stream."""
+
+
+# --------------------------------------------------------------------------------------
+# guest-physical layout
+
+
+def below_4g(machine: str, mem: int) -> int:
+    """RAM below 4 GiB for a pc or q35 machine with `mem` bytes (QEMU 2.x to 10.x rules).
+
+    hw/i386/pc_piix.c: low RAM ends at 0xe0000000 (3.5 GiB) unless the guest
+    has at least that much, then at 3 GiB (gigabyte alignment).
+    hw/i386/pc_q35.c: low RAM ends at 0xb0000000 (2.75 GiB) unless the guest has
+    at least that much, then at 2 GiB.  Neither applies `max-ram-below-4g`,
+    which vmwipe does not support.
+    """
+    kind = machine_kind(machine)
+    if kind == "pc":
+        lowmem = 0xC000_0000 if mem >= 0xE000_0000 else 0xE000_0000
+    else:
+        lowmem = 0x8000_0000 if mem >= 0xB000_0000 else 0xB000_0000
+    return min(mem, lowmem)
+
+
+def machine_kind(machine: str) -> str:
+    """'pc' for i440fx machine types (pc, pc-i440fx-*), 'q35' for q35 (q35, pc-q35-*)."""
+    m = machine.strip()
+    if m == "q35" or m.startswith("pc-q35"):
+        return "q35"
+    if m == "pc" or m.startswith("pc-i440fx") or m == "pc-1.0" or re.fullmatch(r"pc-\d.*", m):
+        return "pc"
+    raise LayoutError(f"unknown machine type {machine!r}: only pc (i440fx) and q35 are known")
+
+
+def machine_layout(machine: str, mem: int, block: str = "pc.ram") -> list[RamRange]:
+    """Guest RAM ranges of a pc/q35 VM whose RAM is one block, as `info mtree -f` shows it.
+
+    The legacy hole 0xa0000-0xfffff is left out: it is in the block but it is
+    VGA and BIOS space, never RAM a table may list.
+    """
+    if mem < 2 << 20 or mem % PAGE_SIZE:
+        raise LayoutError(f"guest RAM size {mem:#x} is not a usable -m value")
+    low = below_4g(machine, mem)
+    ranges = [RamRange(0, LEGACY_HOLE[0], block, 0),
+              RamRange(LEGACY_HOLE[1], low - LEGACY_HOLE[1], block, LEGACY_HOLE[1])]
+    if mem > low:
+        ranges.append(RamRange(FOUR_GIB, mem - low, block, low))
+    return ranges
+
+
+# --------------------------------------------------------------------------------------
+# sidecar
+
+
+@dataclass
+class Sidecar:
+    """What `vmwipe save` knows that the stream does not say: the region and the GPA map."""
+
+    region: Region
+    ram: list[RamRange]
+    qemu_version: str = ""
+    machine: str = ""
+    stream: str = ""
+    mapped_ram: bool = False
+    scrubbed: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def sidecar_path(path: str | os.PathLike[str]) -> Path:
+    return Path(str(path) + SIDECAR_SUFFIX)
+
+
+def write_sidecar(path: str | os.PathLike[str], *, region: Region,
+                  ram: Iterable[RamRange] | Iterable[tuple[int, int, str, int]],
+                  qemu_version: str | tuple[int, ...] = "", machine: str = "",
+                  stream: str | os.PathLike[str] = "", mapped_ram: bool = False,
+                  scrubbed: dict[str, Any] | None = None) -> Path:
+    """Write the sidecar atomically at `path` (conventionally `SAVEFILE.vmwipe.json`).
+
+    Schema, version 1 (all integers are plain JSON numbers):
+
+        {"format": "vmwipe-sidecar", "version": 1,
+         "stream": "basename of the save file",
+         "qemu_version": "7.2.22", "machine": "pc-i440fx-7.2",
+         "region": {"base": 520093696, "size": 1048576},
+         "ram": [{"gpa": 0, "size": 655360, "block": "pc.ram", "offset": 0}, ...],
+         "mapped_ram": false,
+         "scrubbed": null | {"pages": N, "copies": N, "bytes": N, "slots": N, "by": "..."}}
+
+    `ram` is the guest RAM map as `memmap.load_memory_map` sees it: each range
+    of guest-physical addresses and the RAM block and offset backing it.
+    """
+    rows = []
+    for r in ram:
+        rr = r if isinstance(r, RamRange) else RamRange(r[0], r[1], r[2], r[3])
+        rows.append({"gpa": rr.gpa, "size": rr.size, "block": rr.block, "offset": rr.offset})
+    if isinstance(qemu_version, tuple):
+        qemu_version = ".".join(str(x) for x in qemu_version)
+    doc = {
+        "format": SIDECAR_FORMAT,
+        "version": SIDECAR_VERSION,
+        "stream": os.path.basename(str(stream)),
+        "qemu_version": qemu_version,
+        "machine": machine,
+        "region": {"base": region.base, "size": region.size},
+        "ram": rows,
+        "mapped_ram": mapped_ram,
+        "scrubbed": scrubbed,
+    }
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out)
+    return out
+
+
+def read_sidecar(path: str | os.PathLike[str]) -> Sidecar:
+    """Parse and check a sidecar; LayoutError names what is wrong."""
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:
+        raise LayoutError(f"cannot read sidecar {path}: {e}") from None
+    try:
+        if doc.get("format") != SIDECAR_FORMAT or doc.get("version") != SIDECAR_VERSION:
+            raise LayoutError(f"{path} is not a vmwipe sidecar version {SIDECAR_VERSION}")
+        reg = doc["region"]
+        region = Region(int(reg["base"]), int(reg["size"]))
+        ram = [RamRange(int(r["gpa"]), int(r["size"]), str(r["block"]), int(r["offset"]))
+               for r in doc["ram"]]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise LayoutError(f"malformed sidecar {path}: {e}") from None
+    if not ram:
+        raise LayoutError(f"sidecar {path} lists no guest RAM")
+    return Sidecar(region=region, ram=ram, qemu_version=str(doc.get("qemu_version", "")),
+                   machine=str(doc.get("machine", "")), stream=str(doc.get("stream", "")),
+                   mapped_ram=bool(doc.get("mapped_ram", False)), scrubbed=doc.get("scrubbed"))
+
+
+# --------------------------------------------------------------------------------------
+# the scrub
+
+
+@dataclass
+class ScrubReport:
+    """What a scrub found and did.  `copies` counts PAGE records of listed pages."""
+
+    file: str
+    container: str  # "qemu" or "libvirt"
+    machine: str
+    layout_source: str
+    region: dict[str, int]
+    table: str  # "absent" (no magic), "valid"
+    slots: int
+    pages: int  # listed 4 KiB pages
+    copies: int  # PAGE records of listed pages in the stream
+    zero_records: int  # ZERO records of listed pages (nothing to do)
+    scrubbed_copies: int  # PAGE records rewritten by this run
+    already_zero: int  # PAGE records of listed pages that were zero already
+    bytes: int  # bytes written by this run
+    stream_bytes: int
+    records: int
+    seconds: float
+    dry_run: bool = False
+    invalid_slots: list[str] = field(default_factory=list)
+
+    @property
+    def noop(self) -> bool:
+        return self.bytes == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["noop"] = self.noop
+        return d
+
+
+@dataclass
+class _Plan:
+    index: StreamIndex
+    container: str
+    layout: GuestMemoryMap
+    layout_source: str
+    region: Region
+    table: Table | None
+    writes: list[tuple[int, int]]  # (file offset, length)
+    report: ScrubReport
+
+
+def _locate(idx: StreamIndex, layout: GuestMemoryMap, gpa: int, size: int
+            ) -> list[tuple[int, int]]:
+    """(block index, page number) of every page of [gpa, gpa+size) in the stream's blocks."""
+    out = []
+    for pos, n, r in layout.split(gpa, size):
+        bi = idx.block_index(r.block)
+        if bi is None:
+            raise LayoutError(f"RAM block {r.block!r} of guest address {pos:#x} is not in the "
+                              "stream")
+        off = r.offset + (pos - r.gpa)
+        for p in range(off // PAGE_SIZE, (off + n + PAGE_SIZE - 1) // PAGE_SIZE):
+            out.append((bi, p))
+    return out
+
+
+def _check_layout(idx: StreamIndex, layout: GuestMemoryMap, source: str) -> None:
+    for r in layout.ranges:
+        bi = idx.block_index(r.block)
+        if bi is None:
+            raise LayoutError(f"layout from {source} names RAM block {r.block!r}, which the "
+                              f"stream does not have (blocks: "
+                              f"{', '.join(b.name for b in idx.blocks)})")
+        blen = idx.blocks[bi].length
+        if r.offset + r.size > blen:
+            raise LayoutError(f"layout from {source} puts {r.block} offset "
+                              f"{r.offset + r.size:#x} past the block's end {blen:#x} in the "
+                              "stream: wrong --mem or --machine?")
+
+
+def _region_from_stream(mm: mmap.mmap | bytes, idx: StreamIndex) -> Region | None:
+    """Find the VMWP0001 SSDT in QEMU's ACPI tables blob (a RAM block in the stream).
+
+    QEMU builds the ACPI tables, `-acpitable` ones included, into the
+    `/rom@etc/acpi/tables` block and migrates it, so the stream carries the
+    very SSDT the guest read: its `_CRS` is the region.
+    """
+    bi = idx.block_index("/rom@etc/acpi/tables")
+    if bi is None:
+        return None
+    blen = idx.blocks[bi].length
+    wanted = {(bi, p) for p in range(blen // PAGE_SIZE)}
+    last = last_copies(idx, wanted)
+    blob = bytearray(blen)
+    for (_, p), (pos, kind) in last.items():
+        if kind == KIND_PAGE:
+            blob[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] = mm[pos:pos + PAGE_SIZE]
+    found: list[Region] = []
+    for m in re.finditer(rb"SSDT", bytes(blob)):
+        start = m.start()
+        if start + 8 > blen:
+            continue
+        length = int.from_bytes(blob[start + 4:start + 8], "little")
+        if length < 36 or start + length > blen or b"VMWP0001" not in blob[start:start + length]:
+            continue
+        try:
+            found.append(decode_ssdt(bytes(blob[start:start + length])))
+        except ProtocolError:
+            continue
+    if len(set(found)) > 1:
+        raise LayoutError(f"the stream's ACPI tables hold {len(set(found))} different vmwipe "
+                          "regions; pass --region")
+    return found[0] if found else None
+
+
+def _read_region(mm: mmap.mmap | bytes, idx: StreamIndex, layout: GuestMemoryMap,
+                 region: Region) -> bytes:
+    """The region as a restore would load it: the last copy of each page."""
+    keys = _locate(idx, layout, region.base, region.size)
+    last = last_copies(idx, set(keys))
+    data = bytearray(region.size)
+    for i, key in enumerate(keys):
+        got = last.get(key)
+        if got is None:
+            continue  # never sent: the destination's fresh RAM, which is zero
+        pos, kind = got
+        if kind == KIND_PAGE:
+            data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = mm[pos:pos + PAGE_SIZE]
+        elif mm[pos]:
+            data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = bytes([mm[pos]]) * PAGE_SIZE
+    return bytes(data)
+
+
+def plan_scrub(mm: mmap.mmap | bytes, *, path: str = "", machine: str | None = None,
+               mem: int | None = None, sidecar: Sidecar | None = None,
+               region: Region | None = None, strict: bool = True,
+               progress: Progress | None = None) -> _Plan:
+    """First pass: walk, validate, decode the table, list the writes.  Writes nothing."""
+    t0 = time.monotonic()
+    size = len(mm)
+    head = bytes(mm[:LIBVIRT_HEADER_SIZE])
+    if is_save_image(head):
+        hdr = parse_header(head, size)
+        start, container = hdr.stream_offset, "libvirt"
+    elif head[:4] == b"QEVM":
+        start, container = 0, "qemu"
+    else:
+        raise StreamError(f"not a QEMU migration stream or libvirt save image: starts with "
+                          f"{head[:16]!r}")
+
+    def walk_progress(pos: int) -> None:
+        if progress is not None:
+            progress(f"scrub: read {pos >> 20} of {size >> 20} MiB")
+
+    idx = index_stream(mm, start, size, trailing_zeros_ok=container == "libvirt",
+                       progress=walk_progress if size >= PROGRESS_MIN_FILE else None)
+
+    # the GPA map
+    if sidecar is not None:
+        ranges, source = sidecar.ram, "sidecar"
+        if machine is not None or mem is not None:
+            raise UsageError("give either a sidecar or --machine/--mem, not both")
+    else:
+        kind = machine_kind(machine if machine else idx.machine)
+        if machine and idx.machine and machine_kind(idx.machine) != kind:
+            raise LayoutError(f"--machine {machine} but the stream was saved by machine type "
+                              f"{idx.machine}")
+        if mem is None:
+            bi = idx.block_index("pc.ram")
+            if bi is None:
+                raise LayoutError("the stream has no pc.ram block (memory backends or NUMA): "
+                                  "give the sidecar written by `vmwipe save`")
+            mem = idx.blocks[bi].length
+            source = f"stream ({idx.machine}, pc.ram {mem >> 20} MiB)"
+        else:
+            source = f"--machine {kind} --mem {mem >> 20}M"
+        ranges = machine_layout(kind, mem)
+    layout = GuestMemoryMap(ranges)
+    _check_layout(idx, layout, source)
+
+    # the region
+    if region is None and sidecar is not None:
+        region = sidecar.region
+    if region is None:
+        region = _region_from_stream(mm, idx)
+        if region is None:
+            raise LayoutError("no vmwipe SSDT (VMWP0001) in the stream's ACPI tables: "
+                              "pass --region BASE:SIZE or the sidecar")
+
+    report = ScrubReport(
+        file=path, container=container, machine=idx.machine, layout_source=source,
+        region={"base": region.base, "size": region.size}, table="absent", slots=0, pages=0,
+        copies=0, zero_records=0, scrubbed_copies=0, already_zero=0, bytes=0,
+        stream_bytes=idx.end - idx.start, records=len(idx.records), seconds=0.0,
+    )
+    data = _read_region(mm, idx, layout, region)
+    try:
+        table = decode_table(data, region, ram=layout.pairs(), strict=strict)
+    except ProtocolError as e:
+        raise InvalidTableError(f"table in the saved region {region.base:#x}+{region.size:#x} "
+                                f"is invalid, nothing written: {e}") from None
+    writes: list[tuple[int, int]] = []
+    if table.header is not None:
+        report.table = "valid"
+        report.slots = len(table.slots)
+        report.invalid_slots = [str(e) for e in table.errors]
+        wanted: set[tuple[int, int]] = set()
+        for slot in table.slots:
+            wanted.update(_locate(idx, layout, slot.gpa, slot.npages * PAGE_SIZE))
+        report.pages = len(wanted)
+        zero = bytes(PAGE_SIZE)
+        for _b, _p, pos, rkind in copies(idx, wanted):
+            if rkind == KIND_PAGE:
+                report.copies += 1
+                if mm[pos:pos + PAGE_SIZE] == zero:
+                    report.already_zero += 1
+                else:
+                    writes.append((pos, PAGE_SIZE))
+            elif rkind == KIND_ZERO:
+                report.zero_records += 1
+                if mm[pos]:
+                    writes.append((pos, 1))  # a fill byte: the page loads as that byte
+    report.seconds = time.monotonic() - t0
+    return _Plan(idx, container, layout, source, region, table, writes, report)
+
+
+def _apply(path: str, writes: Sequence[tuple[int, int]], expect_size: int) -> int:
+    """Second pass: zero the planned ranges, fsync, read back.  Returns bytes written."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if os.fstat(fd).st_size != expect_size:
+            raise StreamError(f"{path} changed size while it was being scrubbed")
+        zero = bytes(PAGE_SIZE)
+        total = 0
+        for pos, n in sorted(writes):
+            done = os.pwrite(fd, zero[:n], pos)
+            if done != n:
+                raise OSError(f"short write at {pos:#x}")
+            total += n
+        os.fsync(fd)
+        for pos, n in writes:
+            if os.pread(fd, n, pos) != zero[:n]:
+                raise StreamError(f"read-back after scrub is not zero at offset {pos:#x}")
+        return total
+    finally:
+        os.close(fd)
+
+
+def scrub_file(path: str, *, machine: str | None = None, mem: int | None = None,
+               sidecar: Sidecar | str | None = None, region: Region | None = None,
+               strict: bool = True, dry_run: bool = False,
+               progress: Progress | None = None) -> ScrubReport:
+    """Scrub `path` in place; see the module docstring.  Raises before writing anything.
+
+    `sidecar` may be a Sidecar, a path, or None; None uses `path + ".vmwipe.json"`
+    when it exists and neither --machine nor --mem is given.
+    """
+    t0 = time.monotonic()
+    if sidecar is None and machine is None and mem is None and sidecar_path(path).exists():
+        sidecar = str(sidecar_path(path))
+    sc = read_sidecar(sidecar) if isinstance(sidecar, str) else sidecar
+    try:
+        fd, mm = open_mapped(path)
+    except OSError as e:
+        raise StreamError(f"cannot open {path}: {e.strerror or e}") from None
+    try:
+        size = len(mm)
+        plan = plan_scrub(mm, path=path, machine=machine, mem=mem, sidecar=sc, region=region,
+                          strict=strict, progress=progress)
+    finally:
+        if isinstance(mm, mmap.mmap):
+            mm.close()
+        os.close(fd)
+    rep = plan.report
+    rep.dry_run = dry_run
+    if plan.writes and not dry_run:
+        rep.bytes = _apply(path, plan.writes, size)
+        rep.scrubbed_copies = sum(1 for _, n in plan.writes if n == PAGE_SIZE)
+    elif plan.writes:
+        rep.scrubbed_copies = sum(1 for _, n in plan.writes if n == PAGE_SIZE)
+    rep.seconds = time.monotonic() - t0
+    return rep
+
+
+def stderr_progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
