@@ -19,9 +19,9 @@ from typing import Any
 
 from vmwipe.protocol import ProtocolError
 
-from . import setup_cmds
+from . import scrub_cmds, setup_cmds
 from .clone import clone_flow
-from .errors import EXIT_CODES, AgentError, Interrupted
+from .errors import EXIT_CODES, AgentError, Interrupted, UsageError
 from .flows import (
     AgentOptions,
     FlowReport,
@@ -199,8 +199,8 @@ def _cmd_save(args: argparse.Namespace) -> int:
 
 def _cmd_clone(args: argparse.Namespace) -> int:
     qemu = list(args.qemu_args)
-    if qemu and qemu[0] == "--":
-        qemu = qemu[1:]
+    if not qemu:
+        raise UsageError("clone needs the QEMU arguments after --")
     if args.qemu:
         qemu.insert(0, args.qemu)
     res = clone_flow(
@@ -329,7 +329,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--on-invalid", choices=ON_INVALID, default="fail", help="see `vmwipe wipe --help`"
     )
     p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="restore timeout")
-    p.add_argument("qemu_args", nargs=argparse.REMAINDER, help="QEMU binary and arguments after --")
     p.set_defaults(func=_cmd_clone)
 
 
@@ -351,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     register(sub)
     setup_cmds.register(sub)
+    scrub_cmds.register(sub)
     return parser
 
 
@@ -364,7 +364,16 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first `--` belongs to QEMU (clone); argparse must not see it.
+    tail: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, tail = argv[:i], argv[i + 1 :]
     args = parser.parse_args(argv)
+    if tail and args.command != "clone":
+        parser.error(f"unexpected arguments after --: {' '.join(tail)}")
+    args.qemu_args = tail
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="vmwipe: %(levelname)s: %(message)s")
     if args.verbose < 2:

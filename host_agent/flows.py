@@ -345,6 +345,10 @@ def save_flow(
     rep.state_before = session.status()
     if rep.state_before == "inmigrate":
         raise VMStateError("QEMU is inmigrate; nothing to save yet")
+    if rep.state_before == "postmigrate":
+        raise VMStateError(
+            "the VM is postmigrate (already saved); QEMU refuses to migrate it again until cont"
+        )
     path = os.path.abspath(path)
     if rep.state_before == "running":
         session.cmd("stop")

@@ -41,7 +41,7 @@ def test_split_qemu_opts() -> None:
 
 
 def test_option_values() -> None:
-    argv = ["qemu", "-acpitable", "file=a", "--acpitable", "file=b", "-acpitable=file=c", "-m", "1G"]
+    argv = ["qemu", "-acpitable", "file=a", "--acpitable", "file=b", "-acpitable=file=c"]
     assert option_values(argv, "acpitable") == ["file=a", "file=b", "file=c"]
     assert option_values(argv, "device") == []
 
@@ -171,7 +171,8 @@ def test_process_vm_partial_transfers(own_memory: tuple[ProcessVMBackend, bytear
     data = bytes(range(256)) * 40  # 10240 bytes
     be.write(0x100000 + 100, data)
     assert bytes(buf[100 : 100 + len(data)]) == data
-    assert buf[:100] == b"\xee" * 100 and buf[100 + len(data) : 100 + len(data) + 10] == b"\xee" * 10
+    end = 100 + len(data)
+    assert buf[:100] == b"\xee" * 100 and buf[end : end + 10] == b"\xee" * 10
     assert len(calls) == 11 and sum(calls) == len(data)
 
 

@@ -101,7 +101,8 @@ def test_wipe_exact_pages(vm: VM) -> None:
     assert rep.wipe is not None
     w = rep.wipe
     pages = sum(n for _g, n in SLOTS)
-    assert (w.status, w.slots_used, w.slots_valid, w.pages) == ("wiped", len(SLOTS), len(SLOTS), pages)
+    n = len(SLOTS)
+    assert (w.status, w.slots_used, w.slots_valid, w.pages) == ("wiped", n, n, pages)
     assert w.bytes == pages * P and w.backend == "process_vm"
     assert w.spans == len(listed(SLOTS))
     assert {"read", "validate", "zero", "verify", "commit"} <= set(w.timings_ms)

@@ -1,0 +1,350 @@
+"""End-to-end agent flows on real QEMU (TCG): state handling, save/restore/clone/loadvm,
+signals mid-wipe, reset guard, and the two memory backends giving identical results."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import (
+    BIG_MACHINE,
+    HIGH,
+    QEMU,
+    REGION,
+    SHARED_MACHINE,
+    SMALL_MACHINE,
+    VM,
+    qemu_available,
+    run_cli,
+    start_vm,
+)
+
+from vmwipe.host_agent.errors import MemoryAccessError
+from vmwipe.host_agent.flows import AgentOptions, open_target, wipe_flow
+from vmwipe.host_agent.qmp import QMPSession
+from vmwipe.protocol import PAGE_SIZE, build_region
+
+P = PAGE_SIZE
+G = 1 << 30
+SLOTS = [(0x200000, 4), (0x1000000, 16), (HIGH + 0x3000, 2)]
+SPANS = [(g, n * P) for g, n in SLOTS]
+
+pytestmark = pytest.mark.skipif(not qemu_available(), reason=f"{QEMU} not installed")
+
+
+@pytest.fixture
+def vms() -> Iterator[list[VM]]:
+    started: list[VM] = []
+    yield started
+    for v in started:
+        v.kill()
+
+
+def new_vm(vms: list[VM], d: Path, machine: list[str] = SMALL_MACHINE, **kw: object) -> VM:
+    v = start_vm(d, machine, "tcg", **kw)  # type: ignore[arg-type]
+    vms.append(v)
+    return v
+
+
+def plant_marked(vm: VM) -> None:
+    """Listed pages 0xa5, a marker page that must survive 0x5a."""
+    vm.plant(SLOTS)
+    vm.write(0x300000, b"\x5a" * P)
+
+
+def assert_wiped(vm: VM, generation: int = 1) -> None:
+    for g, n in SPANS:
+        assert vm.pmemsave(g, n).count(0) == n
+    assert vm.pmemsave(0x300000, P) == b"\x5a" * P
+    assert vm.header_host_fields() == (generation, sum(n for _g, n in SLOTS))
+
+
+def qemu_argv(vm: VM) -> list[str]:
+    """The VM's QEMU command line without the test monitor (for clones)."""
+    argv = list(vm.argv)
+    i = argv.index("-qmp")
+    return argv[:i] + argv[i + 2 :]
+
+
+def test_refuses_running_vm_and_resume_only_when_asked(vms: list[VM], tmp_path: Path) -> None:
+    vm = new_vm(vms, tmp_path)
+    plant_marked(vm)
+    vm.session().cmd("cont")
+    r = run_cli("wipe", "--qmp", vm.qmp, "--resume")
+    assert r.returncode == 4 and "running" in r.stderr
+    vm.session().cmd("stop")
+    plant_marked(vm)  # firmware ran meanwhile; plant again while paused
+    r = run_cli("wipe", "--qmp", vm.qmp, "--json")
+    assert r.returncode == 0, r.stderr
+    assert vm.status() == "paused" and json.loads(r.stdout)["resumed"] is False
+    assert_wiped(vm)
+    plant_marked(vm)
+    r = run_cli("wipe", "--qmp", vm.qmp, "--resume", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["resumed"] is True
+    assert vm.status() == "running"
+
+
+def test_nothing_registered_resumes(vms: list[VM], tmp_path: Path) -> None:
+    vm = new_vm(vms, tmp_path)
+    r = run_cli("wipe", "--qmp", vm.qmp, "--resume", "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["wipe"]["status"] == "nothing-registered" and rep["resumed"]
+    assert vm.status() == "running"
+
+
+def test_reset_guard(vms: list[VM], tmp_path: Path) -> None:
+    vm = new_vm(vms, tmp_path, guard=False)
+    plant_marked(vm)
+    r = run_cli("wipe", "--qmp", vm.qmp, "--resume")
+    assert r.returncode == 5 and "stale table" in r.stderr and r.stderr.count("\n") == 1
+    assert vm.status() == "prelaunch"
+    r = run_cli("wipe", "--qmp", vm.qmp, "--no-reset-guard", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "WARNING" in r.stderr and "reset guard" in json.loads(r.stdout)["warnings"][0]
+    assert_wiped(vm)
+
+
+def test_incoming_states(vms: list[VM], tmp_path: Path) -> None:
+    vm = new_vm(vms, tmp_path, incoming=True)
+    r = run_cli("wipe", "--qmp", vm.qmp, "--timeout", "0.5")
+    assert r.returncode == 4 and "has not started" in r.stderr
+    plain = new_vm(vms, tmp_path / "plain")
+    r = run_cli("restore", "--qmp", plain.qmp, "--from", str(tmp_path / "plain" / "vm.log"))
+    assert r.returncode == 4 and "-incoming defer" in r.stderr
+    r = run_cli("restore", "--qmp", vm.qmp, "--from", str(tmp_path / "missing"))
+    assert r.returncode == 9
+
+
+def save(vm: VM, path: Path) -> dict[str, object]:
+    r = run_cli("save", "--qmp", vm.qmp, "--to", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    rep: dict[str, object] = json.loads(r.stdout)
+    return rep
+
+
+def test_save_then_restore_wipes_before_running(vms: list[VM], tmp_path: Path) -> None:
+    src = new_vm(vms, tmp_path / "src")
+    plant_marked(src)
+    snap = tmp_path / "snap.bin"
+    rep = save(src, snap)
+    assert rep["state_after"] == "postmigrate" and snap.stat().st_size > 0
+    # QEMU refuses a second migration of a postmigrate source: one-line state error
+    r = run_cli("save", "--qmp", src.qmp, "--to", str(tmp_path / "again.bin"))
+    assert r.returncode == 4 and "postmigrate" in r.stderr
+
+    dst = new_vm(vms, tmp_path / "dst", incoming=True)
+    r = run_cli("restore", "--qmp", dst.qmp, "--from", str(snap), "--no-resume", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["wipe"]["pages"] == 22 and not out["resumed"]
+    # the source never ran, so the loaded state is prelaunch (a running source gives paused)
+    assert out["state_after"] in ("paused", "prelaunch") and out["state_after"] == dst.status()
+    assert out["extra"]["uri"].startswith("exec:cat ")
+    assert {"load", "read", "zero", "verify", "commit"} <= set(out["timings_ms"])
+    assert_wiped(dst)
+
+    dst2 = new_vm(vms, tmp_path / "dst2", incoming=True)
+    r = run_cli("restore", "--qmp", dst2.qmp, "--from", str(snap), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["resumed"] and dst2.status() == "running"
+
+    # the source can be resumed after a save
+    src2 = new_vm(vms, tmp_path / "src2")
+    r = run_cli("save", "--qmp", src2.qmp, "--to", str(tmp_path / "snap2.bin"), "--resume")
+    assert r.returncode == 0 and src2.status() == "running"
+
+
+def test_wipe_waits_for_incoming_migration(vms: list[VM], tmp_path: Path) -> None:
+    src = new_vm(vms, tmp_path / "src")
+    plant_marked(src)
+    snap = tmp_path / "snap.bin"
+    save(src, snap)
+    dst = new_vm(vms, tmp_path / "dst", incoming=True)
+    # a slow reader keeps QEMU inmigrate for a while; the agent must wait, not cont
+    dst.session().cmd("migrate-incoming", {"uri": f"exec:sleep 1; cat {snap}"})
+    t = time.monotonic()
+    r = run_cli("wipe", "--qmp", dst.qmp, "--resume", "--json")
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t > 0.8
+    assert json.loads(r.stdout)["wipe"]["pages"] == 22
+    assert dst.status() == "running"
+
+
+def test_invalid_table_in_snapshot_keeps_restored_vm_paused(vms: list[VM], tmp_path: Path) -> None:
+    src = new_vm(vms, tmp_path / "src")
+    src.plant([], image=build_region(REGION.size, [(0xC0000, 1)]))  # slot in the BIOS area
+    snap = tmp_path / "bad.bin"
+    save(src, snap)
+    dst = new_vm(vms, tmp_path / "dst", incoming=True)
+    r = run_cli("restore", "--qmp", dst.qmp, "--from", str(snap))
+    assert r.returncode == 6 and "invalid slot 0" in r.stderr
+    assert dst.status() in ("paused", "prelaunch")
+
+
+def test_clone(vms: list[VM], tmp_path: Path) -> None:
+    src = new_vm(vms, tmp_path / "src")
+    plant_marked(src)
+    snap = tmp_path / "snap.bin"
+    save(src, snap)
+    d = tmp_path / "clones"
+    r = run_cli("clone", str(snap), "-n", "2", "--dir", str(d), "--json", "--", *qemu_argv(src))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    pids = [c["pid"] for c in res["clones"]]
+    try:
+        assert len(set(pids)) == 2 and "clone 2/2" in r.stderr
+        for c in res["clones"]:
+            assert c["report"]["wipe"]["pages"] == 22
+            with QMPSession(c["qmp"]) as s:
+                assert s.pid == c["pid"] and s.status() in ("paused", "prelaunch")
+                for g, n in SPANS:
+                    path = d / "check.bin"
+                    s.cmd("pmemsave", {"val": g, "size": n, "filename": str(path)})
+                    assert path.read_bytes().count(0) == n
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+    # human table
+    r = run_cli("clone", str(snap), "-n", "1", "--dir", str(d / "t"), "--resume", "--",
+                *qemu_argv(src))
+    assert r.returncode == 0, r.stderr
+    row = r.stdout.splitlines()[1].split()
+    try:
+        assert row[2] == "22" and row[3] == "running"
+    finally:
+        os.kill(int(row[1]), signal.SIGKILL)
+
+
+def _qemu_pids_using(directory: Path) -> list[int]:
+    """PIDs whose command line mentions `directory` (read-only check, kills nothing)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                cmd = Path(f"/proc/{name}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(directory).encode() in cmd and b"qemu" in cmd:
+                found.append(int(name))
+    return found
+
+
+def test_clone_failure_cleans_up(vms: list[VM], tmp_path: Path) -> None:
+    src = new_vm(vms, tmp_path / "src")
+    src.plant([], image=build_region(REGION.size, [(0xC0000, 1)]))
+    snap = tmp_path / "bad.bin"
+    save(src, snap)
+    d = tmp_path / "clones"
+    r = run_cli("clone", str(snap), "-n", "2", "--dir", str(d), "--", *qemu_argv(src))
+    assert r.returncode == 6 and "cleanup: killing clone QEMU pid" in r.stderr
+    time.sleep(0.2)
+    assert _qemu_pids_using(d) == []
+
+
+def test_loadvm(vms: list[VM], tmp_path: Path) -> None:
+    disk = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+    vm = new_vm(vms, tmp_path, extra=["-drive", f"file={disk},if=none,id=d0",
+                                      "-device", "virtio-blk-pci,drive=d0"])
+    plant_marked(vm)
+    assert vm.session().hmp("savevm snap1") == ""
+    for g, n in SPANS:  # the live VM moves on; the snapshot still holds the 0xa5 pages
+        vm.write(g, b"\x11" * n)
+    r = run_cli("loadvm", "--qmp", vm.qmp, "snap1", "--no-resume", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["wipe"]["pages"] == 22
+    assert_wiped(vm)
+    r = run_cli("loadvm", "--qmp", vm.qmp, "nope")
+    assert r.returncode == 9 and "nope" in r.stderr
+    vm.session().cmd("cont")
+    r = run_cli("loadvm", "--qmp", vm.qmp, "snap1", "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["state_before"] == "running" and rep["resumed"] and vm.status() == "running"
+
+
+def test_backends_identical(vms: list[VM], tmp_path: Path) -> None:
+    vm = new_vm(vms, tmp_path, SHARED_MACHINE)
+    digests = {}
+    for backend in ("process_vm", "shared"):
+        vm.plant(SLOTS, image=build_region(REGION.size, SLOTS))
+        vm.write(0x300000, b"\x5a" * P)
+        rep = wipe_flow(vm.session(), AgentOptions(backend=backend), do_resume=False)
+        assert rep.wipe is not None and rep.wipe.backend == backend
+        digests[backend] = vm.ram_digest()
+        assert_wiped(vm)
+    assert digests["process_vm"] == digests["shared"]
+    # the shared backend also plants (its own write path) identically
+    vm.plant(SLOTS, backend="shared")
+    t = vm.target("shared")
+    try:
+        assert t.backend.read(SLOTS[2][0], 4) == b"\xa5" * 4
+    finally:
+        t.close()
+
+
+def test_shared_backend_refused_on_private_ram(vms: list[VM], tmp_path: Path) -> None:
+    vm = new_vm(vms, tmp_path)
+    with pytest.raises(MemoryAccessError, match="'hi' is not shared"):
+        open_target(vm.session(), AgentOptions(backend="shared", region=REGION), guard=False)
+    assert vm.target().backend.name == "process_vm"
+
+
+@pytest.fixture
+def big_vm(vms: list[VM], tmp_path: Path) -> VM:
+    """5 GiB pc: pc.ram continues above 4 GiB; a wipe of untouched RAM takes seconds."""
+    return new_vm(vms, tmp_path, BIG_MACHINE)
+
+
+BIG_SLOTS = [(0x40000000, (2 * G) // P), (HIGH, (2 * G - 0x100000) // P), (HIGH + 2 * G - P, 1)]
+
+
+def _start_big_wipe(vm: VM) -> subprocess.Popen[str]:
+    vm.plant([(HIGH + 2 * G - P, 1)], image=build_region(REGION.size, BIG_SLOTS))
+    p = subprocess.Popen(
+        [sys.executable, "-m", "vmwipe.host_agent.cli", "-v", "wipe", "--qmp", vm.qmp, "--resume"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert p.stderr is not None
+    for line in p.stderr:
+        if "zeroing" in line:
+            break
+    time.sleep(0.05)
+    assert p.poll() is None, "the wipe finished before the signal; make it larger"
+    return p
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_signal_mid_wipe_leaves_vm_paused(big_vm: VM, sig: signal.Signals) -> None:
+    p = _start_big_wipe(big_vm)
+    p.send_signal(sig)
+    _out, err = p.communicate(timeout=60)
+    if sig == signal.SIGKILL:
+        assert p.returncode == -signal.SIGKILL
+    else:
+        assert p.returncode == 130 and "interrupted" in err
+    assert big_vm.status() == "prelaunch"
+    assert big_vm.header_host_fields() == (0, 0)  # never committed
+    assert big_vm.pmemsave(HIGH + 2 * G - P, P) == b"\xa5" * P  # last span not reached
+
+
+def test_big_vm_high_ram_wipe(big_vm: VM) -> None:
+    """RAM above 4 GiB in pc.ram (block offset 3 GiB): exact pages, neighbours intact."""
+    slots = [(0xBFFFF000, 1), (HIGH, 1), (HIGH + G, 3), (HIGH + 2 * G - P, 1)]
+    for g in (0xBFFFE000, HIGH + P, HIGH + G - P, HIGH + G + 3 * P, HIGH + 2 * G - 2 * P):
+        big_vm.write(g, b"\x5a" * P)
+    big_vm.plant(slots)
+    rep = wipe_flow(big_vm.session(), AgentOptions(), do_resume=False)
+    assert rep.wipe is not None and rep.wipe.pages == 6
+    for g, n in slots:
+        assert big_vm.pmemsave(g, n * P).count(0) == n * P
+    for g in (0xBFFFE000, HIGH + P, HIGH + G - P, HIGH + G + 3 * P, HIGH + 2 * G - 2 * P):
+        assert big_vm.pmemsave(g, P) == b"\x5a" * P
