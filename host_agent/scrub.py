@@ -38,7 +38,7 @@ from typing import Any
 from vmwipe.protocol import PAGE_SIZE, ProtocolError, decode_ssdt, decode_table
 from vmwipe.protocol.table import Region, Table
 
-from .errors import InvalidTableError, UsageError
+from .errors import InvalidTableError, MemoryAccessError, UsageError
 from .memmap import GuestMemoryMap, RamRange
 from .migstream import (
     KIND_PAGE,
@@ -262,7 +262,12 @@ def _locate(idx: StreamIndex, layout: GuestMemoryMap, gpa: int, size: int
             ) -> list[tuple[int, int]]:
     """(block index, page number) of every page of [gpa, gpa+size) in the stream's blocks."""
     out = []
-    for pos, n, r in layout.split(gpa, size):
+    try:
+        pieces = layout.split(gpa, size)
+    except MemoryAccessError as e:
+        ram = ", ".join(f"{r.gpa:#x}+{r.size:#x}" for r in layout.ranges)
+        raise LayoutError(f"{e} (layout: {ram})") from None
+    for pos, n, r in pieces:
         bi = idx.block_index(r.block)
         if bi is None:
             raise LayoutError(f"RAM block {r.block!r} of guest address {pos:#x} is not in the "

@@ -1,0 +1,310 @@
+"""`vmwipe scrub` on files saved by real QEMU: secrets gone, everything else intact.
+
+Each test plants a v1 table and random secret pages into a `-S` VM (through
+/proc/PID/mem at `gpa2hva` addresses), saves it with `migrate exec:cat`, scrubs
+the file, and restores it into a fresh `-S -incoming defer` QEMU to read the
+pages back with pmemsave.  The file is also compared byte for byte with the
+original: only the data of the listed pages' PAGE records may differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from test_migstream import QEMU10, QEMU72, Vm, have, needs_qemu, needs_qemu10, restore
+
+from vmwipe.host_agent import migstream as ms
+from vmwipe.host_agent.cli import main as vmwipe_main
+from vmwipe.host_agent.memmap import load_memory_map
+from vmwipe.host_agent.saveimage import build_header
+from vmwipe.host_agent.scrub import (
+    below_4g,
+    machine_layout,
+    read_sidecar,
+    scrub_file,
+    sidecar_path,
+    write_sidecar,
+)
+from vmwipe.protocol import Region, build_region, encode_ssdt
+
+REGION = Region(0x1F00_0000, 1 << 20)
+PAGE = 4096
+HIGH = 1 << 32
+
+
+@dataclass
+class Saved:
+    """A saved VM: the file, its QEMU arguments, and what was planted where."""
+
+    path: Path
+    args: list[str]
+    qemu: str
+    secrets: dict[int, bytes]  # listed pages with data (gpa -> bytes)
+    listed_zero: list[int]  # listed pages never written (ZERO records)
+    keep: dict[int, bytes]  # unlisted pages with data that must survive
+    region_image: bytes
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def plant_and_save(workdir: Path, vms: list[Vm], args: list[str], *, qemu: str = QEMU72,
+                   high: bool = False, slots: list[tuple[int, int]] | None = None,
+                   with_table: bool = True) -> Saved:
+    ssdt = workdir / "vmwipe.aml"
+    ssdt.write_bytes(encode_ssdt(REGION.base, REGION.size))
+    full = [*args, "-acpitable", f"file={ssdt}"]
+    vm = Vm(workdir, full, qemu=qemu)
+    vms.append(vm)
+    secrets = {0x200_0000: os.urandom(PAGE), 0x200_1000: os.urandom(PAGE),
+               0x300_0000: os.urandom(PAGE)}
+    if high:
+        secrets[HIGH + 0x100_0000] = os.urandom(PAGE)
+    zero_listed = [0x500_0000]
+    keep = {0x400_0000: os.urandom(PAGE), 0x200_2000: os.urandom(PAGE)}
+    if slots is None:
+        slots = [(0x200_0000, 2), (0x300_0000, 1), (0x500_0000, 1)]
+        if high:
+            slots.append((HIGH + 0x100_0000, 1))
+    image = build_region(REGION.size, slots) if with_table else bytes(REGION.size)
+    vm.write(REGION.base, image)
+    for gpa, data in {**secrets, **keep}.items():
+        vm.write(gpa, data)
+    path = workdir / f"vm{len(vms)}.sav"
+    vm.save(path)
+    return Saved(path, full, qemu, secrets, zero_listed, keep, image)
+
+
+@pytest.fixture
+def vms() -> Iterator[list[Vm]]:
+    started: list[Vm] = []
+    yield started
+    for vm in started:
+        vm.kill()
+
+
+def run_cli(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    rc = vmwipe_main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def check_restored(saved: Saved, workdir: Path, vms: list[Vm], offset: int = 0) -> None:
+    vm = restore(workdir, saved.args, saved.path, qemu=saved.qemu, offset=offset)
+    vms.append(vm)
+    for gpa in [*saved.secrets, *saved.listed_zero]:
+        assert vm.read(gpa, PAGE) == bytes(PAGE), f"{gpa:#x} not scrubbed"
+    for gpa, data in saved.keep.items():
+        assert vm.read(gpa, PAGE) == data, f"{gpa:#x} damaged"
+    assert vm.read(REGION.base, REGION.size) == saved.region_image
+
+
+def only_listed_changed(before: bytes, after: bytes, saved: Saved) -> None:
+    assert len(before) == len(after)
+    for secret in saved.secrets.values():
+        assert secret in before and secret not in after
+    for data in saved.keep.values():
+        assert data in after
+    # every differing byte lies inside one of the secrets' old positions
+    spans = sorted((before.index(s), before.index(s) + PAGE) for s in saved.secrets.values())
+    i = 0
+    while True:
+        j = next((k for k in range(i, len(before), 1 << 16)
+                  if before[k:k + (1 << 16)] != after[k:k + (1 << 16)]), None)
+        if j is None:
+            break
+        for k in range(j, min(j + (1 << 16), len(before))):
+            if before[k] != after[k]:
+                assert any(a <= k < b for a, b in spans), f"byte {k:#x} changed"
+        i = j + (1 << 16)
+
+
+MACHINES = [
+    ("pc-512M", ["-M", "pc", "-m", "512M"], False),
+    ("q35-5G", ["-M", "q35", "-m", "5G"], True),
+]
+
+
+@needs_qemu
+@pytest.mark.parametrize(("name", "args", "high"), MACHINES, ids=[m[0] for m in MACHINES])
+def test_scrub_restore_72(tmp_path: Path, vms: list[Vm], capsys: pytest.CaptureFixture[str],
+                          name: str, args: list[str], high: bool) -> None:
+    saved = plant_and_save(tmp_path, vms, args, high=high)
+    before = saved.path.read_bytes()
+    rc, out, err = run_cli("scrub", str(saved.path), "--json", capsys=capsys)
+    assert rc == 0, err
+    rep = json.loads(out)
+    assert rep["table"] == "valid" and rep["slots"] == (4 if high else 3)
+    assert rep["pages"] == len(saved.secrets) + len(saved.listed_zero)
+    assert rep["copies"] == len(saved.secrets) and rep["scrubbed_copies"] == len(saved.secrets)
+    assert rep["bytes"] == PAGE * len(saved.secrets) and not rep["noop"]
+    assert rep["zero_records"] >= 1
+    assert "stream (" in rep["layout_source"]  # layout and region came from the stream itself
+    only_listed_changed(before, saved.path.read_bytes(), saved)
+    # second run: no-op, file unchanged
+    digest = sha(saved.path)
+    rc, out, _ = run_cli("scrub", str(saved.path), "--json", capsys=capsys)
+    assert rc == 0 and json.loads(out)["noop"] and json.loads(out)["already_zero"] == len(
+        saved.secrets)
+    assert sha(saved.path) == digest
+    check_restored(saved, tmp_path, vms)
+
+
+@needs_qemu10
+def test_scrub_restore_10(tmp_path: Path, vms: list[Vm]) -> None:
+    saved = plant_and_save(tmp_path, vms, ["-M", "q35", "-m", "512M"], qemu=QEMU10)
+    before = saved.path.read_bytes()
+    rep = scrub_file(str(saved.path), machine="q35", mem=512 << 20)
+    assert rep.scrubbed_copies == len(saved.secrets) and rep.machine == "pc-q35-10.0"
+    only_listed_changed(before, saved.path.read_bytes(), saved)
+    check_restored(saved, tmp_path, vms)
+
+
+@needs_qemu
+def test_sidecar_from_live_layout(tmp_path: Path, vms: list[Vm]) -> None:
+    """A sidecar (as `vmwipe save` writes it) covers RAM split over several blocks."""
+    args = ["-M", "pc", "-m", "512M,slots=2,maxmem=2G", "-object",
+            "memory-backend-ram,id=hi,size=64M", "-device", "pc-dimm,memdev=hi,addr=0x100000000"]
+    saved = plant_and_save(tmp_path, vms, args, high=True)
+    layout = load_memory_map(vms[0].qmp.hmp, {"pc.ram", "hi"})
+    assert {r.block for r in layout.ranges} == {"pc.ram", "hi"}
+    write_sidecar(sidecar_path(saved.path), region=REGION, ram=layout.ranges,
+                  qemu_version="7.2", machine="pc-i440fx-7.2", stream=saved.path)
+    sc = read_sidecar(sidecar_path(saved.path))
+    assert sc.region == REGION and sc.ram == [r.__class__(r.gpa, r.size, r.block, r.offset)
+                                              for r in layout.ranges]
+    rep = scrub_file(str(saved.path))  # picks FILE.vmwipe.json up by itself
+    assert rep.layout_source == "sidecar" and rep.scrubbed_copies == len(saved.secrets)
+    check_restored(saved, tmp_path, vms)
+
+
+@needs_qemu
+def test_no_table_is_noop(tmp_path: Path, vms: list[Vm],
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    saved = plant_and_save(tmp_path, vms, ["-M", "pc", "-m", "512M"], with_table=False)
+    digest = sha(saved.path)
+    rc, out, _ = run_cli("scrub", str(saved.path), capsys=capsys)
+    assert rc == 0 and "nothing registered" in out
+    assert sha(saved.path) == digest
+
+
+@needs_qemu
+def test_bad_inputs_untouched(tmp_path: Path, vms: list[Vm],
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    saved = plant_and_save(tmp_path, vms, ["-M", "pc", "-m", "512M"])
+    data = saved.path.read_bytes()
+    idx = ms.index_stream(data)
+    cases = {
+        "truncated": data[: len(data) // 2],
+        "truncated-tail": data[:-3],
+        "foreign": b"\x1f\x8b\x08\x00" + data[4:],
+        "empty": b"",
+        "footer": data.replace(b"\x7e\x00\x00\x00\x02", b"\x7d\x00\x00\x00\x02", 1),
+        "desc-len": data[: idx.vmdesc_offset + 1] + struct.pack(">I", 99)
+        + data[idx.vmdesc_offset + 5:],
+    }
+    for name, blob in cases.items():
+        p = tmp_path / f"bad-{name}.sav"
+        p.write_bytes(blob)
+        digest = sha(p)
+        rc, out, err = run_cli("scrub", str(p), "--region", "0x1f000000:1M", capsys=capsys)
+        assert rc != 0, name
+        assert err.startswith("vmwipe: error: ") and err.count("\n") == 1, (name, err)
+        assert sha(p) == digest, name
+        assert out == ""
+
+
+@needs_qemu
+def test_forged_table_refused_untouched(tmp_path: Path, vms: list[Vm],
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # slot 1 points into the region itself: refused as at resume, nothing written
+    saved = plant_and_save(tmp_path, vms, ["-M", "pc", "-m", "512M"],
+                           slots=[(0x200_0000, 2), (REGION.base + 0x10000, 1)])
+    digest = sha(saved.path)
+    rc, _, err = run_cli("scrub", str(saved.path), capsys=capsys)
+    assert rc == 6 and "slot 1" in err
+    assert sha(saved.path) == digest
+    # --on-invalid skip scrubs the valid slot only
+    rc, out, _ = run_cli("scrub", str(saved.path), "--on-invalid", "skip", "--json",
+                         capsys=capsys)
+    rep = json.loads(out)
+    assert rc == 0 and rep["pages"] == 2 and rep["invalid_slots"]
+
+
+@needs_qemu
+def test_wrong_layout_refused(tmp_path: Path, vms: list[Vm],
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    saved = plant_and_save(tmp_path, vms, ["-M", "pc", "-m", "512M"])
+    digest = sha(saved.path)
+    rc, _, err = run_cli("scrub", str(saved.path), "--machine", "pc", "--mem", "1G",
+                         capsys=capsys)
+    assert rc == 2 and "past the block's end" in err
+    rc, _, err = run_cli("scrub", str(saved.path), "--machine", "q35", "--mem", "512M",
+                         capsys=capsys)
+    assert rc == 2 and "machine type" in err
+    assert sha(saved.path) == digest
+
+
+@needs_qemu
+def test_libvirt_image(tmp_path: Path, vms: list[Vm]) -> None:
+    """A raw libvirt save image: header + XML, then the stream at 92 + data_len."""
+    saved = plant_and_save(tmp_path, vms, ["-M", "pc", "-m", "512M"])
+    xml = b"<domain type='kvm'><name>t</name></domain>\0"
+    xml += bytes(-len(xml) % 4096)  # libvirt pads the XML
+    img = tmp_path / "vm.libvirt"
+    img.write_bytes(build_header(len(xml)) + xml + saved.path.read_bytes())
+    rep = scrub_file(str(img))
+    assert rep.container == "libvirt" and rep.scrubbed_copies == len(saved.secrets)
+    blob = img.read_bytes()
+    assert all(s not in blob for s in saved.secrets.values())
+    restored = Saved(img, saved.args, saved.qemu, saved.secrets, saved.listed_zero, saved.keep,
+                     saved.region_image)
+    check_restored(restored, tmp_path, vms, offset=92 + len(xml))
+    # compressed images are refused by name, untouched
+    gz = tmp_path / "vm.gz.libvirt"
+    gz.write_bytes(build_header(len(xml), fmt=1) + xml + b"\x1f\x8b" + bytes(100))
+    digest = sha(gz)
+    with pytest.raises(ms.StreamError, match="gzip"):
+        scrub_file(str(gz))
+    assert sha(gz) == digest
+
+
+def test_below_4g_rules() -> None:
+    assert below_4g("pc", 512 << 20) == 512 << 20
+    assert below_4g("pc", 0xDFFF_F000) == 0xDFFF_F000  # up to 3.5 GiB stays low on pc
+    assert below_4g("pc-i440fx-7.2", 0xE000_0000) == 0xC000_0000
+    assert below_4g("pc", 5 << 30) == 3 << 30
+    assert below_4g("q35", 0xAFFF_F000) == 0xAFFF_F000
+    assert below_4g("pc-q35-10.0", 0xB000_0000) == 2 << 30
+    assert below_4g("q35", 5 << 30) == 2 << 30
+    r = machine_layout("q35", 5 << 30)
+    assert [(x.gpa, x.size, x.offset) for x in r] == [
+        (0, 0xA0000, 0), (0x100000, (2 << 30) - 0x100000, 0x100000), (HIGH, 3 << 30, 2 << 30)]
+
+
+@needs_qemu
+@pytest.mark.parametrize(("machine", "mem"), [("pc", "3584M"), ("pc", "5G"), ("q35", "2816M"),
+                                              ("q35", "5G")])
+def test_layout_matches_mtree(tmp_path: Path, vms: list[Vm], machine: str, mem: str) -> None:
+    """machine_layout agrees with what QEMU 7.2 shows in `info mtree -f` (minus the hole)."""
+    vm = Vm(tmp_path, ["-M", machine, "-m", mem])
+    vms.append(vm)
+    live = load_memory_map(vm.qmp.hmp, {"pc.ram"}).ranges
+    size = {"3584M": 3584 << 20, "5G": 5 << 30, "2816M": 2816 << 20}[mem]
+    ours = machine_layout(machine, size)
+    # live shows 0-0xc0000 as RAM (no VGA): ours stops at the legacy hole
+    assert [(r.gpa, r.offset) for r in live[1:]] == [(r.gpa, r.offset) for r in ours[1:]]
+    assert [r.size for r in live[1:]] == [r.size for r in ours[1:]]
+
+
+def test_qemu_available_or_skip() -> None:
+    if not have(QEMU72):
+        pytest.skip("no QEMU")
