@@ -1,0 +1,322 @@
+"""Wipe libvirt domains: the shared wipe core and the API-driven flows.
+
+Two callers reach QEMU in two different ways, and both end in `wipe_paused`:
+
+- the hook (`libvirt_hook`) runs while libvirtd holds the domain's lock, so it
+  must never call libvirt for that domain; it talks to the domain's second QMP
+  monitor (added by `vmwipe libvirt protect`) with `QMPSession`;
+- the API flows (`vmwipe libvirt restore|revert|start`) ask libvirt to leave
+  the domain paused (VIR_DOMAIN_SAVE_PAUSED, SNAPSHOT_REVERT_PAUSED,
+  START_PAUSED), wipe through libvirt's own monitor with
+  `libvirt_qemu.qemuMonitorCommand` (flag 1 = HMP for `info mtree -f` and
+  `gpa2hva`), and call `resume()` only after a verified wipe.  On any failure
+  the domain stays paused and the error says so.
+
+In both cases the QEMU PID is needed for the direct memory backend (no QMP or
+HMP command writes guest RAM): SO_PEERCRED on the second monitor, or libvirt's
+PID file `/var/run/libvirt/qemu/NAME.pid` checked against /proc/PID/cmdline.
+The agent's `flows.open_target` wants a `QMPSession`; `wipe_paused` composes
+the same public pieces (region discovery, reset guard, memory map, backend,
+wipe engine) over any object with `cmd`/`hmp`/`status`, which is the thin
+adapter the libvirt monitor needs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from vmwipe.protocol import Region
+
+from .errors import AgentError, QMPFailure, RegionError, VMStateError
+from .flows import PAUSED_STATES, AgentOptions
+from .memaccess import open_backend
+from .memmap import load_memory_map
+from .region import discover_region, option_values, read_cmdline, reset_guard_problem
+from .wipe import Phases, WipeReport, run_wipe
+
+log = logging.getLogger(__name__)
+
+LIBVIRT_RUN_DIR = "/var/run/libvirt/qemu"
+
+
+class LibvirtFailure(AgentError):
+    """libvirt refused an operation (connect, lookup, restore, revert, start, resume)."""
+
+    exit_code = 11
+
+
+class Monitor(Protocol):
+    """What the wipe core needs from a monitor: QMP commands, HMP lines, the run state."""
+
+    def cmd(self, name: str, args: dict[str, Any] | None = None) -> Any: ...
+
+    def hmp(self, line: str) -> str: ...
+
+    def status(self) -> str: ...
+
+
+@dataclass
+class DomainWipe:
+    """Result of one wipe of a libvirt domain (what the hook logs, what the CLI prints)."""
+
+    domain: str
+    pid: int
+    action: str  # wiped | nothing-registered | skipped
+    reason: str
+    state: str
+    migration: str = "none"
+    region: tuple[int, int] | None = None
+    region_source: str = ""
+    warnings: list[str] = field(default_factory=list)
+    wipe: WipeReport | None = None
+    resumed: bool = False
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["wipe"] = self.wipe.to_dict() if self.wipe else None
+        return d
+
+    def summary(self) -> str:
+        if self.wipe is None:
+            return f"{self.domain}: {self.action}: {self.reason} (state {self.state})"
+        w = self.wipe
+        if w.status == "nothing-registered":
+            what = "no vmwipe table in the region: nothing registered, nothing wiped"
+        else:
+            what = (f"{w.pages} pages in {w.spans} spans wiped and verified, generation "
+                    f"{w.generation_before} -> {w.generation_after}")
+        t = ", ".join(f"{k} {v:.1f}" for k, v in self.timings_ms.items())
+        return (f"{self.domain}: {self.reason}: QEMU pid {self.pid}, region "
+                f"{w.region[0]:#x}+{w.region[1]:#x}, backend {w.backend}: {what} "
+                f"(ms: {t})")
+
+
+# --- the wipe core ---------------------------------------------------------------------
+
+
+def wipe_paused(
+    mon: Monitor,
+    pid: int,
+    opts: AgentOptions,
+    expect: Region | None = None,
+    phases: Phases | None = None,
+) -> tuple[WipeReport, str, list[str]]:
+    """Wipe a paused QEMU through `mon`; returns (report, region source, warnings).
+
+    The region comes from QEMU's own -acpitable (what the guest saw); when the
+    domain metadata says otherwise (`expect`), the table the guest reads wins
+    and a warning says so.  The reset guard is enforced unless opts say not.
+    """
+    phases = phases or Phases()
+    state = mon.status()
+    if state not in PAUSED_STATES:
+        raise VMStateError(f"QEMU pid {pid} is {state!r}, not paused; refusing to wipe")
+    argv = read_cmdline(pid)
+    warnings: list[str] = []
+    if opts.region is not None:
+        region, source = opts.region, "--region"
+    else:
+        found = discover_region(pid, argv)
+        region, source = found.region, found.source
+    if expect is not None and expect != region:
+        warnings.append(f"domain metadata says region {expect.base:#x}+{expect.size:#x}, "
+                        f"QEMU's SSDT says {region.base:#x}+{region.size:#x}; using the SSDT")
+    problem = reset_guard_problem(pid, argv, region)
+    if problem is not None:
+        if opts.reset_guard:
+            raise RegionError(problem)
+        warnings.append("reset guard: " + problem.split(" (add it")[0])
+    memdevs = mon.cmd("query-memdev")
+    shared = {str(m["id"]): bool(m.get("share", False)) for m in memdevs}
+    memmap = load_memory_map(mon.hmp, set(shared))
+    backend = open_backend(opts.backend, memmap, pid, shared, opts.populate)
+    phases.mark("map")
+    try:
+        report = run_wipe(backend, region, opts.on_invalid, phases)
+    finally:
+        backend.close()
+    if mon.status() not in PAUSED_STATES:
+        raise VMStateError("the VM left the paused state during the wipe")
+    return report, source, warnings
+
+
+# --- libvirt's own monitor ---------------------------------------------------------------
+
+
+class LibvirtMonitor:
+    """QMP and HMP over libvirt's monitor connection (`libvirt_qemu.qemuMonitorCommand`)."""
+
+    def __init__(self, dom: Any) -> None:
+        self.dom = dom
+
+    def _send(self, text: str, flags: int) -> str:
+        import libvirt
+        import libvirt_qemu
+
+        try:
+            return str(libvirt_qemu.qemuMonitorCommand(self.dom, text, flags))
+        except libvirt.libvirtError as e:
+            raise QMPFailure(f"monitor command via libvirt failed: {one_line(e)}") from None
+
+    def cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
+        req: dict[str, Any] = {"execute": name}
+        if args:
+            req["arguments"] = args
+        raw = self._send(json.dumps(req), 0)
+        try:
+            reply = json.loads(raw)
+        except ValueError:
+            raise QMPFailure(f"QMP {name}: unparsable reply {raw[:80]!r}") from None
+        if "error" in reply:
+            raise QMPFailure(f"QMP {name} failed: {reply['error'].get('desc', reply['error'])}")
+        return reply.get("return")
+
+    def hmp(self, line: str) -> str:
+        return self._send(line, 1)  # VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP
+
+    def status(self) -> str:
+        return str(self.cmd("query-status")["status"])
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def qemu_pid_of(name: str, run_dir: str = LIBVIRT_RUN_DIR) -> int:
+    """The domain's QEMU PID from libvirt's PID file, checked against the process argv."""
+    path = os.path.join(run_dir, f"{name}.pid")
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError) as e:
+        raise RegionError(f"cannot read QEMU pid file {path}: {e}") from None
+    argv = read_cmdline(pid)
+    names = option_values(argv, "name")
+    if not any(f"guest={name}," in v + "," or v == name for v in names):
+        raise RegionError(f"pid {pid} from {path} is not the QEMU of domain {name!r}")
+    return pid
+
+
+# --- API-driven flows --------------------------------------------------------------------
+
+
+def connect(uri: str | None) -> Any:
+    import libvirt
+
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as e:
+        raise LibvirtFailure(f"cannot connect to libvirt {uri or '(default)'}: "
+                             f"{one_line(e)}") from None
+
+
+def lookup(conn: Any, name: str) -> Any:
+    import libvirt
+
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError:
+        try:
+            return conn.lookupByUUIDString(name)
+        except libvirt.libvirtError as e:
+            raise LibvirtFailure(f"no domain {name!r}: {one_line(e)}") from None
+
+
+def wipe_domain(dom: Any, opts: AgentOptions, reason: str, do_resume: bool) -> DomainWipe:
+    """Wipe a paused, running-never-again domain via libvirt; `resume()` only after success."""
+    import libvirt
+
+    name = dom.name()
+    phases = Phases()
+    mon = LibvirtMonitor(dom)
+    try:
+        state = mon.status()
+        pid = qemu_pid_of(name)
+        report, source, warnings = wipe_paused(mon, pid, opts, phases=phases)
+    except AgentError as e:
+        e.args = (f"{e}; domain {name} left paused",)
+        raise
+    res = DomainWipe(name, pid, "wiped" if report.status != "nothing-registered" else
+                     "nothing-registered", reason, state, region=report.region,
+                     region_source=source, warnings=warnings, wipe=report)
+    if do_resume:
+        try:
+            dom.resume()
+        except libvirt.libvirtError as e:
+            raise LibvirtFailure(f"wiped, but resume failed: {one_line(e)}") from None
+        res.resumed = True
+        phases.mark("resume")
+    res.timings_ms = dict(phases.ms)
+    return res
+
+
+def _paused_or_fail(dom: Any, what: str) -> None:
+    import libvirt
+
+    st, _reason = dom.state()
+    if st != libvirt.VIR_DOMAIN_PAUSED:
+        raise VMStateError(f"{what}: domain {dom.name()} is in libvirt state {st}, not paused; "
+                           "not wiping")
+
+
+def restore_file(conn: Any, path: str, opts: AgentOptions, do_resume: bool = True,
+                 xml: str | None = None) -> DomainWipe:
+    """restoreFlags(PAUSED), wipe through libvirt's monitor, then resume()."""
+    import libvirt
+
+    from .libvirt_xml import domain_uuid, parse_domain
+
+    if not os.path.isfile(path):
+        raise LibvirtFailure(f"save image {path} does not exist")
+    try:
+        saved = conn.saveImageGetXMLDesc(path, 0)
+        uuid = domain_uuid(parse_domain(saved))
+        conn.restoreFlags(path, xml, libvirt.VIR_DOMAIN_SAVE_PAUSED)
+        dom = conn.lookupByUUIDString(uuid)
+    except libvirt.libvirtError as e:
+        raise LibvirtFailure(f"restore of {path} failed: {one_line(e)}") from None
+    _paused_or_fail(dom, "restore")
+    return wipe_domain(dom, opts, f"restored from {path}", do_resume)
+
+
+def revert_snapshot(conn: Any, name: str, snapshot: str, opts: AgentOptions,
+                    do_resume: bool = True) -> DomainWipe:
+    """revertToSnapshot(REVERT_PAUSED), wipe, then resume()."""
+    import libvirt
+
+    dom = lookup(conn, name)
+    try:
+        snap = dom.snapshotLookupByName(snapshot, 0)
+        dom.revertToSnapshot(snap, libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED)
+    except libvirt.libvirtError as e:
+        raise LibvirtFailure(f"revert of {name} to {snapshot} failed: {one_line(e)}") from None
+    if not dom.isActive():
+        return DomainWipe(dom.name(), 0, "skipped", f"snapshot {snapshot} has no memory state; "
+                          "the domain is shut off, nothing ran, nothing to wipe", "shutoff")
+    _paused_or_fail(dom, "revert")
+    return wipe_domain(dom, opts, f"reverted to snapshot {snapshot}", do_resume)
+
+
+def start_domain(conn: Any, name: str, opts: AgentOptions, do_resume: bool = True) -> DomainWipe:
+    """Start from the managed save image paused, wipe, resume; a fresh boot needs no wipe."""
+    import libvirt
+
+    dom = lookup(conn, name)
+    try:
+        if dom.isActive():
+            raise VMStateError(f"domain {name} is already running")
+        if not dom.hasManagedSaveImage(0):
+            dom.createWithFlags(0 if do_resume else libvirt.VIR_DOMAIN_START_PAUSED)
+            return DomainWipe(dom.name(), 0, "skipped", "no managed save image: fresh boot, "
+                              "nothing to wipe", "running" if do_resume else "paused",
+                              resumed=do_resume)
+        dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+    except libvirt.libvirtError as e:
+        raise LibvirtFailure(f"start of {name} failed: {one_line(e)}") from None
+    _paused_or_fail(dom, "start")
+    return wipe_domain(dom, opts, "started from its managed save image", do_resume)

@@ -1,0 +1,326 @@
+"""The libvirt qemu hook: wipe a protected domain after a restore, before its vCPUs run.
+
+libvirtd runs `/etc/libvirt/hooks/qemu NAME OP SUBOP EXTRA` with the domain XML
+on stdin.  For a restore (also a managed-save start and a `-loadvm` snapshot
+revert) the order is `restore begin`, `prepare begin`, `start begin`,
+`started begin`; at `started` guest RAM is loaded, the vCPUs have not run, and
+libvirt sends `cont` only after the hook exits.  So the wipe happens there, and
+a non-zero exit makes libvirt fail the operation and kill QEMU: the guest never
+runs with unwiped secrets.
+
+Rules this module keeps (see NOTES.md):
+
+- it never calls libvirt: the domain is locked while the hook runs, and a call
+  for it would block until the hook exits.  It talks to the domain's second
+  QMP monitor (from `vmwipe libvirt protect`) and gets the PID by SO_PEERCRED;
+- it prints nothing of its own: at `restore begin` (and `migrate begin`)
+  whatever a hook prints replaces the domain XML;
+- it tells a restore from the cases that must be left alone:
+  * fresh boot: QEMU `running` at `started` (libvirt already let the vCPUs
+    run), or `prelaunch` with no incoming migration and no `-loadvm` (a
+    `--paused` start: the vCPUs never ran, RAM is fresh, nothing to wipe);
+  * incoming live migration: `started` runs before RAM arrives, QEMU is
+    `inmigrate` (query-migrate setup/active).  A migration is not a clone;
+  * restore: paused with query-migrate `completed` (libvirt loaded the save
+    image through an incoming migration), or a `-loadvm` on QEMU's command
+    line (reverting a shut-off domain to an internal snapshot).  Any other
+    paused state is wiped too (fail closed);
+- any failure exits 1 with a one-line reason on stderr (libvirt puts it into
+  its error message) and logs to syslog and /var/log/vmwipe/hook.log.
+
+`install_hook` chains: an existing hook is moved to `qemu.vmwipe-chained` and
+the vmwipe hook runs it first with the same arguments and stdin, passing its
+stdout through, so XML rewriting hooks keep working.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vmwipe.protocol import Region
+
+log = logging.getLogger("vmwipe.hook")
+
+HOOKS_DIR = Path("/etc/libvirt/hooks")
+CHAINED_NAME = "qemu.vmwipe-chained"
+MARKER = "# vmwipe-libvirt-hook v1"
+LOG_DIR = Path("/var/log/vmwipe")
+META_URN = b"urn:vmwipe:libvirt:1"
+QMP_TIMEOUT = 15.0
+
+_SCRIPT = '''#!{python}
+{marker}
+# Installed by `vmwipe libvirt install-hook`; `vmwipe libvirt uninstall-hook` removes it.
+# A hook that was here before lives on as {chained} and runs first.
+# Wipes protected domains at `started begin` after a restore; see vmwipe.host_agent.libvirt_hook.
+import os, subprocess, sys
+
+CHAINED = {chained!r}
+try:
+    from vmwipe.host_agent.libvirt_hook import main
+except Exception as e:  # the agent is broken: keep other domains working, fail protected ones
+    data = sys.stdin.buffer.read()
+    rc = 0
+    if os.access(CHAINED, os.X_OK):
+        p = subprocess.run([CHAINED, *sys.argv[1:]], input=data, stdout=subprocess.PIPE)
+        sys.stdout.buffer.write(p.stdout)
+        rc = p.returncode
+    if rc == 0 and sys.argv[2:4] == ["started", "begin"] and {urn!r} in data:
+        print(f"vmwipe hook: cannot load the agent ({{e}}); refusing to run a protected domain",
+              file=sys.stderr)
+        rc = 1
+    sys.exit(rc)
+sys.exit(main(sys.argv[1:], chained=CHAINED))
+'''
+
+
+# --- logging ------------------------------------------------------------------------
+
+
+def _setup_logging(log_dir: Path) -> None:
+    """Log to /var/log/vmwipe/hook.log and syslog; libvirtd shows only our one stderr line."""
+    root = logging.getLogger("vmwipe")
+    if getattr(root, "_vmwipe_hook_logging", False):
+        return
+    root.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s vmwipe-hook[%(process)d]: %(levelname)s: %(message)s")
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_dir / "hook.log")
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    except OSError:
+        pass
+    if os.path.exists("/dev/log"):
+        try:
+            sh = logging.handlers.SysLogHandler("/dev/log")
+            sh.setFormatter(logging.Formatter("vmwipe-hook[%(process)d]: %(message)s"))
+            root.addHandler(sh)
+        except OSError:
+            pass
+    root._vmwipe_hook_logging = True  # type: ignore[attr-defined]
+
+
+# --- classification and wipe --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Situation:
+    """Why QEMU is where it is at `started begin`, and whether to wipe."""
+
+    state: str
+    migration: str
+    loadvm: bool
+
+    @property
+    def wipe(self) -> bool:
+        return self.kind in ("restore", "revert", "paused")
+
+    @property
+    def kind(self) -> str:
+        if self.state == "running":
+            return "fresh-boot"
+        if self.state == "inmigrate" or self.migration in ("setup", "active", "device",
+                                                            "postcopy-active", "pre-switchover",
+                                                            "wait-unplug", "colo"):
+            return "migration"
+        if self.migration == "completed":
+            return "restore"
+        if self.loadvm:
+            return "revert"
+        if self.state == "prelaunch" and self.migration == "none":
+            return "fresh-boot"
+        return "paused"
+
+    def reason(self) -> str:
+        return {
+            "fresh-boot": "fresh boot (the guest never ran with a restored memory image)",
+            "migration": "incoming live migration (RAM not yet here; a migration is not a clone)",
+            "restore": "restored from a saved state",
+            "revert": "reverted to an internal snapshot (-loadvm)",
+            "paused": "paused with restored or unknown memory contents",
+        }[self.kind] + f" [state {self.state}, migration {self.migration}]"
+
+
+def classify(state: str, migration: str, argv: Sequence[str]) -> Situation:
+    from .region import option_values
+
+    return Situation(state, migration, bool(option_values(argv, "loadvm")))
+
+
+def started(name: str, xml: str) -> int:
+    """`NAME started begin`: wipe a protected, restored domain; 0 or 1 with one stderr line."""
+    from .libvirt_xml import ProtectError, read_protection
+
+    try:
+        prot = read_protection(xml)
+    except ProtectError as e:
+        if META_URN.decode() not in xml:
+            return 0  # not our business: a domain XML we cannot parse, and not protected
+        return _fail(name, f"cannot read the vmwipe metadata: {e}")
+    if prot is None:
+        return 0
+    _setup_logging(LOG_DIR)
+    try:
+        result = hook_wipe(name, prot.monitor, prot.region)
+    except Exception as e:  # fail closed: any error keeps the guest from running
+        from .libvirt_flows import one_line
+
+        log.debug("hook failure", exc_info=True)
+        return _fail(name, one_line(e))
+    log.info("%s", result)
+    return 0
+
+
+def hook_wipe(name: str, monitor: str, expect: Region | None = None) -> str:
+    """Connect the second monitor, classify, wipe when it is a restore; the log line."""
+    from .flows import AgentOptions
+    from .libvirt_flows import DomainWipe, wipe_paused
+    from .qmp import QMPSession
+    from .region import read_cmdline
+    from .wipe import Phases
+
+    phases = Phases()
+    with QMPSession(monitor, timeout=QMP_TIMEOUT) as s:
+        pid = s.pid
+        _check_pidfile(name, pid)
+        state = s.status()
+        migration = str(s.cmd("query-migrate").get("status", "none"))
+        sit = classify(state, migration, read_cmdline(pid))
+        phases.mark("classify")
+        if not sit.wipe:
+            return DomainWipe(name, pid, "skipped", sit.reason(), state, migration).summary()
+        report, source, warnings = wipe_paused(
+            s, pid, AgentOptions(), expect, phases)
+    for w in warnings:
+        log.warning("%s: %s", name, w)
+    res = DomainWipe(name, pid, "wiped", sit.reason(), state, migration, report.region, source,
+                     warnings, report, timings_ms=dict(phases.ms))
+    return res.summary()
+
+
+def _check_pidfile(name: str, pid: int) -> None:
+    """If libvirt's PID file exists it must name the process behind our monitor."""
+    path = Path("/var/run/libvirt/qemu") / f"{name}.pid"
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return  # not written yet on some versions; SO_PEERCRED is authoritative
+    if text and text.isdigit() and int(text) != pid:
+        from .errors import RegionError
+
+        raise RegionError(f"monitor belongs to pid {pid} but {path} says {text}")
+
+
+def _fail(name: str, reason: str) -> int:
+    msg = f"vmwipe: {name}: {reason}; the guest is not allowed to run"
+    log.error("%s", msg)
+    print(msg, file=sys.stderr)
+    return 1
+
+
+def main(argv: Sequence[str], chained: str | None = None, stdin: bytes | None = None) -> int:
+    """Entry point of the installed hook: chained hook first, then ours at `started begin`."""
+    data = sys.stdin.buffer.read() if stdin is None else stdin
+    if chained and os.access(chained, os.X_OK):
+        proc = subprocess.run([chained, *argv], input=data, stdout=subprocess.PIPE, check=False)
+        sys.stdout.buffer.write(proc.stdout)
+        sys.stdout.flush()
+        if proc.returncode != 0:
+            return proc.returncode
+    if len(argv) >= 3 and argv[1] == "started" and argv[2] == "begin":
+        return started(argv[0], data.decode("utf-8", "replace"))
+    return 0
+
+
+# --- install / uninstall ------------------------------------------------------------
+
+
+def hook_script(chained: Path, python: str | None = None) -> str:
+    return _SCRIPT.format(python=python or sys.executable, marker=MARKER, chained=str(chained),
+                          urn=META_URN)
+
+
+def _is_ours(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return MARKER.encode() in f.read(4096)
+    except OSError:
+        return False
+
+
+def _write_exec(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+RESTART_NOTE = ("libvirtd reads hooks only when it starts: restart it now "
+                "(systemctl restart libvirtd, or virtqemud on modular daemons)")
+
+
+def install_hook(hooks_dir: Path = HOOKS_DIR, python: str | None = None) -> list[str]:
+    """Install the hook, chaining to an existing one; returns what was done."""
+    from .errors import UsageError
+
+    hooks_dir.mkdir(parents=True, exist_ok=True)
+    hook = hooks_dir / "qemu"
+    chained = hooks_dir / CHAINED_NAME
+    text = hook_script(chained, python)
+    done: list[str] = []
+    if _is_ours(hook):
+        if hook.read_text() == text:
+            return [f"{hook} is already the vmwipe hook; nothing changed"]
+        _write_exec(hook, text)
+        return [f"updated the vmwipe hook in {hook}", RESTART_NOTE]
+    if hook.exists() or hook.is_symlink():
+        if chained.exists() or chained.is_symlink():
+            raise UsageError(f"{hook} is not the vmwipe hook and {chained} already exists; "
+                             "move one of them away first")
+        os.rename(hook, chained)
+        done.append(f"moved the existing hook {hook} to {chained}; the vmwipe hook runs it "
+                    "first with the same arguments and stdin")
+        if not os.access(chained, os.X_OK):
+            done.append(f"note: {chained} is not executable, so libvirt did not run it "
+                        "before and the vmwipe hook will not either")
+    _write_exec(hook, text)
+    done.append(f"installed the vmwipe hook as {hook}")
+    done.append(RESTART_NOTE)
+    return done
+
+
+def uninstall_hook(hooks_dir: Path = HOOKS_DIR) -> list[str]:
+    """Remove the vmwipe hook and put a chained hook back in its place."""
+    hook = hooks_dir / "qemu"
+    chained = hooks_dir / CHAINED_NAME
+    if not _is_ours(hook):
+        return [f"{hook} is not the vmwipe hook; nothing changed"]
+    done: list[str] = []
+    if chained.exists() or chained.is_symlink():
+        os.replace(chained, hook)
+        done.append(f"moved {chained} back to {hook}")
+    else:
+        hook.unlink()
+        done.append(f"removed {hook}")
+    done.append(RESTART_NOTE)
+    return done
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
