@@ -19,7 +19,7 @@ from typing import Any
 
 from vmwipe.protocol import ProtocolError
 
-from . import scrub_cmds, setup_cmds
+from . import libvirt_cmds, scrub_cmds, setup_cmds
 from .clone import clone_flow
 from .errors import EXIT_CODES, AgentError, Interrupted, UsageError
 from .flows import (
@@ -351,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     register(sub)
     setup_cmds.register(sub)
     scrub_cmds.register(sub)
+    libvirt_cmds.register(sub)
     return parser
 
 
