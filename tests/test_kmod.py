@@ -17,6 +17,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -234,6 +235,28 @@ def test_poll_uevent_and_drbg_reseed_after_wipe(loaded: Guest) -> None:
     assert [int(r[1]) for r in rows[:cut]] == list(range(cut))
     assert [int(r[1]) for r in rows[cut:]] == list(range(len(rows) - cut))
     assert live_table(g).used == 0
+
+
+def test_vmgenid_notifier_wakes_poll_in_a_clone(
+        loaded: Guest, image: GuestImage, tmp_path: Path) -> None:
+    """With polling off, only the vmgenid hook can notice a restore's bump."""
+    g = loaded
+    sh(g, "rmmod vmwipe && insmod /vmwipe.ko poll_ms=0")
+    start(g, "poll", "vmwipe_test poll 60000")
+    wait_output(g, "poll", r"^POLL WAIT gen=0$")
+    state = tmp_path / "state"
+    g.save(state)
+    # A new QEMU process has a new vmgenid GUID (guid=auto): a clone.
+    with Guest(GuestConfig(image, incoming=state)) as clone:
+        assert clone.wipe() == 1  # paused: no guest instruction has run
+        clone.qmp("cont")
+        out = wait_output(clone, "poll", r"^POLL (OK|FAIL)$", timeout=30)
+        assert "POLL OK" in out and "POLL WOKE gen=1 zero=1" in out, out
+    g.qmp("cont")  # the original runs on, untouched
+    assert "POLL WAIT gen=0" in sh(g, "cat /tmp/poll.out")
+    assert sysfs(g, "generation") == 0
+    stop(g, "poll")
+    sh(g, "rmmod vmwipe && insmod /vmwipe.ko")
 
 
 def test_unload_refused_while_mapped_then_reload(loaded: Guest) -> None:

@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -174,6 +175,9 @@ class GuestConfig:
     loader: bool = True  # zero page rewritten at every reset (SPEC.md section 7)
     accel: str = field(default_factory=default_accel)
     boot_timeout: float = 120
+    # A state saved by Guest.save(): load it (paused, like a restore or a
+    # clone) instead of booting. The rest of the config must match the source.
+    incoming: Path | None = None
 
 
 class Guest:
@@ -220,6 +224,8 @@ class Guest:
         if cfg.loader:
             args += ["-device", f"loader,file={tmp / 'zero.bin'},addr={self.region.base:#x},"
                      "force-raw=on"]
+        if cfg.incoming is not None:
+            args += ["-incoming", "defer"]
         return args
 
     def _start(self) -> None:
@@ -232,7 +238,11 @@ class Guest:
         self.console = Console(self._proc.stdout, self._proc.stdin, self.log_path)
         self._qmp = QMPClient("vmwipe-lab")
         self._call(self._connect())
-        self.wait_ready()
+        if self.config.incoming is None:
+            self.wait_ready()
+        else:
+            self.qmp("migrate-incoming", uri=f"exec:cat {shlex.quote(str(self.config.incoming))}")
+            self._wait_migration()
 
     async def _connect(self) -> None:
         assert self._qmp is not None
@@ -244,6 +254,29 @@ class Guest:
                 raise GuestError(f"QEMU exited: {self.qemu_stderr()}")
             await asyncio.sleep(0.05)
         await self._qmp.connect(sock)
+
+    def _wait_migration(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.qmp("query-migrate").get("status")
+            # On the incoming side "completed" comes before the run state
+            # leaves inmigrate; a cont sent before that would autostart.
+            if status == "completed" and self.qmp("query-status")["status"] != "inmigrate":
+                return
+            if status in ("failed", "cancelled") or time.monotonic() > deadline:
+                raise GuestError(f"migration {status}: {self.qemu_stderr()}")
+            time.sleep(0.05)
+
+    def save(self, path: Path) -> None:
+        """Stop the guest and save its whole state to `path` (a QEMU migration stream).
+
+        The guest stays stopped; a Guest with `incoming=path` continues it.
+        """
+        self.qmp("stop")
+        # QEMU 7.2's default 128 MiB/s would make this take seconds.
+        self.qmp("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+        self.qmp("migrate", uri=f"exec:cat > {shlex.quote(str(path))}")
+        self._wait_migration()
 
     def wait_ready(self) -> str:
         """Wait for /init's ready line; return the guest's boot_id."""
