@@ -1,0 +1,272 @@
+"""`vmwipe save --scrub`: save a VM so that its secret pages never reach the disk.
+
+Scrubbing after the fact (`vmwipe scrub`) still lets the secrets touch the
+disk, and a filesystem with snapshots, a copy-on-write layer or a backup run
+can keep them.  Here QEMU migrates into a pipe this process reads, and the
+listed pages are replaced by zeros on their way to the file.
+
+The table must be known before its pages go by, but in a single-pass stream
+the region may well come after the secret pages.  So the VM is stopped first
+(a stopped VM's RAM cannot change), the region is read out of guest RAM with
+`pmemsave` and validated as at resume, and only then does the migration start;
+every PAGE record of a listed page is written out as zeros.  QEMU gets the
+pipe's write end through SCM_RIGHTS (`getfd` + `migrate fd:`), so it needs no
+path it could open and this works whatever user QEMU runs as.
+
+The file is written as `PATH.partial` and renamed after it has been fsynced
+and re-read completely (a full walk, device state included, and a check that
+no copy of a listed page holds a non-zero byte).  The sidecar
+`PATH.vmwipe.json` records the layout and what was scrubbed, for a later
+`vmwipe scrub` or restore.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Collection
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from vmwipe.protocol import PAGE_SIZE, ProtocolError, decode_table
+from vmwipe.protocol.table import Region
+
+from .errors import InvalidTableError, MigrationError, VMStateError
+from .memmap import GuestMemoryMap, load_memory_map
+from .migstream import KIND_PAGE, StreamIndex, copies, filter_stream, index_stream, open_mapped
+from .qmp import QMPSession
+from .region import discover_region, read_cmdline
+from .scrub import sidecar_path, write_sidecar
+
+log = logging.getLogger(__name__)
+
+MAX_BANDWIDTH = 1 << 40
+#: Capabilities whose streams the filter cannot rewrite (or that spread pages over
+#: several channels the pipe does not see).
+REFUSED_CAPS = ("xbzrle", "compress", "multifd", "postcopy-ram", "mapped-ram",
+                "x-ignore-shared", "rdma-pin-all")
+FD_NAME = "vmwipe-scrub-save"
+
+
+@dataclass
+class SaveScrubReport:
+    """What `save_scrubbed` did."""
+
+    path: str
+    sidecar: str
+    bytes: int
+    region: dict[str, int]
+    table: str  # "absent" or "valid"
+    slots: int
+    pages: int  # listed pages
+    zeroed_copies: int  # PAGE records written as zeros
+    state_before: str
+    state_after: str
+    qemu_version: str
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _read_guest(session: QMPSession, gpa: int, size: int) -> bytes:
+    """Guest RAM via pmemsave into a private temp file (the region is table, not secrets)."""
+    d = tempfile.mkdtemp(prefix="vmwipe-save-")
+    path = os.path.join(d, "region.bin")
+    try:
+        # QEMU may run as another user (libvirt-qemu): give it the directory, mode 0700,
+        # so that only it and root can create the file there.
+        qemu_uid = os.stat(f"/proc/{session.pid}").st_uid if session.pid else os.getuid()
+        if qemu_uid != os.getuid() and os.getuid() == 0:
+            os.chown(d, qemu_uid, -1)
+        session.cmd("pmemsave", {"val": gpa, "size": size, "filename": path}, timeout=60)
+        with open(path, "rb") as f:
+            data = f.read()
+        if len(data) != size:
+            raise MigrationError(f"pmemsave of the region returned {len(data)} of {size} bytes")
+        return data
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.rmdir(d)
+
+
+def _send_fd(session: QMPSession, fd: int, name: str) -> None:
+    """Hand `fd` to QEMU under `name` (SCM_RIGHTS, then `getfd`)."""
+    sender = getattr(session, "send_fd", None)
+    if callable(sender):
+        sender(fd, name)
+        return
+    client = session._client  # qemu.qmp 0.0.6 QMPClient; see qmp.py
+    client.send_fd_scm(fd)
+    session.cmd("getfd", {"fdname": name})
+
+
+def listed_pages(memmap: GuestMemoryMap, slots: Collection[tuple[int, int]]
+                 ) -> set[tuple[str, int]]:
+    """(RAM block, byte offset of the page) for every page of every (gpa, npages) slot."""
+    out: set[tuple[str, int]] = set()
+    for gpa, npages in slots:
+        for pos, n, r in memmap.split(gpa, npages * PAGE_SIZE):
+            off = r.offset + (pos - r.gpa)
+            for p in range(off, off + n, PAGE_SIZE):
+                out.add((r.block, p))
+    return out
+
+
+def verify_scrubbed(path: str, pages: set[tuple[str, int]]) -> StreamIndex:
+    """Walk the written file completely and check every copy of a listed page is zero."""
+    fd, mm = open_mapped(path)
+    try:
+        idx = index_stream(mm)
+        names = {b.name: i for i, b in enumerate(idx.blocks)}
+        wanted = {(names[b], off // PAGE_SIZE) for b, off in pages if b in names}
+        zero = bytes(PAGE_SIZE)
+        for _b, _p, pos, kind in copies(idx, wanted):
+            if kind == KIND_PAGE and mm[pos:pos + PAGE_SIZE] != zero:
+                raise MigrationError(f"written file still holds a listed page at {pos:#x}")
+            if kind != KIND_PAGE and mm[pos] != 0:
+                raise MigrationError(f"written file holds a filled listed page at {pos:#x}")
+        return idx
+    finally:
+        if not isinstance(mm, bytes):
+            mm.close()
+        os.close(fd)
+
+
+def save_scrubbed(session: QMPSession, path: str, *, region: Region | None = None,
+                  strict: bool = True, resume: bool = False, timeout: float = 600.0,
+                  progress: Callable[[int], None] | None = None) -> SaveScrubReport:
+    """Stop the VM, read and validate its table, save it to `path` with listed pages zeroed.
+
+    `region` defaults to the VMWP0001 SSDT among QEMU's `-acpitable` files.
+    `strict=False` skips invalid slots (like `--on-invalid skip`).  The VM is
+    left paused unless `resume` and it was running before.  Raises
+    MigrationError (and leaves no file at `path`) when anything fails.
+    """
+    t0 = time.monotonic()
+    marks: dict[str, float] = {}
+
+    def mark(name: str) -> None:
+        marks[name] = round((time.monotonic() - t0) * 1000, 1)
+
+    path = os.path.abspath(path)
+    state_before = session.status()
+    if state_before in ("inmigrate", "postmigrate", "finish-migrate"):
+        raise VMStateError(f"VM is {state_before}; cannot save it now")
+    caps = {str(c["capability"]): bool(c["state"])
+            for c in session.cmd("query-migrate-capabilities")}
+    bad = [c for c in REFUSED_CAPS if caps.get(c)]
+    if bad:
+        raise VMStateError(f"migration capabilities {', '.join(bad)} are on; the scrubbing "
+                           "save needs a plain single-channel stream")
+    if state_before == "running":
+        session.cmd("stop")
+    mark("stop")
+
+    # the table, while the VM cannot change it
+    if region is None:
+        region = discover_region(session.pid, read_cmdline(session.pid)).region
+    memdevs = {str(m["id"]) for m in session.cmd("query-memdev")}
+    memmap = load_memory_map(session.hmp, memdevs)
+    data = _read_guest(session, region.base, region.size)
+    try:
+        table = decode_table(data, region, ram=memmap.pairs(), strict=strict)
+    except ProtocolError as e:
+        raise InvalidTableError(f"table in region {region.base:#x}+{region.size:#x} is "
+                                f"invalid, nothing saved: {e}") from None
+    for err in table.errors:
+        log.warning("skipping invalid slot: %s", err)
+    pages = listed_pages(memmap, [(s.gpa, s.npages) for s in table.slots])
+    mark("table")
+
+    partial = path + ".partial"
+    r, w = os.pipe()
+    result: dict[str, Any] = {}
+
+    def reader() -> None:
+        try:
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb", buffering=1 << 20) as sink:
+                result["index"] = filter_stream(
+                    r, sink, lambda block, off: (block, off) in pages, progress)
+                sink.flush()
+                os.fsync(sink.fileno())
+        except BaseException as e:  # reported by the main thread
+            result["error"] = e
+        finally:
+            os.close(r)
+
+    thread = threading.Thread(target=reader, name="vmwipe-save-filter", daemon=True)
+    old_bw = session.cmd("query-migrate-parameters").get("max-bandwidth")
+    ok = False
+    try:
+        thread.start()
+        try:
+            _send_fd(session, w, FD_NAME)
+        finally:
+            os.close(w)  # QEMU holds its own copy; the reader sees EOF when QEMU closes it
+        session.cmd("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
+        session.cmd("migrate", {"uri": f"fd:{FD_NAME}"})
+        deadline = time.monotonic() + timeout
+        status = ""
+        cancelled = False
+        while True:
+            status = str(session.cmd("query-migrate").get("status", ""))
+            if status in ("completed", "failed", "cancelled"):
+                break
+            if not cancelled and ("error" in result or time.monotonic() > deadline):
+                session.cmd("migrate_cancel")
+                cancelled = True
+            time.sleep(0.02)
+        thread.join(timeout)
+        if "error" in result:
+            raise MigrationError(f"scrubbing save aborted: {result['error']}")
+        if status != "completed":
+            desc = session.cmd("query-migrate").get("error-desc", "")
+            raise MigrationError(f"save to {path} {status}: {desc}".rstrip(": "))
+        if thread.is_alive():
+            raise MigrationError("the stream did not end after QEMU completed")
+        mark("migrate")
+        idx: StreamIndex = result["index"]
+        verify_scrubbed(partial, pages)
+        mark("verify")
+        os.replace(partial, path)
+        dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        ok = True
+    finally:
+        if old_bw is not None:
+            try:
+                session.cmd("migrate-set-parameters", {"max-bandwidth": old_bw})
+            except Exception as e:
+                log.warning("could not restore max-bandwidth: %s", e)
+        if not ok:
+            thread.join(5)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial)
+
+    v = session.version
+    qemu_version = ".".join(str(x) for x in v)
+    summary = {"pages": len(pages), "copies": idx.zeroed_pages, "slots": len(table.slots),
+               "by": "vmwipe save --scrub"}
+    side = write_sidecar(sidecar_path(path), region=region, ram=memmap.ranges,
+                         qemu_version=qemu_version, machine=idx.machine, stream=path,
+                         scrubbed=summary)
+    if resume and state_before == "running":
+        session.cmd("cont")
+    mark("done")
+    return SaveScrubReport(
+        path=path, sidecar=str(side), bytes=os.path.getsize(path),
+        region={"base": region.base, "size": region.size},
+        table="absent" if table.header is None else "valid", slots=len(table.slots),
+        pages=len(pages), zeroed_copies=idx.zeroed_pages, state_before=state_before,
+        state_after=session.status(), qemu_version=qemu_version, timings_ms=marks,
+    )
