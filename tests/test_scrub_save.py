@@ -29,8 +29,8 @@ def vms() -> Iterator[list[Vm]]:
         vm.kill()
 
 
-def _save(saved: Saved, vm: Vm, out: Path, **kw: bool) -> None:
-    rep = save_scrubbed(vm.qmp, str(out), **kw)
+def _save(saved: Saved, vm: Vm, out: Path, resume: bool = False) -> None:
+    rep = save_scrubbed(vm.qmp, str(out), resume=resume)
     assert rep.table == "valid" and rep.pages == len(saved.secrets) + len(saved.listed_zero)
     assert rep.zeroed_copies == len(saved.secrets)
     blob = out.read_bytes()
