@@ -311,7 +311,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Start N QEMU processes (-S -incoming defer, own QMP sockets in "
         "--dir), restore SNAPSHOT into each, wipe each before it runs, and print a "
         "table of PIDs, sockets and pages wiped. Progress goes to stderr. On any "
-        "failure every QEMU started is killed.",
+        "failure every QEMU started is killed. `{i}` in a QEMU argument becomes the clone "
+        "index (per-clone serial sockets, logs, overlays).",
     )
     p.add_argument("snapshot", help="saved migration stream")
     p.add_argument("-n", type=int, default=1, help="number of clones (default 1)")

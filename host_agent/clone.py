@@ -4,6 +4,9 @@ Each clone gets its own QMP socket and log, starts with `-S -incoming defer`,
 loads the snapshot, is wiped by the same restore flow as `vmwipe restore`, and
 only then (with --resume) runs.  If any clone fails, every QEMU this command
 started is killed by PID, so no half-prepared clone is left behind.
+
+`{i}` in a QEMU argument is replaced by the clone's index (0-based), so each
+clone can get its own serial socket, log file, disk overlay or MAC address.
 """
 
 from __future__ import annotations
@@ -77,7 +80,12 @@ def clone_flow(
             log_path = os.path.join(directory, f"clone-{i}.log")
             progress(f"clone {i + 1}/{count}: starting QEMU")
             qp = start_qemu(
-                argv, qmp_path, log_path=log_path, paused=True, incoming_defer=True, detach=True
+                [a.replace("{i}", str(i)) for a in argv],
+                qmp_path,
+                log_path=log_path,
+                paused=True,
+                incoming_defer=True,
+                detach=True,
             )
             started.append(qp)
             with QMPSession(qmp_path, timeout=qmp_timeout) as session:

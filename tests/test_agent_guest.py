@@ -1,0 +1,185 @@
+"""The agent's save, restore and clone flows on a real Linux guest running vmwipe.ko.
+
+The guest (vmwipe.lab: Debian kernel, busybox initramfs, vmwipe.ko, TCG) maps
+pages through /dev/vmwipe, then `vmwipe save` stops and saves it.  `vmwipe
+restore` and `vmwipe clone` load that state into new QEMU processes, wipe the
+listed pages before any guest instruction runs, and resume.  Inside each
+clone, `vmwipe_test poll` must then see the generation bump and read its page
+back as zero; on the host, the pages named by the guest's PFNs are zero.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+from vmwipe.host_agent.launcher import QemuProcess, start_qemu
+from vmwipe.host_agent.qmp import QMPSession
+from vmwipe.lab import Console, Guest, GuestConfig, GuestError, GuestImage, build_guest_image
+from vmwipe.lab.build import BUSYBOX, default_kernel
+
+pytestmark = pytest.mark.slow
+P = 4096
+
+
+def _missing() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (initramfs device nodes, writes into QEMU)"
+    if not BUSYBOX.is_file():
+        return f"{BUSYBOX} missing (busybox-static)"
+    kernel = default_kernel()
+    if kernel is None:
+        return "no /boot/vmlinuz-* with matching /usr/src/linux-headers-*"
+    if kernel.missing():
+        return f"{kernel.release}: missing {', '.join(kernel.missing())}"
+    return None
+
+
+class AgentGuest(Guest):
+    """A lab guest with a second QMP monitor for the agent (the lab keeps the first)."""
+
+    @property
+    def agent_qmp(self) -> str:
+        return str(self._tmp / "agent.qmp")
+
+    def qemu_args(self) -> list[str]:
+        return [*super().qemu_args(), "-qmp", f"unix:{self.agent_qmp},server=on,wait=off"]
+
+    def clone_args(self, console_sock: str) -> list[str]:
+        """This guest's QEMU command line for a clone: serial on a socket, no lab monitors."""
+        args = Guest.qemu_args(self)
+        out: list[str] = []
+        i = 0
+        while i < len(args):
+            if args[i] == "-qmp":
+                i += 2
+                continue
+            if args[i] == "-chardev" and args[i + 1].startswith("stdio,id=con"):
+                out += ["-chardev", f"socket,id=con,path={console_sock},server=on,wait=off"]
+                i += 2
+                continue
+            out.append(args[i])
+            i += 1
+        return out
+
+
+def sh(console: Console, cmd: str) -> str:
+    return console.check(cmd, 60)
+
+
+def wait_output(console: Console, name: str, pattern: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        out = sh(console, f"cat /tmp/{name}.out")
+        if re.search(pattern, out, re.MULTILINE):
+            return out
+        if time.monotonic() > deadline:
+            raise GuestError(f"{name}: no {pattern!r} in:\n{out}")
+        time.sleep(0.2)
+
+
+def attach_console(path: str, log: Path) -> tuple[Console, socket.socket]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    return Console(s.makefile("rb"), s.makefile("wb"), log), s
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentGuest, Path, list[int]]]:
+    """A booted guest holding 4 pages plus a poller's page, saved by `vmwipe save`."""
+    reason = _missing()
+    if reason:
+        pytest.skip(reason)
+    kernel = default_kernel()
+    assert kernel is not None
+    image: GuestImage = build_guest_image(kernel)
+    d = tmp_path_factory.mktemp("guest")
+    g = AgentGuest(GuestConfig(image, accel="tcg"))
+    with g:
+        assert g.console is not None
+        sh(g.console, "insmod /vmwipe.ko")
+        sh(g.console, "vmwipe_test hold 4 > /tmp/hold.out 2>&1 &")
+        sh(g.console, "vmwipe_test poll 120000 > /tmp/poll.out 2>&1 &")
+        hold = wait_output(g.console, "hold", r"^HOLD READY$")
+        wait_output(g.console, "poll", r"^POLL WAIT gen=0$")
+        pfns = [int(m, 16) for m in re.findall(r"^PFN \d+ (0x[0-9a-f]+)$", hold, re.MULTILINE)]
+        assert len(pfns) == 4
+
+        r = run_cli("inspect", "--qmp", g.agent_qmp, "--json")
+        assert r.returncode == 0, r.stderr
+        info = json.loads(r.stdout)["extra"]
+        assert info["registered"] and info["slots_used"] == 5 and info["errors"] == []
+        assert {p * P for p in pfns} <= {s["gpa"] for s in info["slots"]}
+
+        snap = d / "guest.state"
+        r = run_cli("save", "--qmp", g.agent_qmp, "--to", str(snap), "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["state_after"] == "postmigrate"
+        yield g, snap, pfns
+
+
+def check_clone(qmp: str, console_sock: str, log: Path, pfns: list[int]) -> None:
+    with QMPSession(qmp) as s:
+        assert s.status() == "running"
+    console, sock = attach_console(console_sock, log)
+    try:
+        out = wait_output(console, "poll", r"^POLL (OK|FAIL)$", timeout=60)
+        assert "POLL OK" in out and "POLL WOKE gen=1 zero=1" in out, out
+        # the holder's pages were wiped under it: it reads zeros where it wrote 0x5a
+        sh(console, "kill -TERM $(pidof vmwipe_test) 2>/dev/null; true")
+    finally:
+        sock.close()
+
+
+def test_restore_real_guest(saved: tuple[AgentGuest, Path, list[int]], tmp_path: Path) -> None:
+    g, snap, pfns = saved
+    con = str(tmp_path / "con.sock")
+    qp: QemuProcess = start_qemu(g.clone_args(con), str(tmp_path / "qmp"),
+                                 log_path=str(tmp_path / "qemu.log"), incoming_defer=True)
+    try:
+        r = run_cli("restore", "--qmp", qp.qmp_path, "--from", str(snap), "--no-resume", "--json")
+        assert r.returncode == 0, r.stderr
+        rep = json.loads(r.stdout)
+        assert rep["wipe"]["status"] == "wiped" and rep["wipe"]["pages"] == 5
+        assert rep["wipe"]["generation_after"] == 1 and rep["state_after"] == "paused"
+        with QMPSession(qp.qmp_path) as s:
+            for pfn in pfns:
+                path = tmp_path / "page.bin"
+                s.cmd("pmemsave", {"val": pfn * P, "size": P, "filename": str(path)})
+                assert path.read_bytes() == bytes(P)
+            s.cmd("cont")
+        check_clone(qp.qmp_path, con, tmp_path / "console.log", pfns)
+    finally:
+        qp.kill()
+
+
+def test_clone_real_guest(saved: tuple[AgentGuest, Path, list[int]], tmp_path: Path) -> None:
+    g, snap, pfns = saved
+    d = tmp_path / "clones"
+    r = run_cli("clone", str(snap), "-n", "2", "--dir", str(d), "--resume", "--json", "--",
+                *g.clone_args(str(d / "con-{i}.sock")), timeout=300)
+    assert r.returncode == 0, r.stderr
+    clones = json.loads(r.stdout)["clones"]
+    try:
+        assert len(clones) == 2
+        for c in clones:
+            assert c["report"]["wipe"]["pages"] == 5 and c["report"]["resumed"]
+            check_clone(c["qmp"], str(d / f"con-{c['index']}.sock"),
+                        tmp_path / f"console-{c['index']}.log", pfns)
+    finally:
+        for c in clones:
+            os.kill(c["pid"], signal.SIGKILL)
+    # the original guest is untouched and can run on
+    g.qmp("cont")
+    assert g.console is not None
+    assert "POLL WAIT gen=0" in sh(g.console, "cat /tmp/poll.out")
+    assert "POLL OK" not in sh(g.console, "cat /tmp/poll.out")
