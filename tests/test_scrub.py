@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,3 +309,62 @@ def test_layout_matches_mtree(tmp_path: Path, vms: list[Vm], machine: str, mem: 
 def test_qemu_available_or_skip() -> None:
     if not have(QEMU72):
         pytest.skip("no QEMU")
+
+
+#: A boot sector that loops `inc dword [0x70000]` forever (real mode, es=0x7000), so the
+#: page at 0x70000 is dirtied continuously and a live migration sends it again and again.
+BOOT_LOOP = bytes.fromhex("fa b8 00 70 8e c0 26 66 ff 06 00 00 eb f8")
+DIRTY_GPA = 0x70000
+
+
+def _boot_image(path: Path) -> Path:
+    sector = BOOT_LOOP + bytes(510 - len(BOOT_LOOP)) + b"\x55\xaa"
+    path.write_bytes(sector + bytes((1 << 20) - 512))
+    return path
+
+
+@needs_qemu
+def test_live_save_repeated_copies(tmp_path: Path, vms: list[Vm],
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A guest dirties a secret page during a live save; every copy of it is scrubbed."""
+    disk = _boot_image(tmp_path / "boot.img")
+    ssdt = tmp_path / "vmwipe.aml"
+    ssdt.write_bytes(encode_ssdt(REGION.base, REGION.size))
+    args = ["-M", "pc", "-m", "512M", "-acpitable", f"file={ssdt}",
+            "-drive", f"file={disk},format=raw,if=ide"]
+    vm = Vm(tmp_path, args)
+    vms.append(vm)
+    vm.qmp.cmd("cont")
+    deadline = time.monotonic() + 30
+    while vm.read(DIRTY_GPA, 4) == bytes(4):  # wait for SeaBIOS to boot the loop
+        assert time.monotonic() < deadline, "boot sector never ran"
+        time.sleep(0.1)
+    secret = os.urandom(PAGE)
+    vm.write(DIRTY_GPA + 4, secret[4:])  # the guest keeps incrementing the first dword
+    image = build_region(REGION.size, [(DIRTY_GPA, 1), (0x200_0000, 1)])
+    vm.write(REGION.base, image)
+    vm.write(0x200_0000, secret)  # a second, static copy of the pattern
+    keep = os.urandom(PAGE)
+    vm.write(0x300_0000, keep)
+    # slow enough that the first pass takes a while and the page is dirtied meanwhile
+    vm.qmp.cmd("migrate-set-parameters", {"max-bandwidth": 2 << 20})
+    path = tmp_path / "live.sav"
+    vm.qmp.cmd("migrate", {"uri": f"exec:cat > {path}"})
+    assert vm.wait_migration(120) == "completed"
+    idx = ms.index_stream(path.read_bytes())
+    bi = idx.block_index("pc.ram")
+    assert bi is not None
+    n_copies = sum(1 for _ in ms.copies(idx, {(bi, DIRTY_GPA // PAGE)}))
+    assert n_copies >= 2, "the live save sent the dirtied page only once"
+    assert path.read_bytes().count(secret[4:]) >= n_copies
+    rc, out, err = run_cli("scrub", str(path), "--json", capsys=capsys)
+    assert rc == 0, err
+    rep = json.loads(out)
+    assert rep["copies"] == n_copies + 1 and rep["scrubbed_copies"] == n_copies + 1
+    blob = path.read_bytes()
+    assert secret[4:] not in blob and keep in blob
+    rvm = restore(tmp_path, args, path)
+    vms.append(rvm)
+    assert rvm.read(DIRTY_GPA, PAGE) == bytes(PAGE)
+    assert rvm.read(0x200_0000, PAGE) == bytes(PAGE)
+    assert rvm.read(0x300_0000, PAGE) == keep
