@@ -296,6 +296,7 @@ static int vmwipe_mmap(struct file *file, struct vm_area_struct *vma)
 	for (i = 0; i < n; i++) {
 		ret = vm_insert_page(vma, vma->vm_start + i * PAGE_SIZE, m->pages[i]);
 		if (ret) {
+			/* Page tables still hold the inserted pages; mmap's unwind drops them. */
 			vmwipe_mapping_free(m, true);
 			return ret;
 		}
@@ -547,11 +548,11 @@ static int vmwipe_probe(struct platform_device *pdev)
 	platform_set_drvdata(pdev, vmw);
 
 	vmw->free = kvmalloc_array(vmw->capacity, sizeof(*vmw->free), GFP_KERNEL);
+	if (!vmw->free)
+		return -ENOMEM;
 	ret = devm_add_action_or_reset(dev, vmwipe_kvfree, vmw->free);
 	if (ret)
 		return ret;
-	if (!vmw->free)
-		return -ENOMEM;
 	/* Hand out low slots first, which keeps the host's scan short. */
 	for (i = 0; i < vmw->capacity; i++)
 		vmw->free[i] = vmw->capacity - 1 - i;
@@ -559,20 +560,6 @@ static int vmwipe_probe(struct platform_device *pdev)
 
 	vmwipe_init_region(vmw);
 	ret = devm_add_action_or_reset(dev, vmwipe_retire, vmw);
-	if (ret)
-		return ret;
-
-	if (poll_ms)
-		schedule_delayed_work(&vmw->watch, msecs_to_jiffies(poll_ms));
-	ret = devm_add_action_or_reset(dev, vmwipe_stop_watch, vmw);
-	if (ret)
-		return ret;
-
-	vmw->vmfork.notifier_call = vmwipe_vmfork;
-	ret = register_random_vmfork_notifier(&vmw->vmfork);
-	if (ret)
-		return ret;
-	ret = devm_add_action_or_reset(dev, vmwipe_unregister_vmfork, vmw);
 	if (ret)
 		return ret;
 
@@ -587,6 +574,21 @@ static int vmwipe_probe(struct platform_device *pdev)
 		return ret;
 	WRITE_ONCE(vmwipe_instance, vmw);
 	ret = devm_add_action_or_reset(dev, vmwipe_deregister, vmw);
+	if (ret)
+		return ret;
+
+	/* The watch sends uevents from the misc device: start it after that. */
+	if (poll_ms)
+		schedule_delayed_work(&vmw->watch, msecs_to_jiffies(poll_ms));
+	ret = devm_add_action_or_reset(dev, vmwipe_stop_watch, vmw);
+	if (ret)
+		return ret;
+
+	vmw->vmfork.notifier_call = vmwipe_vmfork;
+	ret = register_random_vmfork_notifier(&vmw->vmfork);
+	if (ret)
+		return ret;
+	ret = devm_add_action_or_reset(dev, vmwipe_unregister_vmfork, vmw);
 	if (ret)
 		return ret;
 
