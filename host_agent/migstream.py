@@ -94,6 +94,9 @@ DEFAULT_PAGE_SIZE = 4096
 #: description of a large pc/q35 VM is 50-200 KiB; 64 MiB is far beyond any.
 VMDESC_SEARCH = 64 << 20
 
+#: mapped-ram page areas start on 1 MiB boundaries (MAPPED_RAM_FILE_OFFSET_ALIGNMENT).
+MAPPED_RAM_ALIGN = 1 << 20
+
 KIND_PAGE = 1
 KIND_ZERO = 2
 
@@ -170,6 +173,28 @@ class StreamIndex:
     vmdesc_offset: int = 0
     ram_done: bool = False  # the `ram` END section has been read
     zeroed_pages: int = 0  # pipe mode: PAGE records sent as zeros
+    #: mapped-ram (QEMU >= 9.0): block index -> (bitmap offset, pages offset).  Every page
+    #: then has one fixed place, ``pages_offset + offset``; no PAGE records exist.
+    mapped_ram: bool = False
+    mapped: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+    def mapped_pos(self, block: int, page: int) -> int | None:
+        """File offset of a page's fixed slot in a mapped-ram stream (None: block skipped)."""
+        got = self.mapped.get(block)
+        if got is None or got[1] == 0:
+            return None
+        return got[1] + page * DEFAULT_PAGE_SIZE
+
+    def mapped_present(self, mm: mmap.mmap | bytes, block: int, page: int) -> bool:
+        """The block bitmap's bit: QEMU wrote this page (unset = zero page).
+
+        The bitmap is an array of host-endian longs (x86: little-endian), so bit
+        i is bit i % 8 of byte i // 8.
+        """
+        got = self.mapped.get(block)
+        if got is None or got[0] == 0:
+            return False
+        return bool(mm[got[0] + page // 8] >> (page % 8) & 1)
 
     def block_index(self, name: str) -> int | None:
         for i, b in enumerate(self.blocks):
@@ -563,8 +588,10 @@ class StreamWalker:
                 raise UnsupportedStream(f"unknown configuration subsection {name!r}")
         caps = set(self.idx.capabilities)
         if "mapped-ram" in caps:
-            raise UnsupportedStream("mapped-ram stream: pages sit at fixed offsets; "
-                                    "use the mapped-ram scrubber")
+            if not isinstance(self.src, FileSource):
+                raise UnsupportedStream("mapped-ram stream through a pipe: it needs a "
+                                        "seekable file")
+            self.idx.mapped_ram = True
         self._ignore_shared = "x-ignore-shared" in caps
 
     def _device(self, kind: int, name: str, inst: int, sid: int) -> None:
@@ -612,6 +639,9 @@ class StreamWalker:
                 self._block_list(offset)
                 flags &= ~RAM_MEM_SIZE
             if flags & (RAM_PAGE | RAM_ZERO):
+                if idx.mapped_ram:
+                    raise StreamError(f"corrupt stream: page record in a mapped-ram stream at "
+                                      f"offset {rec_pos:#x}")
                 if (flags & RAM_PAGE) and (flags & RAM_ZERO):
                     raise StreamError(f"corrupt stream: PAGE and ZERO at offset {rec_pos:#x}")
                 if flags & RAM_CONTINUE:
@@ -653,6 +683,33 @@ class StreamWalker:
                 last_report = src.pos
                 progress(src.pos)
 
+    def _mapped_block(self, bi: int, name: str, length: int) -> None:
+        """MappedRamHeader (be32 version 1, be64 page size, bitmap and pages offsets).
+
+        QEMU then continues the stream after the block's page area, so the walk
+        jumps there; the offsets must be exactly where QEMU's rule puts them.
+        """
+        src = self.src
+        assert isinstance(src, FileSource)
+        at = src.pos
+        version, psize, bitmap, pages = struct.unpack(
+            ">IQQQ", src.read(28, f"mapped-ram header of {name}"))
+        if version != 1 or psize != DEFAULT_PAGE_SIZE:
+            raise UnsupportedStream(f"mapped-ram header of {name}: version {version}, "
+                                    f"page size {psize}")
+        if bitmap == 0 and pages == 0:  # a shared block skipped by x-ignore-shared
+            self.idx.mapped[bi] = (0, 0)
+            return
+        npages = length // DEFAULT_PAGE_SIZE
+        bitmap_size = (npages + 63) // 64 * 8
+        expect_pages = -(-(bitmap + bitmap_size) // MAPPED_RAM_ALIGN) * MAPPED_RAM_ALIGN
+        if bitmap != at + 28 or pages != expect_pages:
+            raise StreamError(f"corrupt stream: mapped-ram offsets of {name} at {at:#x}: "
+                              f"bitmap {bitmap:#x}, pages {pages:#x}")
+        self.idx.mapped[bi] = (bitmap, pages)
+        src.pos = pages
+        src.skip(length, f"mapped-ram pages of {name}")
+
     def _block_list(self, total: int) -> None:
         src = self.src
         seen = 0
@@ -666,6 +723,8 @@ class StreamWalker:
             if self.idx.block_index(name) is not None:
                 raise StreamError(f"corrupt stream: RAM block {name!r} listed twice")
             self.idx.blocks.append(RamBlock(name, length))
+            if self.idx.mapped_ram:
+                self._mapped_block(len(self.idx.blocks) - 1, name, length)
             seen += length
             if len(self.idx.blocks) > 4096:
                 raise StreamError("corrupt stream: more than 4096 RAM blocks")

@@ -218,7 +218,7 @@ class ScrubReport:
     """What a scrub found and did.  `copies` counts PAGE records of listed pages."""
 
     file: str
-    container: str  # "qemu" or "libvirt"
+    container: str  # "qemu", "qemu-mapped-ram" or "libvirt"
     machine: str
     layout_source: str
     region: dict[str, int]
@@ -303,12 +303,7 @@ def _region_from_stream(mm: mmap.mmap | bytes, idx: StreamIndex) -> Region | Non
     if bi is None:
         return None
     blen = idx.blocks[bi].length
-    wanted = {(bi, p) for p in range(blen // PAGE_SIZE)}
-    last = last_copies(idx, wanted)
-    blob = bytearray(blen)
-    for (_, p), (pos, kind) in last.items():
-        if kind == KIND_PAGE:
-            blob[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] = mm[pos:pos + PAGE_SIZE]
+    blob = bytearray(_pages_as_loaded(mm, idx, [(bi, p) for p in range(blen // PAGE_SIZE)]))
     found: list[Region] = []
     for m in re.finditer(rb"SSDT", bytes(blob)):
         start = m.start()
@@ -330,9 +325,20 @@ def _region_from_stream(mm: mmap.mmap | bytes, idx: StreamIndex) -> Region | Non
 def _read_region(mm: mmap.mmap | bytes, idx: StreamIndex, layout: GuestMemoryMap,
                  region: Region) -> bytes:
     """The region as a restore would load it: the last copy of each page."""
-    keys = _locate(idx, layout, region.base, region.size)
+    return _pages_as_loaded(mm, idx, _locate(idx, layout, region.base, region.size))
+
+
+def _pages_as_loaded(mm: mmap.mmap | bytes, idx: StreamIndex, keys: Sequence[tuple[int, int]]
+                     ) -> bytes:
+    """The bytes a restore puts in these pages: the last copy, or the mapped-ram slot."""
+    data = bytearray(len(keys) * PAGE_SIZE)
+    if idx.mapped_ram:
+        for i, (b, p) in enumerate(keys):
+            pos = idx.mapped_pos(b, p)
+            if pos is not None and idx.mapped_present(mm, b, p):
+                data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = mm[pos:pos + PAGE_SIZE]
+        return bytes(data)
     last = last_copies(idx, set(keys))
-    data = bytearray(region.size)
     for i, key in enumerate(keys):
         got = last.get(key)
         if got is None:
@@ -402,7 +408,8 @@ def plan_scrub(mm: mmap.mmap | bytes, *, path: str = "", machine: str | None = N
                               "pass --region BASE:SIZE or the sidecar")
 
     report = ScrubReport(
-        file=path, container=container, machine=idx.machine, layout_source=source,
+        file=path, container="qemu-mapped-ram" if idx.mapped_ram else container,
+        machine=idx.machine, layout_source=source,
         region={"base": region.base, "size": region.size}, table="absent", slots=0, pages=0,
         copies=0, zero_records=0, scrubbed_copies=0, already_zero=0, bytes=0,
         stream_bytes=idx.end - idx.start, records=len(idx.records), seconds=0.0,
@@ -423,6 +430,23 @@ def plan_scrub(mm: mmap.mmap | bytes, *, path: str = "", machine: str | None = N
             wanted.update(_locate(idx, layout, slot.gpa, slot.npages * PAGE_SIZE))
         report.pages = len(wanted)
         zero = bytes(PAGE_SIZE)
+        if idx.mapped_ram:
+            # One fixed slot per page.  A clear bitmap bit means "load as zero", but the
+            # slot may still hold an older copy (a live save rewrote the page as zero),
+            # so every slot of a listed page is zeroed, present or not.
+            for b, p in sorted(wanted):
+                pos = idx.mapped_pos(b, p)
+                if pos is None:
+                    continue
+                present = idx.mapped_present(mm, b, p)
+                if mm[pos:pos + PAGE_SIZE] != zero:
+                    report.copies += 1
+                    writes.append((pos, PAGE_SIZE))
+                elif present:
+                    report.copies += 1
+                    report.already_zero += 1
+                else:
+                    report.zero_records += 1
         for _b, _p, pos, rkind in copies(idx, wanted):
             if rkind == KIND_PAGE:
                 report.copies += 1

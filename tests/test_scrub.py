@@ -368,3 +368,50 @@ def test_live_save_repeated_copies(tmp_path: Path, vms: list[Vm],
     assert rvm.read(DIRTY_GPA, PAGE) == bytes(PAGE)
     assert rvm.read(0x200_0000, PAGE) == bytes(PAGE)
     assert rvm.read(0x300_0000, PAGE) == keep
+
+
+def _set_mapped_ram(vm: Vm) -> None:
+    vm.qmp.cmd("migrate-set-capabilities",
+               {"capabilities": [{"capability": "mapped-ram", "state": True}]})
+
+
+@needs_qemu10
+def test_mapped_ram_10(tmp_path: Path, vms: list[Vm]) -> None:
+    """QEMU 10 `mapped-ram` + `file:`: every page has one fixed slot; scrub zeroes the slots."""
+    ssdt = tmp_path / "vmwipe.aml"
+    ssdt.write_bytes(encode_ssdt(REGION.base, REGION.size))
+    args = ["-M", "q35", "-m", "512M", "-acpitable", f"file={ssdt}"]
+    vm = Vm(tmp_path, args, qemu=QEMU10)
+    vms.append(vm)
+    secret, keep = os.urandom(PAGE), os.urandom(PAGE)
+    image = build_region(REGION.size, [(0x200_0000, 1), (0x500_0000, 1)])
+    vm.write(REGION.base, image)
+    vm.write(0x200_0000, secret)
+    vm.write(0x300_0000, keep)
+    path = tmp_path / "mapped.sav"
+    _set_mapped_ram(vm)
+    vm.qmp.cmd("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+    vm.qmp.cmd("migrate", {"uri": f"file:{path}"})
+    assert vm.wait_migration() == "completed"
+    fd, mm = ms.open_mapped(str(path))
+    try:
+        assert mm.find(secret) >= 0
+    finally:
+        os.close(fd)
+    rep = scrub_file(str(path))
+    assert rep.container == "qemu-mapped-ram" and rep.pages == 2
+    assert rep.scrubbed_copies == 1 and rep.bytes == PAGE
+    assert scrub_file(str(path)).noop
+    fd, mm = ms.open_mapped(str(path))
+    try:
+        assert mm.find(secret) < 0 and mm.find(keep) >= 0
+    finally:
+        os.close(fd)
+    rvm = Vm(tmp_path, args, qemu=QEMU10, incoming=True)
+    vms.append(rvm)
+    _set_mapped_ram(rvm)
+    rvm.qmp.cmd("migrate-incoming", {"uri": f"file:{path}"})
+    assert rvm.wait_migration() == "completed"
+    assert rvm.read(0x200_0000, PAGE) == bytes(PAGE)
+    assert rvm.read(0x300_0000, PAGE) == keep
+    assert rvm.read(REGION.base, REGION.size) == image
