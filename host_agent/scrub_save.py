@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from vmwipe.protocol import PAGE_SIZE, ProtocolError, decode_table
 from vmwipe.protocol.table import Region
@@ -50,6 +50,25 @@ MAX_BANDWIDTH = 1 << 40
 REFUSED_CAPS = ("xbzrle", "compress", "multifd", "postcopy-ram", "mapped-ram",
                 "x-ignore-shared", "rdma-pin-all")
 FD_NAME = "vmwipe-scrub-save"
+
+
+class Monitor(Protocol):
+    """The part of `qmp.QMPSession` this module uses; tests and other front ends adapt to it.
+
+    A monitor that can pass file descriptors provides ``send_fd(fd, name)``
+    (SCM_RIGHTS, then `getfd`); a `QMPSession` without it is driven through
+    its qemu.qmp client.
+    """
+
+    pid: int
+    version: tuple[int, int, int]
+
+    def cmd(self, name: str, args: dict[str, Any] | None = None,
+            timeout: float | None = None) -> Any: ...
+
+    def hmp(self, line: str, timeout: float | None = None) -> str: ...
+
+    def status(self) -> str: ...
 
 
 @dataclass
@@ -73,7 +92,7 @@ class SaveScrubReport:
         return asdict(self)
 
 
-def _read_guest(session: QMPSession, gpa: int, size: int) -> bytes:
+def _read_guest(session: Monitor, gpa: int, size: int) -> bytes:
     """Guest RAM via pmemsave into a private temp file (the region is table, not secrets)."""
     d = tempfile.mkdtemp(prefix="vmwipe-save-")
     path = os.path.join(d, "region.bin")
@@ -95,13 +114,15 @@ def _read_guest(session: QMPSession, gpa: int, size: int) -> bytes:
         os.rmdir(d)
 
 
-def _send_fd(session: QMPSession, fd: int, name: str) -> None:
+def _send_fd(session: Monitor, fd: int, name: str) -> None:
     """Hand `fd` to QEMU under `name` (SCM_RIGHTS, then `getfd`)."""
     sender = getattr(session, "send_fd", None)
     if callable(sender):
         sender(fd, name)
         return
-    client = session._client  # qemu.qmp 0.0.6 QMPClient; see qmp.py
+    client: Any = getattr(session, "_client", None)  # QMPSession's qemu.qmp QMPClient
+    if client is None or not hasattr(client, "send_fd_scm"):
+        raise MigrationError("this monitor cannot pass a file descriptor to QEMU")
     client.send_fd_scm(fd)
     session.cmd("getfd", {"fdname": name})
 
@@ -138,7 +159,7 @@ def verify_scrubbed(path: str, pages: set[tuple[str, int]]) -> StreamIndex:
         os.close(fd)
 
 
-def save_scrubbed(session: QMPSession, path: str, *, region: Region | None = None,
+def save_scrubbed(session: QMPSession | Monitor, path: str, *, region: Region | None = None,
                   strict: bool = True, resume: bool = False, timeout: float = 600.0,
                   progress: Callable[[int], None] | None = None) -> SaveScrubReport:
     """Stop the VM, read and validate its table, save it to `path` with listed pages zeroed.
