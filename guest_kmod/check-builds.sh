@@ -2,7 +2,8 @@
 # Build vmwipe.ko with W=1 against the Debian 12 kernel (6.1) and a 6.12 kernel
 # (Debian 13, or bookworm-backports on Debian 12, installed on demand) and fail
 # on any compiler warning. Builds happen in build/kmod-<release>/ so the source
-# tree stays clean. Used by `make kmod-check`.
+# tree stays clean. The in-kernel API test module is built too. Used by
+# `make kmod-check`.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${VMWIPE_BUILD_DIR:-$here/../build}
@@ -25,7 +26,7 @@ for kdir in "${kdirs[@]}"; do
 	mkdir -p "$dir"
 	cp "$here"/Kbuild "$here"/*.c "$here"/*.h "$dir"/
 	log=$dir/build.log
-	if ! make -C "$kdir" M="$dir" W=1 modules >"$log" 2>&1; then
+	if ! make -C "$kdir" M="$dir" W=1 CONFIG_VMWIPE_KAPI_TEST=m modules >"$log" 2>&1; then
 		echo "check-builds: $rel: build FAILED" >&2
 		cat "$log" >&2
 		rc=1

@@ -18,7 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-KMOD_SOURCES = ("Kbuild", "vmwipe.c", "vmwipe.h", "vmwipe_abi.h")
+KMOD_SOURCES = ("Kbuild", "vmwipe.c", "vmwipe.h", "vmwipe_abi.h", "vmwipe_kapi_test.c")
+KMODS = ("vmwipe.ko", "vmwipe_kapi_test.ko")
 EXAMPLE_SOURCES = ("vmwipe.c", "vmwipe.h", "drbg.c", "drbg.h", "drbg_stream.c", "vmwipe_test.c")
 PROGRAMS: dict[str, tuple[str, ...]] = {
     "drbg_stream": ("drbg_stream.c", "drbg.c", "vmwipe.c"),
@@ -140,22 +141,27 @@ def _publish(tmp: Path, final: Path) -> Path:
 
 
 def build_module(kernel: Kernel) -> Path:
-    """vmwipe.ko for `kernel`, built with W=1; a compiler warning is a build error."""
+    """vmwipe.ko for `kernel`, built with W=1; a compiler warning is a build error.
+
+    Its directory also holds vmwipe_kapi_test.ko, the in-kernel API test client.
+    """
     src = source_root() / "guest_kmod"
     key = _digest([kernel.release.encode(), *((src / f).read_bytes() for f in KMOD_SOURCES)])
     out = build_root() / "lab" / f"kmod-{kernel.release}-{key}"
-    if (out / "vmwipe.ko").is_file():
+    if all((out / ko).is_file() for ko in KMODS):
         return out / "vmwipe.ko"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.", dir=out.parent))
     for f in KMOD_SOURCES:
         shutil.copy2(src / f, tmp / f)
-    log = _run(["make", "-C", str(kernel.headers), f"M={tmp}", "W=1", "modules"])
+    log = _run(["make", "-C", str(kernel.headers), f"M={tmp}", "W=1",
+                "CONFIG_VMWIPE_KAPI_TEST=m", "modules"])
     if "warning:" in log:
         raise BuildError(f"vmwipe.ko has compiler warnings for {kernel.release}:\n{log}")
-    # Kbuild records the directory in .cmd files; only the .ko travels.
+    # Kbuild records the directory in .cmd files; only the .ko files travel.
     final_tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.", dir=out.parent))
-    shutil.copy2(tmp / "vmwipe.ko", final_tmp / "vmwipe.ko")
+    for ko in KMODS:
+        shutil.copy2(tmp / ko, final_tmp / ko)
     shutil.rmtree(tmp, ignore_errors=True)
     return _publish(final_tmp, out) / "vmwipe.ko"
 
@@ -178,10 +184,14 @@ def build_programs() -> dict[str, Path]:
 
 
 def build_initramfs(module: Path, programs: dict[str, Path]) -> Path:
-    """An uncompressed newc cpio: busybox, /init, /vmwipe.ko and the programs in /bin."""
+    """An uncompressed newc cpio: busybox, /init, the programs in /bin, the modules in /.
+
+    `module` is vmwipe.ko; the other modules built next to it come along.
+    """
     if not BUSYBOX.is_file():
         raise BuildError(f"{BUSYBOX} missing (install busybox-static)")
-    files = {"vmwipe.ko": module, **{f"bin/{n}": p for n, p in sorted(programs.items())}}
+    files = {**{ko: module.parent / ko for ko in KMODS},
+             **{f"bin/{n}": p for n, p in sorted(programs.items())}}
     key = _digest([INIT_SCRIPT.encode(), BUSYBOX.read_bytes(),
                    *(name.encode() + path.read_bytes() for name, path in files.items())])
     out = build_root() / "lab" / f"initramfs-{key}.cpio"
