@@ -83,6 +83,7 @@ class Protection:
     dimm_base: int = 0
     dimm_kib: int = 0
     maxmemory_added: bool = False
+    numa_added: bool = False
 
     @property
     def region(self) -> Region:
@@ -113,6 +114,7 @@ class Protection:
             a["dimm-base"] = f"{self.dimm_base:#x}"
             a["dimm-kib"] = str(self.dimm_kib)
             a["maxmemory-added"] = "yes" if self.maxmemory_added else "no"
+            a["numa-added"] = "yes" if self.numa_added else "no"
         return a
 
     @classmethod
@@ -132,6 +134,7 @@ class Protection:
                 dimm_base=int(el.get("dimm-base", "0"), 0),
                 dimm_kib=int(el.get("dimm-kib", "0"), 0),
                 maxmemory_added=el.get("maxmemory-added") == "yes",
+                numa_added=el.get("numa-added") == "yes",
             )
         except KeyError as e:
             raise ProtectError(f"vmwipe metadata lacks attribute {e.args[0]!r}") from None
@@ -307,8 +310,10 @@ def plan_protection(
     region = Region(base, size)
     validate_region(region)
     maxmem = root.find("maxMemory")
+    # libvirt refuses memory devices without a NUMA topology: add one node holding all RAM.
     return Protection(base, size, "dimm", monitor, ssdt, zero, dimm_base=base,
-                      dimm_kib=DIMM_SIZE // _KIB, maxmemory_added=maxmem is None)
+                      dimm_kib=DIMM_SIZE // _KIB, maxmemory_added=maxmem is None,
+                      numa_added=not root.findall("cpu/numa/cell"))
 
 
 # --- editing -------------------------------------------------------------------------
@@ -418,7 +423,22 @@ def _strip_dimm(root: ET.Element, prot: Protection) -> list[str]:
         if mm is not None:
             root.remove(mm)
             items.append(f"<maxMemory slots='1'> {(mm.text or '').strip()} KiB")
+    cpu = root.find("cpu")
+    numa = None if cpu is None else cpu.find("numa")
+    if prot.numa_added and cpu is not None and numa is not None:
+        cells = numa.findall("cell")
+        cpu.remove(numa)
+        if len(cpu) == 0 and not cpu.attrib:
+            root.remove(cpu)
+        items.append(_describe_numa(cells[0] if len(cells) == 1 else None))
     return items
+
+
+def _describe_numa(cell: ET.Element | None) -> str:
+    if cell is None:
+        return "NUMA topology"
+    return (f"NUMA node 0 (cpus {cell.get('cpus')}, {cell.get('memory')} "
+            f"{cell.get('unit', 'KiB')})")
 
 
 def _insert_after(root: ET.Element, new: ET.Element, after: tuple[str, ...]) -> None:
@@ -483,6 +503,23 @@ def _apply_dimm(root: ET.Element, prot: Protection) -> list[str]:
             raise ProtectError("<maxMemory> leaves no room for the vmwipe pc-dimm")
         if int(have.get("slots", "0")) < 1 + len(_dimms(root)):
             raise ProtectError("<maxMemory slots=...> has no free slot for the vmwipe pc-dimm")
+    if prot.numa_added:
+        ram = initial_memory(root)
+        vcpus = int((root.findtext("vcpu") or "1").strip())
+        cpu = root.find("cpu")
+        if cpu is None:
+            cpu = ET.Element("cpu")
+            _insert_after(root, cpu, ("name", "uuid", "genid", "title", "description",
+                                      "metadata", "maxMemory", "memory", "currentMemory",
+                                      "blkiotune", "memtune", "memoryBacking", "vcpu",
+                                      "vcpus", "iothreads", "cputune", "numatune",
+                                      "resource", "sysinfo", "bootloader", "os", "idmap",
+                                      "features"))
+        numa = ET.SubElement(cpu, "numa")
+        cpus = "0" if vcpus == 1 else f"0-{vcpus - 1}"  # libvirt writes "0-0" as "0"
+        cell = ET.SubElement(numa, "cell", {"id": "0", "cpus": cpus,
+                                            "memory": str(ram // _KIB), "unit": "KiB"})
+        items.append(_describe_numa(cell))
     for tag in ("memory", "currentMemory"):
         el = root.find(tag)
         if el is not None:
@@ -520,7 +557,7 @@ def protect_xml(
         reservation = old.reservation
     prot = plan_protection(root, state_dir, size, reservation)
     if prot.reservation == "dimm" and old is not None and old.reservation == "dimm":
-        prot = replace(prot, maxmemory_added=old.maxmemory_added)
+        prot = replace(prot, maxmemory_added=old.maxmemory_added, numa_added=old.numa_added)
     after = _apply(root, prot)
     if sorted(before) == sorted(after) and old == prot:
         return Edit(xml_text, protection=prot)

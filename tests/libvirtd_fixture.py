@@ -1,0 +1,292 @@
+"""A real libvirtd for the libvirt tests, started by hand (no systemd) and stopped by PID.
+
+`LibvirtLab.start()` starts `virtlogd -d -p PIDFILE` and then `libvirtd -d -p
+PIDFILE` as root, after checking that no daemon we did not start owns the
+default sockets (then the tests skip: they must not disturb somebody else's
+libvirtd).  Before libvirtd starts, the vmwipe hook is installed through the
+real CLI, so libvirtd sees it (hooks are read only at startup); whatever was in
+/etc/libvirt/hooks is saved byte for byte and put back by `stop()`, which also
+destroys and undefines every domain the tests defined and kills, by PID only,
+the daemons and any QEMU of those domains that is still alive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RUN_DIR = Path("/var/run/libvirt")
+HOOKS_DIR = Path("/etc/libvirt/hooks")
+HOOK_NAMES = ("qemu", "qemu.vmwipe-chained")
+STATE_DIR = Path("/var/lib/vmwipe")
+LOG_DIR = Path("/var/log/vmwipe")
+URI = "qemu:///system"
+
+
+def _socket_alive(path: Path) -> bool:
+    if not path.exists():
+        return False
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(2)
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def unavailable_reason() -> str | None:
+    """None when this process may start its own libvirtd, else why not (a skip reason)."""
+    if os.geteuid() != 0:
+        return "libvirt tests need root (libvirtd, /etc/libvirt/hooks, QEMU memory access)"
+    for tool in ("libvirtd", "virtlogd", "virsh", "qemu-system-x86_64"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (make setup installs libvirt-daemon-system)"
+    try:
+        import libvirt  # noqa: F401
+    except ImportError:
+        return "libvirt-python is not installed (pip install 'vmwipe[libvirt]')"
+    for sock in ("libvirt-sock", "virtlogd-sock", "virtqemud-sock"):
+        if _socket_alive(RUN_DIR / sock):
+            return (f"a libvirt daemon we did not start is serving {RUN_DIR / sock}; "
+                    "not touching it")
+    return None
+
+
+@dataclass
+class _Saved:
+    existed: bool
+    files: dict[str, tuple[bytes, int] | None] = field(default_factory=dict)
+
+
+def _save_hooks() -> _Saved:
+    saved = _Saved(HOOKS_DIR.is_dir())
+    for name in HOOK_NAMES:
+        p = HOOKS_DIR / name
+        if p.is_symlink():
+            raise RuntimeError(f"{p} is a symlink; refusing to juggle it in a test")
+        saved.files[name] = (p.read_bytes(), stat.S_IMODE(p.stat().st_mode)) if p.exists() \
+            else None
+    return saved
+
+
+def _restore_hooks(saved: _Saved) -> None:
+    for name, content in saved.files.items():
+        p = HOOKS_DIR / name
+        if content is None:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        else:
+            p.write_bytes(content[0])
+            os.chmod(p, content[1])
+    if not saved.existed:
+        with contextlib.suppress(OSError):
+            HOOKS_DIR.rmdir()
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie of ours is not alive
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"
+    except OSError:
+        return False
+
+
+def _kill(pid: int, timeout: float = 15.0) -> None:
+    """SIGTERM, wait, then SIGKILL: only ever a PID this fixture started or owns."""
+    if not _alive(pid):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+@dataclass
+class LibvirtLab:
+    """Our libvirtd + virtlogd, the installed hook, a work dir, and what to clean up."""
+
+    work: Path
+    chained_log: Path
+    install_output: str = ""
+    libvirtd_pid: int | None = None
+    virtlogd_pid: int | None = None
+    conn: Any = None
+    domains: list[str] = field(default_factory=list)
+    qemu_pids: set[int] = field(default_factory=set)
+    _hooks: _Saved | None = None
+    _state_existed: bool = True
+    _log_existed: bool = True
+    _log_start: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    # -- lifecycle --------------------------------------------------------------------
+    @classmethod
+    def create(cls) -> LibvirtLab:
+        work = Path(tempfile.mkdtemp(prefix="vmwipe-libvirt-test-", dir="/var/lib"))
+        os.chmod(work, 0o755)  # QEMU runs as libvirt-qemu and opens files here
+        return cls(work, work / "chained-hook.log")
+
+    def start(self) -> None:
+        t0 = time.monotonic()
+        self._state_existed = STATE_DIR.exists()
+        self._log_existed = LOG_DIR.exists()
+        self._log_start = self._hook_log_size()
+        self._hooks = _save_hooks()
+        HOOKS_DIR.mkdir(parents=True, exist_ok=True)
+        for name in HOOK_NAMES:  # a clean slate: our fake "previous" hook, then ours
+            with contextlib.suppress(FileNotFoundError):
+                (HOOKS_DIR / name).unlink()
+        prev = HOOKS_DIR / "qemu"
+        prev.write_text(
+            "#!/bin/sh\n# stand-in for a site's own hook (vmwipe libvirt tests)\n"
+            f'echo "$*" >> {self.chained_log}\ncat > /dev/null\nexit 0\n'
+        )
+        os.chmod(prev, 0o755)
+        proc = subprocess.run(
+            [sys.executable, "-m", "vmwipe.host_agent.cli", "libvirt", "install-hook"],
+            capture_output=True, text=True, check=False, timeout=60,
+        )
+        self.install_output = proc.stdout + proc.stderr
+        if proc.returncode != 0:
+            raise RuntimeError(f"install-hook failed: {self.install_output}")
+        RUN_DIR.mkdir(parents=True, exist_ok=True)
+        vl_pid, ld_pid = self.work / "virtlogd.pid", self.work / "libvirtd.pid"
+        subprocess.run(["virtlogd", "-d", "-p", str(vl_pid)], check=True, timeout=30)
+        self.virtlogd_pid = self._wait_pid(vl_pid)
+        subprocess.run(["libvirtd", "-d", "-p", str(ld_pid)], check=True, timeout=60)
+        self.libvirtd_pid = self._wait_pid(ld_pid)
+        import libvirt
+
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                self.conn = libvirt.open(URI)
+                self.conn.getCapabilities()
+                break
+            except libvirt.libvirtError:
+                if time.monotonic() > deadline or not _alive(self.libvirtd_pid):
+                    raise
+                time.sleep(0.2)
+        self.timings["libvirtd start"] = time.monotonic() - t0
+
+    def _wait_pid(self, path: Path, timeout: float = 30) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid = _read_pid(path)
+            if pid and _alive(pid):
+                return pid
+            time.sleep(0.05)
+        raise RuntimeError(f"no live daemon PID in {path}")
+
+    def stop(self) -> None:
+        import libvirt
+
+        errors: list[str] = []
+        if self.conn is not None:
+            for name in self.domains:
+                try:
+                    dom = self.conn.lookupByName(name)
+                except libvirt.libvirtError:
+                    continue
+                self.note_qemu(name)
+                for step in (
+                    lambda d=dom: d.destroy() if d.isActive() else None,
+                    lambda d=dom: d.managedSaveRemove(0) if d.hasManagedSaveImage(0) else None,
+                    lambda d=dom: [s.delete(libvirt.VIR_DOMAIN_SNAPSHOT_DELETE_METADATA_ONLY)
+                                   for s in d.listAllSnapshots(0)],
+                    lambda d=dom: d.undefineFlags(
+                        libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                        | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA),
+                ):
+                    try:
+                        step()
+                    except libvirt.libvirtError as e:
+                        errors.append(f"{name}: {e}")
+            with contextlib.suppress(libvirt.libvirtError):
+                self.conn.close()
+            self.conn = None
+        for pid in (self.libvirtd_pid, self.virtlogd_pid):
+            if pid:
+                _kill(pid)
+        for pid in self.qemu_pids:  # QEMUs of our domains that outlived destroy()
+            _kill(pid, 5)
+        if self._hooks is not None:
+            _restore_hooks(self._hooks)
+        if not self._state_existed:
+            shutil.rmtree(STATE_DIR, ignore_errors=True)
+        if not self._log_existed:
+            shutil.rmtree(LOG_DIR, ignore_errors=True)
+        shutil.rmtree(self.work, ignore_errors=True)
+        if errors:
+            print("libvirt fixture teardown:", *errors, sep="\n  ", file=sys.stderr)
+
+    # -- helpers ------------------------------------------------------------------------
+    def note_qemu(self, name: str) -> int | None:
+        """Remember the QEMU PID of one of our domains, so teardown can make sure it is gone."""
+        pid = _read_pid(RUN_DIR / "qemu" / f"{name}.pid")
+        if pid and _alive(pid):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                return None
+            if f"guest={name},".encode() in cmdline:
+                self.qemu_pids.add(pid)
+                return pid
+        return None
+
+    def virsh(self, *args: str, check: bool = True,
+              timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(["virsh", "-c", URI, *args], capture_output=True, text=True,
+                              timeout=timeout, check=False)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"virsh {' '.join(args)} failed ({proc.returncode}): "
+                                 f"{proc.stderr.strip()}")
+        return proc
+
+    def _hook_log_size(self) -> int:
+        try:
+            return (LOG_DIR / "hook.log").stat().st_size
+        except OSError:
+            return 0
+
+    def hook_log(self) -> str:
+        """What the hook logged since the fixture started."""
+        try:
+            with open(LOG_DIR / "hook.log", errors="replace") as f:
+                f.seek(self._log_start)
+                return f.read()
+        except OSError:
+            return ""
