@@ -380,6 +380,12 @@ def save_flow(
                 session.cmd("migrate-set-parameters", {"max-bandwidth": old})
             except QMPFailure as e:
                 log.warning("could not restore max-bandwidth: %s", e)
+    # "completed" can be reported while the run state is still finish-migrate
+    session.wait_until(
+        lambda: True if session.status() != "finish-migrate" else None,
+        opts.timeout,
+        "the source to leave finish-migrate",
+    )
     phases.mark("save")
     rep.extra.update({"path": path, "uri": uri, "bytes": os.path.getsize(path)})
     if do_resume:

@@ -26,8 +26,10 @@ import mmap
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from array import array
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 from .errors import MemoryAccessError
@@ -64,20 +66,34 @@ _process_vm_writev.argtypes = _SYSCALL_ARGS
 _process_vm_writev.restype = ctypes.c_ssize_t
 
 
+Piece = tuple[int, int, int]  # (guest-physical address, size, host virtual address in QEMU)
+
+
 class MemoryBackend(ABC):
-    """Guest RAM access by guest-physical address.  `name` says which backend it is."""
+    """Guest RAM access by guest-physical address.  `name` says which backend it is.
+
+    Public calls take guest-physical spans; they are cut at RAM-range
+    boundaries (and into chunks of at most `max_piece` bytes) into pieces
+    that each lie inside one RAM range, with the QEMU host address resolved.
+    Subclasses move bytes for pieces, many per call where they can.
+    """
 
     name = "abstract"
 
     def __init__(self, memmap: GuestMemoryMap) -> None:
         self.memmap = memmap
 
-    # subclasses implement raw host access on pieces that lie inside one RAM range
     @abstractmethod
-    def _read_into(self, gpa: int, out: memoryview) -> None: ...
+    def _read_pieces(self, pieces: Sequence[Piece], dst: int) -> None:
+        """Copy the pieces, back to back, to local address `dst`."""
 
     @abstractmethod
-    def _write_from(self, pieces: Sequence[tuple[int, memoryview]]) -> None: ...
+    def _write_pieces(self, pieces: Sequence[Piece], src: int) -> None:
+        """Copy back-to-back bytes at local address `src` into the pieces."""
+
+    @abstractmethod
+    def _zero_pieces(self, pieces: Sequence[Piece]) -> None:
+        """Zero the pieces (each at most ZERO_CHUNK bytes)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release mappings; the backend is unusable afterwards."""
@@ -88,62 +104,86 @@ class MemoryBackend(ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _pieces(self, spans: Sequence[Span]) -> Iterator[tuple[int, int]]:
+    def pieces(self, spans: Iterable[Span], max_piece: int | None = None) -> list[Piece]:
+        """Resolve spans into pieces; MemoryAccessError if any byte is not guest RAM."""
+        out: list[Piece] = []
+        append = out.append
+        split = self.memmap.split
         for gpa, size in spans:
-            for pgpa, n, _r in self.memmap.split(gpa, size):
-                yield pgpa, n
+            for pgpa, n, r in split(gpa, size):
+                if r.hva is None:
+                    raise MemoryAccessError(f"no host address for guest address {pgpa:#x}")
+                hva = r.hva + (pgpa - r.gpa)
+                if max_piece is None or n <= max_piece:
+                    append((pgpa, n, hva))
+                    continue
+                for off in range(0, n, max_piece):
+                    append((pgpa + off, min(max_piece, n - off), hva + off))
+        return out
 
     def read(self, gpa: int, size: int) -> bytes:
         """Read `size` bytes of guest RAM at `gpa` (may cross RAM-range boundaries)."""
         buf = bytearray(size)
-        view = memoryview(buf)
-        pos = 0
-        for pgpa, n in self._pieces([(gpa, size)]):
-            self._read_into(pgpa, view[pos : pos + n])
-            pos += n
+        if size:
+            self._read_pieces(self.pieces([(gpa, size)]), buffer_address(memoryview(buf)))
         return bytes(buf)
 
     def write(self, gpa: int, data: bytes) -> None:
         """Write `data` at `gpa`; used for the 16 host-field bytes and by tests to plant tables."""
-        view = memoryview(data)
-        pieces: list[tuple[int, memoryview]] = []
-        pos = 0
-        for pgpa, n in self._pieces([(gpa, len(data))]):
-            pieces.append((pgpa, view[pos : pos + n]))
-            pos += n
-        self._write_from(pieces)
+        if data:
+            view = memoryview(data)
+            self._write_pieces(self.pieces([(gpa, len(data))]), buffer_address(view))
 
     def zero(self, spans: Sequence[Span]) -> None:
         """Zero every byte of `spans` (guest-physical), in as few calls as the backend allows."""
-        zero = memoryview(_ZERO)
-        pieces: list[tuple[int, memoryview]] = []
-        for pgpa, n in self._pieces(spans):
-            off = 0
-            while off < n:
-                k = min(ZERO_CHUNK, n - off)
-                pieces.append((pgpa + off, zero[:k]))
-                off += k
-        self._write_from(pieces)
+        self._zero_pieces(self.pieces(spans, ZERO_CHUNK))
+
+    def zero_pieces(self, pieces: Sequence[Piece]) -> None:
+        """Zero pieces made by `pieces(spans, ZERO_CHUNK)` (the engine resolves once)."""
+        self._zero_pieces(pieces)
 
     def first_nonzero(self, spans: Sequence[Span]) -> int | None:
-        """Guest address of the first non-zero byte in `spans`, or None if all zero."""
+        """Guest address of the first non-zero byte in `spans`, or None if all zero.
+
+        Reads in batches of up to READ_CHUNK bytes / IOV_MAX pieces and
+        compares with memcmp against a zero buffer.
+        """
+        return self.first_nonzero_pieces(self.pieces(spans, READ_CHUNK))
+
+    def first_nonzero_pieces(self, pieces: Sequence[Piece]) -> int | None:
+        """`first_nonzero` on resolved pieces (each at most READ_CHUNK bytes)."""
         buf = bytearray(READ_CHUNK)
-        view = memoryview(buf)
-        for pgpa, n in self._pieces(spans):
-            off = 0
-            while off < n:
-                k = min(READ_CHUNK, n - off)
-                chunk = view[:k]
-                self._read_into(pgpa + off, chunk)
-                if chunk != _ZERO_VIEW_READ[:k]:
-                    i = next(j for j, b in enumerate(bytes(chunk)) if b)
-                    return pgpa + off + i
-                off += k
-        return None
+        addr = buffer_address(memoryview(buf))
+        batch: list[Piece] = []
+        total = 0
+        for piece in pieces:
+            if batch and (total + piece[1] > READ_CHUNK or len(batch) >= IOV_MAX):
+                bad = self._check_batch(batch, total, buf, addr)
+                if bad is not None:
+                    return bad
+                batch, total = [], 0
+            batch.append(piece)
+            total += piece[1]
+        return self._check_batch(batch, total, buf, addr) if batch else None
+
+    def _check_batch(self, batch: list[Piece], total: int, buf: bytearray, addr: int) -> int | None:
+        self._read_pieces(batch, addr)
+        if _memcmp(addr, _ZERO_READ_ADDR, total) == 0:
+            return None
+        off = 0
+        for gpa, n, _hva in batch:
+            chunk = buf[off : off + n]
+            if chunk.count(0) != n:
+                return gpa + next(i for i, b in enumerate(chunk) if b)
+            off += n
+        raise AssertionError("unreachable: memcmp saw a non-zero byte")  # pragma: no cover
 
 
 _ZERO = bytes(ZERO_CHUNK)
-_ZERO_VIEW_READ = memoryview(bytes(READ_CHUNK))
+_ZERO_READ = bytes(READ_CHUNK)
+_memcmp = _libc.memcmp
+_memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+_memcmp.restype = ctypes.c_int
 
 
 def _os_error(op: str, err: int, pid: int, gpa: int) -> MemoryAccessError:
@@ -171,41 +211,54 @@ class ProcessVMBackend(MemoryBackend):
     def probe(self) -> None:
         """Raise MemoryAccessError if this process cannot read QEMU's RAM."""
         first = self.memmap.ranges[0]
-        self._read_into(first.gpa, memoryview(bytearray(1)))
+        self.read(first.gpa, 1)
 
-    def _transfer(self, write: bool, items: Sequence[tuple[int, int, int, int]]) -> None:
-        """Move bytes for (local_addr, remote_addr, length, gpa) items, resuming partial moves."""
+    def _transfer(self, write: bool, local: Sequence[int], pieces: Sequence[Piece]) -> None:
+        """Move pieces[k] to/from local address local[k], resuming partial transfers exactly.
+
+        One syscall carries up to IOV_MAX iovec pairs.  A short return (the
+        kernel stops at the first fault, even mid-iovec) restarts at the exact
+        byte; a call that moves nothing is an error naming the guest address.
+        The iovec arrays are built once, in bulk, for every piece.
+        """
         fn = _process_vm_writev if write else _process_vm_readv
         op = "process_vm_writev" if write else "process_vm_readv"
-        local, remote = _IOV_ARRAY(), _IOV_ARRAY()
+        count = len(pieces)
+        sizes = array("Q", [p[1] for p in pieces])
+        lflat = array("Q", bytes(16 * count))
+        rflat = array("Q", bytes(16 * count))
+        lflat[0::2] = array("Q", local)
+        lflat[1::2] = sizes
+        rflat[0::2] = array("Q", [p[2] for p in pieces])
+        rflat[1::2] = sizes
+        iov_max = IOV_MAX
         i = 0
-        skip = 0  # bytes of items[i] already moved by a partial transfer
-        while i < len(items):
-            batch = items[i : i + IOV_MAX]
-            total = 0
-            for k, (la, ra, n, _g) in enumerate(batch):
-                d = skip if k == 0 else 0
-                local[k].iov_base = la + d
-                local[k].iov_len = n - d
-                remote[k].iov_base = ra + d
-                remote[k].iov_len = n - d
-                total += n - d
-            got = fn(self.pid, local, len(batch), remote, len(batch), 0)
+        skip = 0  # bytes of pieces[i] already moved by a partial transfer
+        while i < count:
+            n_iov = min(iov_max, count - i)
+            lv = lflat[2 * i : 2 * (i + n_iov)]
+            rv = rflat[2 * i : 2 * (i + n_iov)]
+            if skip:
+                lv[0] += skip
+                lv[1] -= skip
+                rv[0] += skip
+                rv[1] -= skip
+            total = sum(rv[1::2])
+            liov = (_IOVec * n_iov).from_buffer(lv)
+            riov = (_IOVec * n_iov).from_buffer(rv)
+            got = fn(self.pid, liov, n_iov, riov, n_iov, 0)
             self.calls += 1
-            if got < 0:
-                err = ctypes.get_errno()
-                raise _os_error(op, err, self.pid, batch[0][3] + skip)
-            if got == 0:
-                raise _os_error(op, errno.EFAULT, self.pid, batch[0][3] + skip)
+            if got <= 0:
+                err = ctypes.get_errno() if got < 0 else errno.EFAULT
+                raise _os_error(op, err, self.pid, pieces[i][0] + skip)
             if got == total:
-                i += len(batch)
+                i += n_iov
                 skip = 0
                 continue
-            # partial transfer: advance exactly `got` bytes and retry from there
             log.debug("%s: partial transfer %d of %d bytes", op, got, total)
             left = got
             while left:
-                n = items[i][2] - skip
+                n = sizes[i] - skip
                 if left >= n:
                     left -= n
                     i += 1
@@ -214,17 +267,19 @@ class ProcessVMBackend(MemoryBackend):
                     skip += left
                     left = 0
 
-    def _read_into(self, gpa: int, out: memoryview) -> None:
-        if len(out):
-            self._transfer(False, [(buffer_address(out), self.memmap.hva(gpa), len(out), gpa)])
+    def _read_pieces(self, pieces: Sequence[Piece], dst: int) -> None:
+        self._transfer(False, _offsets(dst, pieces), pieces)
 
-    def _write_from(self, pieces: Sequence[tuple[int, memoryview]]) -> None:
-        items = [
-            (buffer_address(data), self.memmap.hva(gpa), len(data), gpa)
-            for gpa, data in pieces
-            if len(data)
-        ]
-        self._transfer(True, items)
+    def _write_pieces(self, pieces: Sequence[Piece], src: int) -> None:
+        self._transfer(True, _offsets(src, pieces), pieces)
+
+    def _zero_pieces(self, pieces: Sequence[Piece]) -> None:
+        self._transfer(True, [_ZERO_ADDR] * len(pieces), pieces)
+
+
+def _offsets(base: int, pieces: Sequence[Piece]) -> list[int]:
+    """Back-to-back local addresses for the pieces, starting at `base`."""
+    return list(accumulate((p[1] for p in pieces[:-1]), initial=base))
 
 
 class _PyBuffer(ctypes.Structure):
@@ -265,6 +320,10 @@ def buffer_address(view: memoryview) -> int:
         return int(buf.buf or 0)
     finally:
         _release_buffer(ctypes.byref(buf))
+
+
+_ZERO_ADDR = buffer_address(memoryview(_ZERO))
+_ZERO_READ_ADDR = buffer_address(memoryview(_ZERO_READ))
 
 
 # --- shared file / memfd backend -----------------------------------------------------
@@ -358,7 +417,9 @@ class SharedFileBackend(MemoryBackend):
         super().__init__(memmap)
         self.pid = pid
         self.populate = populate
-        self._maps: list[tuple[int, int, mmap.mmap]] = []  # (host start, host end, mapping)
+        self._maps: list[tuple[int, int, mmap.mmap]] = []  # (QEMU start, QEMU end, mapping)
+        self._addrs: list[tuple[int, int, int]] = []  # (QEMU start, QEMU end, our address)
+        self._exports: list[object] = []
         try:
             self._setup(shared_blocks)
         except BaseException:
@@ -399,25 +460,44 @@ class SharedFileBackend(MemoryBackend):
             finally:
                 os.close(fd)
             self._maps.append((mp.start, mp.end, mm))
-        self._maps.sort(key=lambda t: t[0])
+            export = ctypes.c_char.from_buffer(mm)
+            self._exports.append(export)
+            self._addrs.append((mp.start, mp.end, ctypes.addressof(export)))
 
-    def _locate(self, gpa: int, n: int) -> tuple[mmap.mmap, int]:
-        hva = self.memmap.hva(gpa)
-        for start, end, mm in self._maps:
+    def _local(self, piece: Piece) -> int:
+        """Our address for a piece (it lies inside one QEMU mapping we mirrored)."""
+        gpa, n, hva = piece
+        for start, end, base in self._addrs:
             if start <= hva and hva + n <= end:
-                return mm, hva - start
+                return base + (hva - start)
         raise MemoryAccessError(f"guest address {gpa:#x} is outside the shared mappings")
 
-    def _read_into(self, gpa: int, out: memoryview) -> None:
-        mm, off = self._locate(gpa, len(out))
-        out[:] = mm[off : off + len(out)]
+    def _read_pieces(self, pieces: Sequence[Piece], dst: int) -> None:
+        for p in pieces:
+            ctypes.memmove(dst, self._local(p), p[1])
+            dst += p[1]
 
-    def _write_from(self, pieces: Sequence[tuple[int, memoryview]]) -> None:
-        for gpa, data in pieces:
-            mm, off = self._locate(gpa, len(data))
-            mm[off : off + len(data)] = data
+    def _write_pieces(self, pieces: Sequence[Piece], src: int) -> None:
+        for p in pieces:
+            ctypes.memmove(self._local(p), src, p[1])
+            src += p[1]
+
+    def _zero_pieces(self, pieces: Sequence[Piece]) -> None:
+        for p in pieces:
+            ctypes.memset(self._local(p), 0, p[1])
+
+    def first_nonzero_pieces(self, pieces: Sequence[Piece]) -> int | None:
+        """memcmp straight against the shared mapping: no copy."""
+        for p in pieces:
+            addr = self._local(p)
+            if _memcmp(addr, _ZERO_READ_ADDR, p[1]) != 0:
+                chunk = ctypes.string_at(addr, p[1])
+                return p[0] + next(i for i, b in enumerate(chunk) if b)
+        return None
 
     def close(self) -> None:
+        self._addrs = []
+        self._exports = []  # release the buffer exports before closing the mappings
         for _s, _e, mm in self._maps:
             mm.close()
         self._maps = []

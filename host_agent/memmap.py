@@ -166,6 +166,7 @@ class GuestMemoryMap:
     def __init__(self, ranges: Iterable[RamRange]) -> None:
         self.ranges = sorted(ranges, key=lambda r: r.gpa)
         self._starts = [r.gpa for r in self.ranges]
+        self._ends = [r.gpa + r.size for r in self.ranges]
         for a, b in zip(self.ranges, self.ranges[1:], strict=False):
             if b.gpa < a.end:
                 raise QMPFailure(f"overlapping RAM ranges {a.gpa:#x} and {b.gpa:#x} in mtree")
@@ -180,14 +181,18 @@ class GuestMemoryMap:
 
     def find(self, gpa: int) -> RamRange | None:
         i = bisect.bisect_right(self._starts, gpa) - 1
-        if i >= 0 and gpa < self.ranges[i].end:
+        if i >= 0 and gpa < self._ends[i]:
             return self.ranges[i]
         return None
 
     def split(self, gpa: int, size: int) -> list[tuple[int, int, RamRange]]:
         """Cut [gpa, gpa+size) at RAM-range boundaries; every byte must be RAM."""
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        end = gpa + size
+        if i >= 0 and end <= self._ends[i]:  # fast path: one range holds it all
+            return [(gpa, size, self.ranges[i])]
         pieces: list[tuple[int, int, RamRange]] = []
-        pos, end = gpa, gpa + size
+        pos = gpa
         while pos < end:
             r = self.find(pos)
             if r is None:

@@ -37,7 +37,7 @@ from vmwipe.protocol import (
 )
 
 from .errors import InvalidTableError, MemoryAccessError, RegionError, UsageError, VerifyError
-from .memaccess import MemoryBackend
+from .memaccess import ZERO_CHUNK, MemoryBackend
 from .memmap import GuestMemoryMap
 
 log = logging.getLogger(__name__)
@@ -83,13 +83,22 @@ class WipeReport:
 
 def coalesce(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     """Sort (addr, size) spans and merge overlapping or adjacent ones."""
-    out: list[list[int]] = []
-    for start, size in sorted(s for s in spans if s[1] > 0):
-        if out and start <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], start + size)
+    out: list[tuple[int, int]] = []
+    cur_start = cur_end = -1
+    for start, size in sorted(spans):
+        if size <= 0:
+            continue
+        end = start + size
+        if start <= cur_end:
+            if end > cur_end:
+                cur_end = end
         else:
-            out.append([start, start + size])
-    return [(a, b - a) for a, b in out]
+            if cur_end >= 0:
+                out.append((cur_start, cur_end - cur_start))
+            cur_start, cur_end = start, end
+    if cur_end >= 0:
+        out.append((cur_start, cur_end - cur_start))
+    return out
 
 
 def split_spans(memmap: GuestMemoryMap, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -144,25 +153,27 @@ def run_wipe(
         return report
     hdr = table.header
     report.slots_used = table.used
-    report.slots_valid = len(table.slots)
+    report.slots_valid = len(table.gpas)
     report.invalid = [str(e) for e in table.errors]
     report.generation_before = hdr.wipe_generation
     report.boot_id = hdr.boot_id.hex()
 
-    spans = split_spans(memmap, coalesce((s.gpa, s.size) for s in table.slots))
+    spans = coalesce(table.ranges())
     for gpa, size in spans:  # belt and braces: decode_table already refuses these
         if gpa < region.end and region.base < gpa + size:
             raise InvalidTableError(f"range {gpa:#x}+{size:#x} overlaps the region")
         if gpa % PAGE_SIZE or size % PAGE_SIZE:
             raise InvalidTableError(f"range {gpa:#x}+{size:#x} is not page aligned")
-    total = sum(n for _g, n in spans)
+    # split at RAM-range boundaries (and into zeroing chunks), host addresses resolved once
+    pieces = backend.pieces(spans, ZERO_CHUNK)
+    total = sum(p[1] for p in pieces)
     report.spans, report.bytes, report.pages = len(spans), total, total // PAGE_SIZE
     phases.mark("plan")
 
     log.info("zeroing %d pages in %d spans", report.pages, report.spans)
-    backend.zero(spans)
+    backend.zero_pieces(pieces)
     phases.mark("zero")
-    bad = backend.first_nonzero(spans)
+    bad = backend.first_nonzero_pieces(pieces)
     if bad is not None:
         raise VerifyError(f"guest address {bad:#x} is not zero after the wipe; header not updated")
     phases.mark("verify")
