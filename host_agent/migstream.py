@@ -752,15 +752,37 @@ def index_stream(mm: mmap.mmap | bytes, start: int = 0, end: int | None = None, 
     if bytes(mm[start:start + 4]) != QEVM_MAGIC:
         raise StreamError(f"not a QEMU migration stream: magic {bytes(mm[start:start + 4])!r} "
                           f"at offset {start:#x} (expected b'QEVM')")
+    try:
+        return _index_stream(mm, start, end, trailing_zeros_ok, progress)
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError,
+            struct.error) as e:
+        # A description or record that parses but makes no sense (a forged or damaged
+        # file): still one clear line, never a traceback.
+        raise StreamError(f"corrupt stream: {type(e).__name__}: {e}") from None
+
+
+def _last_nonzero_end(mm: mmap.mmap | bytes, start: int, end: int) -> int:
+    """Offset just after the last non-zero byte of mm[start:end] (start if all zero)."""
+    pos = end
+    step = 1 << 20
+    while pos > start:
+        lo = max(start, pos - step)
+        chunk = bytes(mm[lo:pos]).rstrip(b"\0")
+        if chunk:
+            return lo + len(chunk)
+        pos = lo
+    return start
+
+
+def _index_stream(mm: mmap.mmap | bytes, start: int, end: int, trailing_zeros_ok: bool,
+                  progress: Callable[[int], None] | None) -> StreamIndex:
     idx = StreamIndex(start=start)
     stream_end = end
     found = find_vmdesc(mm, start, end)
     if found is None and trailing_zeros_ok:
-        # strip zero padding, then look again
-        stripped = end
-        while stripped > start and mm[stripped - 1] == 0:
-            stripped -= 1
-        # the JSON ends in '}' so the real end is right after the last non-zero byte
+        # zero padding after the stream (libvirt, O_DIRECT): the JSON ends in '}', so
+        # the stream ends right after the last non-zero byte
+        stripped = _last_nonzero_end(mm, start, end)
         found = find_vmdesc(mm, start, stripped)
         if found is not None:
             stream_end = stripped
@@ -825,8 +847,11 @@ def filter_stream(fd: int, sink: BinaryIO, zero_page: ZeroPredicate,
     src = PipeSource(fd, sink, progress)
     idx = StreamIndex(start=0)
     walker = StreamWalker(src, idx, zero_page=zero_page, stop_after_ram=True, progress=progress)
-    walker.walk_header()
-    walker.walk()
+    try:
+        walker.walk_header()
+        walker.walk()
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, struct.error) as e:
+        raise StreamError(f"corrupt stream: {type(e).__name__}: {e}") from None
     if not idx.ram_done:
         raise StreamError("stream ended before the `ram` section did")
     src.passthrough()  # device state and/or the VM description

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vmwipe.host_agent import migstream as ms
 from vmwipe.host_agent.qmp import QMPSession
@@ -304,3 +306,32 @@ def test_filter_stream_matches_file_walk(small_stream: bytes, tmp_path: Path) ->
     assert len(diff) <= 2  # one page of data, possibly straddling two 4 KiB windows
     assert b"\xaa" * 4096 in small_stream and b"\xaa" * 4096 not in got
     ms.index_stream(got)  # still a valid stream
+
+
+# --- fuzz: damaged streams give StreamError, never another exception -----------------
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_mutations(small_stream: bytes, data: st.DataObject) -> None:
+    blob = bytearray(small_stream)
+    n = len(blob)
+    kind = data.draw(st.sampled_from(["flip", "truncate", "insert", "delete", "tail"]))
+    if kind == "flip":
+        for _ in range(data.draw(st.integers(1, 8))):
+            blob[data.draw(st.integers(0, n - 1))] = data.draw(st.integers(0, 255))
+    elif kind == "tail":  # damage the device state / description area
+        for _ in range(data.draw(st.integers(1, 4))):
+            blob[data.draw(st.integers(max(0, n - 40000), n - 1))] = data.draw(
+                st.integers(0, 255))
+    elif kind == "truncate":
+        del blob[data.draw(st.integers(0, n - 1)):]
+    elif kind == "insert":
+        blob.insert(data.draw(st.integers(0, n)), data.draw(st.integers(0, 255)))
+    else:
+        del blob[data.draw(st.integers(0, n - 1))]
+    try:
+        ms.index_stream(bytes(blob))
+    except ms.StreamError as e:
+        assert "\n" not in str(e)
