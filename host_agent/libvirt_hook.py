@@ -165,8 +165,6 @@ def started(name: str, xml: str) -> int:
     try:
         prot = read_protection(xml)
     except ProtectError as e:
-        if META_URN.decode() not in xml:
-            return 0  # not our business: a domain XML we cannot parse, and not protected
         return _fail(name, f"cannot read the vmwipe metadata: {e}")
     if prot is None:
         return 0
@@ -238,7 +236,7 @@ def main(argv: Sequence[str], chained: str | None = None, stdin: bytes | None = 
         sys.stdout.flush()
         if proc.returncode != 0:
             return proc.returncode
-    if len(argv) >= 3 and argv[1] == "started" and argv[2] == "begin":
+    if len(argv) >= 3 and argv[1] == "started" and argv[2] == "begin" and META_URN in data:
         return started(argv[0], data.decode("utf-8", "replace"))
     return 0
 

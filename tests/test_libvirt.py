@@ -478,6 +478,36 @@ def test_forged_table_blocks_restore(env: Env) -> None:
     assert env.domstate() == "shut off"
 
 
+def test_api_restore_refuses_to_resume(env: Env) -> None:
+    """Restored with XML lacking the marker, the hook stands aside; the API flow must
+    then find the forged table itself, refuse, and leave the domain paused."""
+    import xml.etree.ElementTree as ET
+
+    import libvirt
+
+    bad = env.lab.work / "forged.save"
+    root = ET.fromstring(env.lab.conn.saveImageGetXMLDesc(str(bad),
+                                                         libvirt.VIR_DOMAIN_XML_SECURE))
+    meta = root.find("metadata")
+    assert meta is not None
+    for el in list(meta):
+        if el.tag.startswith("{urn:vmwipe:libvirt:1}"):
+            meta.remove(el)
+    alt = env.lab.work / "no-marker.xml"
+    alt.write_text(ET.tostring(root, encoding="unicode"))
+    off = env.log_size()
+    r = run_cli("libvirt", "restore", str(bad), "--xml", str(alt), "-c", URI)
+    env.lab.note_qemu(env.name)
+    try:
+        assert r.returncode == 6, r.stdout + r.stderr  # InvalidTableError
+        assert "left paused" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert env.domstate() == "paused"
+        time.sleep(1.0)
+        assert env.drbg_since(off) == [], "the guest ran although the wipe failed"
+    finally:
+        env.lab.virsh("destroy", env.name, check=False)
+
+
 def test_hook_leaves_incoming_migration_alone(env: Env, tmp_path: Path) -> None:
     """A QEMU waiting for an incoming migration (RAM not here yet) is not wiped."""
     from vmwipe.host_agent.launcher import start_qemu

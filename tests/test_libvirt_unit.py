@@ -1,0 +1,236 @@
+"""libvirt integration pieces that need no libvirtd: XML edits, classification, hook install.
+
+The real-libvirtd scenarios are in test_libvirt.py; these pin the rules those
+scenarios rely on (idempotence, exact reversal, what the hook prints, how it
+chains) in a few milliseconds each.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from vmwipe.host_agent.errors import UsageError
+from vmwipe.host_agent.libvirt_hook import (
+    CHAINED_NAME,
+    MARKER,
+    classify,
+    install_hook,
+    main,
+    uninstall_hook,
+)
+from vmwipe.host_agent.libvirt_xml import (
+    ProtectError,
+    device_memory_base,
+    protect_xml,
+    qemu_commandline,
+    read_protection,
+    unprotect_xml,
+)
+from vmwipe.protocol import decode_ssdt
+
+UUID = "6a1f2b3c-0000-4000-8000-00000000abcd"
+
+
+def domain(kernel: bool = True, extra_os: str = "", extra: str = "", mem_mib: int = 512) -> str:
+    boot = (f"<kernel>/boot/vmlinuz</kernel><initrd>/i.img</initrd>{extra_os}" if kernel
+            else "")
+    return textwrap.dedent(f"""\
+        <domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+          <name>guest1</name>
+          <uuid>{UUID}</uuid>
+          <metadata><app:info xmlns:app='urn:example:app'>keep me</app:info></metadata>
+          <memory unit='KiB'>{mem_mib << 10}</memory>
+          <currentMemory unit='KiB'>{mem_mib << 10}</currentMemory>
+          <vcpu>2</vcpu>
+          <os><type arch='x86_64' machine='pc-q35-7.2'>hvm</type>{boot}</os>
+          <devices><emulator>/usr/bin/qemu-system-x86_64</emulator></devices>
+          {extra}
+        </domain>""")
+
+
+def canon(xml: str) -> bytes:
+    root = ET.fromstring(xml)
+    for el in root.iter():
+        el.text = (el.text or "").strip() or None
+        el.tail = None
+    return ET.tostring(root)
+
+
+def test_protect_memmap_round_trip(tmp_path: Path) -> None:
+    src = domain(extra_os="<cmdline>console=ttyS0 quiet</cmdline>",
+                 extra="<qemu:commandline><qemu:arg value='-S'/></qemu:commandline>")
+    edit = protect_xml(src, tmp_path)
+    prot = edit.protection
+    assert prot is not None and prot.reservation == "memmap"
+    assert edit.changed and not edit.removed
+    root = ET.fromstring(edit.xml)
+    assert root.findtext("os/cmdline") == f"console=ttyS0 quiet {prot.cmdline_param}"
+    args = qemu_commandline(root)
+    assert args[0] == "-S" and args[1:] == prot.qemu_args()
+    assert prot.monitor == str(tmp_path / "mon" / "guest1.qmp")
+    assert read_protection(edit.xml) == prot
+    assert root.find("metadata/{urn:example:app}info") is not None
+
+    again = protect_xml(edit.xml, tmp_path)
+    assert not again.changed and again.xml == edit.xml
+
+    back = unprotect_xml(edit.xml)
+    assert back.changed and not back.added
+    assert canon(back.xml) == canon(src)
+    assert not unprotect_xml(back.xml).changed
+
+
+def test_protect_refreshes_when_memory_changes(tmp_path: Path) -> None:
+    first = protect_xml(domain(mem_mib=512), tmp_path)
+    grown = first.xml.replace(">524288<", ">1048576<")
+    second = protect_xml(grown, tmp_path)
+    assert second.changed
+    assert any("memmap=" in x for x in second.removed) and any("memmap=" in x
+                                                                for x in second.added)
+    assert second.protection is not None and first.protection is not None
+    assert second.protection.base != first.protection.base
+
+
+def test_protect_dimm_round_trip(tmp_path: Path) -> None:
+    src = domain(kernel=False, mem_mib=4096)
+    edit = protect_xml(src, tmp_path)
+    prot = edit.protection
+    assert prot is not None and prot.reservation == "dimm"
+    # q35 with 4 GiB: 2 GiB below 4 GiB, 2 GiB above, hotplug area at 4 GiB + 2 GiB rounded up
+    assert prot.base == prot.dimm_base == 6 << 30
+    root = ET.fromstring(edit.xml)
+    assert root.find("maxMemory") is not None
+    cell = root.find("cpu/numa/cell")
+    assert cell is not None and cell.get("cpus") == "0-1"
+    assert root.findtext("memory") == str((4096 << 10) + 2048)
+    assert root.find("devices/memory[@model='dimm']/address").get("base") == hex(6 << 30)  # type: ignore[union-attr]
+    assert not protect_xml(edit.xml, tmp_path).changed
+    assert canon(unprotect_xml(edit.xml).xml) == canon(src)
+
+
+def test_protect_refuses_what_it_cannot_do(tmp_path: Path) -> None:
+    with pytest.raises(ProtectError, match="direct kernel boot"):
+        protect_xml(domain(kernel=False), tmp_path, reservation="memmap")
+    with pytest.raises(ProtectError, match="too small"):
+        protect_xml(domain(mem_mib=16), tmp_path)
+    with pytest.raises(ProtectError, match="not a domain"):
+        protect_xml("<network/>", tmp_path)
+
+
+def test_device_memory_base() -> None:
+    assert device_memory_base("pc-i440fx-7.2", 512 << 20) == 4 << 30
+    assert device_memory_base("pc-i440fx-7.2", 5 << 30) == 6 << 30  # 3 GiB low, 2 GiB high
+    assert device_memory_base("pc-q35-7.2", 3 << 30) == 5 << 30  # 2 GiB low, 1 GiB high
+
+
+def test_ssdt_files_match_protection(tmp_path: Path) -> None:
+    from vmwipe.host_agent.libvirt_xml import prepare_files
+
+    prot = protect_xml(domain(), tmp_path).protection
+    assert prot is not None
+    prepare_files(prot)
+    assert decode_ssdt(Path(prot.ssdt).read_bytes()) == prot.region
+    assert Path(prot.zero_page).read_bytes() == bytes(4096)
+    assert Path(prot.monitor).parent.is_dir()
+
+
+@pytest.mark.parametrize(
+    ("state", "migration", "argv", "kind"),
+    [
+        ("running", "none", [], "fresh-boot"),
+        ("prelaunch", "none", [], "fresh-boot"),
+        ("inmigrate", "none", [], "migration"),
+        ("inmigrate", "active", [], "migration"),
+        ("paused", "active", [], "migration"),
+        ("paused", "completed", [], "restore"),
+        ("prelaunch", "none", ["-loadvm", "s1"], "revert"),
+        ("paused", "none", [], "paused"),
+        ("postmigrate", "none", [], "paused"),
+    ],
+)
+def test_classify(state: str, migration: str, argv: list[str], kind: str) -> None:
+    sit = classify(state, migration, ["qemu", *argv])
+    assert sit.kind == kind
+    assert sit.wipe == (kind in ("restore", "revert", "paused"))
+
+
+def _chained(hooks: Path, body: str) -> Path:
+    p = hooks / "qemu"
+    p.write_text("#!/bin/sh\n" + body)
+    p.chmod(0o755)
+    return p
+
+
+def test_install_chains_and_uninstall_restores(tmp_path: Path) -> None:
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    original = _chained(hooks, 'echo "$*" >> "$(dirname "$0")/calls"; cat\n').read_bytes()
+    done = install_hook(hooks)
+    assert any("moved the existing hook" in d for d in done) and "restart" in done[-1]
+    assert (hooks / CHAINED_NAME).read_bytes() == original
+    assert MARKER in (hooks / "qemu").read_text()
+    assert "already" in install_hook(hooks)[0]
+
+    # restore begin: the chained hook's stdout (an XML rewrite) passes through; ours adds nothing
+    p = subprocess.run([str(hooks / "qemu"), "dom", "restore", "begin", "-"], input=b"<x/>",
+                       capture_output=True, check=False, timeout=60)
+    assert (p.returncode, p.stdout) == (0, b"<x/>"), p.stderr
+    assert (hooks / "calls").read_text() == "dom restore begin -\n"
+
+    with pytest.raises(UsageError):  # a foreign hook and a chained one: refuse to guess
+        (hooks / "qemu").write_text("#!/bin/sh\n")
+        install_hook(hooks)
+    (hooks / "qemu").write_text(f"#!/bin/sh\n{MARKER}\n")
+    done = uninstall_hook(hooks)
+    assert (hooks / "qemu").read_bytes() == original
+    assert not (hooks / CHAINED_NAME).exists()
+    assert "not the vmwipe hook" in uninstall_hook(hooks)[0]
+
+
+def test_chained_failure_propagates(tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    chained = tmp_path / "prev"
+    chained.write_text("#!/bin/sh\necho nope >&2\nexit 3\n")
+    chained.chmod(0o755)
+    assert main(["d", "prepare", "begin", "-"], chained=str(chained), stdin=b"") == 3
+
+
+def test_hook_ignores_unprotected_and_fails_closed(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import vmwipe.host_agent.libvirt_hook as hook
+
+    monkeypatch.setattr(hook, "LOG_DIR", tmp_path / "log")
+    assert main(["d", "started", "begin", "-"], stdin=domain().encode()) == 0
+    assert capsys.readouterr() == ("", "")
+    prot_xml = protect_xml(domain(), tmp_path).xml  # its monitor socket does not exist
+    assert main(["guest1", "restore", "begin", "-"], stdin=prot_xml.encode()) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["guest1", "started", "begin", "-"], stdin=prot_xml.encode()) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("vmwipe: guest1: ")
+    assert "not allowed to run" in (tmp_path / "log" / "hook.log").read_text()
+
+
+def test_hook_script_survives_a_broken_agent(tmp_path: Path) -> None:
+    """If the agent cannot be imported, only protected domains are refused."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    install_hook(hooks, python=sys.executable)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "shadow"))
+    shadow = tmp_path / "shadow" / "vmwipe"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('broken on purpose')\n")
+    for xml, want in ((domain(), 0), (protect_xml(domain(), tmp_path).xml, 1)):
+        p = subprocess.run([sys.executable, str(hooks / "qemu"), "g", "started", "begin", "-"],
+                           input=xml.encode(), capture_output=True, env=env, check=False,
+                           timeout=60)
+        assert p.returncode == want, p.stderr
+        assert p.stdout == b""
