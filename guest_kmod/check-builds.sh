@@ -11,11 +11,19 @@ out=${VMWIPE_BUILD_DIR:-$here/../build}
 newest() { ls -d /usr/src/linux-headers-"$1"*-amd64 2>/dev/null | sort -V | tail -n 1; }
 
 [ -n "$(newest 6.12.)" ] || "$here/install-6.12-headers.sh" >/dev/null
+codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
 kdirs=()
 for series in 6.1. 6.12.; do
 	kdir=$(newest "$series")
-	[ -n "$kdir" ] || { echo "check-builds: no linux-headers-${series}*-amd64" >&2; exit 1; }
-	kdirs+=("$kdir")
+	if [ -n "$kdir" ]; then
+		kdirs+=("$kdir")
+	elif [ "$series" = 6.1. ] && [ "$codename" != bookworm ]; then
+		# Debian 13 only ships 6.12; the 6.1 check needs a Debian 12 machine.
+		echo "check-builds: no 6.1 headers on $codename, 6.1 build SKIPPED" >&2
+	else
+		echo "check-builds: no linux-headers-${series}*-amd64" >&2
+		exit 1
+	fi
 done
 
 rc=0

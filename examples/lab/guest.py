@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -146,6 +147,12 @@ class Console:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the QEMU child: get SIGKILL if the test process dies without cleaning up."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class _IOVec(ctypes.Structure):
@@ -178,6 +185,7 @@ class GuestConfig:
     # A state saved by Guest.save(): load it (paused, like a restore or a
     # clone) instead of booting. The rest of the config must match the source.
     incoming: Path | None = None
+    extra_args: tuple[str, ...] = ()  # appended to the QEMU command line
 
 
 class Guest:
@@ -226,14 +234,15 @@ class Guest:
                      "force-raw=on"]
         if cfg.incoming is not None:
             args += ["-incoming", "defer"]
-        return args
+        return args + list(cfg.extra_args)
 
     def _start(self) -> None:
         (self._tmp / "ssdt.aml").write_bytes(encode_ssdt(self.region.base, self.region.size))
         (self._tmp / "zero.bin").write_bytes(bytes(4096))
-        self._proc = subprocess.Popen(
-            self.qemu_args(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=(self._tmp / "qemu.stderr").open("wb"))
+        with (self._tmp / "qemu.stderr").open("wb") as stderr:
+            self._proc = subprocess.Popen(
+                self.qemu_args(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+                preexec_fn=_die_with_parent)
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self.console = Console(self._proc.stdout, self._proc.stdin, self.log_path)
         self._qmp = QMPClient("vmwipe-lab")
