@@ -182,9 +182,9 @@ void vmwipe_free_pages(struct page *page, unsigned int order)
 EXPORT_SYMBOL_GPL(vmwipe_free_pages);
 
 /*
- * Pinned pages are charged to the user's RLIMIT_MEMLOCK, in the counter that
- * io_uring and memfd_secret use, so that one user of a 0666 device can pin
- * neither unbounded memory nor every slot.
+ * Pinned pages count against RLIMIT_MEMLOCK, as memfd_secret's do, but in the
+ * per-user counter that io_uring and perf use rather than per process: one
+ * user of a 0666 device must pin neither unbounded memory nor every slot.
  */
 static int vmwipe_charge(struct vmwipe_mapping *m)
 {
