@@ -42,7 +42,7 @@ from vmwipe.protocol import (
 from .build import GuestImage
 
 QEMU = "qemu-system-x86_64"
-# 1 MiB reserved at 496 MiB of a 512 MiB guest (NOTES.md); the table may use less.
+# 1 MiB reserved at 496 MiB of a 512 MiB guest (NOTES.md), all of it the region.
 RESERVE_BASE = 0x1F000000
 RESERVE_SIZE = 0x100000
 
@@ -177,7 +177,7 @@ class GuestConfig:
     image: GuestImage
     memory_mib: int = 512
     cpus: int = 2
-    region: Region = field(default_factory=lambda: Region(RESERVE_BASE, 0x10000))
+    region: Region = field(default_factory=lambda: Region(RESERVE_BASE, RESERVE_SIZE))
     reserve: bool = True  # memmap= on the kernel command line
     loader: bool = True  # zero page rewritten at every reset (SPEC.md section 7)
     accel: str = field(default_factory=default_accel)
