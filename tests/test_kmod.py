@@ -288,7 +288,9 @@ def test_unload_refused_while_mapped_then_reload(loaded: Guest) -> None:
     sh(g, "rmmod vmwipe")
     assert g.read_region() == bytes(g.region.size)  # clean unload: region zeroed
     assert rc(g, "test -e /dev/vmwipe") != 0
-    sh(g, "insmod /vmwipe.ko")
+    sh(g, "insmod /vmwipe.ko mode=0600")
+    assert re.match(r"crw------- ", sh(g, "ls -l /dev/vmwipe"))
+    sh(g, "rmmod vmwipe && insmod /vmwipe.ko")
     header = live_table(g).header
     assert header is not None and header.boot_id != boot_id
 
