@@ -134,7 +134,8 @@ def _report(args: argparse.Namespace, dom: Any, what: str, lines: list[str], fil
 def _cmd_install_hook(args: argparse.Namespace) -> int:
     from .libvirt_hook import install_hook
 
-    done = install_hook(Path(args.hooks_dir), args.python)
+    done = install_hook(Path(args.hooks_dir), args.python,
+                        None if args.no_apparmor else Path(args.apparmor_file))
     print(json.dumps({"done": done}) if args.json else "\n".join(done))
     return 0
 
@@ -142,7 +143,8 @@ def _cmd_install_hook(args: argparse.Namespace) -> int:
 def _cmd_uninstall_hook(args: argparse.Namespace) -> int:
     from .libvirt_hook import uninstall_hook
 
-    done = uninstall_hook(Path(args.hooks_dir))
+    done = uninstall_hook(Path(args.hooks_dir),
+                          None if args.no_apparmor else Path(args.apparmor_file))
     print(json.dumps({"done": done}) if args.json else "\n".join(done))
     return 0
 
@@ -219,6 +221,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     hooks.add_argument("--hooks-dir", default="/etc/libvirt/hooks",
                        help="libvirt's hook directory (default %(default)s)")
     hooks.add_argument("--json", action="store_true", help="print a JSON report")
+    hooks.add_argument("--apparmor-file", default="/etc/apparmor.d/local/abstractions/libvirt-qemu",
+                       help="local AppArmor abstraction that receives the rules for the SSDT, "
+                       "zero page and monitor socket, when it exists (default %(default)s)")
+    hooks.add_argument("--no-apparmor", action="store_true",
+                       help="leave the AppArmor abstraction alone")
     p = lsub.add_parser("install-hook", parents=[hooks], help="install the qemu hook",
                         description="Install HOOKS_DIR/qemu. An existing hook is moved to "
                         "qemu.vmwipe-chained and run first. libvirtd must be restarted.")

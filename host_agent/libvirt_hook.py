@@ -269,14 +269,67 @@ def _write_exec(path: Path, text: str) -> None:
         raise
 
 
+APPARMOR_LOCAL = Path("/etc/apparmor.d/local/abstractions/libvirt-qemu")
+_AA_BEGIN = "# BEGIN vmwipe (vmwipe libvirt install-hook; uninstall-hook removes it)"
+_AA_END = "# END vmwipe"
+
+
+def apparmor_rules(state_dir: Path = Path("/var/lib/vmwipe")) -> str:
+    """What QEMU needs beyond libvirt's generated profile: qemu:commandline files are unknown
+    to virt-aa-helper, so the SSDT, the zero page and the monitor socket are granted here."""
+    return "\n".join([
+        _AA_BEGIN,
+        f"  {state_dir}/domains/*/vmwipe-ssdt.aml r,",
+        f"  {state_dir}/domains/*/vmwipe-zero-page.bin r,",
+        f"  {state_dir}/mon/*.qmp rw,",
+        _AA_END,
+    ]) + "\n"
+
+
+def _strip_block(text: str) -> str:
+    if _AA_BEGIN not in text:
+        return text
+    head, rest = text.split(_AA_BEGIN, 1)
+    tail = rest.split(_AA_END, 1)[1] if _AA_END in rest else ""
+    return head + tail.removeprefix("\n")
+
+
+def install_apparmor(path: Path = APPARMOR_LOCAL) -> list[str]:
+    """Add the vmwipe rules to the local libvirt-qemu abstraction, if AppArmor's is installed."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    new = _strip_block(text)
+    if new and not new.endswith("\n"):
+        new += "\n"
+    new += apparmor_rules()
+    if new == text:
+        return []
+    path.write_text(new)
+    return [f"added the vmwipe AppArmor rules to {path} (used from the next domain start)"]
+
+
+def uninstall_apparmor(path: Path = APPARMOR_LOCAL) -> list[str]:
+    if not path.exists():
+        return []
+    text = path.read_text()
+    new = _strip_block(text)
+    if new == text:
+        return []
+    path.write_text(new)
+    return [f"removed the vmwipe AppArmor rules from {path}"]
+
+
 RESTART_NOTE = ("libvirtd reads hooks only when it starts: restart it now "
                 "(systemctl restart libvirtd, or virtqemud on modular daemons)")
 
 
-def install_hook(hooks_dir: Path = HOOKS_DIR, python: str | None = None) -> list[str]:
+def install_hook(hooks_dir: Path = HOOKS_DIR, python: str | None = None,
+                 apparmor: Path | None = APPARMOR_LOCAL) -> list[str]:
     """Install the hook, chaining to an existing one; returns what was done."""
     from .errors import UsageError
 
+    aa = install_apparmor(apparmor) if apparmor is not None else []
     hooks_dir.mkdir(parents=True, exist_ok=True)
     hook = hooks_dir / "qemu"
     chained = hooks_dir / CHAINED_NAME
@@ -284,9 +337,9 @@ def install_hook(hooks_dir: Path = HOOKS_DIR, python: str | None = None) -> list
     done: list[str] = []
     if _is_ours(hook):
         if hook.read_text() == text:
-            return [f"{hook} is already the vmwipe hook; nothing changed"]
+            return [f"{hook} is already the vmwipe hook; nothing changed", *aa]
         _write_exec(hook, text)
-        return [f"updated the vmwipe hook in {hook}", RESTART_NOTE]
+        return [f"updated the vmwipe hook in {hook}", *aa, RESTART_NOTE]
     if hook.exists() or hook.is_symlink():
         if chained.exists() or chained.is_symlink():
             raise UsageError(f"{hook} is not the vmwipe hook and {chained} already exists; "
@@ -299,17 +352,20 @@ def install_hook(hooks_dir: Path = HOOKS_DIR, python: str | None = None) -> list
                         "before and the vmwipe hook will not either")
     _write_exec(hook, text)
     done.append(f"installed the vmwipe hook as {hook}")
+    done += aa
     done.append(RESTART_NOTE)
     return done
 
 
-def uninstall_hook(hooks_dir: Path = HOOKS_DIR) -> list[str]:
+def uninstall_hook(hooks_dir: Path = HOOKS_DIR,
+                   apparmor: Path | None = APPARMOR_LOCAL) -> list[str]:
     """Remove the vmwipe hook and put a chained hook back in its place."""
     hook = hooks_dir / "qemu"
     chained = hooks_dir / CHAINED_NAME
+    aa = uninstall_apparmor(apparmor) if apparmor is not None else []
     if not _is_ours(hook):
-        return [f"{hook} is not the vmwipe hook; nothing changed"]
-    done: list[str] = []
+        return [f"{hook} is not the vmwipe hook; nothing changed", *aa]
+    done: list[str] = [*aa]
     if chained.exists() or chained.is_symlink():
         os.replace(chained, hook)
         done.append(f"moved {chained} back to {hook}")

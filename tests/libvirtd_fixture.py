@@ -29,6 +29,8 @@ from typing import Any
 RUN_DIR = Path("/var/run/libvirt")
 HOOKS_DIR = Path("/etc/libvirt/hooks")
 HOOK_NAMES = ("qemu", "qemu.vmwipe-chained")
+#: install-hook adds rules here when AppArmor's libvirt abstraction is installed.
+APPARMOR_LOCAL = Path("/etc/apparmor.d/local/abstractions/libvirt-qemu")
 STATE_DIR = Path("/var/lib/vmwipe")
 LOG_DIR = Path("/var/log/vmwipe")
 URI = "qemu:///system"
@@ -69,23 +71,21 @@ def unavailable_reason() -> str | None:
 @dataclass
 class _Saved:
     existed: bool
-    files: dict[str, tuple[bytes, int] | None] = field(default_factory=dict)
+    files: dict[Path, tuple[bytes, int] | None] = field(default_factory=dict)
 
 
 def _save_hooks() -> _Saved:
     saved = _Saved(HOOKS_DIR.is_dir())
-    for name in HOOK_NAMES:
-        p = HOOKS_DIR / name
+    for p in (*(HOOKS_DIR / n for n in HOOK_NAMES), APPARMOR_LOCAL):
         if p.is_symlink():
             raise RuntimeError(f"{p} is a symlink; refusing to juggle it in a test")
-        saved.files[name] = (p.read_bytes(), stat.S_IMODE(p.stat().st_mode)) if p.exists() \
+        saved.files[p] = (p.read_bytes(), stat.S_IMODE(p.stat().st_mode)) if p.exists() \
             else None
     return saved
 
 
 def _restore_hooks(saved: _Saved) -> None:
-    for name, content in saved.files.items():
-        p = HOOKS_DIR / name
+    for p, content in saved.files.items():
         if content is None:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()

@@ -250,6 +250,10 @@ def test_install_hook_chained(env: Env) -> None:
     assert "vmwipe-libvirt-hook" in hook.read_text()
     assert os.access(hook, os.X_OK)
     assert "stand-in for a site's own hook" in (HOOKS_DIR / "qemu.vmwipe-chained").read_text()
+    from libvirtd_fixture import APPARMOR_LOCAL
+
+    if APPARMOR_LOCAL.exists():
+        assert "/var/lib/vmwipe/mon/*.qmp rw," in APPARMOR_LOCAL.read_text()
     again = run_cli("libvirt", "install-hook")
     assert again.returncode == 0 and "already" in again.stdout, again.stdout + again.stderr
 

@@ -172,11 +172,18 @@ def test_install_chains_and_uninstall_restores(tmp_path: Path) -> None:
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     original = _chained(hooks, 'echo "$*" >> "$(dirname "$0")/calls"; cat\n').read_bytes()
-    done = install_hook(hooks)
+    aa = tmp_path / "libvirt-qemu"
+    aa.write_text("  /srv/site/** r,\n")
+    done = install_hook(hooks, apparmor=aa)
     assert any("moved the existing hook" in d for d in done) and "restart" in done[-1]
+    assert any("AppArmor" in d for d in done)
     assert (hooks / CHAINED_NAME).read_bytes() == original
     assert MARKER in (hooks / "qemu").read_text()
-    assert "already" in install_hook(hooks)[0]
+    rules = aa.read_text()
+    assert rules.startswith("  /srv/site/** r,\n") and "/var/lib/vmwipe/mon/*.qmp rw," in rules
+    assert install_hook(hooks, apparmor=aa) == [f"{hooks / 'qemu'} is already the vmwipe hook; "
+                                               "nothing changed"]
+    assert aa.read_text() == rules
 
     # restore begin: the chained hook's stdout (an XML rewrite) passes through; ours adds nothing
     p = subprocess.run([str(hooks / "qemu"), "dom", "restore", "begin", "-"], input=b"<x/>",
@@ -186,12 +193,13 @@ def test_install_chains_and_uninstall_restores(tmp_path: Path) -> None:
 
     with pytest.raises(UsageError):  # a foreign hook and a chained one: refuse to guess
         (hooks / "qemu").write_text("#!/bin/sh\n")
-        install_hook(hooks)
+        install_hook(hooks, apparmor=None)
     (hooks / "qemu").write_text(f"#!/bin/sh\n{MARKER}\n")
-    done = uninstall_hook(hooks)
+    done = uninstall_hook(hooks, apparmor=aa)
     assert (hooks / "qemu").read_bytes() == original
     assert not (hooks / CHAINED_NAME).exists()
-    assert "not the vmwipe hook" in uninstall_hook(hooks)[0]
+    assert aa.read_text() == "  /srv/site/** r,\n"
+    assert "not the vmwipe hook" in uninstall_hook(hooks, apparmor=aa)[0]
 
 
 def test_chained_failure_propagates(tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes],
@@ -223,7 +231,7 @@ def test_hook_script_survives_a_broken_agent(tmp_path: Path) -> None:
     """If the agent cannot be imported, only protected domains are refused."""
     hooks = tmp_path / "hooks"
     hooks.mkdir()
-    install_hook(hooks, python=sys.executable)
+    install_hook(hooks, python=sys.executable, apparmor=None)
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "shadow"))
     shadow = tmp_path / "shadow" / "vmwipe"
     shadow.mkdir(parents=True)
