@@ -26,6 +26,14 @@ for series in 6.1. 6.12.; do
 	fi
 done
 
+# sparse (endianness annotations, locking) when installed: apt-get install sparse
+check=()
+if command -v sparse >/dev/null; then
+	check=(C=1)
+else
+	echo "check-builds: sparse not installed, skipping the sparse pass" >&2
+fi
+
 rc=0
 for kdir in "${kdirs[@]}"; do
 	rel=${kdir#/usr/src/linux-headers-}
@@ -34,7 +42,7 @@ for kdir in "${kdirs[@]}"; do
 	mkdir -p "$dir"
 	cp "$here"/Kbuild "$here"/*.c "$here"/*.h "$dir"/
 	log=$dir/build.log
-	if ! make -C "$kdir" M="$dir" W=1 CONFIG_VMWIPE_KAPI_TEST=m modules >"$log" 2>&1; then
+	if ! make -C "$kdir" M="$dir" W=1 "${check[@]}" CONFIG_VMWIPE_KAPI_TEST=m modules >"$log" 2>&1; then
 		echo "check-builds: $rel: build FAILED" >&2
 		cat "$log" >&2
 		rc=1
@@ -43,7 +51,7 @@ for kdir in "${kdirs[@]}"; do
 		grep -A3 'warning:' "$log" >&2
 		rc=1
 	else
-		echo "check-builds: $rel: OK, no warnings (W=1)"
+		echo "check-builds: $rel: OK, no warnings (W=1${check:+, sparse})"
 	fi
 done
 exit $rc

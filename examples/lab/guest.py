@@ -328,6 +328,11 @@ class Guest:
         return str(self.qmp("human-monitor-command", **{"command-line": line}))
 
     @property
+    def tmpdir(self) -> Path:
+        """This guest's private directory (removed on close): sockets, SSDT, logs."""
+        return self._tmp
+
+    @property
     def pid(self) -> int:
         assert self._proc is not None
         return self._proc.pid
