@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -131,6 +132,8 @@ def _fmt_report(rep: FlowReport) -> str:
         f"state {rep.state_before} -> {rep.state_after}"
     ]
     lines += [f"warning: {msg}" for msg in rep.warnings]
+    if rep.wipe is None and rep.region_source:
+        lines.append(f"region source: {rep.region_source}")
     w = rep.wipe
     if w is not None:
         lines.append(
@@ -367,14 +370,13 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Everything after the first `--` belongs to QEMU (clone); argparse must not see it.
+    # For `clone`, everything after the first `--` belongs to QEMU; argparse must not see it.
     tail: list[str] = []
-    if "--" in argv:
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command == "clone" and "--" in argv:
         i = argv.index("--")
         argv, tail = argv[:i], argv[i + 1 :]
     args = parser.parse_args(argv)
-    if tail and args.command != "clone":
-        parser.error(f"unexpected arguments after --: {' '.join(tail)}")
     args.qemu_args = tail
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="vmwipe: %(levelname)s: %(message)s")
@@ -389,11 +391,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AgentError as e:
         err = e
     except (ProtocolError, ValueError) as e:
-        print(f"vmwipe: error: {e}", file=sys.stderr)
-        return 2
+        err = AgentError(str(e))
+        err.exit_code = 2
+    except BrokenPipeError:  # stdout closed early (e.g. `| head`): the work itself is done
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
         signal.signal(signal.SIGTERM, old)
-    print(f"vmwipe: error: {err}", file=sys.stderr)
+    message = " ".join(str(err).split()) or type(err).__name__  # always one line
+    print(f"vmwipe: error: {message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(
+            json.dumps({"error": message, "exit_code": err.exit_code, "kind": type(err).__name__})
+        )
     return err.exit_code
 
 

@@ -80,5 +80,6 @@ EXIT_CODES: dict[int, str] = {
     MemoryAccessError.exit_code: "guest memory not accessible / transfer failed",
     VerifyError.exit_code: "wiped pages did not read back as zero",
     MigrationError.exit_code: "migration (save/restore) failed",
+    10: "clone: a QEMU process failed to start (all clones killed)",
     Interrupted.exit_code: "interrupted by SIGINT/SIGTERM (VM left paused)",
 }

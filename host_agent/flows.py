@@ -196,6 +196,9 @@ def _wipe_and_maybe_resume(
         rep.wipe = run_wipe(target.backend, target.region, opts.on_invalid, phases)
     finally:
         target.close()
+    state = session.status()
+    if state not in PAUSED_STATES:  # someone else resumed it meanwhile: the wipe proves nothing
+        raise VMStateError(f"the VM left the paused state during the wipe (now {state!r})")
     if do_resume:
         resume(session)
         rep.resumed = True

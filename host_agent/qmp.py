@@ -41,6 +41,10 @@ class QMPCommandError(QMPFailure):
         super().__init__(f"QMP {command} failed: {desc}")
 
 
+class QMPTimeout(QMPFailure):
+    """QEMU did not answer (or the awaited event did not come) in time."""
+
+
 class QMPSession:
     """One QMP connection.  Use as a context manager or call `close()`."""
 
@@ -61,7 +65,7 @@ class QMPSession:
         try:
             return self._loop.run_until_complete(asyncio.wait_for(coro, limit))
         except TimeoutError:
-            raise QMPFailure(f"{what}: no answer from QEMU within {limit:g} s") from None
+            raise QMPTimeout(f"{what}: no answer from QEMU within {limit:g} s") from None
         except ExecuteError as e:
             raise QMPCommandError(what, e.error_class, str(e)) from None
         except (QMPError, OSError, EOFError) as e:
@@ -158,10 +162,8 @@ class QMPSession:
 
         try:
             return self._run(_next(), timeout, f"waiting for {sorted(wanted)}")
-        except QMPFailure as e:
-            if "no answer" in str(e):
-                return None
-            raise
+        except QMPTimeout:
+            return None
 
     def wait_until(
         self, check: Callable[[], T | None], timeout: float, what: str, poll: float = 0.05

@@ -229,3 +229,12 @@ def test_one_line_errors(tmp_path: Path) -> None:
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("vmwipe: error: cannot connect")
     r = run_cli("restore", "--qmp", str(tmp_path / "nope.sock"))
     assert r.returncode == 2  # argparse: --from is required
+    r = run_cli("inspect", "--qmp", str(tmp_path / "nope.sock"), "--json")
+    assert r.returncode == 3
+    assert json.loads(r.stdout) == {
+        "error": f"cannot connect to QMP socket {tmp_path}/nope.sock: No such file or directory",
+        "exit_code": 3, "kind": "QMPFailure"}
+    r = run_cli("clone", str(tmp_path / "snap"), "-n", "1")
+    assert r.returncode == 2 and "QEMU arguments after --" in r.stderr
+    r = run_cli("wipe", "--qmp", "x", "--", "extra")
+    assert r.returncode == 2 and "unrecognized arguments" in r.stderr
