@@ -49,7 +49,7 @@ def _human(rep: ScrubReport) -> str:
             body += " (no-op)"
     lines = [head, body]
     lines.extend(f"invalid slot skipped: {e}" for e in rep.invalid_slots)
-    lines.append(f"{rep.records} page records, {rep.stream_bytes} stream bytes, "
+    lines.append(f"{rep.records} RAM page records, {rep.stream_bytes} stream bytes, "
                  f"{rep.seconds * 1000:.0f} ms")
     return "\n".join(lines)
 
