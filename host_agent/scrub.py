@@ -462,12 +462,14 @@ def plan_scrub(mm: mmap.mmap | bytes, *, path: str = "", machine: str | None = N
     return _Plan(idx, container, layout, source, region, table, writes, report)
 
 
-def _apply(path: str, writes: Sequence[tuple[int, int]], expect_size: int) -> int:
+def _apply(path: str, writes: Sequence[tuple[int, int]], before: os.stat_result) -> int:
     """Second pass: zero the planned ranges, fsync, read back.  Returns bytes written."""
     fd = os.open(path, os.O_RDWR)
     try:
-        if os.fstat(fd).st_size != expect_size:
-            raise StreamError(f"{path} changed size while it was being scrubbed")
+        now = os.fstat(fd)
+        if (now.st_ino, now.st_size, now.st_mtime_ns) != (before.st_ino, before.st_size,
+                                                          before.st_mtime_ns):
+            raise StreamError(f"{path} changed while it was being checked; nothing written")
         zero = bytes(PAGE_SIZE)
         total = 0
         for pos, n in sorted(writes):
@@ -502,7 +504,7 @@ def scrub_file(path: str, *, machine: str | None = None, mem: int | None = None,
     except OSError as e:
         raise StreamError(f"cannot open {path}: {e.strerror or e}") from None
     try:
-        size = len(mm)
+        before = os.fstat(fd)
         plan = plan_scrub(mm, path=path, machine=machine, mem=mem, sidecar=sc, region=region,
                           strict=strict, progress=progress)
     finally:
@@ -512,7 +514,7 @@ def scrub_file(path: str, *, machine: str | None = None, mem: int | None = None,
     rep = plan.report
     rep.dry_run = dry_run
     if plan.writes and not dry_run:
-        rep.bytes = _apply(path, plan.writes, size)
+        rep.bytes = _apply(path, plan.writes, before)
         rep.scrubbed_copies = sum(1 for _, n in plan.writes if n == PAGE_SIZE)
     elif plan.writes:
         rep.scrubbed_copies = sum(1 for _, n in plan.writes if n == PAGE_SIZE)
