@@ -415,3 +415,45 @@ def test_mapped_ram_10(tmp_path: Path, vms: list[Vm]) -> None:
     assert rvm.read(0x200_0000, PAGE) == bytes(PAGE)
     assert rvm.read(0x300_0000, PAGE) == keep
     assert rvm.read(REGION.base, REGION.size) == image
+
+
+def test_saveimage_header_variants() -> None:
+    from vmwipe.host_agent.saveimage import MAGIC_PARTIAL, domain_xml, parse_header
+
+    xml = b"<domain/>\0" + bytes(22)
+    raw = build_header(len(xml), was_running=True) + xml
+    hdr = parse_header(raw, len(raw) + 100)
+    assert (hdr.version, hdr.data_len, hdr.was_running, hdr.format_name) == (2, 32, True, "raw")
+    assert hdr.stream_offset == 92 + 32 and domain_xml(raw, hdr) == "<domain/>"
+    # an image written on a host of the other byte order is still understood
+    swapped = raw[:16] + b"".join(raw[i:i + 4][::-1] for i in range(16, 92, 4)) + xml
+    assert parse_header(swapped).endian != hdr.endian
+    with pytest.raises(ms.StreamError, match="incomplete"):
+        parse_header(MAGIC_PARTIAL + raw[16:])
+    with pytest.raises(ms.StreamError, match="truncated"):
+        parse_header(raw[:50])
+    with pytest.raises(ms.StreamError, match="truncated"):
+        parse_header(raw, 100)
+    with pytest.raises(ms.StreamError, match="version"):
+        parse_header(raw[:16] + struct.pack("<I", 9) + raw[20:])
+    for fmt, name in [(1, "gzip"), (2, "bzip2"), (3, "xz"), (4, "lzop"), (5, "zstd")]:
+        with pytest.raises(ms.UnsupportedStream, match=name):
+            parse_header(build_header(32, fmt=fmt) + xml)
+
+
+def test_sidecar_errors(tmp_path: Path) -> None:
+    from vmwipe.host_agent.scrub import LayoutError
+
+    p = tmp_path / "x.vmwipe.json"
+    p.write_text("{")
+    with pytest.raises(LayoutError, match="cannot read"):
+        read_sidecar(p)
+    p.write_text(json.dumps({"format": "vmwipe-sidecar", "version": 7}))
+    with pytest.raises(LayoutError, match="not a vmwipe sidecar"):
+        read_sidecar(p)
+    p.write_text(json.dumps({"format": "vmwipe-sidecar", "version": 1, "region": {}}))
+    with pytest.raises(LayoutError, match="malformed"):
+        read_sidecar(p)
+    write_sidecar(p, region=REGION, ram=[(0, 0xA0000, "pc.ram", 0)], qemu_version=(10, 0, 2))
+    sc = read_sidecar(p)
+    assert sc.qemu_version == "10.0.2" and sc.ram[0].block == "pc.ram"
