@@ -60,6 +60,8 @@ static void mix_rdrand(uint32_t *key, unsigned int words)
 
 static int reseed(struct drbg_state *s)
 {
+	uint32_t ep[2];
+
 	/* A wipe anywhere in here clears live, and we start again. */
 	do {
 		__atomic_store_n(&s->live, 1, __ATOMIC_SEQ_CST);
@@ -67,6 +69,13 @@ static int reseed(struct drbg_state *s)
 		    getrandom_all(s->key, sizeof(s->key)))
 			return -1;
 		mix_rdrand(s->key, 8);
+		/*
+		 * The epoch too: clones that reseed before the kernel has handled
+		 * vmgenid would otherwise draw the same epoch from the same CRNG.
+		 */
+		ep[0] = ep[1] = 0;
+		mix_rdrand(ep, 2);
+		s->epoch ^= (uint64_t)ep[1] << 32 | ep[0];
 		s->counter = 0;
 	} while (!live(s));
 	return 0;
