@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import MigrationError, UsageError
 from .flows import AgentOptions, FlowReport, restore_flow
 from .launcher import QemuProcess, start_qemu
 from .qmp import QMPSession
@@ -72,22 +73,30 @@ def clone_flow(
     argv = list(qemu_argv)
     if not argv or argv[0].startswith("-"):
         argv.insert(0, "qemu-system-x86_64")
+    if count < 1:
+        raise UsageError("-n must be at least 1")
+    if not os.path.isfile(snapshot):
+        raise MigrationError(f"saved state {snapshot} does not exist")
     started: list[QemuProcess] = []
     result = CloneSet(directory)
     try:
+        # Start every QEMU first (they come up in parallel), then restore one by one.
+        progress(f"starting {count} QEMU process{'es' if count > 1 else ''} in {directory}")
         for i in range(count):
-            qmp_path = os.path.join(directory, f"clone-{i}.qmp")
-            log_path = os.path.join(directory, f"clone-{i}.log")
-            progress(f"clone {i + 1}/{count}: starting QEMU")
-            qp = start_qemu(
-                [a.replace("{i}", str(i)) for a in argv],
-                qmp_path,
-                log_path=log_path,
-                paused=True,
-                incoming_defer=True,
-                detach=True,
+            started.append(
+                start_qemu(
+                    [a.replace("{i}", str(i)) for a in argv],
+                    os.path.join(directory, f"clone-{i}.qmp"),
+                    log_path=os.path.join(directory, f"clone-{i}.log"),
+                    paused=True,
+                    incoming_defer=True,
+                    detach=True,
+                    wait=None,
+                )
             )
-            started.append(qp)
+        for i, qp in enumerate(started):
+            qmp_path, log_path = qp.qmp_path, qp.log_path or ""
+            qp.wait_for_qmp()
             with QMPSession(qmp_path, timeout=qmp_timeout) as session:
                 progress(f"clone {i + 1}/{count}: pid {qp.pid}, restoring and wiping")
                 rep = restore_flow(session, opts, snapshot, do_resume=do_resume)
