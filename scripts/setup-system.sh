@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(qemu-system-x86 qemu-utils linux-image-amd64 linux-headers-amd64 busybox-static
           libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc make cpio
-          acpica-tools python3-venv python3-dev libc6-dev)
+          acpica-tools python3-venv python3-dev libc6-dev sparse)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -23,6 +23,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
     # libvirt-daemon-system starts services through systemd when it can; on a
     # machine without systemd the postinst still succeeds.
     apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# vmwipe.ko must build warning-free against both 6.1 and 6.12 (tests/test_kmod_build.py):
+# install a 6.12 image and headers beside the distribution kernel (idempotent; on
+# Debian 12 from bookworm-backports without touching the system's apt sources).
+if [ "$(id -u)" = 0 ]; then
+    "$(dirname "$0")/../guest_kmod/install-6.12-headers.sh" >/dev/null
 fi
 
 # The tests boot /boot/vmlinuz-VER with a module built against headers VER:
