@@ -182,6 +182,7 @@ class StreamIndex:
     vmdesc_offset: int = 0
     ram_done: bool = False  # the `ram` END section has been read
     zeroed_pages: int = 0  # pipe mode: PAGE records sent as zeros
+    patched_pages: int = 0  # pipe mode: PAGE records sent with a patch applied
     #: mapped-ram (QEMU >= 9.0): block index -> (bitmap offset, pages offset).  Every page
     #: then has one fixed place, ``pages_offset + offset``; no PAGE records exist.
     mapped_ram: bool = False
@@ -232,6 +233,8 @@ class Source(Protocol):
 
     def page(self, n: int, zero: bool) -> None: ...
 
+    def page_patch(self, n: int, at: int, data: bytes) -> None: ...
+
     def peek(self) -> int | None: ...
 
     def zero_run(self) -> tuple[int, bytes]: ...
@@ -265,6 +268,9 @@ class FileSource:
         self.pos += n
 
     def page(self, n: int, zero: bool) -> None:
+        self.skip(n, "page data")
+
+    def page_patch(self, n: int, at: int, data: bytes) -> None:
         self.skip(n, "page data")
 
     def peek(self) -> int | None:
@@ -361,6 +367,17 @@ class PipeSource:
             self._sent = self._off
         else:
             self._off += n
+
+    def page_patch(self, n: int, at: int, data: bytes) -> None:
+        """Forward a page with `data` written over its bytes at `at`."""
+        if len(self._buf) - self._off < n:
+            self._refill(n, "page data")
+        self._flush()
+        page = bytearray(self._buf[self._off:self._off + n])
+        page[at:at + len(data)] = data
+        self.sink.write(page)
+        self._off += n
+        self._sent = self._off
 
     def zero_run(self) -> tuple[int, bytes]:
         """Consume a run of ZERO|CONTINUE records from the buffer (see FileSource)."""
@@ -519,8 +536,10 @@ class StreamWalker:
 
     def __init__(self, src: Source, index: StreamIndex, *,
                  zero_page: ZeroPredicate | None = None, stop_after_ram: bool = False,
-                 progress: Callable[[int], None] | None = None, record: bool = True) -> None:
+                 progress: Callable[[int], None] | None = None, record: bool = True,
+                 patches: dict[tuple[str, int], tuple[int, bytes]] | None = None) -> None:
         self.src = src
+        self.patches = patches or {}  # (block, offset) -> (offset in page, bytes) (pipe mode)
         self.record = record  # keep every page record in the index (file mode)
         self.idx = index
         self.zero_page = zero_page
@@ -729,7 +748,12 @@ class StreamWalker:
                     zero = zero_page is not None and zero_page(block.name, offset)
                     if zero:
                         idx.zeroed_pages += 1
-                    src.page(DEFAULT_PAGE_SIZE, zero)
+                    patch = self.patches.get((block.name, offset)) if self.patches else None
+                    if patch is not None and not zero:
+                        src.page_patch(DEFAULT_PAGE_SIZE, patch[0], patch[1])
+                        idx.patched_pages += 1
+                    else:
+                        src.page(DEFAULT_PAGE_SIZE, zero)
                 else:
                     if record:
                         recs.append(self._block, page, src.pos, KIND_ZERO)
@@ -927,16 +951,20 @@ def last_copies(idx: StreamIndex, wanted: set[tuple[int, int]]
 
 
 def filter_stream(fd: int, sink: BinaryIO, zero_page: ZeroPredicate,
-                  progress: Callable[[int], None] | None = None) -> StreamIndex:
+                  progress: Callable[[int], None] | None = None,
+                  patches: dict[tuple[str, int], tuple[int, bytes]] | None = None
+                  ) -> StreamIndex:
     """Copy a stream from `fd` to `sink`, writing listed pages as zeros.
 
     RAM records are parsed and rewritten; after the `ram` END section the
     remaining device state is copied verbatim (see the module docstring).
+    `patches` maps (block, page offset) to (offset in the page, bytes) written
+    over every copy of that page (the vmwipe header's host fields).
     """
     src = PipeSource(fd, sink, progress)
     idx = StreamIndex(start=0)
     walker = StreamWalker(src, idx, zero_page=zero_page, stop_after_ram=True, progress=progress,
-                          record=False)
+                          record=False, patches=patches)
     try:
         walker.walk_header()
         walker.walk()

@@ -17,7 +17,9 @@ closes that gap in place:
    exactly as at resume (`vmwipe.protocol.decode_table` with the RAM ranges).
 4. Zero the 4096 data bytes of every PAGE record of every listed page; a ZERO
    record is already zero.  Record lengths never change, so the file remains
-   a stream QEMU loads.  fsync, then read back.
+   a stream QEMU loads.  fsync, then read back.  Then, as the agent does after
+   a verified wipe, store wipe_generation + 1 and wipe_pages in the header copy
+   a restore loads (`--no-bump` leaves the header alone).
 
 A second run finds every listed copy already zero and writes nothing.
 """
@@ -35,7 +37,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmwipe.protocol import PAGE_SIZE, ProtocolError, decode_ssdt, decode_table
+from vmwipe.protocol import (
+    PAGE_SIZE,
+    WIPE_GENERATION_OFFSET,
+    ProtocolError,
+    decode_ssdt,
+    decode_table,
+    encode_host_fields,
+)
 from vmwipe.protocol.table import Region, Table
 
 from .errors import InvalidTableError, MemoryAccessError, UsageError
@@ -235,6 +244,7 @@ class ScrubReport:
     seconds: float
     dry_run: bool = False
     invalid_slots: list[str] = field(default_factory=list)
+    generation: int | None = None  # wipe_generation stored in the saved header, if bumped
 
     @property
     def noop(self) -> bool:
@@ -254,8 +264,9 @@ class _Plan:
     layout_source: str
     region: Region
     table: Table | None
-    writes: list[tuple[int, int]]  # (file offset, length)
+    writes: list[tuple[int, int]]  # (file offset, length) to zero
     report: ScrubReport
+    patches: list[tuple[int, bytes]] = field(default_factory=list)  # (file offset, bytes)
 
 
 def _locate(idx: StreamIndex, layout: GuestMemoryMap, gpa: int, size: int
@@ -353,7 +364,7 @@ def _pages_as_loaded(mm: mmap.mmap | bytes, idx: StreamIndex, keys: Sequence[tup
 
 def plan_scrub(mm: mmap.mmap | bytes, *, path: str = "", machine: str | None = None,
                mem: int | None = None, sidecar: Sidecar | None = None,
-               region: Region | None = None, strict: bool = True,
+               region: Region | None = None, strict: bool = True, bump: bool = True,
                progress: Progress | None = None) -> _Plan:
     """First pass: walk, validate, decode the table, list the writes.  Writes nothing."""
     t0 = time.monotonic()
@@ -458,11 +469,29 @@ def plan_scrub(mm: mmap.mmap | bytes, *, path: str = "", machine: str | None = N
                 report.zero_records += 1
                 if mm[pos]:
                     writes.append((pos, 1))  # a fill byte: the page loads as that byte
+    patches: list[tuple[int, bytes]] = []
+    if writes and bump and table.header is not None:
+        # A scrub is a wipe of the saved state: like the agent after a verified wipe
+        # (SPEC.md section 6), store wipe_generation + 1 and wipe_pages in the copy of
+        # the header page a restore loads, so the guest module notifies its users even
+        # after a plain restore with no agent.  Only when this run zeroes something, so a
+        # second run stays a no-op.
+        key = _locate(idx, layout, region.base, PAGE_SIZE)[0]
+        if idx.mapped_ram:
+            hpos = idx.mapped_pos(*key)
+        else:
+            got = last_copies(idx, {key}).get(key)
+            hpos = got[0] if got is not None and got[1] == KIND_PAGE else None
+        if hpos is not None:
+            report.generation = table.header.wipe_generation + 1
+            patches.append((hpos + WIPE_GENERATION_OFFSET,
+                            encode_host_fields(report.generation, report.pages)))
     report.seconds = time.monotonic() - t0
-    return _Plan(idx, container, layout, source, region, table, writes, report)
+    return _Plan(idx, container, layout, source, region, table, writes, report, patches)
 
 
-def _apply(path: str, writes: Sequence[tuple[int, int]], before: os.stat_result) -> int:
+def _apply(path: str, writes: Sequence[tuple[int, int]], patches: Sequence[tuple[int, bytes]],
+           before: os.stat_result) -> int:
     """Second pass: zero the planned ranges, fsync, read back.  Returns bytes written."""
     fd = os.open(path, os.O_RDWR)
     try:
@@ -481,6 +510,13 @@ def _apply(path: str, writes: Sequence[tuple[int, int]], before: os.stat_result)
         for pos, n in writes:
             if os.pread(fd, n, pos) != zero[:n]:
                 raise StreamError(f"read-back after scrub is not zero at offset {pos:#x}")
+        # the header's host fields last: they say "wiped", so only after the zeros are safe
+        for pos, data in patches:
+            if os.pwrite(fd, data, pos) != len(data):
+                raise OSError(f"short write at {pos:#x}")
+            total += len(data)
+        if patches:
+            os.fsync(fd)
         return total
     finally:
         os.close(fd)
@@ -488,7 +524,7 @@ def _apply(path: str, writes: Sequence[tuple[int, int]], before: os.stat_result)
 
 def scrub_file(path: str, *, machine: str | None = None, mem: int | None = None,
                sidecar: Sidecar | str | None = None, region: Region | None = None,
-               strict: bool = True, dry_run: bool = False,
+               strict: bool = True, dry_run: bool = False, bump: bool = True,
                progress: Progress | None = None) -> ScrubReport:
     """Scrub `path` in place; see the module docstring.  Raises before writing anything.
 
@@ -506,7 +542,7 @@ def scrub_file(path: str, *, machine: str | None = None, mem: int | None = None,
     try:
         before = os.fstat(fd)
         plan = plan_scrub(mm, path=path, machine=machine, mem=mem, sidecar=sc, region=region,
-                          strict=strict, progress=progress)
+                          strict=strict, bump=bump, progress=progress)
     finally:
         if isinstance(mm, mmap.mmap):
             mm.close()
@@ -514,7 +550,7 @@ def scrub_file(path: str, *, machine: str | None = None, mem: int | None = None,
     rep = plan.report
     rep.dry_run = dry_run
     if plan.writes and not dry_run:
-        rep.bytes = _apply(path, plan.writes, before)
+        rep.bytes = _apply(path, plan.writes, plan.patches, before)
         rep.scrubbed_copies = sum(1 for _, n in plan.writes if n == PAGE_SIZE)
     elif plan.writes:
         rep.scrubbed_copies = sum(1 for _, n in plan.writes if n == PAGE_SIZE)

@@ -47,6 +47,8 @@ def _human(rep: ScrubReport) -> str:
                 f"{rep.already_zero} already zero")
         if rep.noop and not rep.dry_run:
             body += " (no-op)"
+        if rep.generation is not None:
+            body += f"; saved header: wipe_generation {rep.generation}"
     lines = [head, body]
     lines.extend(f"invalid slot skipped: {e}" for e in rep.invalid_slots)
     lines.append(f"{rep.records} RAM page records, {rep.stream_bytes} stream bytes, "
@@ -63,7 +65,7 @@ def _cmd_scrub(args: argparse.Namespace) -> int:
     verbose = getattr(args, "verbose", 0) or 0
     rep = scrub_file(
         args.file, machine=args.machine, mem=mem, sidecar=args.sidecar, region=args.region,
-        strict=args.on_invalid == "fail", dry_run=args.dry_run,
+        strict=args.on_invalid == "fail", dry_run=args.dry_run, bump=not args.no_bump,
         progress=stderr_progress if (verbose or sys.stderr.isatty()) else None,
     )
     if args.json:
@@ -98,6 +100,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="invalid slots: fail (default, write nothing) or skip them and "
                    "scrub the valid ones")
     p.add_argument("--dry-run", action="store_true", help="validate and report, write nothing")
+    p.add_argument("--no-bump", action="store_true",
+                   help="do not store wipe_generation + 1 in the saved header (by default a "
+                   "scrub that zeroes pages counts as a wipe, so the guest module notifies "
+                   "its users after a plain restore)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
                    help="progress on stderr")

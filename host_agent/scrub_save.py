@@ -32,7 +32,13 @@ from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from vmwipe.protocol import PAGE_SIZE, ProtocolError, decode_table
+from vmwipe.protocol import (
+    PAGE_SIZE,
+    WIPE_GENERATION_OFFSET,
+    ProtocolError,
+    decode_table,
+    encode_host_fields,
+)
 from vmwipe.protocol.table import Region
 
 from .errors import InvalidTableError, MigrationError, VMStateError
@@ -83,6 +89,7 @@ class SaveScrubReport:
     slots: int
     pages: int  # listed pages
     zeroed_copies: int  # PAGE records written as zeros
+    generation: int | None  # wipe_generation stored in the saved header (None: not bumped)
     state_before: str
     state_after: str
     qemu_version: str
@@ -161,11 +168,13 @@ def verify_scrubbed(path: str, pages: set[tuple[str, int]]) -> StreamIndex:
 
 def save_scrubbed(session: QMPSession | Monitor, path: str, *, region: Region | None = None,
                   strict: bool = True, resume: bool = False, timeout: float = 600.0,
+                  bump: bool = True,
                   progress: Callable[[int], None] | None = None) -> SaveScrubReport:
     """Stop the VM, read and validate its table, save it to `path` with listed pages zeroed.
 
     `region` defaults to the VMWP0001 SSDT among QEMU's `-acpitable` files.
-    `strict=False` skips invalid slots (like `--on-invalid skip`).  The VM is
+    `strict=False` skips invalid slots (like `--on-invalid skip`); `bump=False`
+    leaves the header's wipe_generation as it was.  The VM is
     left paused unless `resume` and it was running before.  Raises
     MigrationError (and leaves no file at `path`) when anything fails.
     """
@@ -203,6 +212,16 @@ def save_scrubbed(session: QMPSession | Monitor, path: str, *, region: Region | 
     for err in table.errors:
         log.warning("skipping invalid slot: %s", err)
     pages = listed_pages(memmap, [(s.gpa, s.npages) for s in table.slots])
+    # The saved state is wiped state: as after a verified wipe at resume, its header
+    # carries wipe_generation + 1 and wipe_pages, so the guest module notifies its
+    # users after a plain restore too.  QEMU sends the header page like any other.
+    patches: dict[tuple[str, int], tuple[int, bytes]] = {}
+    generation: int | None = None
+    if bump and table.header is not None and pages:
+        generation = table.header.wipe_generation + 1
+        ((hblock, hoff),) = listed_pages(memmap, [(region.base, 1)])
+        patches[(hblock, hoff)] = (WIPE_GENERATION_OFFSET,
+                                   encode_host_fields(generation, len(pages)))
     mark("table")
 
     partial = path + ".partial"
@@ -214,7 +233,7 @@ def save_scrubbed(session: QMPSession | Monitor, path: str, *, region: Region | 
             fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb", buffering=1 << 20) as sink:
                 result["index"] = filter_stream(
-                    r, sink, lambda block, off: (block, off) in pages, progress)
+                    r, sink, lambda block, off: (block, off) in pages, progress, patches)
                 sink.flush()
                 os.fsync(sink.fileno())
         except BaseException as e:  # reported by the main thread
@@ -288,6 +307,7 @@ def save_scrubbed(session: QMPSession | Monitor, path: str, *, region: Region | 
         path=path, sidecar=str(side), bytes=os.path.getsize(path),
         region={"base": region.base, "size": region.size},
         table="absent" if table.header is None else "valid", slots=len(table.slots),
-        pages=len(pages), zeroed_copies=idx.zeroed_pages, state_before=state_before,
+        pages=len(pages), zeroed_copies=idx.zeroed_pages,
+        generation=generation if idx.patched_pages else None, state_before=state_before,
         state_after=session.status(), qemu_version=qemu_version, timings_ms=marks,
     )

@@ -33,7 +33,13 @@ from vmwipe.host_agent.scrub import (
     sidecar_path,
     write_sidecar,
 )
-from vmwipe.protocol import Region, build_region, encode_ssdt
+from vmwipe.protocol import (
+    WIPE_GENERATION_OFFSET,
+    Region,
+    build_region,
+    decode_header,
+    encode_ssdt,
+)
 
 REGION = Region(0x1F00_0000, 1 << 20)
 PAGE = 4096
@@ -98,14 +104,25 @@ def run_cli(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, s
     return rc, out, err
 
 
-def check_restored(saved: Saved, workdir: Path, vms: list[Vm], offset: int = 0) -> None:
+def assert_region(got: bytes, image: bytes, generation: int, pages: int) -> None:
+    """The restored region is the planted one, with the host fields a wipe stores."""
+    assert got[:WIPE_GENERATION_OFFSET] == image[:WIPE_GENERATION_OFFSET]
+    assert got[WIPE_GENERATION_OFFSET + 16:] == image[WIPE_GENERATION_OFFSET + 16:]
+    header = decode_header(got[:PAGE], REGION)
+    assert header is not None
+    assert (header.wipe_generation, header.wipe_pages) == (generation, pages)
+
+
+def check_restored(saved: Saved, workdir: Path, vms: list[Vm], offset: int = 0,
+                   generation: int = 1) -> None:
     vm = restore(workdir, saved.args, saved.path, qemu=saved.qemu, offset=offset)
     vms.append(vm)
     for gpa in [*saved.secrets, *saved.listed_zero]:
         assert vm.read(gpa, PAGE) == bytes(PAGE), f"{gpa:#x} not scrubbed"
     for gpa, data in saved.keep.items():
         assert vm.read(gpa, PAGE) == data, f"{gpa:#x} damaged"
-    assert vm.read(REGION.base, REGION.size) == saved.region_image
+    assert_region(vm.read(REGION.base, REGION.size), saved.region_image, generation,
+                  len(saved.secrets) + len(saved.listed_zero) if generation else 0)
 
 
 def only_listed_changed(before: bytes, after: bytes, saved: Saved) -> None:
@@ -116,6 +133,8 @@ def only_listed_changed(before: bytes, after: bytes, saved: Saved) -> None:
         assert data in after
     # every differing byte lies inside one of the secrets' old positions
     spans = sorted((before.index(s), before.index(s) + PAGE) for s in saved.secrets.values())
+    hdr = before.index(saved.region_image[:PAGE]) + WIPE_GENERATION_OFFSET
+    spans.append((hdr, hdr + 16))  # wipe_generation and wipe_pages
     i = 0
     while True:
         j = next((k for k in range(i, len(before), 1 << 16)
@@ -146,7 +165,8 @@ def test_scrub_restore_72(tmp_path: Path, vms: list[Vm], capsys: pytest.CaptureF
     assert rep["table"] == "valid" and rep["slots"] == (4 if high else 3)
     assert rep["pages"] == len(saved.secrets) + len(saved.listed_zero)
     assert rep["copies"] == len(saved.secrets) and rep["scrubbed_copies"] == len(saved.secrets)
-    assert rep["bytes"] == PAGE * len(saved.secrets) and not rep["noop"]
+    assert rep["bytes"] == PAGE * len(saved.secrets) + 16 and not rep["noop"]
+    assert rep["generation"] == 1
     assert rep["zero_records"] >= 1
     assert "stream (" in rep["layout_source"]  # layout and region came from the stream itself
     only_listed_changed(before, saved.path.read_bytes(), saved)
@@ -400,7 +420,7 @@ def test_mapped_ram_10(tmp_path: Path, vms: list[Vm]) -> None:
         os.close(fd)
     rep = scrub_file(str(path))
     assert rep.container == "qemu-mapped-ram" and rep.pages == 2
-    assert rep.scrubbed_copies == 1 and rep.bytes == PAGE
+    assert rep.scrubbed_copies == 1 and rep.bytes == PAGE + 16 and rep.generation == 1
     assert scrub_file(str(path)).noop
     fd, mm = ms.open_mapped(str(path))
     try:
@@ -414,7 +434,7 @@ def test_mapped_ram_10(tmp_path: Path, vms: list[Vm]) -> None:
     assert rvm.wait_migration() == "completed"
     assert rvm.read(0x200_0000, PAGE) == bytes(PAGE)
     assert rvm.read(0x300_0000, PAGE) == keep
-    assert rvm.read(REGION.base, REGION.size) == image
+    assert_region(rvm.read(REGION.base, REGION.size), image, 1, 2)
 
 
 def test_saveimage_header_variants() -> None:

@@ -22,7 +22,7 @@ import pytest
 
 from vmwipe.host_agent.saveimage import parse_header
 from vmwipe.host_agent.scrub import scrub_file
-from vmwipe.protocol import Region, build_region, encode_ssdt
+from vmwipe.protocol import Region, build_region, encode_host_fields, encode_ssdt
 
 pytestmark = pytest.mark.slow
 REGION = Region(0x1F00_0000, 1 << 20)
@@ -139,7 +139,9 @@ def test_virsh_save_scrub_restore(lab: Any) -> None:
     for gpa in secrets:
         assert _rw(dom, gpa) == bytes(PAGE)
     assert _rw(dom, 0x400_0000) == keep
-    assert _rw(dom, REGION.base, size=REGION.size)[:PAGE] == image[:PAGE]
+    header = _rw(dom, REGION.base)
+    assert header[:0x40] == image[:0x40] and header[0x50:] == image[0x50:PAGE]
+    assert header[0x40:0x50] == encode_host_fields(1, 2)  # the scrub counted as a wipe
     dom.resume()
     assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
     dom.destroy()
