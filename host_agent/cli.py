@@ -96,7 +96,9 @@ def _vm(with_guard: bool = True) -> argparse.ArgumentParser:
         p.add_argument(
             "--populate",
             action="store_true",
-            help="shared backend: MAP_POPULATE the whole RAM mapping up front",
+            help="map shared (memfd/file share=on) guest RAM with MAP_POPULATE; restore and "
+            "clone do it while QEMU loads, outside the paused window; auto then prefers the "
+            "shared backend. Makes every page of a shared RAM block resident",
         )
         p.add_argument(
             "--timeout",
@@ -331,6 +333,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--no-reset-guard", action="store_true", help="see `vmwipe wipe --help`")
     p.add_argument(
         "--on-invalid", choices=ON_INVALID, default="fail", help="see `vmwipe wipe --help`"
+    )
+    p.add_argument(
+        "--populate",
+        action="store_true",
+        help="pre-map shared guest RAM while each clone loads (see `vmwipe wipe --help`)",
     )
     p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="restore timeout")
     p.set_defaults(func=_cmd_clone)

@@ -11,14 +11,15 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from vmwipe.protocol import HeaderError, Region, SlotError, decode_table
 
-from .errors import MigrationError, QMPFailure, RegionError, VMStateError
-from .memaccess import MemoryBackend, open_backend
+from .errors import MemoryAccessError, MigrationError, QMPFailure, RegionError, VMStateError
+from .memaccess import MemoryBackend, SharedFileBackend, open_backend
 from .memmap import GuestMemoryMap, load_memory_map
 from .qmp import QMPSession
 from .region import discover_region, read_cmdline, reset_guard_problem
@@ -79,18 +80,71 @@ def locate_region(
     return region, source, warnings
 
 
+def _shared_blocks(session: QMPSession) -> dict[str, bool]:
+    """RAM block (memdev id) -> share=on, from query-memdev."""
+    return {str(m["id"]): bool(m.get("share", False)) for m in session.cmd("query-memdev")}
+
+
+class SharedPrefetch:
+    """Map (and MAP_POPULATE) shared guest RAM in a thread while QEMU is still loading.
+
+    Populating a large mapping costs about as much as the wipe it speeds up;
+    done during the incoming migration it falls outside the paused window.
+    The memory map is read before loading and checked again afterwards.
+    """
+
+    def __init__(self, session: QMPSession) -> None:
+        shared = _shared_blocks(session)
+        self.memmap = load_memory_map(session.hmp, set(shared))
+        self.backend: SharedFileBackend | None = None
+        self.error: MemoryAccessError | None = None
+        self._thread = threading.Thread(
+            target=self._open, args=(session.pid, shared), name="vmwipe-prefetch", daemon=True
+        )
+        self._thread.start()
+
+    def _open(self, pid: int, shared: dict[str, bool]) -> None:
+        try:
+            self.backend = SharedFileBackend(self.memmap, pid, shared, populate=True)
+        except MemoryAccessError as e:
+            self.error = e
+
+    def take(self, memmap: GuestMemoryMap) -> SharedFileBackend | None:
+        """The prepared backend if the layout is unchanged, else None (and it is closed)."""
+        self._thread.join()
+        backend, self.backend = self.backend, None
+        if backend is None:
+            log.info("shared prefetch unavailable: %s", self.error)
+            return None
+        before = {(r.block, (r.hva or 0) - r.offset) for r in self.memmap.ranges}
+        if not {(r.block, (r.hva or 0) - r.offset) for r in memmap.ranges} <= before:
+            log.info("RAM layout changed while loading; not using the prefetched mapping")
+            backend.close()
+            return None
+        backend.memmap = memmap
+        return backend
+
+    def close(self) -> None:
+        self._thread.join()
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+
+
 def open_target(
     session: QMPSession,
     opts: AgentOptions,
     guard: bool = True,
     located: tuple[Region, str, list[str]] | None = None,
+    prefetch: SharedPrefetch | None = None,
 ) -> Target:
     """Everything needed to touch guest RAM; raises with a one-line reason otherwise."""
     region, source, warnings = located or locate_region(session, opts, guard)
-    memdevs = session.cmd("query-memdev")
-    shared = {str(m["id"]): bool(m.get("share", False)) for m in memdevs}
+    shared = _shared_blocks(session)
     memmap = load_memory_map(session.hmp, set(shared))
-    backend = open_backend(opts.backend, memmap, session.pid, shared, opts.populate)
+    backend: MemoryBackend | None = prefetch.take(memmap) if prefetch is not None else None
+    if backend is None:
+        backend = open_backend(opts.backend, memmap, session.pid, shared, opts.populate)
     return Target(session.pid, region, source, memmap, backend, warnings)
 
 
@@ -187,8 +241,9 @@ def _wipe_and_maybe_resume(
     phases: Phases,
     do_resume: bool,
     located: tuple[Region, str, list[str]] | None = None,
+    prefetch: SharedPrefetch | None = None,
 ) -> FlowReport:
-    target = open_target(session, opts, guard=True, located=located)
+    target = open_target(session, opts, guard=True, located=located, prefetch=prefetch)
     try:
         rep.region_source = target.region_source
         rep.warnings += target.warnings
@@ -300,19 +355,24 @@ def restore_flow(
         "migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]}
     )
     session.clear_events()
-    uri = incoming_uri(session, path)
-    session.cmd("migrate-incoming", {"uri": uri})
-    phases.mark("start")
-    state = wait_incoming_done(session, opts.timeout)
-    mig = _migration_status(session)
-    if mig != "completed":
-        raise MigrationError(f"incoming migration ended as {mig!r}")
-    if state == "running":
-        raise VMStateError("the VM autostarted after loading (QEMU lacks -S); it was not wiped")
-    phases.mark("load")
-    rep.extra["uri"] = uri
-    rep.extra["bytes"] = os.path.getsize(path)
-    return _wipe_and_maybe_resume(session, opts, rep, phases, do_resume, located)
+    prefetch = SharedPrefetch(session) if opts.populate and opts.backend != "process_vm" else None
+    try:
+        uri = incoming_uri(session, path)
+        session.cmd("migrate-incoming", {"uri": uri})
+        phases.mark("start")
+        state = wait_incoming_done(session, opts.timeout)
+        mig = _migration_status(session)
+        if mig != "completed":
+            raise MigrationError(f"incoming migration ended as {mig!r}")
+        if state == "running":
+            raise VMStateError("the VM autostarted after loading (QEMU lacks -S); not wiped")
+        phases.mark("load")
+        rep.extra["uri"] = uri
+        rep.extra["bytes"] = os.path.getsize(path)
+        return _wipe_and_maybe_resume(session, opts, rep, phases, do_resume, located, prefetch)
+    finally:
+        if prefetch is not None:
+            prefetch.close()
 
 
 def loadvm_flow(

@@ -521,6 +521,11 @@ def open_backend(
     operator learns what is missing ("not root and RAM is not shared").
     """
     reasons: list[str] = []
+    if kind == "auto" and populate:  # populating only means something for shared RAM
+        try:
+            return SharedFileBackend(memmap, pid, shared_blocks, populate)
+        except MemoryAccessError as e:
+            reasons.append(f"shared: {e}")
     if kind in ("auto", "process_vm"):
         pv = ProcessVMBackend(memmap, pid)
         try:
@@ -528,7 +533,7 @@ def open_backend(
             return pv
         except MemoryAccessError as e:
             reasons.append(f"process_vm: {e}")
-    if kind in ("auto", "shared"):
+    if kind == "shared" or (kind == "auto" and not populate):
         try:
             return SharedFileBackend(memmap, pid, shared_blocks, populate)
         except MemoryAccessError as e:

@@ -359,3 +359,30 @@ def test_big_vm_high_ram_wipe(big_vm: VM) -> None:
         assert big_vm.pmemsave(g, n * P).count(0) == n * P
     for g in (0xBFFFE000, HIGH + P, HIGH + G - P, HIGH + G + 3 * P, HIGH + 2 * G - 2 * P):
         assert big_vm.pmemsave(g, P) == b"\x5a" * P
+
+
+def test_restore_with_prefetched_shared_mapping(vms: list[VM], tmp_path: Path) -> None:
+    """--populate maps shared RAM while QEMU loads; the wipe then goes through it."""
+    src = new_vm(vms, tmp_path / "src", SHARED_MACHINE)
+    plant_marked(src)
+    snap = tmp_path / "snap.bin"
+    save(src, snap)
+    dst = new_vm(vms, tmp_path / "dst", SHARED_MACHINE, incoming=True)
+    r = run_cli("-v", "restore", "--qmp", dst.qmp, "--from", str(snap), "--populate",
+                "--no-resume", "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["wipe"]["backend"] == "shared" and rep["wipe"]["pages"] == 22
+    assert "prefetch unavailable" not in r.stderr and "layout changed" not in r.stderr
+    assert_wiped(dst)
+    # private RAM: the prefetch fails quietly and auto falls back to process_vm
+    src2 = new_vm(vms, tmp_path / "src2")
+    plant_marked(src2)
+    save(src2, tmp_path / "snap2.bin")
+    dst2 = new_vm(vms, tmp_path / "dst2", incoming=True)
+    r = run_cli("-v", "restore", "--qmp", dst2.qmp, "--from", str(tmp_path / "snap2.bin"),
+                "--populate", "--no-resume", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["wipe"]["backend"] == "process_vm"
+    assert "prefetch unavailable" in r.stderr
+    assert_wiped(dst2)
