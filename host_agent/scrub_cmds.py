@@ -19,6 +19,7 @@ from vmwipe.protocol.table import Region
 
 from .errors import UsageError
 from .scrub import ScrubReport, scrub_file, stderr_progress
+from .scrub_save import Monitor, SaveScrubReport, save_scrubbed
 
 
 def _region(text: str) -> Region:
@@ -108,3 +109,44 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
                    help="progress on stderr")
     p.set_defaults(func=_cmd_scrub)
+
+
+# --- `vmwipe save --scrub`: the `save` subcommand belongs to cli.py; these two hook in ---
+
+
+def add_save_scrub_arguments(p: argparse.ArgumentParser) -> None:
+    """Add --scrub (and --no-bump) to the `save` subparser."""
+    p.add_argument("--scrub", action="store_true",
+                   help="save through a pipe and write the pages the guest's vmwipe table "
+                   "lists as zeros, so its secrets never reach the disk; writes "
+                   "FILE.vmwipe.json (stops the VM first; not with xbzrle, compress, "
+                   "multifd, postcopy or mapped-ram)")
+    p.add_argument("--no-bump", action="store_true",
+                   help="with --scrub: keep the saved header's wipe_generation unchanged")
+
+
+def _human_save(rep: SaveScrubReport) -> str:
+    gen = f", saved header wipe_generation {rep.generation}" if rep.generation else ""
+    table = ("no vmwipe table (nothing registered)" if rep.table == "absent" else
+             f"table: {rep.slots} slots, {rep.pages} pages; {rep.zeroed_copies} page copies "
+             f"written as zeros{gen}")
+    return (f"save --scrub: {rep.path} ({rep.bytes} bytes), QEMU {rep.qemu_version}, "
+            f"region {rep.region['base']:#x}+{rep.region['size']:#x}\n{table}\n"
+            f"sidecar {rep.sidecar}; state {rep.state_before} -> {rep.state_after}; "
+            f"{rep.timings_ms.get('done', 0):.0f} ms")
+
+
+def run_save_scrub(args: argparse.Namespace, session: Monitor) -> int:
+    """The body of `vmwipe save --scrub`: args has to, region, resume, timeout, json."""
+    rep = save_scrubbed(
+        session, args.to, region=getattr(args, "region", None),
+        strict=getattr(args, "on_invalid", "fail") == "fail",
+        resume=bool(getattr(args, "resume", False)),
+        timeout=float(getattr(args, "timeout", 600.0)),
+        bump=not getattr(args, "no_bump", False),
+    )
+    if getattr(args, "json", False):
+        print(json.dumps(rep.as_dict(), indent=2))
+    else:
+        print(_human_save(rep))
+    return 0

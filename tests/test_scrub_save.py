@@ -108,3 +108,25 @@ def test_save_scrub_refusals(tmp_path: Path, vms: list[Vm]) -> None:
         save_scrubbed(vm.qmp, str(out), strict=False)
     assert not out.exists()
     del saved
+
+
+@needs_qemu
+def test_run_save_scrub_cli_body(tmp_path: Path, vms: list[Vm],
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """What `vmwipe save --scrub --to FILE --json` runs, with the arguments cli.py parses."""
+    import argparse
+
+    from vmwipe.host_agent.scrub_cmds import add_save_scrub_arguments, run_save_scrub
+
+    saved = plant_and_save(tmp_path, vms, ["-M", "pc", "-m", "512M"])
+    vms[0].qmp.cmd("cont")
+    p = argparse.ArgumentParser()
+    p.add_argument("--to")
+    p.add_argument("--json", action="store_true")
+    add_save_scrub_arguments(p)
+    out = tmp_path / "cli.sav"
+    args = p.parse_args(["--to", str(out), "--scrub", "--json"])
+    assert run_save_scrub(args, vms[0].qmp) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["zeroed_copies"] == len(saved.secrets) and rep["generation"] == 1
+    assert all(s not in out.read_bytes() for s in saved.secrets.values())
