@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,3 +291,84 @@ class LibvirtLab:
                 return f.read()
         except OSError:
             return ""
+
+
+@dataclass
+class SecondLibvirtd:
+    """Another libvirtd (+ virtlogd) on this host, as a migration destination.
+
+    libvirt refuses to migrate to "the same host" (equal hostname or host
+    UUID), and its state directories are fixed for a privileged daemon.  So the
+    second daemon runs in its own mount and UTS namespace: a different
+    hostname, a host_uuid of its own, private bind mounts over libvirt's
+    run/lib/cache/log directories and /etc/libvirt/qemu, and over the vmwipe
+    monitor directory (both QEMUs use the same socket path).  Its client
+    socket lives in a shared directory.  Everything else, including
+    /etc/libvirt/hooks and /var/log/vmwipe, is shared, so the destination runs
+    the same vmwipe hook.  Stopped by PID like the first one.
+    """
+
+    base: Path
+    libvirtd_pid: int | None = None
+    virtlogd_pid: int | None = None
+    conn: Any = None
+
+    @property
+    def uri(self) -> str:
+        return f"qemu+unix:///system?socket={self.base / 'sock' / 'libvirt-sock'}"
+
+    def start(self, monitor_dir: Path) -> None:
+        import libvirt
+
+        b = self.base
+        dirs = {"run": "/run/libvirt", "lib": "/var/lib/libvirt", "cache": "/var/cache/libvirt",
+                "log": "/var/log/libvirt", "etcqemu": "/etc/libvirt/qemu",
+                "mon": str(monitor_dir)}
+        for d in (*dirs, "sock"):
+            (b / d).mkdir(parents=True, exist_ok=True)
+        st = monitor_dir.stat()
+        os.chown(b / "mon", st.st_uid, st.st_gid)
+        os.chmod(b / "mon", stat.S_IMODE(st.st_mode))
+        (b / "libvirtd.conf").write_text(
+            f'unix_sock_dir = "{b / "sock"}"\nhost_uuid = "{uuid.uuid4()}"\n')
+        script = ["set -e", "hostname vmwipe-migration-dest"]
+        script += [f"mount --bind {b / src} {dst}" for src, dst in dirs.items()]
+        script += [f"virtlogd -d -p {b / 'virtlogd.pid'}",
+                   f"libvirtd -d -f {b / 'libvirtd.conf'} -p {b / 'libvirtd.pid'}"]
+        subprocess.run(["unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c",
+                        "\n".join(script)], check=True, timeout=60)
+        self.virtlogd_pid = _read_pid(b / "virtlogd.pid")
+        deadline = time.monotonic() + 90
+        while True:
+            self.libvirtd_pid = _read_pid(b / "libvirtd.pid")
+            try:
+                self.conn = libvirt.open(self.uri)
+                self.conn.getCapabilities()
+                return
+            except libvirt.libvirtError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def qemu_pid(self, name: str) -> int | None:
+        return _read_pid(self.base / "run" / "qemu" / f"{name}.pid")
+
+    def stop(self) -> None:
+        import libvirt
+
+        pids: list[int] = []
+        if self.conn is not None:
+            try:
+                for dom in self.conn.listAllDomains(0):
+                    pid = self.qemu_pid(dom.name())
+                    if pid:
+                        pids.append(pid)
+                    with contextlib.suppress(libvirt.libvirtError):
+                        dom.destroy()
+            finally:
+                with contextlib.suppress(libvirt.libvirtError):
+                    self.conn.close()
+                self.conn = None
+        for pid in (self.libvirtd_pid, self.virtlogd_pid, *pids):
+            if pid:
+                _kill(pid)

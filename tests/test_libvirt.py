@@ -553,3 +553,41 @@ def test_restore_begin_prints_nothing(env: Env) -> None:
     p = subprocess.run([str(HOOKS_DIR / "qemu"), env.name, "restore", "begin", "-"],
                        input=xml, capture_output=True, text=True, timeout=60, check=False)
     assert p.returncode == 0 and p.stdout == "", (p.stdout, p.stderr)
+
+
+def test_live_migration_to_second_libvirtd_untouched(env: Env) -> None:
+    """A real live migration into a second libvirtd on this host: the destination's hook
+    runs at `started` while QEMU is inmigrate and leaves the guest alone (not a clone)."""
+    from libvirtd_fixture import SecondLibvirtd
+
+    from vmwipe.host_agent.libvirt_xml import read_protection
+
+    prot = read_protection(env.dom.XMLDesc(0))
+    assert prot is not None
+    dest = SecondLibvirtd(env.lab.work / "dest")
+    try:
+        try:
+            dest.start(Path(prot.monitor).parent)
+        except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+            pytest.skip(f"a second libvirtd cannot run side by side here: {e}")
+        for snap in env.dom.listAllSnapshots(0):  # libvirt refuses to migrate with snapshots
+            env.lab.virsh("snapshot-delete", env.name, snap.getName(), "--metadata")
+        off = env.log_size()
+        env.lab.virsh("start", env.name)
+        env.lab.note_qemu(env.name)
+        before = env.wait_lines(off, 3, timeout=120)
+        epoch, last = before[-1]
+        t0 = time.monotonic()
+        env.lab.virsh("migrate", "--live", "--unsafe", env.name, dest.uri,
+                      "--migrateuri", "tcp://127.0.0.1", timeout=300)
+        _timed(env, "live migration to the second libvirtd", t0)
+        assert env.domstate() == "shut off"
+        ddom = dest.conn.lookupByName(env.name)
+        assert ddom.isActive()
+        after = env.wait_lines(env.log_size(), 3)  # the destination appends to the same file
+        assert {e for e, _c in after} == {epoch}, (epoch, after)
+        assert after[0][1] > last
+        log = env.lab.hook_log()
+        assert f"{env.name}: skipped: incoming live migration" in log, log
+    finally:
+        dest.stop()
