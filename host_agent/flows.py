@@ -249,15 +249,16 @@ def _wipe_and_maybe_resume(
         rep.warnings += target.warnings
         phases.mark("map")
         rep.wipe = run_wipe(target.backend, target.region, opts.on_invalid, phases)
+        state = session.status()
+        if state not in PAUSED_STATES:  # someone else resumed it meanwhile: proves nothing
+            raise VMStateError(f"the VM left the paused state during the wipe (now {state!r})")
+        if do_resume:
+            resume(session)
+            rep.resumed = True
+            phases.mark("resume")
     finally:
+        # after cont: unmapping a large populated mapping takes tens of ms, off the pause
         target.close()
-    state = session.status()
-    if state not in PAUSED_STATES:  # someone else resumed it meanwhile: the wipe proves nothing
-        raise VMStateError(f"the VM left the paused state during the wipe (now {state!r})")
-    if do_resume:
-        resume(session)
-        rep.resumed = True
-        phases.mark("resume")
     rep.state_after = session.status()
     rep.timings_ms = dict(phases.ms)
     return rep

@@ -444,7 +444,7 @@ class SharedFileBackend(MemoryBackend):
             if "s" not in mp.perms:
                 raise MemoryAccessError(f"QEMU maps RAM block {r.block!r} private, not shared")
             needed[mp.start] = mp
-        flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if self.populate else 0)
+        flags = mmap.MAP_SHARED
         for mp in needed.values():
             fd = _open_mapping_file(self.pid, mp)
             try:
@@ -463,6 +463,8 @@ class SharedFileBackend(MemoryBackend):
             export = ctypes.c_char.from_buffer(mm)
             self._exports.append(export)
             self._addrs.append((mp.start, mp.end, ctypes.addressof(export)))
+            if self.populate:
+                _populate(ctypes.addressof(export), mp.end - mp.start, mp.path)
 
     def _local(self, piece: Piece) -> int:
         """Our address for a piece (it lies inside one QEMU mapping we mirrored)."""
@@ -501,6 +503,29 @@ class SharedFileBackend(MemoryBackend):
         for _s, _e, mm in self._maps:
             mm.close()
         self._maps = []
+
+
+MADV_POPULATE_READ = 22
+MADV_POPULATE_WRITE = 23
+_madvise = _libc.madvise
+_madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_madvise.restype = ctypes.c_int
+
+
+def _populate(addr: int, length: int, what: str) -> None:
+    """Fault the whole mapping in now, as MAP_POPULATE would.
+
+    madvise(MADV_POPULATE_WRITE) (Linux 5.14+) through ctypes runs without
+    the GIL, so a prefetch thread can populate while the main thread keeps
+    talking to QEMU.  On older kernels the mapping just stays lazy.
+    """
+    for advice in (MADV_POPULATE_WRITE, MADV_POPULATE_READ):
+        if _madvise(addr, length, advice) == 0:
+            return
+        err = ctypes.get_errno()
+        if err != errno.EINVAL:
+            raise MemoryAccessError(f"cannot populate the mapping of {what!r}: {os.strerror(err)}")
+    log.info("kernel lacks MADV_POPULATE_*; mapping of %r stays lazy", what)
 
 
 # --- choosing a backend --------------------------------------------------------------
