@@ -30,6 +30,7 @@ import json
 import mmap
 import os
 import re
+import struct
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -38,7 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from vmwipe.protocol import (
+    MAGIC,
     PAGE_SIZE,
+    SLOT_VALID,
     WIPE_GENERATION_OFFSET,
     ProtocolError,
     decode_ssdt,
@@ -245,6 +248,7 @@ class ScrubReport:
     dry_run: bool = False
     invalid_slots: list[str] = field(default_factory=list)
     generation: int | None = None  # wipe_generation stored in the saved header, if bumped
+    stale_copies: int = 0  # older copies of pages listed only by older copies of the table
 
     @property
     def noop(self) -> bool:
@@ -331,6 +335,45 @@ def _region_from_stream(mm: mmap.mmap | bytes, idx: StreamIndex) -> Region | Non
         raise LayoutError(f"the stream's ACPI tables hold {len(set(found))} different vmwipe "
                           "regions; pass --region")
     return found[0] if found else None
+
+
+def _stale_listed(mm: mmap.mmap | bytes, idx: StreamIndex, layout: GuestMemoryMap,
+                  region: Region) -> set[tuple[int, int]]:
+    """Pages that some older copy of the table listed (a live save sends the region again
+    whenever the guest changes it).
+
+    A page the guest unpublished during a live save is zero in its last copy, but
+    its earlier copies still hold the secret.  Zeroing a copy that is not the
+    last one cannot change what a restore loads (the last copy wins), so these
+    are scrubbed without trusting the old slots beyond "inside guest RAM".
+    Only looked at when some copy of the header page carries the vmwipe magic.
+    """
+    hkey = _locate(idx, layout, region.base, PAGE_SIZE)
+    if not any(k == KIND_PAGE and bytes(mm[pos:pos + len(MAGIC)]) == MAGIC
+               for _b, _p, pos, k in copies(idx, set(hkey))):
+        return set()
+    slot_keys = _locate(idx, layout, region.base + PAGE_SIZE, region.size - PAGE_SIZE)
+    region_keys = set(hkey) | set(slot_keys)
+    limit = sum(r.size for r in layout.ranges) // PAGE_SIZE
+    out: set[tuple[int, int]] = set()
+    seen: set[tuple[int, int]] = set()
+    for _b, _p, pos, k in copies(idx, set(slot_keys)):
+        if k != KIND_PAGE:
+            continue
+        for word, npages, reserved in struct.iter_unpack("<QII", mm[pos:pos + PAGE_SIZE]):
+            if not word & SLOT_VALID or word & 0xFFE or reserved or not 0 < npages <= limit:
+                continue
+            if (word, npages) in seen:
+                continue
+            seen.add((word, npages))
+            gpa = word & ~0xFFF
+            try:
+                keys = _locate(idx, layout, gpa, npages * PAGE_SIZE)
+            except LayoutError:
+                continue
+            if region_keys.isdisjoint(keys):
+                out.update(keys)
+    return out
 
 
 def _read_region(mm: mmap.mmap | bytes, idx: StreamIndex, layout: GuestMemoryMap,
@@ -432,6 +475,7 @@ def plan_scrub(mm: mmap.mmap | bytes, *, path: str = "", machine: str | None = N
         raise InvalidTableError(f"table in the saved region {region.base:#x}+{region.size:#x} "
                                 f"is invalid, nothing written: {e}") from None
     writes: list[tuple[int, int]] = []
+    wanted_final: set[tuple[int, int]] = set()
     if table.header is not None:
         report.table = "valid"
         report.slots = len(table.slots)
@@ -440,6 +484,7 @@ def plan_scrub(mm: mmap.mmap | bytes, *, path: str = "", machine: str | None = N
         for slot in table.slots:
             wanted.update(_locate(idx, layout, slot.gpa, slot.npages * PAGE_SIZE))
         report.pages = len(wanted)
+        wanted_final = wanted
         zero = bytes(PAGE_SIZE)
         if idx.mapped_ram:
             # One fixed slot per page.  A clear bitmap bit means "load as zero", but the
@@ -469,8 +514,17 @@ def plan_scrub(mm: mmap.mmap | bytes, *, path: str = "", machine: str | None = N
                 report.zero_records += 1
                 if mm[pos]:
                     writes.append((pos, 1))  # a fill byte: the page loads as that byte
+    final_writes = len(writes)
+    if not idx.mapped_ram:
+        stale = _stale_listed(mm, idx, layout, region) - wanted_final
+        zero = bytes(PAGE_SIZE)
+        last = last_copies(idx, stale)
+        for b, p, pos, rkind in copies(idx, stale):
+            if rkind == KIND_PAGE and last[(b, p)][0] != pos and mm[pos:pos + PAGE_SIZE] != zero:
+                writes.append((pos, PAGE_SIZE))
+                report.stale_copies += 1
     patches: list[tuple[int, bytes]] = []
-    if writes and bump and table.header is not None:
+    if final_writes and bump and table.header is not None:
         # A scrub is a wipe of the saved state: like the agent after a verified wipe
         # (SPEC.md section 6), store wipe_generation + 1 and wipe_pages in the copy of
         # the header page a restore loads, so the guest module notifies its users even
@@ -551,9 +605,7 @@ def scrub_file(path: str, *, machine: str | None = None, mem: int | None = None,
     rep.dry_run = dry_run
     if plan.writes and not dry_run:
         rep.bytes = _apply(path, plan.writes, plan.patches, before)
-        rep.scrubbed_copies = sum(1 for _, n in plan.writes if n == PAGE_SIZE)
-    elif plan.writes:
-        rep.scrubbed_copies = sum(1 for _, n in plan.writes if n == PAGE_SIZE)
+    rep.scrubbed_copies = sum(1 for _, n in plan.writes if n == PAGE_SIZE) - rep.stale_copies
     rep.seconds = time.monotonic() - t0
     return rep
 

@@ -48,6 +48,9 @@ def _human(rep: ScrubReport) -> str:
                 f"{rep.already_zero} already zero")
         if rep.noop and not rep.dry_run:
             body += " (no-op)"
+        if rep.stale_copies:
+            body += (f"; {rep.stale_copies} older copies of pages that older copies of the "
+                     "table listed")
         if rep.generation is not None:
             body += f"; saved header: wipe_generation {rep.generation}"
     lines = [head, body]

@@ -477,3 +477,56 @@ def test_sidecar_errors(tmp_path: Path) -> None:
     write_sidecar(p, region=REGION, ram=[(0, 0xA0000, "pc.ram", 0)], qemu_version=(10, 0, 2))
     sc = read_sidecar(p)
     assert sc.qemu_version == "10.0.2" and sc.ram[0].block == "pc.ram"
+
+
+#: Real-mode guest: wait until the host sets the word at 0x60000, then unpublish page A
+#: the way SPEC.md says (zero the page, then clear its slot word at 0x81000), then halt.
+UNPUBLISH = bytes.fromhex(
+    "fa b8 00 60 8e d8 b8 00 70 8e c0"  # cli; ds=0x6000 (flag); es=0x7000 (page A)
+    "83 3e 00 00 00 74 f9"  # wait: cmp word [0], 0; je wait
+    "31 ff 31 c0 b9 00 08 f3 ab"  # zero 4 KiB at es:0
+    "b8 00 81 8e c0 31 ff 31 c0 b9 04 00 f3 ab"  # es=0x8100: clear slot 0's word
+    "f4 eb fd")  # hlt forever
+LOW_REGION = Region(0x80000, 0x2000)
+
+
+@needs_qemu
+def test_live_save_unpublished_page(tmp_path: Path, vms: list[Vm],
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A page unpublished during a live save: its early copy is stale but secret, scrubbed."""
+    sector = UNPUBLISH + bytes(510 - len(UNPUBLISH)) + b"\x55\xaa"
+    disk = tmp_path / "unpublish.img"
+    disk.write_bytes(sector + bytes((1 << 20) - 512))
+    ssdt = tmp_path / "low.aml"
+    ssdt.write_bytes(encode_ssdt(LOW_REGION.base, LOW_REGION.size))
+    args = ["-M", "pc", "-m", "128M", "-acpitable", f"file={ssdt}",
+            "-drive", f"file={disk},format=raw,if=ide"]
+    vm = Vm(tmp_path, args)
+    vms.append(vm)
+    vm.qmp.cmd("cont")
+    deadline = time.monotonic() + 30
+    while "7c" not in vm.qmp.hmp("info registers").split("EIP=")[1][:8]:
+        assert time.monotonic() < deadline, "boot sector never ran"
+        time.sleep(0.1)
+    secret_a, secret_b = os.urandom(PAGE), os.urandom(PAGE)
+    vm.write(LOW_REGION.base, build_region(LOW_REGION.size, [(0x70000, 1), (0x50000, 1)]))
+    vm.write(0x70000, secret_a)
+    vm.write(0x50000, secret_b)
+    vm.qmp.cmd("migrate-set-parameters", {"max-bandwidth": 1 << 20})
+    path = tmp_path / "unpublish.sav"
+    vm.qmp.cmd("migrate", {"uri": f"exec:cat > {path}"})
+    time.sleep(0.3)  # the first pass has sent the low pages by now
+    vm.write(0x60000, b"\x01\x00")  # guest: unpublish A
+    assert vm.wait_migration(120) == "completed"
+    blob = path.read_bytes()
+    assert secret_a in blob and secret_b in blob
+    rc, out, err = run_cli("scrub", str(path), "--json", capsys=capsys)
+    assert rc == 0, err
+    rep = json.loads(out)
+    assert rep["pages"] == 1 and rep["scrubbed_copies"] == 1  # B, listed at the end
+    assert rep["stale_copies"] >= 1  # A's early copies
+    blob = path.read_bytes()
+    assert secret_a not in blob and secret_b not in blob
+    rvm = restore(tmp_path, args, path)
+    vms.append(rvm)
+    assert rvm.read(0x70000, PAGE) == bytes(PAGE) and rvm.read(0x50000, PAGE) == bytes(PAGE)
