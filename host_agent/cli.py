@@ -403,6 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # stdout closed early (e.g. `| head`): the work itself is done
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as e:  # a bug: still one line (traceback with -v); the VM stays paused
+        log.info("internal error", exc_info=True)
+        err = AgentError(f"internal error: {type(e).__name__}: {e} (run with -v for a traceback)")
     finally:
         signal.signal(signal.SIGTERM, old)
     message = " ".join(str(err).split()) or type(err).__name__  # always one line

@@ -223,6 +223,19 @@ def test_top_level_help_lists_exit_codes() -> None:
         assert f"{code:3d}  " in text
 
 
+def test_internal_errors_are_one_line(monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import vmwipe.host_agent.cli as cli
+
+    def boom(args: object) -> int:
+        raise KeyError("bug")
+
+    monkeypatch.setattr(cli, "_cmd_inspect", boom)
+    assert main(["inspect", "--qmp", "x"]) == 1
+    err = capsys.readouterr().err
+    assert err == "vmwipe: error: internal error: KeyError: 'bug' (run with -v for a traceback)\n"
+
+
 def test_one_line_errors(tmp_path: Path) -> None:
     r = run_cli("wipe", "--qmp", str(tmp_path / "nope.sock"))
     assert r.returncode == 3
