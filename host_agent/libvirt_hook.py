@@ -23,8 +23,10 @@ Rules this module keeps (see NOTES.md):
     `inmigrate` (query-migrate setup/active).  A migration is not a clone;
   * restore: paused with query-migrate `completed` (libvirt loaded the save
     image through an incoming migration), or a `-loadvm` on QEMU's command
-    line (reverting a shut-off domain to an internal snapshot).  Any other
-    paused state is wiped too (fail closed);
+    line (libvirt 9.0 starts a new QEMU with -loadvm to revert to an internal
+    snapshot).  Any other paused state is wiped too (fail closed).  A revert
+    that libvirt performs inside the running QEMU fires no hook at all: use
+    `vmwipe libvirt revert`, which asks for REVERT_PAUSED and wipes itself;
 - any failure exits 1 with a one-line reason on stderr (libvirt puts it into
   its error message) and logs to syslog and /var/log/vmwipe/hook.log.
 
@@ -92,6 +94,7 @@ def _setup_logging(log_dir: Path) -> None:
     root = logging.getLogger("vmwipe")
     if getattr(root, "_vmwipe_hook_logging", False):
         return
+    logging.raiseExceptions = False  # a dead syslog must not spill tracebacks into libvirt
     root.setLevel(logging.INFO)
     fmt = logging.Formatter("%(asctime)s vmwipe-hook[%(process)d]: %(levelname)s: %(message)s")
     try:

@@ -24,6 +24,7 @@ current set again; when the two sets agree the XML is returned unchanged.
 from __future__ import annotations
 
 import os
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -253,9 +254,10 @@ def device_memory_base(machine: str, ram: int) -> int:
 
 
 def monitor_path(state_dir: Path, name: str, uuid: str) -> str:
-    """`STATE/mon/NAME.qmp`, or the UUID when the name would overflow sun_path."""
+    """`STATE/mon/NAME.qmp`, or the UUID when the name is unusual or would overflow sun_path."""
     path = str(state_dir / "mon" / f"{name}.qmp")
-    if len(path.encode()) > _SUN_PATH_MAX or "/" in name or not name:
+    # QEMU's option syntax needs ",," for a comma; names with such characters use the UUID.
+    if len(path.encode()) > _SUN_PATH_MAX or not re.fullmatch(r"[A-Za-z0-9._+-]+", name):
         path = str(state_dir / "mon" / f"{uuid}.qmp")
     if len(path.encode()) > _SUN_PATH_MAX:
         raise ProtectError(f"monitor socket path {path} is longer than {_SUN_PATH_MAX} bytes")

@@ -472,6 +472,7 @@ def test_forged_table_blocks_restore(env: Env) -> None:
     r = env.lab.virsh("restore", str(bad), "--running", check=False)
     assert r.returncode != 0, r.stdout
     assert "vmwipe" in r.stderr and "slot" in r.stderr, r.stderr
+    print(f"\nvirsh restore of a forged table: {r.stderr.strip()}")
     assert env.domstate() == "shut off"
     time.sleep(1.0)
     assert env.drbg_since(off) == [], "the guest ran although the wipe failed"

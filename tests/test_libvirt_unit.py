@@ -242,3 +242,11 @@ def test_hook_script_survives_a_broken_agent(tmp_path: Path) -> None:
                            timeout=60)
         assert p.returncode == want, p.stderr
         assert p.stdout == b""
+
+
+def test_monitor_path_falls_back_to_uuid(tmp_path: Path) -> None:
+    from vmwipe.host_agent.libvirt_xml import monitor_path
+
+    assert monitor_path(tmp_path, "web-1", UUID) == str(tmp_path / "mon" / "web-1.qmp")
+    assert monitor_path(tmp_path, "a,b", UUID) == str(tmp_path / "mon" / f"{UUID}.qmp")
+    assert monitor_path(tmp_path, "x" * 120, UUID) == str(tmp_path / "mon" / f"{UUID}.qmp")
