@@ -25,18 +25,38 @@ from vmwipe.host_agent import migstream as ms
 from vmwipe.host_agent.qmp import QMPSession
 
 QEMU72 = os.environ.get("VMWIPE_TEST_QEMU", "qemu-system-x86_64")
-#: QEMU 10.0 from bookworm-backports unpacked with dpkg -x (see NOTES.md); a wrapper
-#: script that passes -L for its data dir.  Tests that need it skip without it.
-QEMU10 = os.environ.get("VMWIPE_TEST_QEMU10", "/tmp/scrub/q10/qemu10")
 
 
 def have(binary: str) -> bool:
     return shutil.which(binary) is not None or os.access(binary, os.X_OK)
 
 
+def _qemu_major(binary: str) -> int:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                             timeout=20, check=False).stdout
+    except OSError:
+        return 0
+    m = re.search(r"version (\d+)\.", out)
+    return int(m.group(1)) if m else 0
+
+
+def _find_qemu10() -> str:
+    """A QEMU >= 9.0 (mapped-ram): $VMWIPE_TEST_QEMU10, the system QEMU (Debian 13), or
+    bookworm-backports' 10.0 unpacked with `apt-get download` + `dpkg -x` behind a wrapper
+    that passes -L for its data dir (see NOTES.md)."""
+    for cand in (os.environ.get("VMWIPE_TEST_QEMU10", ""), QEMU72, "/tmp/scrub/q10/qemu10",
+                 "/tmp/q10/qemu10"):
+        if cand and have(cand) and _qemu_major(cand) >= 9:
+            return cand
+    return ""
+
+
+QEMU10 = _find_qemu10()
 needs_qemu = pytest.mark.skipif(not have(QEMU72), reason=f"{QEMU72} not installed")
-needs_qemu10 = pytest.mark.skipif(not have(QEMU10), reason=f"no QEMU 10 at {QEMU10} "
-                                  "(set VMWIPE_TEST_QEMU10)")
+needs_qemu10 = pytest.mark.skipif(
+    not QEMU10, reason="no QEMU >= 9.0: set VMWIPE_TEST_QEMU10 to one (e.g. bookworm-backports "
+    "qemu-system-x86 10.0 unpacked with dpkg -x and a wrapper passing -L DATADIR)")
 
 
 class Vm:
