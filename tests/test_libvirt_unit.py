@@ -242,6 +242,8 @@ def test_hook_script_survives_a_broken_agent(tmp_path: Path) -> None:
                            timeout=60)
         assert p.returncode == want, p.stderr
         assert p.stdout == b""
+        if want:
+            assert b"cannot load the agent (broken on purpose)" in p.stderr, p.stderr
 
 
 def test_monitor_path_falls_back_to_uuid(tmp_path: Path) -> None:
