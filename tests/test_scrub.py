@@ -184,7 +184,7 @@ def test_scrub_restore_10(tmp_path: Path, vms: list[Vm]) -> None:
     saved = plant_and_save(tmp_path, vms, ["-M", "q35", "-m", "512M"], qemu=QEMU10)
     before = saved.path.read_bytes()
     rep = scrub_file(str(saved.path), machine="q35", mem=512 << 20)
-    assert rep.scrubbed_copies == len(saved.secrets) and rep.machine == "pc-q35-10.0"
+    assert rep.scrubbed_copies == len(saved.secrets) and rep.machine.startswith("pc-q35-")
     only_listed_changed(before, saved.path.read_bytes(), saved)
     check_restored(saved, tmp_path, vms)
 
