@@ -362,7 +362,13 @@ def restore_flow(
         session.cmd("migrate-incoming", {"uri": uri})
         phases.mark("start")
         state = wait_incoming_done(session, opts.timeout)
-        mig = _migration_status(session)
+        # QEMU sets the run state and then "completed" in one bottom half; poll in case
+        # a version ever lets a client see the gap.
+        mig = session.wait_until(
+            lambda: s if (s := _migration_status(session)) not in ("active", "device") else None,
+            10.0,
+            "the incoming migration to report its end",
+        )
         if mig != "completed":
             raise MigrationError(f"incoming migration ended as {mig!r}")
         if state == "running":
