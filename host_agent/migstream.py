@@ -106,6 +106,9 @@ _ZERO_RUN = re.compile(rb"(?:.{6}[\x00\x10\x20\x30\x40\x50\x60\x70\x80\x90\xa0\x
 _ZERO_RUN_MAX = 8192  # records per bulk step
 _ZERO_REC = 9
 
+#: Bound on a described array's length, so a forged description cannot spin the walk.
+MAX_ARRAY_LEN = 1 << 24
+
 KIND_PAGE = 1
 KIND_ZERO = 2
 
@@ -474,19 +477,22 @@ def _walk_struct(src: Source, desc: dict[str, Any], where: str, depth: int = 0) 
     for f in fields:
         if not isinstance(f, dict):
             raise StreamError(f"VM description of {where} has a malformed field")
-        count = int(f.get("array_len", 1))
+        count = f.get("array_len", 1)
         fname = f"{where}.{f.get('name')}"
-        for _ in range(count):
-            if f.get("type") == "struct" and isinstance(f.get("struct"), dict):
+        if not isinstance(count, int) or not 0 <= count <= MAX_ARRAY_LEN:
+            raise StreamError(f"VM description of {fname} has array length {count!r}")
+        if f.get("type") == "struct" and isinstance(f.get("struct"), dict):
+            for _ in range(count):
                 _walk_struct(src, f["struct"], fname, depth + 1)
-            elif f.get("type") == "capability":
+        elif f.get("type") == "capability":
+            for _ in range(count):
                 (n,) = src.read(1, f"{fname} length")
                 src.skip(n, fname)
-            else:
-                size = f.get("size")
-                if not isinstance(size, int) or size < 0:
-                    raise StreamError(f"VM description of {fname} has no size")
-                src.skip(size, fname)
+        else:
+            size = f.get("size")
+            if not isinstance(size, int) or size < 0:
+                raise StreamError(f"VM description of {fname} has no size")
+            src.skip(size * count, fname)
     for sub in desc.get("subsections", []) or []:
         if not isinstance(sub, dict):
             raise StreamError(f"VM description of {where} has a malformed subsection")
