@@ -221,6 +221,7 @@ class CloneStats:
 
     outputs: int
     old_epoch_outputs: int  # outputs of an epoch the original used before the snapshot
+    old_epoch_counters: list[int]  # their counters (the first 5): in flight = last + 1
     new_epochs: list[str]
     first_new_index: int | None  # position of the first post-resume-epoch output
 
@@ -264,6 +265,7 @@ def analyse(pre_epochs: set[str], clones: Sequence[Sequence[Output]],
     total = 0
     for i, outs in enumerate(clones):
         old = 0
+        old_counters: list[int] = []
         new_epochs: list[str] = []
         first_new: int | None = None
         for pos, o in enumerate(outs):
@@ -271,6 +273,8 @@ def analyse(pre_epochs: set[str], clones: Sequence[Sequence[Output]],
             owners.setdefault(o.value, set()).add(i)
             if o.epoch in pre_epochs:
                 old += 1
+                if len(old_counters) < 5:
+                    old_counters.append(o.counter)
                 continue
             if first_new is None:
                 first_new = pos
@@ -278,7 +282,7 @@ def analyse(pre_epochs: set[str], clones: Sequence[Sequence[Output]],
                 new_epochs.append(o.epoch)
             new_owners.setdefault(o.value, set()).add(i)
             epoch_owners.setdefault(o.epoch, set()).add(i)
-        stats.append(CloneStats(len(outs), old, new_epochs, first_new))
+        stats.append(CloneStats(len(outs), old, old_counters, new_epochs, first_new))
     original_values = {o.value for o in original_after}
     return Analysis(
         clones=stats,
@@ -322,6 +326,7 @@ class ScenarioResult:
     accel: str
     kernel: str
     old_epoch: str = ""
+    last_pre_counter: int = -1  # the last output the original printed before the snapshot
     pre_snapshot_outputs: int = 0
     save_ms: float = 0.0
     snapshot_bytes: int = 0
@@ -461,37 +466,45 @@ def _mask(buf: bytearray, base: int, spans: Sequence[tuple[int, int]]) -> None:
             buf[lo - base:hi - base] = bytes(hi - lo)
 
 
-def ram_digest(qmp_path: str, exclude: Sequence[tuple[int, int]],
-               find: bytes | None = None) -> tuple[str, list[int]]:
-    """sha256 of all guest RAM with `exclude` spans read as zero; GPAs where `find` occurs.
+def ram_digest(qmp_path: str, exclude: Sequence[tuple[int, int]]) -> str:
+    """sha256 of all guest RAM with the `exclude` spans read as zero.
 
     Read through the agent's own memory backend (process_vm_readv), so this is
     exactly the memory the wipe engine sees.
     """
     h = hashlib.sha256()
+    with QMPSession(qmp_path) as s:
+        target = open_target(s, AgentOptions(), guard=False)
+        try:
+            for r in target.memmap.ranges:
+                for off in range(0, r.size, HASH_CHUNK):
+                    buf = bytearray(target.backend.read(r.gpa + off, min(HASH_CHUNK, r.size - off)))
+                    _mask(buf, r.gpa + off, exclude)
+                    h.update(buf)
+        finally:
+            target.close()
+    return h.hexdigest()
+
+
+def find_in_ram(qmp_path: str, needle: bytes) -> list[int]:
+    """Guest-physical addresses where `needle` occurs in guest RAM."""
     hits: list[int] = []
     with QMPSession(qmp_path) as s:
         target = open_target(s, AgentOptions(), guard=False)
         try:
             for r in target.memmap.ranges:
-                off = 0
                 tail = b""
-                while off < r.size:
-                    n = min(HASH_CHUNK, r.size - off)
-                    buf = bytearray(target.backend.read(r.gpa + off, n))
-                    if find:
-                        hay = tail + bytes(buf)
-                        pos = hay.find(find)
-                        while pos >= 0:
-                            hits.append(r.gpa + off - len(tail) + pos)
-                            pos = hay.find(find, pos + 1)
-                        tail = bytes(buf[-(len(find) - 1):])
-                    _mask(buf, r.gpa + off, exclude)
-                    h.update(buf)
-                    off += n
+                for off in range(0, r.size, HASH_CHUNK):
+                    buf = tail + target.backend.read(r.gpa + off, min(HASH_CHUNK, r.size - off))
+                    base = r.gpa + off - len(tail)
+                    pos = buf.find(needle)
+                    while pos >= 0:
+                        hits.append(base + pos)
+                        pos = buf.find(needle, pos + 1)
+                    tail = buf[-(len(needle) - 1):]
         finally:
             target.close()
-    return h.hexdigest(), hits
+    return hits
 
 
 def read_gpa(qmp_path: str, gpa: int, size: int) -> bytes:
@@ -652,6 +665,7 @@ class Scenario:
         if not pre.outputs:
             raise GuestError("the DRBG printed nothing before the snapshot")
         self.result.old_epoch = pre.outputs[-1].epoch
+        self.result.last_pre_counter = pre.outputs[-1].counter
         self.result.pre_snapshot_outputs = len(pre.outputs)
         self._pre_epochs = {o.epoch for o in pre.outputs}
         self.result.save_ms = round(sum(rep["timings_ms"].values()), 1)
@@ -733,18 +747,21 @@ class Scenario:
         exclude = [*self._table, (base + WIPE_GENERATION_OFFSET, HOST_FIELDS_SIZE)]
         self.log("integrity: hashing all guest RAM of each paused clone except the listed pages "
                  "and the header's host fields, against the snapshot's")
-        guid_spans: list[tuple[int, int]] = []
-        per_clone: list[tuple[str, list[int]]] = []
+        guids: list[bytes] = []
         for c in clones:
             with QMPSession(c["qmp"]) as s:
-                guid = uuid.UUID(str(s.cmd("query-vm-generation-id")["guid"])).bytes_le
-            digest, hits = ram_digest(c["qmp"], exclude, find=guid)
-            per_clone.append((digest, hits))
-            guid_spans += [(h, 16) for h in hits]
-        spans = sorted(set(guid_spans))
-        ref, _ = ram_digest(f"{self.dir}/agent.qmp", [*exclude, *spans])
-        for c, run, (_d, hits) in zip(clones, runs, per_clone, strict=True):
-            digest, _ = ram_digest(c["qmp"], [*exclude, *spans])
+                guids.append(uuid.UUID(str(s.cmd("query-vm-generation-id")["guid"])).bytes_le)
+        # QEMU wrote each clone's GUID at the same firmware-chosen address while loading.
+        hits = find_in_ram(clones[0]["qmp"], guids[0])
+        spans = [(h, 16) for h in hits]
+        for c, guid in zip(clones[1:], guids[1:], strict=True):
+            if [read_gpa(c["qmp"], h, 16) for h in hits] != [guid] * len(hits):
+                spans += [(h, 16) for h in find_in_ram(c["qmp"], guid)]
+        ref = ram_digest(f"{self.dir}/agent.qmp", [*exclude, *spans])
+        for c, run in zip(clones, runs, strict=True):
+            t = time.monotonic()
+            digest = ram_digest(c["qmp"], [*exclude, *spans])
+            hash_s = time.monotonic() - t
             zero = all(read_gpa(c["qmp"], gpa, size) == bytes(size) for gpa, size in self._table)
             orig_nonzero = any(read_gpa(f"{self.dir}/agent.qmp", gpa, size) != bytes(size)
                                for gpa, size in self._table)
@@ -753,7 +770,8 @@ class Scenario:
                 "digest_before": ref, "digest_after": digest, "identical": digest == ref,
                 "listed_zero": zero, "listed_nonzero_in_snapshot": orig_nonzero,
                 "wipe_generation": int.from_bytes(host[:8], "little"),
-                "vmgenid_guid_at": [hex(h) for h in hits],
+                "vmgenid_guid_at": [hex(g) for g, _n in spans],
+                "hash_s": round(hash_s, 2),
             }
             self.log(f"  clone {run.index}: sha256 {digest[:16]}… "
                      f"{'==' if digest == ref else '!='} snapshot {ref[:16]}…, listed pages "
