@@ -332,21 +332,22 @@ def install_hook(hooks_dir: Path = HOOKS_DIR, python: str | None = None,
     """Install the hook, chaining to an existing one; returns what was done."""
     from .errors import UsageError
 
-    aa = install_apparmor(apparmor) if apparmor is not None else []
     hooks_dir.mkdir(parents=True, exist_ok=True)
     hook = hooks_dir / "qemu"
     chained = hooks_dir / CHAINED_NAME
     text = hook_script(chained, python)
     done: list[str] = []
+    foreign = (hook.exists() or hook.is_symlink()) and not _is_ours(hook)
+    if foreign and (chained.exists() or chained.is_symlink()):
+        raise UsageError(f"{hook} is not the vmwipe hook and {chained} already exists; "
+                         "move one of them away first")
+    aa = install_apparmor(apparmor) if apparmor is not None else []
     if _is_ours(hook):
         if hook.read_text() == text:
             return [f"{hook} is already the vmwipe hook; nothing changed", *aa]
         _write_exec(hook, text)
         return [f"updated the vmwipe hook in {hook}", *aa, RESTART_NOTE]
-    if hook.exists() or hook.is_symlink():
-        if chained.exists() or chained.is_symlink():
-            raise UsageError(f"{hook} is not the vmwipe hook and {chained} already exists; "
-                             "move one of them away first")
+    if foreign:
         os.rename(hook, chained)
         done.append(f"moved the existing hook {hook} to {chained}; the vmwipe hook runs it "
                     "first with the same arguments and stdin")
