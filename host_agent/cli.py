@@ -57,9 +57,18 @@ def _common() -> argparse.ArgumentParser:
     return p
 
 
-def _vm(with_guard: bool = True) -> argparse.ArgumentParser:
+def _vm(with_guard: bool = True, memory: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--qmp", required=True, metavar="SOCK", help="QEMU's QMP unix socket")
+    p.add_argument(
+        "--qmp-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait for a QMP answer (default %(default)s)",
+    )
+    if not memory:
+        return p
     p.add_argument(
         "--region",
         metavar="BASE:SIZE",
@@ -71,13 +80,6 @@ def _vm(with_guard: bool = True) -> argparse.ArgumentParser:
         choices=BACKENDS,
         default="auto",
         help="memory access backend (default: auto = process_vm, then shared)",
-    )
-    p.add_argument(
-        "--qmp-timeout",
-        type=float,
-        default=10.0,
-        metavar="S",
-        help="seconds to wait for a QMP answer (default %(default)s)",
     )
     if with_guard:
         p.add_argument(
@@ -119,9 +121,9 @@ def _region_type(text: str) -> Any:
 
 def _opts(args: argparse.Namespace) -> AgentOptions:
     return AgentOptions(
-        region=args.region,
+        region=getattr(args, "region", None),
         reset_guard=not getattr(args, "no_reset_guard", False),
-        backend=args.backend,
+        backend=getattr(args, "backend", "auto"),
         on_invalid=getattr(args, "on_invalid", "fail"),
         populate=getattr(args, "populate", False),
         timeout=getattr(args, "timeout", 600.0),
@@ -287,7 +289,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser(
         "save",
-        parents=[common, _vm(with_guard=False)],
+        parents=[common, _vm(with_guard=False, memory=False)],
         formatter_class=fmt,
         epilog=epilog,
         help="stop the VM and save its state to a file",
