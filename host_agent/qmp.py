@@ -105,10 +105,17 @@ class QMPSession:
             with contextlib.suppress(QMPFailure):
                 self._run(self._client.disconnect(), 5.0, "QMP disconnect")
             self._connected = False
-        self._loop.close()
+        if not self._loop.is_closed():
+            self._loop.close()
 
     def __enter__(self) -> QMPSession:
-        return self.connect() if not self._connected else self
+        if not self._connected:
+            try:
+                self.connect()
+            except BaseException:
+                self.close()  # __exit__ will not run: release the event loop here
+                raise
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
