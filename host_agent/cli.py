@@ -98,7 +98,7 @@ def _vm(with_guard: bool = True, memory: bool = True) -> argparse.ArgumentParser
         p.add_argument(
             "--populate",
             action="store_true",
-            help="map shared (memfd/file share=on) guest RAM with MAP_POPULATE; restore and "
+            help="pre-populate the mapping of shared (memfd/file share=on) guest RAM; restore and "
             "clone do it while QEMU loads, outside the paused window; auto then prefers the "
             "shared backend. Makes every page of a shared RAM block resident",
         )

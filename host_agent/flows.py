@@ -86,7 +86,7 @@ def _shared_blocks(session: QMPSession) -> dict[str, bool]:
 
 
 class SharedPrefetch:
-    """Map (and MAP_POPULATE) shared guest RAM in a thread while QEMU is still loading.
+    """Map and populate shared guest RAM in a thread while QEMU is still loading.
 
     Populating a large mapping costs about as much as the wipe it speeds up;
     done during the incoming migration it falls outside the paused window.

@@ -7,8 +7,8 @@ No QMP or HMP command writes guest memory, so the agent writes it directly:
   zero buffer.  Works for any RAM backing; needs ptrace rights over QEMU (root,
   or the same uid without Yama restrictions).
 - `SharedFileBackend`: for RAM blocks backed by `memory-backend-memfd`/`-file`
-  with `share=on`, maps the same file MAP_SHARED (optionally MAP_POPULATE) and
-  writes through the mapping.  Needs only access to QEMU's fds, and is the
+  with `share=on`, maps the same file MAP_SHARED (optionally pre-populated) and
+  memsets/memcmps through the mapping.  Needs only access to QEMU's fds, and is the
   fastest path once the mapping is populated.
 
 Both take guest-physical spans and split them at RAM-range boundaries with the
