@@ -483,7 +483,7 @@ def test_sidecar_errors(tmp_path: Path) -> None:
 #: the way SPEC.md says (zero the page, then clear its slot word at 0x81000), then halt.
 UNPUBLISH = bytes.fromhex(
     "fa b8 00 60 8e d8 b8 00 70 8e c0"  # cli; ds=0x6000 (flag); es=0x7000 (page A)
-    "83 3e 00 00 00 74 f9"  # wait: cmp word [0], 0; je wait
+    "ff 06 02 00 83 3e 00 00 00 74 f5"  # wait: inc word [2]; cmp word [0], 0; je wait
     "31 ff 31 c0 b9 00 08 f3 ab"  # zero 4 KiB at es:0
     "b8 00 81 8e c0 31 ff 31 c0 b9 04 00 f3 ab"  # es=0x8100: clear slot 0's word
     "f4 eb fd")  # hlt forever
@@ -512,11 +512,20 @@ def test_live_save_unpublished_page(tmp_path: Path, vms: list[Vm],
     vm.write(LOW_REGION.base, build_region(LOW_REGION.size, [(0x70000, 1), (0x50000, 1)]))
     vm.write(0x70000, secret_a)
     vm.write(0x50000, secret_b)
-    vm.qmp.cmd("migrate-set-parameters", {"max-bandwidth": 1 << 20})
+    # The waiting guest keeps dirtying its flag page, and at 1 MiB/s one page misses a
+    # 1 ms downtime limit: the save cannot complete until the limit is raised below.
+    vm.qmp.cmd("migrate-set-parameters", {"max-bandwidth": 1 << 20, "downtime-limit": 1})
     path = tmp_path / "unpublish.sav"
     vm.qmp.cmd("migrate", {"uri": f"exec:cat > {path}"})
-    time.sleep(0.3)  # the first pass has sent the low pages by now
+    deadline = time.monotonic() + 60
+    while not (path.exists() and secret_a in path.read_bytes()):  # A went out once
+        assert time.monotonic() < deadline, "page A never reached the stream"
+        time.sleep(0.05)
     vm.write(0x60000, b"\x01\x00")  # guest: unpublish A
+    while vm.read(LOW_REGION.base + PAGE, 8) != bytes(8):  # slot 0 cleared by the guest
+        assert time.monotonic() < deadline, "the guest did not unpublish"
+        time.sleep(0.02)
+    vm.qmp.cmd("migrate-set-parameters", {"downtime-limit": 2000})
     assert vm.wait_migration(120) == "completed"
     blob = path.read_bytes()
     assert secret_a in blob and secret_b in blob
