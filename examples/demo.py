@@ -25,7 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
-from vmwipe.lab.e2e import MODES, RESEED_MSG, Scenario, ScenarioResult, missing_prerequisite
+from vmwipe.lab.e2e import CPU, MODES, RESEED_MSG, Scenario, ScenarioResult, missing_prerequisite
 
 INTRO = """\
 vmwipe demo: {n} clones of one running VM, {k} DRBG outputs collected from each.
@@ -55,8 +55,8 @@ def summary(res: ScenarioResult, out: TextIO) -> None:
     how = {"vmwipe": "vmwipe clone: wiped before it ran",
            "plain": "plain restore, same vmgenid GUID",
            "vmgenid": "plain restore, new vmgenid GUID"}
-    print(f"\nSummary: {n} clones x {k} outputs, one snapshot, {res.accel}, kernel {res.kernel}",
-          file=out)
+    print(f"\nSummary: {n} clones x {k} outputs, one snapshot, {res.accel} ({res.cpu}), "
+          f"kernel {res.kernel}", file=out)
     hdr = (f"{'scenario':<9} {'resumed by':<34} {'old-epoch outputs per clone':<28} "
            f"{'values in 2+ clones':>22}")
     print(hdr, file=out)
@@ -168,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="DRBG outputs collected per clone after resume (default 1000)")
     p.add_argument("--json", action="store_true",
                    help="print the full result as JSON on stdout (progress goes to stderr)")
+    p.add_argument("--cpu", default=CPU, metavar="MODEL",
+                   help="guest CPU model (default %(default)s). The DRBG reseeds from getrandom() "
+                   "mixed with RDRAND; without RDRAND (e.g. plain qemu64) clones that reseed "
+                   "before the kernel has handled vmgenid draw from the same duplicated CRNG")
     p.add_argument("--out-dir", default="demo-out", type=Path,
                    help="where result.json and the chart go (default demo-out/)")
     args = p.parse_args(argv)
@@ -188,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     old = signal.signal(signal.SIGTERM, _on_term)
     pids: list[int] = []
     try:
-        with Scenario(args.clones, args.outputs, log=log) as sc:
+        with Scenario(args.clones, args.outputs, log=log, cpu=args.cpu) as sc:
             res = sc.run()
             pids = [r.pid for runs in res.runs.values() for r in runs]
     except (_Terminated, KeyboardInterrupt):

@@ -326,6 +326,7 @@ class ScenarioResult:
     outputs: int
     accel: str
     kernel: str
+    cpu: str = CPU
     old_epoch: str = ""
     last_pre_counter: int = -1  # the last output the original printed before the snapshot
     pre_snapshot_outputs: int = 0
@@ -534,7 +535,7 @@ class Scenario:
 
     def __init__(self, clones: int = 4, outputs: int = 1000, *, log: Log | None = None,
                  workdir: Path | None = None, accel: str | None = None,
-                 collect_timeout: float = 180) -> None:
+                 cpu: str = CPU, collect_timeout: float = 180) -> None:
         if clones < 2:
             raise ValueError("at least 2 clones are needed to compare them")
         if outputs < 1:
@@ -546,6 +547,7 @@ class Scenario:
         self.dir = workdir or Path(tempfile.mkdtemp(prefix="vmwipe-e2e."))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.accel = accel or default_accel()
+        self.cpu = cpu
         self.collect_timeout = collect_timeout
         self.guest: Guest | None = None
         self.tap: SerialTap | None = None
@@ -563,7 +565,7 @@ class Scenario:
         self._original_after: list[Output] = []
         kernel = default_kernel()
         self.result = ScenarioResult(clones, outputs, self.accel,
-                                     kernel.release if kernel else "?")
+                                     kernel.release if kernel else "?", cpu)
 
     # -- lifecycle ----------------------------------------------------------------------
     def __enter__(self) -> Scenario:
@@ -630,11 +632,12 @@ class Scenario:
             raise GuestError("no installed kernel with headers")
         self.log(f"building the guest image for {kernel.release} (cached after the first run)")
         self.image = build_guest_image(kernel)
-        extra = ("-cpu", CPU,
+        extra = ("-cpu", self.cpu,
                  "-chardev", f"socket,id=drbg,path={self.dir}/drbg.sock,server=on,wait=off",
                  "-serial", "chardev:drbg",
                  "-qmp", f"unix:{self.dir}/agent.qmp,server=on,wait=off")
-        self.log(f"booting the guest: Debian {kernel.release}, 512 MiB, 1 vCPU, {self.accel}, "
+        self.log(f"booting the guest: Debian {kernel.release}, 512 MiB, 1 vCPU ({self.cpu}), "
+                 f"{self.accel}, "
                  "vmgenid, vmwipe SSDT + reset-time zero page")
         g = Guest(GuestConfig(self.image, cpus=1, accel=self.accel, extra_args=extra))
         self.guest = g.__enter__()
