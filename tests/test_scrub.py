@@ -311,12 +311,11 @@ def test_below_4g_rules() -> None:
         (0, 0xA0000, 0), (0x100000, (2 << 30) - 0x100000, 0x100000), (HIGH, 3 << 30, 2 << 30)]
 
 
-@needs_qemu
-@pytest.mark.parametrize(("machine", "mem"), [("pc", "3584M"), ("pc", "5G"), ("q35", "2816M"),
-                                              ("q35", "5G")])
-def test_layout_matches_mtree(tmp_path: Path, vms: list[Vm], machine: str, mem: str) -> None:
-    """machine_layout agrees with what QEMU 7.2 shows in `info mtree -f` (minus the hole)."""
-    vm = Vm(tmp_path, ["-M", machine, "-m", mem])
+LAYOUT_CASES = [("pc", "3584M"), ("pc", "5G"), ("q35", "2816M"), ("q35", "5G")]
+
+
+def _layout_matches(tmp_path: Path, vms: list[Vm], machine: str, mem: str, qemu: str) -> None:
+    vm = Vm(tmp_path, ["-M", machine, "-m", mem], qemu=qemu)
     vms.append(vm)
     live = load_memory_map(vm.qmp.hmp, {"pc.ram"}).ranges
     size = {"3584M": 3584 << 20, "5G": 5 << 30, "2816M": 2816 << 20}[mem]
@@ -324,6 +323,20 @@ def test_layout_matches_mtree(tmp_path: Path, vms: list[Vm], machine: str, mem: 
     # live shows 0-0xc0000 as RAM (no VGA): ours stops at the legacy hole
     assert [(r.gpa, r.offset) for r in live[1:]] == [(r.gpa, r.offset) for r in ours[1:]]
     assert [r.size for r in live[1:]] == [r.size for r in ours[1:]]
+
+
+@needs_qemu
+@pytest.mark.parametrize(("machine", "mem"), LAYOUT_CASES)
+def test_layout_matches_mtree(tmp_path: Path, vms: list[Vm], machine: str, mem: str) -> None:
+    """machine_layout agrees with what QEMU 7.2 shows in `info mtree -f` (minus the hole)."""
+    _layout_matches(tmp_path, vms, machine, mem, QEMU72)
+
+
+@needs_qemu10
+@pytest.mark.parametrize(("machine", "mem"), LAYOUT_CASES)
+def test_layout_matches_mtree_10(tmp_path: Path, vms: list[Vm], machine: str, mem: str) -> None:
+    """The same split rules hold in QEMU >= 9 (10.0 here)."""
+    _layout_matches(tmp_path, vms, machine, mem, QEMU10)
 
 
 def test_qemu_available_or_skip() -> None:
