@@ -10,7 +10,9 @@
  * wipe_generation in the header.
  *
  * Pages are handed out to user space through mmap() of /dev/vmwipe and to
- * other modules through vmwipe_alloc_pages(). A read() of /dev/vmwipe
+ * other modules through vmwipe_alloc_pages(); a process can also list pages
+ * it already has with VMWIPE_IOC_REGISTER (see vmwipe_uapi.h and struct
+ * vmwipe_reg). A read() of /dev/vmwipe
  * returns the last wipe_generation seen (u64, native endian); poll() reports
  * EPOLLPRI once the generation differs from the one this file last read.
  */
@@ -18,17 +20,21 @@
 #include <linux/crc32.h>
 #include <linux/device.h>
 #include <linux/highmem.h>
+#include <linux/hmm.h>
 #include <linux/io.h>
 #include <linux/ioport.h>
 #include <linux/kobject.h>
 #include <linux/miscdevice.h>
 #include <linux/mm.h>
+#include <linux/mmu_notifier.h>
 #include <linux/mod_devicetable.h>
 #include <linux/module.h>
+#include <linux/mutex.h>
 #include <linux/platform_device.h>
 #include <linux/poll.h>
 #include <linux/random.h>
 #include <linux/refcount.h>
+#include <linux/sched/mm.h>
 #include <linux/sched/signal.h>
 #include <linux/sched/user.h>
 #include <linux/slab.h>
@@ -39,6 +45,7 @@
 
 #include "vmwipe.h"
 #include "vmwipe_abi.h"
+#include "vmwipe_uapi.h"
 
 static ushort mode = 0666;
 module_param(mode, ushort, 0444);
@@ -63,6 +70,11 @@ struct vmwipe {
 	u32 nfree;
 	u32 *free;
 
+	/* Registered user ranges (VMWIPE_IOC_REGISTER) and their work. */
+	struct mutex reg_lock;
+	struct list_head regs;
+	struct workqueue_struct *wq;
+
 	u64 generation;			/* last wipe_generation seen */
 	wait_queue_head_t wait;
 	struct delayed_work watch;
@@ -86,7 +98,62 @@ struct vmwipe_mapping {
 	struct page *pages[];
 };
 
-/* Give every page a slot (stored in page_private), all or none. */
+/* Take @n free slots, all or none. */
+static int vmwipe_take_slots(struct vmwipe *vmw, u32 *slots, unsigned long n)
+{
+	unsigned long i;
+
+	spin_lock(&vmw->lock);
+	if (vmw->nfree < n) {
+		spin_unlock(&vmw->lock);
+		return -ENOSPC;
+	}
+	for (i = 0; i < n; i++)
+		slots[i] = vmw->free[--vmw->nfree];
+	spin_unlock(&vmw->lock);
+	return 0;
+}
+
+static void vmwipe_put_slots(struct vmwipe *vmw, const u32 *slots, unsigned long n)
+{
+	unsigned long i;
+
+	spin_lock(&vmw->lock);
+	for (i = 0; i < n; i++)
+		vmw->free[vmw->nfree++] = slots[i];
+	spin_unlock(&vmw->lock);
+}
+
+/* List @npages contiguous pages from @page in @slot. */
+static void vmwipe_list(struct vmwipe *vmw, u32 slot, struct page *page, u32 npages)
+{
+	struct vmwipe_slot *s = &vmw->slots[slot];
+
+	WRITE_ONCE(s->npages, cpu_to_le32(npages));
+	/*
+	 * npages must be in place before VALID is: the host may read the
+	 * table at any moment.
+	 */
+	smp_store_release(&s->word, cpu_to_le64(page_to_phys(page) | VMWIPE_SLOT_VALID));
+}
+
+/*
+ * Once the word is 0 the host no longer touches the pages, so they may be
+ * freed. The release orders any zeroing of the pages before it: a snapshot
+ * taken in between must not find the secret in a page nobody wipes.
+ */
+static void vmwipe_unlist(struct vmwipe *vmw, u32 slot)
+{
+	struct vmwipe_slot *s = &vmw->slots[slot];
+
+	smp_store_release(&s->word, 0);
+	WRITE_ONCE(s->npages, 0);
+}
+
+/*
+ * Pages the module allocates itself keep their slot in page_private.
+ * Give every page a slot, all or none.
+ */
 static int vmwipe_claim(struct vmwipe *vmw, struct page **pages, unsigned long n)
 {
 	unsigned long i;
@@ -112,32 +179,19 @@ static void vmwipe_unclaim(struct vmwipe *vmw, struct page **pages, unsigned lon
 	spin_unlock(&vmw->lock);
 }
 
+/* The caller hands the page out only after this: no secret can predate it. */
 static void vmwipe_publish(struct vmwipe *vmw, struct page *page, u32 npages)
 {
-	struct vmwipe_slot *slot = &vmw->slots[page_private(page)];
-
-	WRITE_ONCE(slot->npages, cpu_to_le32(npages));
-	/*
-	 * npages must be in place before VALID is: the host may read the
-	 * table at any moment. The caller hands the page out only after this
-	 * store, so no secret can be written to a page the host would miss.
-	 */
-	smp_store_release(&slot->word, cpu_to_le64(page_to_phys(page) | VMWIPE_SLOT_VALID));
+	vmwipe_list(vmw, page_private(page), page, npages);
 }
 
 static void vmwipe_unpublish(struct vmwipe *vmw, struct page *page, u32 npages)
 {
-	struct vmwipe_slot *slot = &vmw->slots[page_private(page)];
 	u32 i;
 
 	for (i = 0; i < npages; i++)
 		clear_highpage(page + i);
-	/*
-	 * The zeroes must be visible before the slot goes: a snapshot taken
-	 * in between would otherwise keep the secret in a page nobody wipes.
-	 */
-	smp_store_release(&slot->word, 0);
-	WRITE_ONCE(slot->npages, 0);
+	vmwipe_unlist(vmw, page_private(page));
 }
 
 /**
@@ -186,20 +240,21 @@ EXPORT_SYMBOL_GPL(vmwipe_free_pages);
  * per-user counter that io_uring and perf use rather than per process: one
  * user of a 0666 device must pin neither unbounded memory nor every slot.
  */
-static int vmwipe_charge(struct vmwipe_mapping *m)
+static int vmwipe_charge(unsigned long npages, struct user_struct **userp)
 {
 	unsigned long limit = rlimit(RLIMIT_MEMLOCK) >> PAGE_SHIFT;
 	struct user_struct *user = current_user();
 	long cur;
 
+	*userp = NULL;
 	if (capable(CAP_IPC_LOCK))
 		return 0;
 	cur = atomic_long_read(&user->locked_vm);
 	do {
-		if (cur + m->npages > limit)
+		if (cur + npages > limit)
 			return -EAGAIN;
-	} while (!atomic_long_try_cmpxchg(&user->locked_vm, &cur, cur + m->npages));
-	m->user = get_uid(user);
+	} while (!atomic_long_try_cmpxchg(&user->locked_vm, &cur, cur + npages));
+	*userp = get_uid(user);
 	return 0;
 }
 
@@ -276,7 +331,7 @@ static int vmwipe_mmap(struct file *file, struct vm_area_struct *vma)
 	refcount_set(&m->refs, 1);
 	m->vmw = vmw;
 	m->npages = n;
-	ret = vmwipe_charge(m);
+	ret = vmwipe_charge(m->npages, &m->user);
 	if (ret)
 		goto err;
 	for (i = 0; i < n; i++) {
@@ -316,6 +371,425 @@ static int vmwipe_mmap(struct file *file, struct vm_area_struct *vma)
 err:
 	vmwipe_mapping_free(m, false);
 	return ret;
+}
+
+/*
+ * VMWIPE_IOC_REGISTER: list existing private anonymous pages of a process,
+ * e.g. a MADV_WIPEONFORK sentinel of a TLS library, so that programs that
+ * know nothing of vmwipe become clone-safe.
+ *
+ * The pages are pinned (FOLL_LONGTERM), so none of them can be freed or
+ * reused while it is listed. An MMU interval notifier follows the range.
+ * Its invalidate() runs before the page tables change and in contexts that
+ * must not sleep, so it only records the event and queues a work item. The
+ * work looks at the range once the change is done (without faulting
+ * anything in) and retires every page that is no longer mapped at its
+ * address: munmap, mremap, MADV_DONTNEED, exit, a COW replacement. Retiring
+ * zeroes the page if nobody maps it any more, unlists it and only then drops
+ * the pin, so a retired page stays listed, and owned by us, until it is
+ * harmless.
+ *
+ * A registration belongs to the caller's mm, not to the file: it lasts
+ * until VMWIPE_IOC_UNREGISTER, until all its pages are retired, or until
+ * the process exits. A child of fork() inherits nothing: its copies of the
+ * pages are unlisted (but a MADV_WIPEONFORK range is empty in the child).
+ * Pages faulted in later at a registered address are not listed.
+ */
+struct vmwipe_reg {
+	struct mmu_interval_notifier notifier;
+	struct vmwipe *vmw;
+	struct list_head node;		/* in vmw->regs */
+	bool listed;			/* on vmw->regs; under vmw->reg_lock */
+	struct work_struct work;	/* retire the pages that left */
+	struct user_struct *user;	/* charged for RLIMIT_MEMLOCK, or NULL */
+	unsigned long start, npages;
+	unsigned long *pfns;		/* hmm_range_fault() output, for the work */
+	u32 *slots;
+
+	spinlock_t lock;		/* pages[], live, dead, notifier seq */
+	unsigned long live;		/* pages not yet retired; 0 until listed */
+	bool dead;			/* being torn down: queue no more work */
+	struct page *pages[];		/* pinned pages, NULL once retired */
+};
+
+/* Unlist page @i and drop its pin; zero it first if nobody else can see it. */
+static void vmwipe_reg_drop(struct vmwipe_reg *reg, unsigned long i, bool zero)
+{
+	struct page *page = reg->pages[i];
+
+	reg->pages[i] = NULL;
+	reg->live--;
+	if (zero)
+		clear_highpage(page);
+	vmwipe_unlist(reg->vmw, reg->slots[i]);
+	/* Only now may the page be freed and reused. */
+	unpin_user_page(page);
+	vmwipe_put_slots(reg->vmw, &reg->slots[i], 1);
+	if (reg->user)
+		atomic_long_dec(&reg->user->locked_vm);
+}
+
+static bool vmwipe_reg_invalidate(struct mmu_interval_notifier *mni,
+				  const struct mmu_notifier_range *range,
+				  unsigned long cur_seq)
+{
+	struct vmwipe_reg *reg = container_of(mni, struct vmwipe_reg, notifier);
+
+	/* Never sleeps: fine for non-blockable ranges (the OOM reaper) too. */
+	spin_lock(&reg->lock);
+	mmu_interval_set_seq(mni, cur_seq);
+	switch (range->event) {
+	case MMU_NOTIFY_PROTECTION_VMA:	/* mprotect() */
+	case MMU_NOTIFY_PROTECTION_PAGE:	/* fork() write-protecting */
+	case MMU_NOTIFY_SOFT_DIRTY:
+		break;		/* the same pages stay mapped */
+	default:
+		if (!reg->dead)
+			queue_work(reg->vmw->wq, &reg->work);
+	}
+	spin_unlock(&reg->lock);
+	return true;
+}
+
+static const struct mmu_interval_notifier_ops vmwipe_reg_ops = {
+	.invalidate = vmwipe_reg_invalidate,
+};
+
+/*
+ * Tear down a registration nobody else can reach any more (off the list,
+ * or never on it). @self: called from its own work item.
+ */
+static void vmwipe_reg_destroy(struct vmwipe_reg *reg, bool self)
+{
+	unsigned long i;
+
+	spin_lock(&reg->lock);
+	reg->dead = true;
+	spin_unlock(&reg->lock);
+	/* Waits for a running invalidate(); none runs after it returns. */
+	mmu_interval_notifier_remove(&reg->notifier);
+	if (self)
+		cancel_work(&reg->work);	/* a requeue of ourselves */
+	else
+		cancel_work_sync(&reg->work);
+	for (i = 0; i < reg->npages; i++)
+		if (reg->pages[i])
+			vmwipe_reg_drop(reg, i, !page_mapped(reg->pages[i]));
+	if (reg->user)
+		free_uid(reg->user);
+	kvfree(reg->pfns);
+	kvfree(reg->slots);
+	kvfree(reg);
+	module_put(THIS_MODULE);
+}
+
+/*
+ * PROT_NONE hides a page from the walk: count it as still there. (mprotect
+ * does not take pages away; a page dropped meanwhile stays pinned and
+ * listed, harmlessly, until unregister or exit.)
+ */
+static void vmwipe_reg_unseen(struct vmwipe_reg *reg, struct mm_struct *mm)
+{
+	struct vm_area_struct *vma;
+	unsigned long i;
+
+	for (i = 0; i < reg->npages; i++) {
+		if (!reg->pages[i] || (reg->pfns[i] & HMM_PFN_VALID))
+			continue;
+		vma = vma_lookup(mm, reg->start + (i << PAGE_SHIFT));
+		if (vma && !(vma->vm_flags & VM_READ))
+			reg->pfns[i] = page_to_pfn(reg->pages[i]) | HMM_PFN_VALID;
+	}
+}
+
+static void vmwipe_reg_work(struct work_struct *work)
+{
+	struct vmwipe_reg *reg = container_of(work, struct vmwipe_reg, work);
+	struct vmwipe *vmw = reg->vmw;
+	struct mm_struct *mm = reg->notifier.mm;
+	struct hmm_range range = {
+		.notifier = &reg->notifier,
+		.start = reg->start,
+		.end = reg->start + (reg->npages << PAGE_SHIFT),
+		.hmm_pfns = reg->pfns,
+		/* No REQ_FAULT flags: only look at the page tables. */
+	};
+	bool exiting, mine;
+	unsigned long i;
+	int ret = 0;
+
+	spin_lock(&reg->lock);
+	i = reg->live;
+	spin_unlock(&reg->lock);
+	if (!i)
+		return;		/* not listed yet, or all retired */
+
+	/* Only this work changes pages[] once live is set; read it unlocked. */
+	exiting = !mmget_not_zero(mm);
+	if (!exiting) {
+		do {
+			/* Sleeps until a running invalidation has changed the tables. */
+			range.notifier_seq = mmu_interval_read_begin(&reg->notifier);
+			mmap_read_lock(mm);
+			ret = hmm_range_fault(&range);
+			if (!ret)
+				vmwipe_reg_unseen(reg, mm);
+			mmap_read_unlock(mm);
+		} while (ret == -EBUSY);
+		/* Perhaps the last user: exit_mmap() then invalidates and requeues us. */
+		mmput(mm);
+	}
+
+	/* Fails only when asked to fault: then keep everything listed. */
+	if (WARN_ON_ONCE(ret))
+		return;
+	spin_lock(&reg->lock);
+	if (!exiting && mmu_interval_read_retry(&reg->notifier, range.notifier_seq)) {
+		/* Changed again while we looked: look again. */
+		if (!reg->dead)
+			queue_work(vmw->wq, &reg->work);
+		spin_unlock(&reg->lock);
+		return;
+	}
+	for (i = 0; i < reg->npages; i++) {
+		struct page *page = reg->pages[i];
+
+		if (!page)
+			continue;
+		/* An exiting mm never runs again: zero even pages still mapped. */
+		if (exiting)
+			vmwipe_reg_drop(reg, i, true);
+		else if (!(reg->pfns[i] & HMM_PFN_VALID) ||
+			 hmm_pfn_to_page(reg->pfns[i]) != page)
+			vmwipe_reg_drop(reg, i, !page_mapped(page));
+	}
+	i = reg->live;
+	spin_unlock(&reg->lock);
+	if (i)
+		return;
+
+	/* Nothing left: whoever takes it off the list tears it down. */
+	mutex_lock(&vmw->reg_lock);
+	mine = reg->listed;
+	if (mine) {
+		list_del(&reg->node);
+		reg->listed = false;
+	}
+	mutex_unlock(&vmw->reg_lock);
+	if (mine)
+		vmwipe_reg_destroy(reg, true);
+}
+
+static int vmwipe_range_get(const void __user *uarg, unsigned long *start, unsigned long *n)
+{
+	struct vmwipe_range r;
+
+	if (copy_from_user(&r, uarg, sizeof(r)))
+		return -EFAULT;
+	if (!r.len || !PAGE_ALIGNED(r.addr) || r.addr >= TASK_SIZE ||
+	    r.len > TASK_SIZE - r.addr)
+		return -EINVAL;
+	*start = r.addr;
+	*n = PAGE_ALIGN(r.len) >> PAGE_SHIFT;
+	return 0;
+}
+
+/* Private anonymous memory only: no file, shmem, hugetlb or device behind it. */
+static int vmwipe_check_vmas(struct mm_struct *mm, unsigned long start, unsigned long end)
+{
+	struct vm_area_struct *vma;
+	unsigned long addr;
+
+	for (addr = start; addr < end; addr = vma->vm_end) {
+		vma = vma_lookup(mm, addr);
+		if (!vma)
+			return -ENOMEM;
+		if (!vma_is_anonymous(vma) || (vma->vm_flags & (VM_SHARED | VM_IO | VM_PFNMAP)))
+			return -EINVAL;
+	}
+	return 0;
+}
+
+/* Fault in and pin all @n pages (the caller holds the mmap lock), all or none. */
+static int vmwipe_pin(unsigned long start, unsigned long n, struct page **pages)
+{
+	unsigned long done = 0;
+	long got;
+
+	while (done < n) {
+		got = pin_user_pages(start + (done << PAGE_SHIFT), n - done,
+				     FOLL_WRITE | FOLL_LONGTERM, pages + done
+#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 5, 0)
+				     , NULL		/* vmas, gone in 6.5 */
+#endif
+				     );
+		if (got <= 0) {
+			unpin_user_pages(pages, done);
+			return got ? got : -EFAULT;
+		}
+		done += got;
+	}
+	return 0;
+}
+
+/* Does a registration of @mm still hold a page in [start, start + n pages)? */
+static bool vmwipe_overlaps(struct vmwipe *vmw, struct mm_struct *mm,
+			    unsigned long start, unsigned long n)
+{
+	unsigned long end = start + (n << PAGE_SHIFT), i;
+	struct vmwipe_reg *reg;
+	bool found = false;
+
+	lockdep_assert_held(&vmw->reg_lock);
+	list_for_each_entry(reg, &vmw->regs, node) {
+		if (reg->notifier.mm != mm || reg->start >= end ||
+		    start >= reg->start + (reg->npages << PAGE_SHIFT))
+			continue;
+		spin_lock(&reg->lock);
+		for (i = 0; i < reg->npages && !found; i++) {
+			unsigned long addr = reg->start + (i << PAGE_SHIFT);
+
+			found = reg->pages[i] && addr >= start && addr < end;
+		}
+		spin_unlock(&reg->lock);
+		if (found)
+			break;
+	}
+	return found;
+}
+
+static long vmwipe_register(struct vmwipe *vmw, const void __user *uarg)
+{
+	struct mm_struct *mm = current->mm;
+	unsigned long start, n, i, seq;
+	struct vmwipe_reg *reg;
+	int ret;
+
+	ret = vmwipe_range_get(uarg, &start, &n);
+	if (ret)
+		return ret;
+	if (!mm)
+		return -EINVAL;
+	if (n > vmw->capacity)
+		return -ENOSPC;
+
+	reg = kvzalloc(struct_size(reg, pages, n), GFP_KERNEL);
+	if (!reg)
+		return -ENOMEM;
+	reg->vmw = vmw;
+	reg->start = start;
+	reg->npages = n;
+	spin_lock_init(&reg->lock);
+	INIT_WORK(&reg->work, vmwipe_reg_work);
+	reg->pfns = kvmalloc_array(n, sizeof(*reg->pfns), GFP_KERNEL);
+	reg->slots = kvmalloc_array(n, sizeof(*reg->slots), GFP_KERNEL);
+	if (!reg->pfns || !reg->slots) {
+		ret = -ENOMEM;
+		goto err_free;
+	}
+	ret = vmwipe_charge(n, &reg->user);
+	if (ret)
+		goto err_free;
+
+	/* Retire what earlier changes left (a page moved by mremap) first. */
+	flush_workqueue(vmw->wq);
+	mutex_lock(&vmw->reg_lock);
+	/* A page listed twice would make the host refuse the table. */
+	ret = vmwipe_overlaps(vmw, mm, start, n) ? -EEXIST : 0;
+	if (!ret)
+		ret = vmwipe_take_slots(vmw, reg->slots, n);
+	if (ret)
+		goto err_unlock;
+
+	/* Follow the range before pinning, so that no change goes unseen. */
+	ret = mmu_interval_notifier_insert(&reg->notifier, mm, start, n << PAGE_SHIFT,
+					   &vmwipe_reg_ops);
+	if (ret)
+		goto err_slots;
+	seq = mmu_interval_read_begin(&reg->notifier);
+	mmap_read_lock(mm);
+	ret = vmwipe_check_vmas(mm, start, start + (n << PAGE_SHIFT));
+	if (!ret)
+		ret = vmwipe_pin(start, n, reg->pages);
+	mmap_read_unlock(mm);
+	if (ret)
+		goto err_remove;
+
+	/*
+	 * The pages may already hold secrets: nothing covers a snapshot taken
+	 * before this point. From here on the host wipes them.
+	 */
+	for (i = 0; i < n; i++)
+		vmwipe_list(vmw, reg->slots[i], reg->pages[i], 1);
+	__module_get(THIS_MODULE);
+	list_add(&reg->node, &vmw->regs);
+	reg->listed = true;
+	spin_lock(&reg->lock);
+	reg->live = n;
+	/* A change since read_begin may have left pages behind: look. */
+	if (mmu_interval_read_retry(&reg->notifier, seq))
+		queue_work(vmw->wq, &reg->work);
+	spin_unlock(&reg->lock);
+	mutex_unlock(&vmw->reg_lock);
+	return 0;
+
+err_remove:
+	mmu_interval_notifier_remove(&reg->notifier);
+	cancel_work_sync(&reg->work);	/* it found live == 0 and did nothing */
+err_slots:
+	vmwipe_put_slots(vmw, reg->slots, n);
+err_unlock:
+	mutex_unlock(&vmw->reg_lock);
+	if (reg->user) {
+		atomic_long_sub(n, &reg->user->locked_vm);
+		free_uid(reg->user);
+	}
+err_free:
+	kvfree(reg->pfns);
+	kvfree(reg->slots);
+	kvfree(reg);
+	return ret;
+}
+
+static long vmwipe_unregister(struct vmwipe *vmw, const void __user *uarg)
+{
+	struct vmwipe_reg *reg, *tmp;
+	unsigned long start, end, n;
+	LIST_HEAD(gone);
+	int ret;
+
+	ret = vmwipe_range_get(uarg, &start, &n);
+	if (ret)
+		return ret;
+	end = start + (n << PAGE_SHIFT);
+	mutex_lock(&vmw->reg_lock);
+	list_for_each_entry_safe(reg, tmp, &vmw->regs, node) {
+		if (reg->notifier.mm == current->mm && reg->start >= start &&
+		    reg->start + (reg->npages << PAGE_SHIFT) <= end) {
+			list_move(&reg->node, &gone);
+			reg->listed = false;
+		}
+	}
+	mutex_unlock(&vmw->reg_lock);
+	if (list_empty(&gone))
+		return -ENOENT;
+	/* The pages are still mapped: they keep their contents. */
+	list_for_each_entry_safe(reg, tmp, &gone, node)
+		vmwipe_reg_destroy(reg, false);
+	return 0;
+}
+
+static long vmwipe_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
+{
+	struct vmwipe_file *vf = file->private_data;
+
+	switch (cmd) {
+	case VMWIPE_IOC_REGISTER:
+		return vmwipe_register(vf->vmw, (const void __user *)arg);
+	case VMWIPE_IOC_UNREGISTER:
+		return vmwipe_unregister(vf->vmw, (const void __user *)arg);
+	}
+	return -ENOTTY;
 }
 
 static int vmwipe_open(struct inode *inode, struct file *file)
@@ -366,6 +840,8 @@ static const struct file_operations vmwipe_fops = {
 	.read = vmwipe_read,
 	.poll = vmwipe_poll,
 	.mmap = vmwipe_mmap,
+	.unlocked_ioctl = vmwipe_ioctl,
+	.compat_ioctl = compat_ptr_ioctl,
 };
 
 static struct vmwipe *dev_to_vmwipe(struct device *dev)
@@ -479,6 +955,12 @@ static void vmwipe_kvfree(void *data)
 	kvfree(data);
 }
 
+/* Registrations hold a module reference: none is left at unbind. */
+static void vmwipe_destroy_wq(void *data)
+{
+	destroy_workqueue(data);
+}
+
 static void vmwipe_stop_watch(void *data)
 {
 	struct vmwipe *vmw = data;
@@ -543,6 +1025,8 @@ static int vmwipe_probe(struct platform_device *pdev)
 	vmw->size = size;
 	vmw->capacity = (size - VMWIPE_SLOTS_OFFSET) / VMWIPE_SLOT_SIZE;
 	spin_lock_init(&vmw->lock);
+	mutex_init(&vmw->reg_lock);
+	INIT_LIST_HEAD(&vmw->regs);
 	init_waitqueue_head(&vmw->wait);
 	INIT_DELAYED_WORK(&vmw->watch, vmwipe_watch);
 	platform_set_drvdata(pdev, vmw);
@@ -560,6 +1044,14 @@ static int vmwipe_probe(struct platform_device *pdev)
 
 	vmwipe_init_region(vmw);
 	ret = devm_add_action_or_reset(dev, vmwipe_retire, vmw);
+	if (ret)
+		return ret;
+
+	/* Before the device exists, gone after it (devm unwinds in reverse). */
+	vmw->wq = alloc_workqueue(KBUILD_MODNAME, 0, 0);
+	if (!vmw->wq)
+		return -ENOMEM;
+	ret = devm_add_action_or_reset(dev, vmwipe_destroy_wq, vmw->wq);
 	if (ret)
 		return ret;
 

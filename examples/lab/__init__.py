@@ -12,6 +12,7 @@ from .build import (
     BuildError,
     GuestImage,
     Kernel,
+    build_dynamic,
     build_guest_image,
     build_initramfs,
     build_module,
@@ -23,6 +24,6 @@ from .guest import CommandResult, Console, Guest, GuestConfig, GuestError, defau
 
 __all__ = [
     "BuildError", "CommandResult", "Console", "Guest", "GuestConfig", "GuestError", "GuestImage",
-    "Kernel", "build_guest_image", "build_initramfs", "build_module", "build_programs",
-    "default_accel", "default_kernel", "installed_kernels",
+    "Kernel", "build_dynamic", "build_guest_image", "build_initramfs", "build_module",
+    "build_programs", "default_accel", "default_kernel", "installed_kernels",
 ]

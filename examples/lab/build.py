@@ -1,4 +1,7 @@
-"""Build what a test guest needs: vmwipe.ko, the static example programs, an initramfs.
+"""Build what a test guest needs: vmwipe.ko, the example programs, an initramfs.
+
+The programs are static, except those that must be preloadable (with
+libvmwipe-preload.so, the C library and the dynamic loader alongside).
 
 Every output is cached under the build directory by a hash of its inputs, so a
 second test run (or a second test module) reuses it, and a changed source file
@@ -18,13 +21,24 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-KMOD_SOURCES = ("Kbuild", "vmwipe.c", "vmwipe.h", "vmwipe_abi.h", "vmwipe_kapi_test.c")
+KMOD_SOURCES = ("Kbuild", "vmwipe.c", "vmwipe.h", "vmwipe_abi.h", "vmwipe_uapi.h",
+                "vmwipe_kapi_test.c")
 KMODS = ("vmwipe.ko", "vmwipe_kapi_test.ko")
-EXAMPLE_SOURCES = ("vmwipe.c", "vmwipe.h", "drbg.c", "drbg.h", "drbg_stream.c", "vmwipe_test.c")
+EXAMPLE_SOURCES = ("vmwipe.c", "vmwipe.h", "drbg.c", "drbg.h", "drbg_stream.c", "vmwipe_test.c",
+                   "retrofit_test.c", "wof_probe.c", "preload/vmwipe_preload.c")
+UAPI_HEADER = "vmwipe_uapi.h"  # in guest_kmod/, the ioctl ABI the programs use
 PROGRAMS: dict[str, tuple[str, ...]] = {
     "drbg_stream": ("drbg_stream.c", "drbg.c", "vmwipe.c"),
     "vmwipe_test": ("vmwipe_test.c", "vmwipe.c"),
+    "retrofit_test": ("retrofit_test.c",),
 }
+# Linked dynamically, so that LD_PRELOAD works: /bin/NAME in the guest, with
+# the C library and the dynamic loader next to them.
+DYNAMIC_PROGRAMS: dict[str, tuple[str, ...]] = {
+    "wof_probe": ("wof_probe.c",),
+}
+PRELOAD = "libvmwipe-preload.so"  # /lib/libvmwipe-preload.so in the guest
+PRELOAD_SOURCES = ("preload/vmwipe_preload.c",)
 BUSYBOX = Path("/bin/busybox")
 
 # The guest's /init: mount the basics, silence printk on the console (it would
@@ -166,32 +180,71 @@ def build_module(kernel: Kernel) -> Path:
     return _publish(final_tmp, out) / "vmwipe.ko"
 
 
-def build_programs() -> dict[str, Path]:
-    """The example and test programs, linked statically for a bare initramfs."""
+def _build_examples() -> Path:
+    """Compile every example program and the preload shim into one cached directory."""
     src = source_root() / "examples"
+    uapi = source_root() / "guest_kmod" / UAPI_HEADER
     cc = os.environ.get("CC", "gcc")
     version = _run([cc, "--version"]).encode()
-    key = _digest([version, *((src / f).read_bytes() for f in EXAMPLE_SOURCES)])
+    key = _digest([version, uapi.read_bytes(), *((src / f).read_bytes() for f in EXAMPLE_SOURCES)])
     out = build_root() / "lab" / f"progs-{key}"
-    if not all((out / name).is_file() for name in PROGRAMS):
+    names = [*PROGRAMS, *DYNAMIC_PROGRAMS, PRELOAD]
+    if not all((out / name).is_file() for name in names):
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.", dir=out.parent))
-        for name, files in PROGRAMS.items():
-            _run([cc, "-O2", "-Wall", "-Wextra", "-Werror", "-static", "-o", str(tmp / name),
-                  *(str(src / f) for f in files)])
+        flags = ["-O2", "-Wall", "-Wextra", "-Werror", f"-I{uapi.parent}"]
+        builds = [*((name, ["-static"], files) for name, files in PROGRAMS.items()),
+                  *((name, [], files) for name, files in DYNAMIC_PROGRAMS.items()),
+                  (PRELOAD, ["-shared", "-fPIC", "-fvisibility=hidden"], PRELOAD_SOURCES)]
+        for name, extra, files in builds:
+            _run([cc, *flags, *extra, "-o", str(tmp / name), *(str(src / f) for f in files)])
         _publish(tmp, out)
+    return out
+
+
+def build_programs() -> dict[str, Path]:
+    """The example and test programs, linked statically for a bare initramfs."""
+    out = _build_examples()
     return {name: out / name for name in PROGRAMS}
 
 
-def build_initramfs(module: Path, programs: dict[str, Path]) -> Path:
+def _runtime_deps(binary: Path) -> dict[str, Path]:
+    """The shared libraries and loader `binary` needs, by their path in the guest (ldd)."""
+    deps: dict[str, Path] = {}
+    for line in _run(["ldd", str(binary)]).splitlines():
+        parts = line.split()
+        path = parts[2] if len(parts) > 2 and parts[1] == "=>" else parts[0] if parts else ""
+        if path.startswith("/"):
+            deps[path.lstrip("/")] = Path(path).resolve()
+    return deps
+
+
+def build_dynamic() -> dict[str, Path]:
+    """Dynamically linked programs and the preload shim, with their libraries.
+
+    Keys are paths inside the initramfs: bin/NAME, lib/libvmwipe-preload.so,
+    and the C library and dynamic loader at their usual places.
+    """
+    out = _build_examples()
+    files = {f"bin/{name}": out / name for name in DYNAMIC_PROGRAMS}
+    files[f"lib/{PRELOAD}"] = out / PRELOAD
+    for path in list(files.values()):
+        files.update(_runtime_deps(path))
+    return files
+
+
+def build_initramfs(module: Path, programs: dict[str, Path],
+                    extra: dict[str, Path] | None = None) -> Path:
     """An uncompressed newc cpio: busybox, /init, the programs in /bin, the modules in /.
 
     `module` is vmwipe.ko; the other modules built next to it come along.
+    `extra` maps more paths inside the image to files (see build_dynamic).
     """
     if not BUSYBOX.is_file():
         raise BuildError(f"{BUSYBOX} missing (install busybox-static)")
     files = {**{ko: module.parent / ko for ko in KMODS},
-             **{f"bin/{n}": p for n, p in sorted(programs.items())}}
+             **{f"bin/{n}": p for n, p in sorted(programs.items())},
+             **dict(sorted((extra or {}).items()))}
     key = _digest([INIT_SCRIPT.encode(), BUSYBOX.read_bytes(),
                    *(name.encode() + path.read_bytes() for name, path in files.items())])
     out = build_root() / "lab" / f"initramfs-{key}.cpio"
@@ -204,6 +257,7 @@ def build_initramfs(module: Path, programs: dict[str, Path]) -> Path:
             (root / d).mkdir(parents=True)
         shutil.copy2(BUSYBOX, root / "bin" / "busybox")
         for name, path in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, root / name)
         init = root / "init"
         init.write_text(INIT_SCRIPT)
@@ -233,4 +287,5 @@ class GuestImage:
 
 def build_guest_image(kernel: Kernel) -> GuestImage:
     module = build_module(kernel)
-    return GuestImage(kernel, module, build_initramfs(module, build_programs()))
+    return GuestImage(kernel, module,
+                      build_initramfs(module, build_programs(), build_dynamic()))

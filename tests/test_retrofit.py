@@ -1,0 +1,368 @@
+"""VMWIPE_IOC_REGISTER and libvmwipe-preload.so in a real guest kernel (no mocks).
+
+Existing private anonymous pages of a process are registered with
+/dev/vmwipe; the host reads the region with QMP `pmemsave` and decodes it
+with `vmwipe.protocol`, as the host agent does, and after every change
+(register, munmap, mremap, MADV_DONTNEED, fork, exit, unregister) the table
+must hold exactly the pages that are still registered: the PFNs that
+/proc/self/pagemap reports in the guest.
+
+Retiring a page is asynchronous (the MMU notifier queues a work item that
+looks once the page tables have changed), so the host polls the table for
+a moment instead of expecting the change at once.
+
+One guest boots with the production layout and serves every test in file
+order; the last test unloads the module to show the shim stays silent.
+VMWIPE_TEST_KERNEL picks the kernel (default: the newest installed).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from vmwipe.lab import Guest, GuestConfig, GuestError, GuestImage, build_guest_image
+from vmwipe.lab.build import BUSYBOX, default_kernel
+from vmwipe.protocol import Table
+
+pytestmark = pytest.mark.slow
+
+FILL = b"\x5a" * 4096  # what retrofit_test writes into its pages
+SHIM = "LD_PRELOAD=/lib/libvmwipe-preload.so"
+
+
+def _missing() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (pagemap PFNs, mknod for the initramfs, writes into QEMU)"
+    for tool in ("qemu-system-x86_64", "gcc", "cpio", "make", "ldd"):
+        if shutil.which(tool) is None:
+            return f"{tool} not installed"
+    if not BUSYBOX.is_file():
+        return f"{BUSYBOX} missing (busybox-static)"
+    kernel = default_kernel()
+    if kernel is None:
+        return "no /boot/vmlinuz-* with matching /usr/src/linux-headers-*"
+    if kernel.missing():
+        return f"{kernel.release}: missing {', '.join(kernel.missing())}"
+    return None
+
+
+def sh(g: Guest, cmd: str, timeout: float = 60) -> str:
+    assert g.console is not None
+    return g.console.check(cmd, timeout)
+
+
+def rc(g: Guest, cmd: str) -> int:
+    assert g.console is not None
+    return g.console.run(cmd).rc
+
+
+def sysfs(g: Guest, name: str) -> int:
+    return int(sh(g, f"cat /sys/class/misc/vmwipe/{name}"))
+
+
+def start(g: Guest, name: str, cmd: str) -> None:
+    """Start `cmd` in the background, output in /tmp/NAME.out, PID in /tmp/NAME.pid."""
+    sh(g, f"{cmd} > /tmp/{name}.out 2>&1 & echo $! > /tmp/{name}.pid")
+
+
+def wait_output(g: Guest, name: str, pattern: str, timeout: float = 60) -> str:
+    """Poll a background command's output until `pattern` shows up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = sh(g, f"cat /tmp/{name}.out")
+        if re.search(pattern, out, re.MULTILINE):
+            return out
+        if time.monotonic() > deadline:
+            raise GuestError(f"{name}: no {pattern!r} in:\n{out}")
+        time.sleep(0.1)
+
+
+def stop(g: Guest, name: str, signal: str = "TERM") -> None:
+    sh(g, f"kill -{signal} $(cat /tmp/{name}.pid); wait $(cat /tmp/{name}.pid); true")
+
+
+@pytest.fixture(scope="module")
+def image() -> GuestImage:
+    reason = _missing()
+    if reason:
+        pytest.skip(reason)
+    kernel = default_kernel()
+    assert kernel is not None
+    return build_guest_image(kernel)
+
+
+@pytest.fixture(scope="module")
+def guest(image: GuestImage) -> Iterator[Guest]:
+    with Guest(GuestConfig(image)) as g:
+        assert g.console is not None
+        g.console.check("insmod /vmwipe.ko")
+        yield g
+
+
+def table(g: Guest) -> Table:
+    t = g.table()
+    assert t.header is not None, "magic missing"
+    return t
+
+
+def wait_table(g: Guest, want: set[int], timeout: float = 15) -> Table:
+    """Poll until the table lists exactly the pages with these PFNs, one page per slot."""
+    deadline = time.monotonic() + timeout
+    while True:
+        t = table(g)
+        got = {gpa >> 12 for gpa in t.gpas}
+        if got == want and len(t.gpas) == len(want) and all(n == 1 for n in t.npages):
+            return t
+        if time.monotonic() > deadline:
+            raise AssertionError(f"table lists {sorted(map(hex, got))}, "
+                                 f"want {sorted(map(hex, want))}")
+        time.sleep(0.2)
+
+
+class Probe:
+    """A `retrofit_test serve` process in the guest, driven through a FIFO."""
+
+    def __init__(self, g: Guest, name: str = "probe") -> None:
+        self.g, self.name, self.seq = g, name, 0
+        sh(g, f"rm -f /tmp/{name}.fifo; mkfifo /tmp/{name}.fifo")
+        start(g, name, f"retrofit_test serve /tmp/{name}.fifo")
+        wait_output(g, name, r"^SERVE READY$")
+
+    def __call__(self, line: str) -> str:
+        """Run one command, return its answer (the lines before its END)."""
+        self.seq += 1
+        sh(self.g, f"echo '{line}' > /tmp/{self.name}.fifo")
+        out = wait_output(self.g, self.name, rf"^END {self.seq}$")
+        before = out.split(f"END {self.seq - 1}\n", 1)[-1] if self.seq > 1 else out
+        return before.split(f"END {self.seq}\n", 1)[0]
+
+    def ok(self, line: str) -> str:
+        out = self(line)
+        assert "RC 0" in out, f"{line}: {out}"
+        return out
+
+    def pfns(self) -> list[int]:
+        return [int(m, 16) for m in re.findall(r"^PFN \d+ (0x[0-9a-f]+)$", self("pfns"), re.M)]
+
+    def zeros(self) -> list[bool]:
+        return [m == "1" for m in re.findall(r"^ZERO \d+ ([01])$", self("zeros"), re.M)]
+
+    def exit(self) -> None:
+        self.seq += 1
+        sh(self.g, f"echo exit > /tmp/{self.name}.fifo; wait $(cat /tmp/{self.name}.pid); true")
+
+
+@pytest.fixture
+def probe(guest: Guest) -> Iterator[Probe]:
+    p = Probe(guest)
+    yield p
+    stop(guest, "probe", "KILL")
+    wait_table(guest, set())  # nothing outlives the process
+    assert sysfs(guest, "used") == 0
+
+
+def test_register_lists_pagemap_pfns_and_host_wipe_zeroes_them(guest: Guest, probe: Probe) -> None:
+    g = guest
+    probe("map 6")
+    probe.ok("reg 1 4")
+    frames = probe.pfns()
+    assert len(frames) == 6 and all(frames)
+    wait_table(g, set(frames[1:5]))
+    assert sysfs(g, "used") == 4
+    for f in frames[1:5]:  # the listed pages are the program's own
+        assert g.read_phys(f << 12, 4096) == FILL
+
+    gen = sysfs(g, "generation")
+    assert g.wipe() == gen + 1  # what a restore's wipe does, done live here
+    assert probe.zeros() == [False, True, True, True, True, False]
+    assert probe.pfns() == frames  # same pages, still registered
+    wait_table(g, set(frames[1:5]))
+
+
+def test_dontneed_munmap_and_exit_unlist(guest: Guest, probe: Probe) -> None:
+    g = guest
+    probe("map 4")
+    probe.ok("reg 0 4")
+    frames = probe.pfns()
+    wait_table(g, set(frames))
+
+    probe.ok("dontneed 1 1")
+    assert probe.pfns()[1] == 0
+    wait_table(g, {frames[0], frames[2], frames[3]})
+    assert g.read_phys(frames[1] << 12, 4096) != FILL  # zeroed before it was freed
+
+    probe.ok("munmap 2 1")
+    wait_table(g, {frames[0], frames[3]})
+    assert g.read_phys(frames[2] << 12, 4096) != FILL
+
+    probe("fill 1 1")  # a page faulted in later at a registered address is not listed
+    assert probe.pfns()[1] not in frames
+    wait_table(g, {frames[0], frames[3]})
+    assert sysfs(g, "used") == 2
+
+    probe.exit()
+    wait_table(g, set())
+    assert sysfs(g, "used") == 0
+    for f in (frames[0], frames[3]):
+        assert g.read_phys(f << 12, 4096) != FILL
+
+
+def test_kill_unlists(guest: Guest, probe: Probe) -> None:
+    probe("map 3")
+    probe.ok("reg 0 3")
+    wait_table(guest, set(probe.pfns()))
+    # the fixture kills it with SIGKILL and waits for an empty table
+
+
+def test_mremap_unlists_moved_pages_and_keeps_their_data(guest: Guest, probe: Probe) -> None:
+    g = guest
+    probe("map 3")
+    probe.ok("reg 0 3")
+    frames = probe.pfns()
+    wait_table(g, set(frames))
+    probe.ok("mremap")
+    assert probe.pfns() == frames  # the same pages, now at another address...
+    wait_table(g, set())  # ...no longer registered...
+    assert probe.zeros() == [False] * 3  # ...and not zeroed: they are still in use
+    probe.ok("reg 0 3")  # registering the new address lists them again
+    wait_table(g, set(frames))
+
+
+def test_fork_parent_stays_registered_child_gets_nothing(guest: Guest, probe: Probe) -> None:
+    """The child's copies are unlisted; a MADV_WIPEONFORK page is empty there anyway.
+
+    A pinned page is never shared copy-on-write (fork copies it for the
+    child at once), so writes on either side leave the parent's pages as
+    they were: the parent's table entries stay exact.
+    """
+    g = guest
+    probe("map 2")
+    probe.ok("reg 0 2")
+    probe.ok("wof 1 1")
+    frames = probe.pfns()
+    wait_table(g, set(frames))
+
+    out = probe.ok("fork")
+    child = re.findall(r"^CHILD PFN (\d) (0x[0-9a-f]+) zero=([01])$", out, re.M)
+    assert [(i, z) for i, _, z in child] == [("0", "0"), ("1", "1")], out
+    wrote = [int(m, 16) for m in re.findall(r"^CHILD WROTE \d (0x[0-9a-f]+)$", out, re.M)]
+    assert len(wrote) == 2 and not set(wrote) & set(frames)
+    wait_table(g, set(frames))
+
+    probe("fill 0 2")  # the parent writes after the fork: no COW, same pages
+    assert probe.pfns() == frames
+    probe.ok("unfork")
+    wait_table(g, set(frames))
+    assert sysfs(g, "used") == 2
+
+
+def test_unregister_keeps_data_and_releases(guest: Guest, probe: Probe) -> None:
+    g = guest
+    probe("map 2")
+    probe.ok("reg 0 2")
+    frames = probe.pfns()
+    wait_table(g, set(frames))
+    assert rc(g, "rmmod vmwipe") != 0  # a registration holds the module
+    probe.ok("unreg 0 2")
+    wait_table(g, set())
+    assert sysfs(g, "used") == 0
+    assert probe.zeros() == [False, False]
+    assert probe.pfns() == frames
+    probe.ok("reg 0 2")
+    wait_table(g, set(frames))
+
+
+def test_refused_ranges(guest: Guest) -> None:
+    # unaligned, empty, wrapping, holes, MAP_SHARED, files, read-only,
+    # /dev/vmwipe's own pages, overlaps, unknown ranges and ioctls
+    assert "ERRORS OK" in sh(guest, "retrofit_test errors")
+    wait_table(guest, set())
+
+
+def test_enospc_lists_nothing(guest: Guest) -> None:
+    out = sh(guest, "retrofit_test enospc", timeout=300)
+    assert "ENOSPC OK" in out, out
+    wait_table(guest, set())
+
+
+def test_memlock_charged_with_mmap(guest: Guest) -> None:
+    out = sh(guest, "retrofit_test memlock")
+    assert "MEMLOCK OK" in out, out
+    wait_table(guest, set())
+
+
+def _pins_and_memfree(g: Guest) -> tuple[int, int]:
+    """Pinned pages system wide (exact after stat_refresh), and MemFree in KiB."""
+    out = sh(g, "echo 1 > /proc/sys/vm/stat_refresh; echo 3 > /proc/sys/vm/drop_caches; "
+                "grep nr_foll_pin /proc/vmstat; grep MemFree /proc/meminfo")
+    values = dict(line.split()[:2] for line in out.splitlines())
+    pins = int(values["nr_foll_pin_acquired"]) - int(values["nr_foll_pin_released"])
+    return pins, int(values["MemFree:"])
+
+
+def test_10000_cycles_leak_no_slot_pin_or_charge(guest: Guest) -> None:
+    g = guest
+    pins, free = _pins_and_memfree(g)
+    t0 = time.monotonic()
+    # as nobody with RLIMIT_MEMLOCK of 4 pages: a leaked charge fails the next cycle
+    out = sh(g, "retrofit_test cycles 10000", timeout=600)
+    print(f"10000 cycles: {time.monotonic() - t0:.1f} s")
+    assert "CYCLES 10000" in out and "CYCLES OK" in out, out
+    pins2, free2 = _pins_and_memfree(g)
+    assert pins2 == pins, f"pins {pins} -> {pins2}"
+    assert free - free2 < 2048, f"MemFree {free} -> {free2} kB"
+    assert sysfs(g, "used") == 0
+    wait_table(g, set())
+
+
+def test_shim_registers_sentinel_and_host_wipe_makes_it_reseed(guest: Guest) -> None:
+    g = guest
+    start(g, "wof", f"{SHIM} wof_probe sentinel")
+    out = wait_output(g, "wof", r"^SENTINEL READY$")
+    assert "FORK zero=1" in out  # the kernel's own MADV_WIPEONFORK still works
+    (frame,) = [int(m, 16) for m in re.findall(r"^PFN (0x[0-9a-f]+)$", out, re.M)]
+    wait_table(g, {frame})
+    assert g.read_phys(frame << 12, 8) == (1).to_bytes(8, "little")
+    g.wipe()
+    wait_output(g, "wof", r"^SENTINEL ZERO$")  # what BoringSSL reads as "reseed"
+    sh(g, "wait $(cat /tmp/wof.pid)")
+    wait_table(g, set())
+
+
+def test_without_shim_sentinel_is_not_registered(guest: Guest) -> None:
+    g = guest
+    start(g, "wof", "wof_probe sentinel")
+    out = wait_output(g, "wof", r"^SENTINEL READY$")
+    assert "FORK zero=1" in out
+    time.sleep(0.5)
+    assert table(g).used == 0
+    stop(g, "wof")
+
+
+def test_shim_leaves_madvise_results_and_errno_alone(guest: Guest) -> None:
+    out = sh(guest, f"{SHIM} wof_probe advice 2>&1", timeout=120)
+    assert re.search(r"^ADVICE \d+ calls OK$", out, re.M), out
+    wait_table(guest, set())  # the WIPEONFORK ranges went with their munmap
+
+
+def test_shim_silent_without_device(guest: Guest) -> None:
+    g = guest
+    sh(g, "rmmod vmwipe")
+    try:
+        assert rc(g, "test -e /dev/vmwipe") != 0
+        out = sh(g, f"{SHIM} wof_probe advice 2>&1", timeout=120)
+        assert re.fullmatch(r"ADVICE \d+ calls OK\n", out), out
+        start(g, "wof", f"{SHIM} wof_probe sentinel")
+        wait_output(g, "wof", r"^SENTINEL READY$")
+        stop(g, "wof")
+        lines = sh(g, "cat /tmp/wof.out").splitlines()
+        assert [line for line in lines if not line.startswith("PFN ")] == \
+            ["FORK zero=1", "SENTINEL READY"]
+    finally:
+        sh(g, "insmod /vmwipe.ko")
