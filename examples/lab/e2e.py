@@ -720,11 +720,18 @@ class Scenario:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert proc.stderr is not None and proc.stdout is not None
         err: list[str] = []
-        for line in proc.stderr:
-            err.append(line)
-            self.log(f"  vmwipe clone: {line.rstrip()}")
-        stdout = proc.stdout.read()
-        if proc.wait() != 0:
+        try:
+            for line in proc.stderr:
+                err.append(line)
+                self.log(f"  vmwipe clone: {line.rstrip()}")
+            stdout = proc.stdout.read()
+            proc.wait()
+        except BaseException:
+            # SIGTERM makes `vmwipe clone` kill every QEMU it started, then exit.
+            proc.terminate()
+            proc.wait(30)
+            raise
+        if proc.returncode != 0:
             raise GuestError(f"vmwipe clone failed ({proc.returncode}): {''.join(err[-5:])}")
         clones = json.loads(stdout)["clones"]
         self._pids += [int(c["pid"]) for c in clones]
