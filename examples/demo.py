@@ -109,8 +109,11 @@ def summary(res: ScenarioResult, out: TextIO) -> None:
         for r in vr:
             stale = sum(1 for o in r.outputs if o.epoch == res.old_epoch)
             print(f"  clone {r.index}: {r.reseed_ms} ms, {r.reseed_outputs} DRBG outputs emitted "
-                  f"meanwhile; {stale} of {len(r.outputs)} outputs still continue the old epoch "
-                  "(the DRBG never noticed)", file=out)
+                  f"meanwhile (first one after {r.first_output_ms} ms); {stale} of "
+                  f"{len(r.outputs)} outputs continue the old epoch (the DRBG never noticed)",
+                  file=out)
+        print("  (host clock, from `cont` returning to the kernel's line arriving on the serial "
+              "port; outputs are counted by their order on that same port)", file=out)
         print("  with vmwipe the window is zero: the first instruction after resume already "
               "finds the DRBG page zeroed", file=out)
     print("\nClaims", file=out)
