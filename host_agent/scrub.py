@@ -59,7 +59,6 @@ from .migstream import (
     StreamIndex,
     copies,
     index_stream,
-    last_copies,
     open_mapped,
 )
 from .saveimage import HEADER_SIZE as LIBVIRT_HEADER_SIZE
@@ -338,7 +337,7 @@ def _region_from_stream(mm: mmap.mmap | bytes, idx: StreamIndex) -> Region | Non
 
 
 def _stale_listed(mm: mmap.mmap | bytes, idx: StreamIndex, layout: GuestMemoryMap,
-                  region: Region) -> set[tuple[int, int]]:
+                  region: Region, found: Copies) -> set[tuple[int, int]]:
     """Pages that some older copy of the table listed (a live save sends the region again
     whenever the guest changes it).
 
@@ -350,14 +349,15 @@ def _stale_listed(mm: mmap.mmap | bytes, idx: StreamIndex, layout: GuestMemoryMa
     """
     hkey = _locate(idx, layout, region.base, PAGE_SIZE)
     if not any(k == KIND_PAGE and bytes(mm[pos:pos + len(MAGIC)]) == MAGIC
-               for _b, _p, pos, k in copies(idx, set(hkey))):
+               for pos, k in found.get(hkey[0], [])):
         return set()
     slot_keys = _locate(idx, layout, region.base + PAGE_SIZE, region.size - PAGE_SIZE)
     region_keys = set(hkey) | set(slot_keys)
     limit = sum(r.size for r in layout.ranges) // PAGE_SIZE
     out: set[tuple[int, int]] = set()
     seen: set[tuple[int, int]] = set()
-    for _b, _p, pos, k in copies(idx, set(slot_keys)):
+    slot_copies = [c for key in slot_keys for c in found.get(key, [])]
+    for pos, k in slot_copies:
         if k != KIND_PAGE:
             continue
         for word, npages, reserved in struct.iter_unpack("<QII", mm[pos:pos + PAGE_SIZE]):
@@ -377,13 +377,25 @@ def _stale_listed(mm: mmap.mmap | bytes, idx: StreamIndex, layout: GuestMemoryMa
 
 
 def _read_region(mm: mmap.mmap | bytes, idx: StreamIndex, layout: GuestMemoryMap,
-                 region: Region) -> bytes:
+                 region: Region, found: Copies | None = None) -> bytes:
     """The region as a restore would load it: the last copy of each page."""
-    return _pages_as_loaded(mm, idx, _locate(idx, layout, region.base, region.size))
+    return _pages_as_loaded(mm, idx, _locate(idx, layout, region.base, region.size), found)
 
 
-def _pages_as_loaded(mm: mmap.mmap | bytes, idx: StreamIndex, keys: Sequence[tuple[int, int]]
-                     ) -> bytes:
+Copies = dict[tuple[int, int], list[tuple[int, int]]]
+
+
+def _collect(idx: StreamIndex, keys: Iterable[tuple[int, int]]) -> Copies:
+    """Every (data offset, kind) record of each key, in stream order: one pass over the
+    index, which for a large save is millions of records, so callers batch their keys."""
+    out: Copies = {k: [] for k in keys}
+    for b, p, pos, k in copies(idx, set(out)):
+        out[(b, p)].append((pos, k))
+    return out
+
+
+def _pages_as_loaded(mm: mmap.mmap | bytes, idx: StreamIndex, keys: Sequence[tuple[int, int]],
+                     found: Copies | None = None) -> bytes:
     """The bytes a restore puts in these pages: the last copy, or the mapped-ram slot."""
     data = bytearray(len(keys) * PAGE_SIZE)
     if idx.mapped_ram:
@@ -392,12 +404,13 @@ def _pages_as_loaded(mm: mmap.mmap | bytes, idx: StreamIndex, keys: Sequence[tup
             if pos is not None and idx.mapped_present(mm, b, p):
                 data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = mm[pos:pos + PAGE_SIZE]
         return bytes(data)
-    last = last_copies(idx, set(keys))
+    if found is None:
+        found = _collect(idx, keys)
     for i, key in enumerate(keys):
-        got = last.get(key)
-        if got is None:
+        got = found.get(key)
+        if not got:
             continue  # never sent: the destination's fresh RAM, which is zero
-        pos, kind = got
+        pos, kind = got[-1]
         if kind == KIND_PAGE:
             data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] = mm[pos:pos + PAGE_SIZE]
         elif mm[pos]:
@@ -468,13 +481,16 @@ def plan_scrub(mm: mmap.mmap | bytes, *, path: str = "", machine: str | None = N
         copies=0, zero_records=0, scrubbed_copies=0, already_zero=0, bytes=0,
         stream_bytes=idx.end - idx.start, records=len(idx.records), seconds=0.0,
     )
-    data = _read_region(mm, idx, layout, region)
+    region_found: Copies = {} if idx.mapped_ram else _collect(
+        idx, _locate(idx, layout, region.base, region.size))
+    data = _read_region(mm, idx, layout, region, region_found)
     try:
         table = decode_table(data, region, ram=layout.pairs(), strict=strict)
     except ProtocolError as e:
         raise InvalidTableError(f"table in the saved region {region.base:#x}+{region.size:#x} "
                                 f"is invalid, nothing written: {e}") from None
     writes: list[tuple[int, int]] = []
+    zero = bytes(PAGE_SIZE)
     wanted_final: set[tuple[int, int]] = set()
     if table.header is not None:
         report.table = "valid"
@@ -485,7 +501,6 @@ def plan_scrub(mm: mmap.mmap | bytes, *, path: str = "", machine: str | None = N
             wanted.update(_locate(idx, layout, slot.gpa, slot.npages * PAGE_SIZE))
         report.pages = len(wanted)
         wanted_final = wanted
-        zero = bytes(PAGE_SIZE)
         if idx.mapped_ram:
             # One fixed slot per page.  A clear bitmap bit means "load as zero", but the
             # slot may still hold an older copy (a live save rewrote the page as zero),
@@ -503,7 +518,12 @@ def plan_scrub(mm: mmap.mmap | bytes, *, path: str = "", machine: str | None = N
                     report.already_zero += 1
                 else:
                     report.zero_records += 1
-        for _b, _p, pos, rkind in copies(idx, wanted):
+    stale: set[tuple[int, int]] = set()
+    if not idx.mapped_ram:
+        stale = _stale_listed(mm, idx, layout, region, region_found) - wanted_final
+    listed_found: Copies = {} if idx.mapped_ram else _collect(idx, wanted_final | stale)
+    if table.header is not None:
+        for pos, rkind in (c for key in wanted_final for c in listed_found.get(key, [])):
             if rkind == KIND_PAGE:
                 report.copies += 1
                 if mm[pos:pos + PAGE_SIZE] == zero:
@@ -515,12 +535,10 @@ def plan_scrub(mm: mmap.mmap | bytes, *, path: str = "", machine: str | None = N
                 if mm[pos]:
                     writes.append((pos, 1))  # a fill byte: the page loads as that byte
     final_writes = len(writes)
-    if not idx.mapped_ram:
-        stale = _stale_listed(mm, idx, layout, region) - wanted_final
-        zero = bytes(PAGE_SIZE)
-        last = last_copies(idx, stale)
-        for b, p, pos, rkind in copies(idx, stale):
-            if rkind == KIND_PAGE and last[(b, p)][0] != pos and mm[pos:pos + PAGE_SIZE] != zero:
+    for key in stale:
+        older = listed_found.get(key, [])[:-1]  # never the last copy: it is what loads
+        for pos, rkind in older:
+            if rkind == KIND_PAGE and mm[pos:pos + PAGE_SIZE] != zero:
                 writes.append((pos, PAGE_SIZE))
                 report.stale_copies += 1
     patches: list[tuple[int, bytes]] = []
@@ -534,8 +552,8 @@ def plan_scrub(mm: mmap.mmap | bytes, *, path: str = "", machine: str | None = N
         if idx.mapped_ram:
             hpos = idx.mapped_pos(*key)
         else:
-            got = last_copies(idx, {key}).get(key)
-            hpos = got[0] if got is not None and got[1] == KIND_PAGE else None
+            got = region_found.get(key)
+            hpos = got[-1][0] if got and got[-1][1] == KIND_PAGE else None
         if hpos is not None:
             report.generation = table.header.wipe_generation + 1
             patches.append((hpos + WIPE_GENERATION_OFFSET,
