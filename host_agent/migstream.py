@@ -32,9 +32,14 @@ section that shows up before that (e.g. virtio-mem's early state) stops the
 save with an error rather than guessing; the written file is then re-read in
 file mode, which walks everything.
 
+`mapped-ram` (QEMU >= 9.0, `file:` only) is walked too: each block's
+MappedRamHeader gives a bitmap and a page area where page N sits at a fixed
+offset, and the stream resumes after that area; there are no PAGE records.
+
 Not supported, refused by name: XBZRLE, the `compress` capability, RDMA hooks,
 postcopy packaging, and iterative non-RAM sections (block migration, dirty
-bitmaps, VFIO).
+bitmaps, VFIO).  A stream without its VM description (machine property
+`suppress-vmdesc`) cannot be walked past the RAM and is refused as a file.
 """
 
 from __future__ import annotations

@@ -13,6 +13,10 @@ every PAGE record of a listed page is written out as zeros.  QEMU gets the
 pipe's write end through SCM_RIGHTS (`getfd` + `migrate fd:`), so it needs no
 path it could open and this works whatever user QEMU runs as.
 
+The saved header page carries wipe_generation + 1 and wipe_pages (written over
+its copy as it passes), as after a verified wipe at resume, so the guest
+module notifies its users after a plain restore too.
+
 The file is written as `PATH.partial` and renamed after it has been fsynced
 and re-read completely (a full walk, device state included, and a check that
 no copy of a listed page holds a non-zero byte).  The sidecar
