@@ -44,6 +44,7 @@ bitmaps, VFIO).  A stream without its VM description (machine property
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import mmap
@@ -986,3 +987,31 @@ def filter_stream(fd: int, sink: BinaryIO, zero_page: ZeroPredicate,
     src.passthrough()  # device state and/or the VM description
     idx.end = src.pos
     return idx
+
+
+def stream_capabilities(path: str) -> tuple[str, list[str]]:
+    """(machine type, capabilities) from the CONFIGURATION section at the start of a save.
+
+    A restore must enable the same `mapped-ram` capability as the save before
+    `migrate-incoming file:`; this reads only the first few hundred bytes (a
+    libvirt image's header is skipped).
+    """
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    start = 0
+    if head[:16] == b"LibvirtQemudSave":
+        from .saveimage import parse_header  # saveimage imports this module
+
+        start = parse_header(head[:92]).stream_offset
+        with open(path, "rb") as f:
+            f.seek(start)
+            head = f.read(1 << 16)
+    src = FileSource(head)
+    idx = StreamIndex(start=start)
+    walker = StreamWalker(src, idx)
+    walker.walk_header()
+    if src.peek() == CONFIGURATION:
+        src.read(1, "section type")
+        with contextlib.suppress(UnsupportedStream):
+            walker._configuration()
+    return idx.machine, idx.capabilities

@@ -355,3 +355,10 @@ def test_fuzz_mutations(small_stream: bytes, data: st.DataObject) -> None:
         ms.index_stream(bytes(blob))
     except ms.StreamError as e:
         assert "\n" not in str(e)
+
+
+def test_stream_capabilities(small_stream: bytes, tmp_path: Path) -> None:
+    p = tmp_path / "s.bin"
+    p.write_bytes(small_stream)
+    machine, caps = ms.stream_capabilities(str(p))
+    assert machine.startswith("pc-i440fx-") and caps == []

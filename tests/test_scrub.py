@@ -431,6 +431,7 @@ def test_mapped_ram_10(tmp_path: Path, vms: list[Vm]) -> None:
         assert mm.find(secret) >= 0
     finally:
         os.close(fd)
+    assert ms.stream_capabilities(str(path))[1] == ["mapped-ram"]  # what a restore must set
     rep = scrub_file(str(path))
     assert rep.container == "qemu-mapped-ram" and rep.pages == 2
     assert rep.scrubbed_copies == 1 and rep.bytes == PAGE + 16 and rep.generation == 1
