@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vmwipe.host_agent import migstream as ms
+from vmwipe.host_agent.errors import QMPFailure
 from vmwipe.host_agent.qmp import QMPSession
 
 QEMU72 = os.environ.get("VMWIPE_TEST_QEMU", "qemu-system-x86_64")
@@ -73,13 +74,22 @@ class Vm:
             cmd += ["-incoming", "defer"]
         self.log = open(workdir / f"qemu{n}.log", "wb")  # noqa: SIM115 (closed in kill)
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while not os.path.exists(self.sock):
+        deadline = time.monotonic() + 30
+        session: QMPSession | None = None
+        while session is None:
+            # the socket file appears at bind(), before listen(): retry a refused connect
+            if os.path.exists(self.sock):
+                attempt = QMPSession(self.sock, timeout=30)
+                try:
+                    session = attempt.connect()
+                    break
+                except QMPFailure:
+                    attempt.close()
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError(f"QEMU did not start: {(workdir / f'qemu{n}.log').read_text()}")
             time.sleep(0.02)
-        self.qmp = QMPSession(self.sock, timeout=30).connect()
+        self.qmp = session
 
     @property
     def pid(self) -> int:
