@@ -44,8 +44,8 @@ class VmConfig:
 def choose_region(mem: int, size: int = DEFAULT_SIZE) -> Region:
     """Place the region inside low RAM: 0x1f000000 for guests of 512 MiB and more."""
     low_ram = min(mem, _LOW_RAM_LIMIT)
-    base = min(DEFAULT_BASE, (low_ram - _TOP_MARGIN - size) // _MIB * _MIB)
-    if base < 16 * _MIB:
+    base = min(DEFAULT_BASE, (low_ram - _TOP_MARGIN) // _MIB * _MIB)
+    if base < 32 * _MIB or base + size > low_ram - _TOP_MARGIN // 2:
         raise ValueError(f"guest RAM of {mem >> 20} MiB is too small for a {size} byte region")
     region = Region(base, size)
     validate_region(region)
