@@ -102,6 +102,8 @@ def parse_flatviews(text: str) -> list[FlatView]:
         if m:
             rest = _REST_RE.match(m["rest"].rstrip())
             assert rest is not None  # the pattern matches any string
+            if int(m["last"], 16) < int(m["start"], 16):
+                raise QMPFailure(f"`info mtree -f`: range ends before it starts: {line.strip()!r}")
             ranges.append(
                 FlatRange(
                     start=int(m["start"], 16),
