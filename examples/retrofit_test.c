@@ -10,6 +10,9 @@
  *   retrofit_test memlock      registrations are charged to RLIMIT_MEMLOCK
  *   retrofit_test cycles N     N register/unregister cycles leak no slot
  *                              or memlock charge (the host test counts pins)
+ *   retrofit_test race SECONDS threads register, unregister, map, unmap,
+ *                              DONTNEED, mprotect, mremap and fork over the
+ *                              same pages at random; prints "RACE <ops>"
  *
  * serve commands (OFF and N in pages of the one test area):
  *   map N          mmap N private anonymous pages, fill them with 0x5a
@@ -37,7 +40,9 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <pthread.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "vmwipe_uapi.h"
@@ -389,6 +394,105 @@ static int cmd_cycles(long n)
 	return done("CYCLES");
 }
 
+/* ---- race ----------------------------------------------------------- */
+
+#define RACE_SLOTS 16
+#define RACE_PAGES 4
+#define RACE_THREADS 4
+
+static unsigned char *race_base;
+static volatile int race_stop;
+
+static unsigned long xorshift(unsigned long *s)
+{
+	*s ^= *s << 13;
+	*s ^= *s >> 7;
+	*s ^= *s << 17;
+	return *s;
+}
+
+/*
+ * Random operations on random slots of one reserved window, in every thread
+ * at once. No thread touches the memory itself: another may have unmapped it.
+ */
+static void *race_thread(void *arg)
+{
+	unsigned long seed = (unsigned long)(uintptr_t)arg * 2654435761UL + 1, ops = 0;
+	size_t len = RACE_PAGES * PAGE;
+
+	while (!race_stop) {
+		unsigned char *p = race_base + (xorshift(&seed) % RACE_SLOTS) * len;
+		size_t n = 1 + xorshift(&seed) % RACE_PAGES;
+		pid_t pid;
+
+		switch (xorshift(&seed) % 10) {
+		case 0:
+			/* Populated by the kernel: touching it here could fault. */
+			mmap(p, len, PROT_READ | PROT_WRITE,
+			     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_POPULATE, -1, 0);
+			break;
+		case 1:
+		case 2:
+			range_ioctl(VMWIPE_IOC_REGISTER, p, n * PAGE);
+			break;
+		case 3:
+			range_ioctl(VMWIPE_IOC_UNREGISTER, p, len);
+			break;
+		case 4:
+			mmap(p, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+			break;
+		case 5:
+			madvise(p, n * PAGE, MADV_DONTNEED);
+			break;
+		case 6:
+			mprotect(p, n * PAGE, xorshift(&seed) % 2 ? PROT_NONE : PROT_READ | PROT_WRITE);
+			break;
+		case 7:
+			/* Swap two slots' pages. */
+			mremap(p, len, len, MREMAP_MAYMOVE | MREMAP_FIXED,
+			       race_base + (xorshift(&seed) % RACE_SLOTS) * len);
+			break;
+		case 8:
+			madvise(p, len, MADV_WIPEONFORK);
+			break;
+		case 9:
+			pid = fork();
+			if (pid == 0) {
+				/* The child writes wherever it can, then exits. */
+				mprotect(race_base, RACE_SLOTS * len, PROT_READ | PROT_WRITE);
+				_exit(0);
+			}
+			if (pid > 0)
+				waitpid(pid, NULL, 0);
+			break;
+		}
+		ops++;
+	}
+	return (void *)ops;
+}
+
+static int cmd_race(long seconds)
+{
+	pthread_t t[RACE_THREADS];
+	unsigned long total = 0;
+	void *ops;
+	long i;
+
+	race_base = mmap(NULL, RACE_SLOTS * RACE_PAGES * PAGE, PROT_NONE,
+			 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	check(race_base != MAP_FAILED && vmwipe_fd() >= 0, "setup");
+	for (i = 0; i < RACE_THREADS; i++)
+		pthread_create(&t[i], NULL, race_thread, (void *)(uintptr_t)(i + 1));
+	sleep((unsigned int)seconds);
+	race_stop = 1;
+	for (i = 0; i < RACE_THREADS; i++) {
+		pthread_join(t[i], &ops);
+		total += (unsigned long)(uintptr_t)ops;
+	}
+	printf("RACE %lu ops used %ld\n", total, used());
+	return done("RACE");
+}
+
 int main(int argc, char **argv)
 {
 	const char *cmd = argc > 1 ? argv[1] : "";
@@ -404,6 +508,8 @@ int main(int argc, char **argv)
 		return cmd_memlock();
 	if (!strcmp(cmd, "cycles") && argc > 2)
 		return cmd_cycles(strtol(argv[2], NULL, 0));
+	if (!strcmp(cmd, "race") && argc > 2)
+		return cmd_race(strtol(argv[2], NULL, 0));
 	fprintf(stderr, "usage: see the comment at the top of retrofit_test.c\n");
 	return 2;
 }

@@ -18,6 +18,7 @@
  */
 
 #include <linux/crc32.h>
+#include <linux/delay.h>
 #include <linux/device.h>
 #include <linux/highmem.h>
 #include <linux/hmm.h>
@@ -42,6 +43,7 @@
 #include <linux/version.h>
 #include <linux/wait.h>
 #include <linux/workqueue.h>
+#include <linux/xarray.h>
 
 #include "vmwipe.h"
 #include "vmwipe_abi.h"
@@ -74,6 +76,7 @@ struct vmwipe {
 	struct mutex reg_lock;
 	struct list_head regs;
 	struct workqueue_struct *wq;
+	struct xarray upages;		/* PFN of each listed user page -> its address */
 
 	u64 generation;			/* last wipe_generation seen */
 	wait_queue_head_t wait;
@@ -422,6 +425,7 @@ static void vmwipe_reg_drop(struct vmwipe_reg *reg, unsigned long i, bool zero)
 	if (zero)
 		clear_highpage(page);
 	vmwipe_unlist(reg->vmw, reg->slots[i]);
+	xa_erase(&reg->vmw->upages, page_to_pfn(page));
 	/* Only now may the page be freed and reused. */
 	unpin_user_page(page);
 	vmwipe_put_slots(reg->vmw, &reg->slots[i], 1);
@@ -632,30 +636,23 @@ static int vmwipe_pin(unsigned long start, unsigned long n, struct page **pages)
 	return 0;
 }
 
-/* Does a registration of @mm still hold a page in [start, start + n pages)? */
-static bool vmwipe_overlaps(struct vmwipe *vmw, struct mm_struct *mm,
-			    unsigned long start, unsigned long n)
+/*
+ * Is one of @reg's pages listed already? At the same address: -EEXIST.
+ * Moved here by mremap from a registration whose work has not retired it
+ * yet: -EAGAIN. A page listed twice would make the host refuse the table.
+ */
+static int vmwipe_listed(struct vmwipe *vmw, struct vmwipe_reg *reg)
 {
-	unsigned long end = start + (n << PAGE_SHIFT), i;
-	struct vmwipe_reg *reg;
-	bool found = false;
+	unsigned long i;
+	void *at;
 
 	lockdep_assert_held(&vmw->reg_lock);
-	list_for_each_entry(reg, &vmw->regs, node) {
-		if (reg->notifier.mm != mm || reg->start >= end ||
-		    start >= reg->start + (reg->npages << PAGE_SHIFT))
-			continue;
-		spin_lock(&reg->lock);
-		for (i = 0; i < reg->npages && !found; i++) {
-			unsigned long addr = reg->start + (i << PAGE_SHIFT);
-
-			found = reg->pages[i] && addr >= start && addr < end;
-		}
-		spin_unlock(&reg->lock);
-		if (found)
-			break;
+	for (i = 0; i < reg->npages; i++) {
+		at = xa_load(&vmw->upages, page_to_pfn(reg->pages[i]));
+		if (at)
+			return xa_to_value(at) == (reg->start >> PAGE_SHIFT) + i ? -EEXIST : -EAGAIN;
 	}
-	return found;
+	return 0;
 }
 
 static long vmwipe_register(struct vmwipe *vmw, const void __user *uarg)
@@ -663,7 +660,7 @@ static long vmwipe_register(struct vmwipe *vmw, const void __user *uarg)
 	struct mm_struct *mm = current->mm;
 	unsigned long start, n, i, seq;
 	struct vmwipe_reg *reg;
-	int ret;
+	int ret, tries;
 
 	ret = vmwipe_range_get(uarg, &start, &n);
 	if (ret)
@@ -691,21 +688,11 @@ static long vmwipe_register(struct vmwipe *vmw, const void __user *uarg)
 	if (ret)
 		goto err_free;
 
-	/* Retire what earlier changes left (a page moved by mremap) first. */
-	flush_workqueue(vmw->wq);
-	mutex_lock(&vmw->reg_lock);
-	/* A page listed twice would make the host refuse the table. */
-	ret = vmwipe_overlaps(vmw, mm, start, n) ? -EEXIST : 0;
-	if (!ret)
-		ret = vmwipe_take_slots(vmw, reg->slots, n);
-	if (ret)
-		goto err_unlock;
-
 	/* Follow the range before pinning, so that no change goes unseen. */
 	ret = mmu_interval_notifier_insert(&reg->notifier, mm, start, n << PAGE_SHIFT,
 					   &vmwipe_reg_ops);
 	if (ret)
-		goto err_slots;
+		goto err_uncharge;
 	seq = mmu_interval_read_begin(&reg->notifier);
 	mmap_read_lock(mm);
 	ret = vmwipe_check_vmas(mm, start, start + (n << PAGE_SHIFT));
@@ -714,6 +701,35 @@ static long vmwipe_register(struct vmwipe *vmw, const void __user *uarg)
 	mmap_read_unlock(mm);
 	if (ret)
 		goto err_remove;
+
+	for (tries = 0; ; tries++) {
+		mutex_lock(&vmw->reg_lock);
+		ret = vmwipe_listed(vmw, reg);
+		if (ret != -EAGAIN)
+			break;
+		mutex_unlock(&vmw->reg_lock);
+		if (tries == 100) {
+			ret = -EBUSY;
+			goto err_unpin;
+		}
+		/* The move queued the other registration's work: let it run. */
+		flush_workqueue(vmw->wq);
+		if (tries)
+			msleep(1);
+	}
+	if (!ret)
+		ret = vmwipe_take_slots(vmw, reg->slots, n);
+	if (ret)
+		goto err_unlock;
+	for (i = 0; i < n; i++) {
+		ret = xa_err(xa_store(&vmw->upages, page_to_pfn(reg->pages[i]),
+				      xa_mk_value((start >> PAGE_SHIFT) + i), GFP_KERNEL));
+		if (ret) {
+			while (i--)
+				xa_erase(&vmw->upages, page_to_pfn(reg->pages[i]));
+			goto err_slots;
+		}
+	}
 
 	/*
 	 * The pages may already hold secrets: nothing covers a snapshot taken
@@ -733,13 +749,16 @@ static long vmwipe_register(struct vmwipe *vmw, const void __user *uarg)
 	mutex_unlock(&vmw->reg_lock);
 	return 0;
 
-err_remove:
-	mmu_interval_notifier_remove(&reg->notifier);
-	cancel_work_sync(&reg->work);	/* it found live == 0 and did nothing */
 err_slots:
 	vmwipe_put_slots(vmw, reg->slots, n);
 err_unlock:
 	mutex_unlock(&vmw->reg_lock);
+err_unpin:
+	unpin_user_pages(reg->pages, n);
+err_remove:
+	mmu_interval_notifier_remove(&reg->notifier);
+	cancel_work_sync(&reg->work);	/* it found live == 0 and did nothing */
+err_uncharge:
 	if (reg->user) {
 		atomic_long_sub(n, &reg->user->locked_vm);
 		free_uid(reg->user);
@@ -1027,6 +1046,7 @@ static int vmwipe_probe(struct platform_device *pdev)
 	spin_lock_init(&vmw->lock);
 	mutex_init(&vmw->reg_lock);
 	INIT_LIST_HEAD(&vmw->regs);
+	xa_init(&vmw->upages);
 	init_waitqueue_head(&vmw->wait);
 	INIT_DELAYED_WORK(&vmw->watch, vmwipe_watch);
 	platform_set_drvdata(pdev, vmw);
