@@ -84,7 +84,7 @@ def _memset_baseline(base: int, spans: Sequence[tuple[int, int]]) -> Callable[[]
 
 
 def run(quick: bool = False) -> list[Row]:
-    repeat = 3 if quick else 9
+    repeat = 3 if quick else 15
     rows: list[Row] = []
     buf = mmap.mmap(-1, MEM_MIB << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     anchor = ctypes.c_char.from_buffer(buf)

@@ -80,7 +80,7 @@ def run(quick: bool = False) -> list[Row]:
             samples = interleaved({
                 "plain": partial(_plain_fleet, lab, argv, snap, n),
                 "clone": partial(_clone_fleet, lab, argv, snap, n),
-            }, 1 if quick else 3)
+            }, 1 if quick else 5)
             a, b = timing(samples["clone"]), timing(samples["plain"])
             rows.append(Row(
                 "clone fleet", f"N={n}, 512 MiB guest, {PAGES:,} pages", a, b,

@@ -44,6 +44,7 @@ def _case(lab: Lab, npages: int, repeat: int) -> list[Row]:
     argv = lab.machine(MEM_MIB, shared=True)
     lab.make_snapshot(snap, MEM_MIB, True, FILL, scattered(npages))
     windows: dict[str, list[float]] = {}
+    phases: dict[str, list[dict[str, float]]] = {}
     backends: dict[str, set[str]] = {}
 
     def plain() -> float:
@@ -67,6 +68,7 @@ def _case(lab: Lab, npages: int, repeat: int) -> list[Row]:
             ms = rep.timings_ms
             assert rep.wipe is not None and rep.wipe.pages == npages, rep.wipe
             backends.setdefault(name, set()).add(rep.wipe.backend)
+            phases.setdefault(name, []).append(ms)
             windows.setdefault(name, []).append(
                 sum(v for k, v in ms.items() if k not in ("start", "load")))
             return sum(ms.values()) / 1000
@@ -87,8 +89,12 @@ def _case(lab: Lab, npages: int, repeat: int) -> list[Row]:
             target, ok = "< 5 ms extra paused", wb - wa < 5.0
         elif npages == 65_280:
             target, ok = "< 1.1x restore", b.median_ms / a.median_ms < 1.1
+        split = ", ".join(
+            f"{k} {statistics.median(p.get(k, 0.0) for p in phases[name]):.1f}"
+            for k in ("map", "read", "validate", "plan", "zero", "verify", "commit", "resume"))
         note = (f"backend {'/'.join(sorted(backends[name]))}; paused window {wb:.1f} ms vs "
-                f"{wa:.1f} ms (+{wb - wa:.1f}); time to running {extra_total:+.1f} ms")
+                f"{wa:.1f} ms (+{wb - wa:.1f}); time to running {extra_total:+.1f} ms; "
+                f"window phases ms: {split}")
         rows.append(Row("pause: restore+wipe+cont", f"{npages:,} pages, {name}", b, a,
                         "restore+cont", target, note, verdict(ok)))
     return rows
@@ -99,7 +105,7 @@ def run(quick: bool = False) -> list[Row]:
     with Lab("vmwipe-bench-pause-") as lab:
         for n in QUICK_CASES if quick else CASES:
             t = time.perf_counter()
-            rows += _case(lab, n, 2 if quick else 5)
+            rows += _case(lab, n, 2 if quick else 7)
             print(f"  pause {n} pages: {time.perf_counter() - t:.1f} s", flush=True,
                   file=sys.stderr)
     return rows
