@@ -166,6 +166,13 @@ def run_wipe(
             raise InvalidTableError(f"range {gpa:#x}+{size:#x} is not page aligned")
     # split at RAM-range boundaries (and into zeroing chunks), host addresses resolved once
     pieces = backend.pieces(spans, ZERO_CHUNK)
+    if any(r.gpa % PAGE_SIZE or r.size % PAGE_SIZE for r in memmap.ranges):
+        # QEMU maps RAM in whole pages; a sub-page RAM range means a misparsed map
+        for gpa, n, _hva in pieces:
+            if gpa % PAGE_SIZE or n % PAGE_SIZE:
+                raise MemoryAccessError(
+                    f"guest RAM map splits page {gpa & ~(PAGE_SIZE - 1):#x}; refusing to wipe"
+                )
     total = sum(p[1] for p in pieces)
     report.spans, report.bytes, report.pages = len(spans), total, total // PAGE_SIZE
     phases.mark("plan")

@@ -251,3 +251,20 @@ def test_one_line_errors(tmp_path: Path) -> None:
     assert r.returncode == 2 and "QEMU arguments after --" in r.stderr
     r = run_cli("wipe", "--qmp", "x", "--", "extra")
     assert r.returncode == 2 and "unrecognized arguments" in r.stderr
+
+
+def test_engine_refuses_a_ram_map_that_splits_a_page() -> None:
+    """QEMU maps RAM in whole pages; a sub-page range boundary means a misparsed map."""
+    from vmwipe.host_agent.wipe import run_wipe
+    from vmwipe.protocol import build_region
+
+    region = Region(0x10000, 0x2000)
+    buf = bytearray(0x20000)
+    buf[0x10000:0x12000] = build_region(0x2000, [(0x4000, 1)])
+    base = buffer_address(memoryview(buf))
+    mm = GuestMemoryMap([RamRange(0, 0x4200, "a", 0, hva=base),
+                         RamRange(0x4200, 0x1BE00, "b", 0, hva=base + 0x4200)])
+    before = bytes(buf)
+    with pytest.raises(MemoryAccessError, match="splits page 0x4000"):
+        run_wipe(ProcessVMBackend(mm, os.getpid()), region)
+    assert bytes(buf) == before
