@@ -85,7 +85,7 @@ def run(quick: bool = False) -> list[Row]:
             rows.append(Row(
                 "clone fleet", f"N={n}, 512 MiB guest, {PAGES:,} pages", a, b,
                 f"{n} plain restore{'s' if n > 1 else ''}", "",
-                f"+{(a.median_ms - b.median_ms) / n:.1f} ms per clone; "
+                f"{(a.median_ms - b.median_ms) / n:+.1f} ms per clone; "
                 f"{a.median_ms / n:.0f} ms per wiped clone", verdict(None)))
         snap.unlink()
     return rows
