@@ -201,6 +201,8 @@ def _cmd_loadvm(args: argparse.Namespace) -> int:
 
 def _cmd_save(args: argparse.Namespace) -> int:
     with _session(args) as s:
+        if args.scrub:
+            return scrub_cmds.run_save_scrub(args, s)
         return _emit(args, save_flow(s, _opts(args), args.to, args.resume))
 
 
@@ -306,6 +308,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="S",
         help="seconds to wait for the save (default %(default)s)",
     )
+    scrub_cmds.add_save_scrub_arguments(p)
     p.set_defaults(func=_cmd_save)
 
     p = sub.add_parser(

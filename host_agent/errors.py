@@ -81,5 +81,7 @@ EXIT_CODES: dict[int, str] = {
     VerifyError.exit_code: "wiped pages did not read back as zero",
     MigrationError.exit_code: "migration (save/restore) failed",
     10: "clone: a QEMU process failed to start (all clones killed)",
+    11: "scrub: not a migration stream or save image that can be rewritten safely (untouched)",
+    12: "scrub: the stream uses a feature vmwipe refuses (xbzrle, compression, ...; untouched)",
     Interrupted.exit_code: "interrupted by SIGINT/SIGTERM (VM left paused)",
 }

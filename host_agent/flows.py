@@ -23,6 +23,7 @@ from .memaccess import MemoryBackend, SharedFileBackend, open_backend
 from .memmap import GuestMemoryMap, load_memory_map
 from .qmp import QMPSession
 from .region import discover_region, read_cmdline, reset_guard_problem
+from .scrub import sidecar_path, write_sidecar
 from .wipe import Phases, WipeReport, read_region, run_wipe
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,27 @@ def open_target(
     if backend is None:
         backend = open_backend(opts.backend, memmap, session.pid, shared, opts.populate)
     return Target(session.pid, region, source, memmap, backend, warnings)
+
+
+def _write_save_sidecar(
+    session: QMPSession, opts: AgentOptions, path: str, warnings: list[str]
+) -> str | None:
+    """Record the region and the GPA-to-RAM-block map beside a save, for `vmwipe scrub`.
+
+    The stream names RAM blocks and offsets, not guest-physical addresses, so
+    an offline scrub needs this map; a VM without a vmwipe region gets none.
+    """
+    try:
+        region, _source, _warn = locate_region(session, opts, guard=False)
+    except RegionError as e:
+        warnings.append(f"no sidecar written: {e}")
+        return None
+    memmap = load_memory_map(session.hmp, set(_shared_blocks(session)))
+    written = write_sidecar(
+        sidecar_path(path), region=region, ram=memmap.ranges,
+        qemu_version=session.version, stream=path,
+    )
+    return str(written)
 
 
 # --- run state -----------------------------------------------------------------------
@@ -458,6 +480,8 @@ def save_flow(
     )
     phases.mark("save")
     rep.extra.update({"path": path, "uri": uri, "bytes": os.path.getsize(path)})
+    rep.extra["sidecar"] = _write_save_sidecar(session, opts, path, rep.warnings)
+    phases.mark("sidecar")
     if do_resume:
         session.cmd("cont")
         rep.resumed = True

@@ -122,13 +122,13 @@ KIND_ZERO = 2
 class StreamError(AgentError):
     """The file or pipe is not a migration stream we can rewrite safely; nothing was written."""
 
-    exit_code = 10
+    exit_code = 11
 
 
 class UnsupportedStream(StreamError):
     """A valid stream that uses a feature we refuse (XBZRLE, compression, ...)."""
 
-    exit_code = 11
+    exit_code = 12
 
 
 @dataclass(frozen=True)
