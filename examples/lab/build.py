@@ -25,7 +25,7 @@ KMOD_SOURCES = ("Kbuild", "vmwipe.c", "vmwipe.h", "vmwipe_abi.h", "vmwipe_uapi.h
                 "vmwipe_kapi_test.c")
 KMODS = ("vmwipe.ko", "vmwipe_kapi_test.ko")
 EXAMPLE_SOURCES = ("vmwipe.c", "vmwipe.h", "drbg.c", "drbg.h", "drbg_stream.c", "vmwipe_test.c",
-                   "retrofit_test.c", "wof_probe.c", "preload/vmwipe_preload.c")
+                   "retrofit_test.c", "wof_probe.c", "bssl_stream.c", "preload/vmwipe_preload.c")
 UAPI_HEADER = "vmwipe_uapi.h"  # in guest_kmod/, the ioctl ABI the programs use
 PROGRAMS: dict[str, tuple[str, ...]] = {
     "drbg_stream": ("drbg_stream.c", "drbg.c", "vmwipe.c"),
@@ -36,6 +36,7 @@ PROGRAMS: dict[str, tuple[str, ...]] = {
 # the C library and the dynamic loader next to them.
 DYNAMIC_PROGRAMS: dict[str, tuple[str, ...]] = {
     "wof_probe": ("wof_probe.c",),
+    "bssl_stream": ("bssl_stream.c",),  # dlopen()s BoringSSL; see boringssl_files()
 }
 PRELOAD = "libvmwipe-preload.so"  # /lib/libvmwipe-preload.so in the guest
 PRELOAD_SOURCES = ("preload/vmwipe_preload.c",)
@@ -231,6 +232,15 @@ def build_dynamic() -> dict[str, Path]:
     for path in list(files.values()):
         files.update(_runtime_deps(path))
     return files
+
+
+# Debian's android-libboringssl: a real BoringSSL with MADV_WIPEONFORK fork detection.
+BORINGSSL = Path("/usr/lib/x86_64-linux-gnu/android/libcrypto.so.0")
+
+
+def boringssl_files() -> dict[str, Path]:
+    """BoringSSL's libcrypto for the initramfs (for bssl_stream), if installed here."""
+    return {str(BORINGSSL).lstrip("/"): BORINGSSL} if BORINGSSL.is_file() else {}
 
 
 def build_initramfs(module: Path, programs: dict[str, Path],
