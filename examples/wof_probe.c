@@ -12,6 +12,8 @@
  *   wof_probe advice     madvise() gives the same result and errno as the
  *                        bare system call for every advice value, and
  *                        keeps errno on success
+ *   wof_probe keep       "USED n" (sysfs used) after MADV_WIPEONFORK of two
+ *                        pages and again after MADV_KEEPONFORK
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -136,6 +138,35 @@ static int cmd_advice(void)
 	return bad;
 }
 
+static long used(void)
+{
+	FILE *f = fopen("/sys/class/misc/vmwipe/used", "r");
+	long v = -1;
+
+	if (f && fscanf(f, "%ld", &v) != 1)
+		v = -1;
+	if (f)
+		fclose(f);
+	return v;
+}
+
+static int cmd_keep(void)
+{
+	char *p = mmap(NULL, 2 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+	if (p == MAP_FAILED)
+		return 1;
+	p[0] = 1;
+	printf("USED %ld\n", used());
+	if (madvise(p, 2 * PAGE, MADV_WIPEONFORK))
+		return 1;
+	printf("USED %ld\n", used());
+	if (madvise(p, 2 * PAGE, MADV_KEEPONFORK))
+		return 1;
+	printf("USED %ld\n", used());
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	const char *cmd = argc > 1 ? argv[1] : "";
@@ -145,6 +176,8 @@ int main(int argc, char **argv)
 		return cmd_sentinel();
 	if (!strcmp(cmd, "advice"))
 		return cmd_advice();
-	fprintf(stderr, "usage: wof_probe sentinel|advice\n");
+	if (!strcmp(cmd, "keep"))
+		return cmd_keep();
+	fprintf(stderr, "usage: wof_probe sentinel|advice|keep\n");
 	return 2;
 }

@@ -432,6 +432,11 @@ def test_without_shim_sentinel_is_not_registered(guest: Guest) -> None:
     stop(g, "wof")
 
 
+def test_shim_keeponfork_unregisters(guest: Guest) -> None:
+    out = sh(guest, f"{SHIM} wof_probe keep")
+    assert out.split() == ["USED", "0", "USED", "2", "USED", "0"], out
+
+
 def test_shim_leaves_madvise_results_and_errno_alone(guest: Guest) -> None:
     out = sh(guest, f"{SHIM} wof_probe advice 2>&1", timeout=120)
     assert re.search(r"^ADVICE \d+ calls OK$", out, re.M), out
