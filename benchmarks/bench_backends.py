@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable, Sequence
 
 from vmwipe.host_agent.flows import AgentOptions, open_target
-from vmwipe.host_agent.memaccess import ZERO_CHUNK, MemoryBackend, Piece
+from vmwipe.host_agent.memaccess import READ_CHUNK, ZERO_CHUNK, MemoryBackend, Piece
 from vmwipe.host_agent.memmap import GuestMemoryMap
 from vmwipe.host_agent.qmp import QMPSession
 
@@ -35,6 +35,10 @@ MEM_MIB = 1024
 SCATTERED = 65_536
 RANGE = 256 << 20
 PAGE = 4096
+LABELS = {"shared": "shared mapping, pre-populated", "process_vm": "process_vm_writev",
+          "proc_mem": "/proc/PID/mem pwrite"}
+READ_LABELS = {"shared": "shared mapping (memcmp in place)",
+               "process_vm": "process_vm_readv + memcmp", "proc_mem": "/proc/PID/mem pread"}
 TARGETS = {"shared": ("< 1.5x memset", 1.5), "process_vm": ("< 4x memset", 4.0)}
 
 
@@ -83,6 +87,22 @@ def _memset_baseline(base: int, spans: Sequence[tuple[int, int]]) -> Callable[[]
     return run
 
 
+def _memcmp_baseline(base: int, spans: Sequence[tuple[int, int]]) -> Callable[[], None]:
+    """The verify limit: memcmp each span of the local buffer against zeros, one call per span."""
+    memcmp = ctypes.CDLL(None).memcmp
+    memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    memcmp.restype = ctypes.c_int
+    zero = bytes(max(n for _o, n in spans))
+    zaddr = ctypes.cast(ctypes.c_char_p(zero), ctypes.c_void_p).value or 0
+
+    def run() -> None:
+        for off, size in spans:
+            if memcmp(base + off, zaddr, size) != 0:
+                raise AssertionError("baseline buffer not zero")
+        _ = zero  # keep the buffer alive with the closure
+    return run
+
+
 def run(quick: bool = False) -> list[Row]:
     repeat = 3 if quick else 15
     rows: list[Row] = []
@@ -119,13 +139,27 @@ def run(quick: bool = False) -> list[Row]:
                             mib = sum(p[1] for p in pieces) / (1 << 20)
                             tgt, limit = TARGETS.get(be.name, ("reference", 0.0))
                             ok = a.median_ms / b.median_ms < limit if limit else None
-                            label = {"shared": "shared mapping, pre-populated",
-                                     "process_vm": "process_vm_writev",
-                                     "proc_mem": "/proc/PID/mem pwrite"}[be.name]
+                            label = LABELS[be.name]
                             rows.append(Row(
                                 "wipe throughput", f"{wl}, {label}", a, b, "in-process memset",
                                 tgt, f"{mib / a.median_ms * 1000 / 1024:.1f} GiB/s vs "
                                 f"{mib / b.median_ms * 1000 / 1024:.1f} GiB/s", verdict(ok)))
+                    # the engine's second pass: read back and check for zeros (scattered case)
+                    spans = workloads[f"{SCATTERED:,} scattered pages"]
+                    check = _memcmp_baseline(base, spans)
+                    for be in backends:
+                        pieces = be.pieces(spans, READ_CHUNK)
+
+                        def verify(be: MemoryBackend = be, pieces: list[Piece] = pieces) -> None:
+                            if be.first_nonzero_pieces(pieces) is not None:
+                                raise AssertionError("guest pages not zero after the wipe")
+
+                        a, b = side_by_side(verify, check, repeat)
+                        rows.append(Row(
+                            "verify (read back)",
+                            f"{SCATTERED:,} scattered pages, {READ_LABELS[be.name]}",
+                            a, b, "in-process memcmp", "", "the engine's pass after the zeroing",
+                            verdict(None)))
                 finally:
                     for be in backends:
                         be.close()
