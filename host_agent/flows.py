@@ -21,7 +21,7 @@ from vmwipe.protocol import HeaderError, Region, SlotError, decode_table
 from .errors import MemoryAccessError, MigrationError, QMPFailure, RegionError, VMStateError
 from .memaccess import MemoryBackend, SharedFileBackend, open_backend
 from .memmap import GuestMemoryMap, load_memory_map
-from .qmp import QMPSession
+from .qmp import QMPCommandError, QMPSession
 from .region import discover_region, read_cmdline, reset_guard_problem
 from .scrub import sidecar_path, write_sidecar
 from .wipe import Phases, WipeReport, read_region, run_wipe
@@ -223,7 +223,13 @@ def resume(session: QMPSession) -> None:
     state = session.status()
     if state not in PAUSED_STATES:
         raise VMStateError(f"not resuming: the VM is in state {state!r}")
-    session.cmd("cont")
+    try:
+        session.cmd("cont")
+    except QMPCommandError:
+        raise
+    except QMPFailure as e:  # the connection, not QEMU, failed: cont may have arrived
+        raise QMPFailure(f"{e}; the VM may be running (cont was sent after a verified "
+                         "wipe)") from None
 
 
 # --- flows ---------------------------------------------------------------------------
