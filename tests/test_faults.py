@@ -364,7 +364,10 @@ def test_monitor_closes_after_each_command(small_vm: VM, tmp_path: Path) -> None
             vm.session().cmd("stop")
         else:  # an error exit means the VM was left paused
             assert r.returncode == 3, (cut, r.stderr)
-            assert "QMP" in _error_line(r.stderr)
+            line = _error_line(r.stderr)
+            assert "QMP" in line
+            if line.startswith("vmwipe: error: cont:"):  # QEMU may or may not have got it
+                assert "the VM may be running" in line, line
             assert state == "paused", cut
         if gen != gen0:  # committed before the cut: then every listed page is zero
             assert gen == (gen0[0] + 1, 3)
