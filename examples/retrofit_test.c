@@ -16,6 +16,8 @@
  *
  * serve commands (OFF and N in pages of the one test area):
  *   map N          mmap N private anonymous pages, fill them with 0x5a
+ *   maphuge N      the same, 2 MiB aligned with MADV_HUGEPAGE (a THP)
+ *   thp            "THP <kB>": AnonHugePages of this process
  *   reg OFF N      VMWIPE_IOC_REGISTER          -> "RC 0" or "RC -errno"
  *   unreg OFF N    VMWIPE_IOC_UNREGISTER        -> "RC ..."
  *   pfns           "PFN i 0x<pfn>" per page (0: not present), no faulting
@@ -213,6 +215,18 @@ static void serve_one(char *line)
 		else
 			memset(area, FILL, area_pages * PAGE);
 		printf("ADDR %p\n", (void *)area);
+	} else if (!strcmp(cmd, "maphuge")) {
+		size_t huge = 512 * PAGE;
+
+		area_pages = off;
+		area = mmap(NULL, area_pages * PAGE + huge, PROT_READ | PROT_WRITE,
+			    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		area = (unsigned char *)(((uintptr_t)area + huge - 1) & ~(huge - 1));
+		madvise(area, area_pages * PAGE, MADV_HUGEPAGE);
+		memset(area, FILL, area_pages * PAGE);
+		printf("ADDR %p\n", (void *)area);
+	} else if (!strcmp(cmd, "thp")) {
+		printf("THP %ld\n", read_long("/proc/self/smaps_rollup", "AnonHugePages:"));
 	} else if (!strcmp(cmd, "reg")) {
 		printf("RC %d\n", range_ioctl(VMWIPE_IOC_REGISTER, p, n * PAGE));
 	} else if (!strcmp(cmd, "unreg")) {

@@ -415,6 +415,25 @@ struct vmwipe_reg {
 	struct page *pages[];		/* pinned pages, NULL once retired */
 };
 
+/*
+ * Does any page table still map this very 4 KiB page? For a page of a large
+ * folio (THP) page_mapped() answers for the whole folio, which stays mapped
+ * when only part of it was unmapped: ask for the page's own mapcount.
+ */
+static bool vmwipe_page_mapped(struct page *page)
+{
+#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 12, 0)
+	return page_mapcount(page) > 0;
+#else
+	/* page_mapcount() is gone; the per-page mapcount is still kept. */
+	struct folio *folio = page_folio(page);
+
+	if (!folio_test_large(folio))
+		return folio_mapped(folio);
+	return atomic_read(&page->_mapcount) >= 0 || folio_entire_mapcount(folio) > 0;
+#endif
+}
+
 /* Unlist page @i and drop its pin; zero it first if nobody else can see it. */
 static void vmwipe_reg_drop(struct vmwipe_reg *reg, unsigned long i, bool zero)
 {
@@ -478,7 +497,7 @@ static void vmwipe_reg_destroy(struct vmwipe_reg *reg, bool self)
 		cancel_work_sync(&reg->work);
 	for (i = 0; i < reg->npages; i++)
 		if (reg->pages[i])
-			vmwipe_reg_drop(reg, i, !page_mapped(reg->pages[i]));
+			vmwipe_reg_drop(reg, i, !vmwipe_page_mapped(reg->pages[i]));
 	if (reg->user)
 		free_uid(reg->user);
 	kvfree(reg->pfns);
@@ -565,7 +584,7 @@ static void vmwipe_reg_work(struct work_struct *work)
 			vmwipe_reg_drop(reg, i, true);
 		else if (!(reg->pfns[i] & HMM_PFN_VALID) ||
 			 hmm_pfn_to_page(reg->pfns[i]) != page)
-			vmwipe_reg_drop(reg, i, !page_mapped(page));
+			vmwipe_reg_drop(reg, i, !vmwipe_page_mapped(page));
 	}
 	i = reg->live;
 	spin_unlock(&reg->lock);
