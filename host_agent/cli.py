@@ -393,7 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="vmwipe: %(levelname)s: %(message)s")
     if args.verbose < 2:
-        logging.getLogger("qemu").setLevel(logging.CRITICAL)
+        # above CRITICAL: qemu.qmp logs a multi-line traceback at CRITICAL when a peer
+        # sends something it cannot parse; our one-line error says what failed
+        logging.getLogger("qemu").setLevel(logging.CRITICAL + 1)
     old = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         rc: int = args.func(args)
