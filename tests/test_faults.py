@@ -376,3 +376,52 @@ def test_monitor_closes_after_each_command(small_vm: VM, tmp_path: Path) -> None
         else:
             assert state == "paused"
     print(f"monitor closed after k of {total} agent messages: exit codes {results}")
+
+
+_GREETING = (b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""},'
+             b' "capabilities": ["oob"]}}\r\n')
+
+
+def _hostile_peer(path: str, mode: str, done: threading.Event) -> threading.Thread:
+    """A unix socket that is not QEMU's QMP: it misbehaves as `mode` says."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+
+    def run() -> None:
+        c, _ = srv.accept()
+        with contextlib.suppress(OSError):
+            c.settimeout(10)
+            if mode == "garbage":
+                c.sendall(b"\x00\xff not json {{{\n" * 10)
+            elif mode == "huge":
+                c.sendall(b'{"QMP": "' + b"A" * (4 << 20))
+            elif mode in ("wrong-answer", "not-an-object"):
+                c.sendall(_GREETING)
+                c.recv(4096)
+                c.sendall(b'{"return": {}}\r\n')
+                c.recv(4096)
+                c.sendall(b'{"return": 42, "id": "__qmp#00000"}\r\n' if mode == "wrong-answer"
+                          else b"[1, 2, 3]\r\n")
+            if mode != "close":
+                done.wait(10)
+        c.close()
+        srv.close()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("mode", ["close", "silent", "garbage", "huge", "wrong-answer",
+                                  "not-an-object"])
+def test_hostile_qmp_peer(tmp_path: Path, mode: str) -> None:
+    """--qmp naming a socket that is not QEMU's: one line, non-zero exit, no traceback."""
+    path = str(tmp_path / "fake.qmp")
+    done = threading.Event()
+    t = _hostile_peer(path, mode, done)
+    r = run_cli("wipe", "--qmp", path, "--qmp-timeout", "1", "--resume", timeout=60)
+    done.set()
+    assert r.returncode != 0
+    _error_line(r.stderr)
+    t.join(10)
