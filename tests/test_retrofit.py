@@ -11,9 +11,15 @@ Retiring a page is asynchronous (the MMU notifier queues a work item that
 looks once the page tables have changed), so the host polls the table for
 a moment instead of expecting the change at once.
 
-One guest boots with the production layout and serves every test in file
-order; the last test unloads the module to show the shim stays silent.
-VMWIPE_TEST_KERNEL picks the kernel (default: the newest installed).
+The shim tests run an unchanged dynamically linked program under
+LD_PRELOAD=libvmwipe-preload.so; the proof with a real library runs
+Debian's android-libboringssl (if installed) under `vmwipe clone`.
+
+One guest boots with the production layout (plus `-cpu qemu64,+rdrand` and a
+second serial port, as in the end-to-end scenario) and serves every test in
+file order; clones are separate QEMUs. The last test unloads the module to
+show the shim stays silent. VMWIPE_TEST_KERNEL picks the kernel (default:
+the newest installed).
 """
 
 from __future__ import annotations
