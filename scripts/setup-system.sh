@@ -5,7 +5,8 @@ set -euo pipefail
 
 packages=(qemu-system-x86 qemu-utils linux-image-amd64 linux-headers-amd64 busybox-static
           libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc make cpio
-          acpica-tools python3-venv python3-dev libc6-dev sparse)
+          acpica-tools python3-venv python3-dev libc6-dev sparse
+          android-libboringssl)
 
 missing=()
 for p in "${packages[@]}"; do
