@@ -545,6 +545,11 @@ def test_boringssl_notices_the_clone_only_with_the_shim(
     GENERATION being BoringSSL's own fork-detection epoch. Each run is cloned
     three times with `vmwipe clone` and the end-to-end per-epoch measure is
     applied to each clone's first 300 outputs after resume.
+
+    Not claimed: that the reseeded values differ between clones. BoringSSL reseeds
+    from getrandom(), and the guest kernel's CRNG is part of the snapshot until the
+    kernel handles vmgenid, which can come after the first post-resume reseed (see
+    SECURITY.md). The count is printed for the record.
     """
     a, outs, wiped = boringssl_rounds["shim"]
     print(f"shim: pages wiped {wiped}, new epochs {[c.new_epochs for c in a.clones]}, "
@@ -563,17 +568,6 @@ def test_boringssl_notices_the_clone_only_with_the_shim(
     assert all(len(o) == 300 for o in outs)
     assert all(not c.new_epochs for c in a.clones)  # BoringSSL never noticed
     assert a.shared_values > 0  # the clones repeat each other's random bytes
-
-
-@pytest.mark.xfail(strict=False, reason=(
-    "BoringSSL reseeds from getrandom() at its first call after resume, and the guest "
-    "kernel's CRNG is part of the snapshot: it stays duplicated until the kernel handles "
-    "vmgenid (or its own reseed interval ends), so the reseeded streams usually coincide. "
-    "BoringSSL mixes RDRAND only on Intel CPUs ('fast RDRAND'), where it needs no shim."))
-def test_boringssl_post_resume_values_unique_with_the_shim(
-        boringssl_rounds: dict[str, tuple[Analysis, list[list[Output]], list[int]]]) -> None:
-    a, _outs, _wiped = boringssl_rounds["shim"]
-    assert a.shared_new_values == 0
 
 
 def test_shim_silent_without_device(guest: Guest) -> None:
