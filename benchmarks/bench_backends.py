@@ -21,13 +21,22 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+from array import array
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from vmwipe.host_agent.flows import AgentOptions, open_target
-from vmwipe.host_agent.memaccess import READ_CHUNK, ZERO_CHUNK, MemoryBackend, Piece
+from vmwipe.host_agent.memaccess import (
+    READ_CHUNK,
+    ZERO_CHUNK,
+    MemoryBackend,
+    Piece,
+    SharedFileBackend,
+)
 from vmwipe.host_agent.memmap import GuestMemoryMap
 from vmwipe.host_agent.qmp import QMPSession
 
+from . import chelper
 from .harness import Row, side_by_side, verdict
 from .vmlib import DATA_BASE, REGION, Lab, scattered
 
@@ -103,6 +112,36 @@ def _memcmp_baseline(base: int, spans: Sequence[tuple[int, int]]) -> Callable[[]
     return run
 
 
+def _python_vs_c(directory: Path, be: MemoryBackend, spans: Sequence[tuple[int, int]],
+                 repeat: int) -> list[Row]:
+    """Both passes of the wipe over the shared mapping: the agent's Python against a C loop.
+
+    Same mapping, same pages, host addresses resolved beforehand for both; the
+    ratio is what one ctypes call per page per pass costs.
+    """
+    helper = chelper.build(directory)
+    if helper is None or not isinstance(be, SharedFileBackend):
+        return []
+    zpieces, rpieces = be.pieces(spans, ZERO_CHUNK), be.pieces(spans, READ_CHUNK)
+    addrs = array("Q", [be._local(p) for p in zpieces])
+    lens = array("Q", [p[1] for p in zpieces])
+
+    def python() -> None:
+        be.zero_pieces(zpieces)
+        if be.first_nonzero_pieces(rpieces) is not None:
+            raise AssertionError("not zero")
+
+    def c_loop() -> None:
+        if helper(addrs, lens) != -1:
+            raise AssertionError("not zero")
+
+    a, b = side_by_side(python, c_loop, repeat)
+    return [Row("zero+verify", f"{len(spans):,} scattered pages, shared mapping",
+                a, b, "same passes in C (benchmarks/chelper.py)", "",
+                f"Python's per-page cost: {(a.median_ms - b.median_ms) / len(spans) * 1000:.2f} "
+                "us per page for both passes", verdict(None))]
+
+
 def run(quick: bool = False) -> list[Row]:
     repeat = 3 if quick else 15
     rows: list[Row] = []
@@ -160,6 +199,7 @@ def run(quick: bool = False) -> list[Row]:
                             f"{SCATTERED:,} scattered pages, {READ_LABELS[be.name]}",
                             a, b, "in-process memcmp", "", "the engine's pass after the zeroing",
                             verdict(None)))
+                    rows += _python_vs_c(lab.dir, backends[0], spans, repeat)
                 finally:
                     for be in backends:
                         be.close()
