@@ -239,3 +239,18 @@ def test_parse_size(text: str, value: int) -> None:
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(ValueError, match=r"size|bytes"):
         parse_size(text)
+
+
+def test_slots_after_a_long_empty_run_are_seen() -> None:
+    """Decoding stops where the non-zero bytes end; the last slot must still count."""
+    n = slot_count_for(REGION.size)
+    image = bytearray(build_region(REGION.size, []))
+    for index, gpa in ((0, 0x20_0000), (n // 2, 0x30_0000), (n - 1, 1 << 32)):
+        image[SLOTS_OFFSET + 16 * index : SLOTS_OFFSET + 16 * (index + 1)] = encode_slot(gpa, 1)
+    table = decode_table(bytes(image), REGION, RAM)
+    assert [(s.index, s.gpa) for s in table.slots] == [(0, 0x20_0000), (n // 2, 0x30_0000),
+                                                       (n - 1, 1 << 32)]
+    # A non-VALID slot with only its reserved field set is still "used" and must not hide.
+    image[SLOTS_OFFSET + 16 * (n - 1) : SLOTS_OFFSET + 16 * n] = struct.pack("<QII", 0, 0, 1)
+    table = decode_table(bytes(image), REGION, RAM)
+    assert table.used == 3 and len(table.slots) == 2
