@@ -25,23 +25,11 @@ from conftest import run_cli
 from vmwipe.host_agent.launcher import QemuProcess, start_qemu
 from vmwipe.host_agent.qmp import QMPSession
 from vmwipe.lab import Console, Guest, GuestConfig, GuestError, GuestImage, build_guest_image
-from vmwipe.lab.build import BUSYBOX, default_kernel
+from vmwipe.lab.build import default_kernel
+from vmwipe.lab.shell import missing_prerequisite
 
 pytestmark = pytest.mark.slow
 P = 4096
-
-
-def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (initramfs device nodes, writes into QEMU)"
-    if not BUSYBOX.is_file():
-        return f"{BUSYBOX} missing (busybox-static)"
-    kernel = default_kernel()
-    if kernel is None:
-        return "no /boot/vmlinuz-* with matching /usr/src/linux-headers-*"
-    if kernel.missing():
-        return f"{kernel.release}: missing {', '.join(kernel.missing())}"
-    return None
 
 
 class AgentGuest(Guest):
@@ -96,7 +84,7 @@ def attach_console(path: str, log: Path) -> tuple[Console, socket.socket]:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentGuest, Path, list[int]]]:
     """A booted guest holding 4 pages plus a poller's page, saved by `vmwipe save`."""
-    reason = _missing()
+    reason = missing_prerequisite()
     if reason:
         pytest.skip(reason)
     kernel = default_kernel()

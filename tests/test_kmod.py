@@ -12,9 +12,7 @@ picks another); VMWIPE_TEST_ACCEL=kvm replaces TCG.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from vmwipe.lab import Guest, GuestConfig, GuestError, GuestImage, build_guest_image
-from vmwipe.lab.build import BUSYBOX, default_kernel
+from vmwipe.lab.build import default_kernel
+from vmwipe.lab.shell import missing_prerequisite, rc, sh, start, stop, wait_output
 from vmwipe.protocol import Region, Table, slot_count_for
 
 pytestmark = pytest.mark.slow
@@ -31,25 +30,9 @@ FILL = b"\x5a" * 4096  # what vmwipe_test writes into its pages
 SYSFS = "/sys/class/misc/vmwipe"
 
 
-def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (pagemap PFNs, mknod for the initramfs, writes into QEMU)"
-    for tool in ("qemu-system-x86_64", "gcc", "cpio", "make"):
-        if shutil.which(tool) is None:
-            return f"{tool} not installed"
-    if not BUSYBOX.is_file():
-        return f"{BUSYBOX} missing (busybox-static)"
-    kernel = default_kernel()
-    if kernel is None:
-        return "no /boot/vmlinuz-* with matching /usr/src/linux-headers-*"
-    if kernel.missing():
-        return f"{kernel.release}: missing {', '.join(kernel.missing())}"
-    return None
-
-
 @pytest.fixture(scope="module")
 def image() -> GuestImage:
-    reason = _missing()
+    reason = missing_prerequisite()
     if reason:
         pytest.skip(reason)
     kernel = default_kernel()
@@ -71,39 +54,8 @@ def loaded(guest: Guest) -> Guest:
     return guest
 
 
-def sh(g: Guest, cmd: str, timeout: float = 60) -> str:
-    assert g.console is not None
-    return g.console.check(cmd, timeout)
-
-
-def rc(g: Guest, cmd: str) -> int:
-    assert g.console is not None
-    return g.console.run(cmd).rc
-
-
 def sysfs(g: Guest, name: str) -> int:
     return int(sh(g, f"cat {SYSFS}/{name}"))
-
-
-def start(g: Guest, name: str, cmd: str) -> None:
-    """Start `cmd` in the background, output in /tmp/NAME.out, PID in /tmp/NAME.pid."""
-    sh(g, f"{cmd} > /tmp/{name}.out 2>&1 & echo $! > /tmp/{name}.pid")
-
-
-def wait_output(g: Guest, name: str, pattern: str, timeout: float = 60) -> str:
-    """Poll a background command's output until `pattern` shows up."""
-    deadline = time.monotonic() + timeout
-    while True:
-        out = sh(g, f"cat /tmp/{name}.out")
-        if re.search(pattern, out, re.MULTILINE):
-            return out
-        if time.monotonic() > deadline:
-            raise GuestError(f"{name}: no {pattern!r} in:\n{out}")
-        time.sleep(0.2)
-
-
-def stop(g: Guest, name: str, signal: str = "TERM") -> None:
-    sh(g, f"kill -{signal} $(cat /tmp/{name}.pid); wait $(cat /tmp/{name}.pid); true")
 
 
 def pfns(out: str) -> list[int]:

@@ -28,7 +28,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -40,15 +39,15 @@ from vmwipe.host_agent.qmp import QMPSession
 from vmwipe.lab import (
     Guest,
     GuestConfig,
-    GuestError,
     GuestImage,
     build_dynamic,
     build_initramfs,
     build_module,
     build_programs,
 )
-from vmwipe.lab.build import BORINGSSL, BUSYBOX, boringssl_files, default_kernel
+from vmwipe.lab.build import BORINGSSL, boringssl_files, default_kernel
 from vmwipe.lab.e2e import Analysis, Output, SerialTap, analyse, clone_argv, parse_lines, run_cli
+from vmwipe.lab.shell import missing_prerequisite, rc, sh, start, stop, wait_output
 from vmwipe.protocol import Table
 
 pytestmark = pytest.mark.slow
@@ -57,55 +56,8 @@ FILL = b"\x5a" * 4096  # what retrofit_test writes into its pages
 SHIM = "LD_PRELOAD=/lib/libvmwipe-preload.so"
 
 
-def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (pagemap PFNs, mknod for the initramfs, writes into QEMU)"
-    for tool in ("qemu-system-x86_64", "gcc", "cpio", "make", "ldd"):
-        if shutil.which(tool) is None:
-            return f"{tool} not installed"
-    if not BUSYBOX.is_file():
-        return f"{BUSYBOX} missing (busybox-static)"
-    kernel = default_kernel()
-    if kernel is None:
-        return "no /boot/vmlinuz-* with matching /usr/src/linux-headers-*"
-    if kernel.missing():
-        return f"{kernel.release}: missing {', '.join(kernel.missing())}"
-    return None
-
-
-def sh(g: Guest, cmd: str, timeout: float = 60) -> str:
-    assert g.console is not None
-    return g.console.check(cmd, timeout)
-
-
-def rc(g: Guest, cmd: str) -> int:
-    assert g.console is not None
-    return g.console.run(cmd).rc
-
-
 def sysfs(g: Guest, name: str) -> int:
     return int(sh(g, f"cat /sys/class/misc/vmwipe/{name}"))
-
-
-def start(g: Guest, name: str, cmd: str) -> None:
-    """Start `cmd` in the background, output in /tmp/NAME.out, PID in /tmp/NAME.pid."""
-    sh(g, f"{cmd} > /tmp/{name}.out 2>&1 & echo $! > /tmp/{name}.pid")
-
-
-def wait_output(g: Guest, name: str, pattern: str, timeout: float = 60) -> str:
-    """Poll a background command's output until `pattern` shows up."""
-    deadline = time.monotonic() + timeout
-    while True:
-        out = sh(g, f"cat /tmp/{name}.out")
-        if re.search(pattern, out, re.MULTILINE):
-            return out
-        if time.monotonic() > deadline:
-            raise GuestError(f"{name}: no {pattern!r} in:\n{out}")
-        time.sleep(0.1)
-
-
-def stop(g: Guest, name: str, signal: str = "TERM") -> None:
-    sh(g, f"kill -{signal} $(cat /tmp/{name}.pid); wait $(cat /tmp/{name}.pid); true")
 
 
 # As in the end-to-end scenario: real x86 CPUs have RDRAND, TCG's default model
@@ -116,7 +68,7 @@ CPU = "qemu64,+rdrand"
 
 @pytest.fixture(scope="module")
 def image() -> GuestImage:
-    reason = _missing()
+    reason = missing_prerequisite(("ldd",))
     if reason:
         pytest.skip(reason)
     kernel = default_kernel()

@@ -15,9 +15,7 @@ page zeroed and continues with a new epoch from a fresh seed.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,29 +26,16 @@ import pytest
 from vmwipe.host_agent.cli import main as vmwipe_main
 from vmwipe.host_agent.scrub_save import save_scrubbed
 from vmwipe.lab import Guest, GuestConfig, GuestError, GuestImage, build_guest_image
-from vmwipe.lab.build import BUSYBOX, default_kernel
+from vmwipe.lab.build import default_kernel
+from vmwipe.lab.shell import missing_prerequisite
 
 pytestmark = pytest.mark.slow
 PAGE = 4096
 
 
-def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (writes into QEMU, mknod for the initramfs)"
-    for tool in ("qemu-system-x86_64", "gcc", "cpio", "make"):
-        if shutil.which(tool) is None:
-            return f"{tool} not installed"
-    if not BUSYBOX.is_file():
-        return f"{BUSYBOX} missing (busybox-static)"
-    kernel = default_kernel()
-    if kernel is None or kernel.missing():
-        return "no installed kernel with headers"
-    return None
-
-
 @pytest.fixture(scope="module")
 def image() -> GuestImage:
-    reason = _missing()
+    reason = missing_prerequisite()
     if reason:
         pytest.skip(reason)
     kernel = default_kernel()

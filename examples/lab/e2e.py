@@ -62,7 +62,7 @@ from vmwipe.host_agent.launcher import QemuProcess, start_qemu
 from vmwipe.host_agent.qmp import QMPSession
 from vmwipe.protocol import HOST_FIELDS_SIZE, WIPE_GENERATION_OFFSET
 
-from .build import BUSYBOX, GuestImage, build_guest_image, default_kernel
+from .build import GuestImage, build_guest_image, default_kernel
 from .guest import Console, Guest, GuestConfig, GuestError, default_accel
 
 PAGE = 4096
@@ -78,23 +78,6 @@ HASH_CHUNK = 32 << 20
 _PR_SET_CHILD_SUBREAPER = 36
 
 Log = Callable[[str], None]
-
-
-def missing_prerequisite() -> str | None:
-    """Why the scenario cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "needs root (mknod for the initramfs, writes into QEMU's memory)"
-    for tool in ("qemu-system-x86_64", "gcc", "cpio", "make"):
-        if shutil.which(tool) is None:
-            return f"{tool} not installed"
-    if not BUSYBOX.is_file():
-        return f"{BUSYBOX} missing (busybox-static)"
-    kernel = default_kernel()
-    if kernel is None:
-        return "no /boot/vmlinuz-* with matching /usr/src/linux-headers-*"
-    if kernel.missing():
-        return f"{kernel.release}: missing {', '.join(kernel.missing())}"
-    return None
 
 
 # --- what a serial port said ---------------------------------------------------------
