@@ -36,6 +36,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy -p vmwipe.protocol -p vmwipe.host_agent -p vmwipe.lab
 	$(BIN)/mypy tests benchmarks
+	$(BIN)/mypy examples/demo.py
 
 abi: setup
 	$(BIN)/python -m vmwipe.protocol.cheader

@@ -25,7 +25,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
-from vmwipe.lab.e2e import CPU, MODES, RESEED_MSG, Scenario, ScenarioResult, missing_prerequisite
+from vmwipe.lab.e2e import CPU, MODES, RESEED_MSG, Scenario, ScenarioResult
+from vmwipe.lab.shell import missing_prerequisite
 
 INTRO = """\
 vmwipe demo: {n} clones of one running VM, {k} DRBG outputs collected from each.

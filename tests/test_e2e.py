@@ -27,9 +27,9 @@ from vmwipe.lab.e2e import (
     ScenarioResult,
     analyse,
     clone_argv,
-    missing_prerequisite,
     parse_lines,
 )
+from vmwipe.lab.shell import missing_prerequisite
 
 ROOT = Path(__file__).resolve().parents[1]
 N = int(os.environ.get("VMWIPE_E2E_CLONES", "4"))

@@ -29,13 +29,14 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from test_agent_guest import AgentGuest, _missing, attach_console, sh, wait_output
+from test_agent_guest import AgentGuest, attach_console, sh, wait_output
 
 from vmwipe.host_agent.launcher import QemuProcess, start_qemu
 from vmwipe.host_agent.memmap import load_memory_map
 from vmwipe.host_agent.qmp import QMPSession
 from vmwipe.lab import GuestConfig, GuestImage, build_guest_image
 from vmwipe.lab.build import default_kernel
+from vmwipe.lab.shell import missing_prerequisite
 
 pytestmark = pytest.mark.slow
 P = 4096
@@ -43,7 +44,7 @@ P = 4096
 
 @pytest.fixture(scope="module")
 def image() -> GuestImage:
-    reason = _missing()
+    reason = missing_prerequisite()
     if reason:
         pytest.skip(reason)
     kernel = default_kernel()
