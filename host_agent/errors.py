@@ -83,5 +83,7 @@ EXIT_CODES: dict[int, str] = {
     10: "clone: a QEMU process failed to start (all clones killed)",
     11: "scrub: not a migration stream or save image that can be rewritten safely (untouched)",
     12: "scrub: the stream uses a feature vmwipe refuses (xbzrle, compression, ...; untouched)",
+    13: "scrub: the scrubbed copy could not be made or put in place (space, owner, I/O; "
+    "untouched)",
     Interrupted.exit_code: "interrupted by SIGINT/SIGTERM (VM left paused)",
 }

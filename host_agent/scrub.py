@@ -2,7 +2,7 @@
 
 Wiping at resume protects the restored VM, but the secrets still sit in the
 save file, where backups, copies and forensic tools can read them.  The scrub
-closes that gap in place:
+closes that gap:
 
 1. Walk the whole file (libvirt header if any, then the migration stream,
    device state included; see `migstream`) and index every RAM page record.
@@ -17,21 +17,43 @@ closes that gap in place:
    exactly as at resume (`vmwipe.protocol.decode_table` with the RAM ranges).
 4. Zero the 4096 data bytes of every PAGE record of every listed page; a ZERO
    record is already zero.  Record lengths never change, so the file remains
-   a stream QEMU loads.  fsync, then read back.  Then, as the agent does after
-   a verified wipe, store wipe_generation + 1 and wipe_pages in the header copy
-   a restore loads (`--no-bump` leaves the header alone).
+   a stream QEMU loads.  As the agent does after a verified wipe, store
+   wipe_generation + 1 and wipe_pages in the header copy a restore loads
+   (`--no-bump` leaves the header alone).
 
-A second run finds every listed copy already zero and writes nothing.
+Step 4 never touches the file itself: it works on a copy, so a kill at any
+moment leaves FILE either untouched or fully scrubbed, header bump included.
+After the checks of steps 1-3, and only when there is something to zero, the
+scrub checks that the directory has room for a second copy (statvfs), copies
+FILE to `.FILE.vmwipe-scrub.XXXXXXXX` in the same directory (copy_file_range,
+holes kept), checks FILE did not change meanwhile (inode, size, mtime), zeroes
+and bumps the copy, fsyncs it, reads it back, gives it FILE's owner, group,
+mode and extended attributes (SELinux label, ACLs; not the mtime: the content
+changed), renames it over FILE and fsyncs the directory.  Then it zeroes the
+listed pages of the replaced inode too, so that a filesystem that overwrites
+in place does not keep the secrets in freed blocks (best effort).  Any error
+or SIGINT/SIGTERM removes the copy.  A SIGKILL can leave it behind (it holds
+unscrubbed data); the next run of `scrub FILE` removes such copies (those whose
+flock no live scrub holds).  A file with several hard links is refused: the
+other names would keep the secrets.
+
+A second run finds every listed copy already zero and writes and creates nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
+import logging
 import mmap
 import os
 import re
+import stat
 import struct
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -50,7 +72,7 @@ from vmwipe.protocol import (
 )
 from vmwipe.protocol.table import Region, Table
 
-from .errors import InvalidTableError, MemoryAccessError, UsageError
+from .errors import AgentError, InvalidTableError, MemoryAccessError, UsageError
 from .memmap import GuestMemoryMap, RamRange
 from .migstream import (
     KIND_PAGE,
@@ -72,6 +94,8 @@ SIDECAR_VERSION = 1
 #: Legacy VGA window and BIOS area: in the pc.ram block but never guest RAM.
 LEGACY_HOLE = (0xA0000, 0x100000)
 PROGRESS_MIN_FILE = 256 << 20
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 
@@ -248,6 +272,9 @@ class ScrubReport:
     invalid_slots: list[str] = field(default_factory=list)
     generation: int | None = None  # wipe_generation stored in the saved header, if bumped
     stale_copies: int = 0  # older copies of pages listed only by older copies of the table
+    replaced: bool = False  # a scrubbed copy was renamed over the file
+    old_copy_zeroed: bool = False  # the replaced inode's listed pages were zeroed as well
+    stale_temps_removed: int = 0  # copies left by killed scrubs of this file, removed
 
     @property
     def noop(self) -> bool:
@@ -562,67 +589,295 @@ def plan_scrub(mm: mmap.mmap | bytes, *, path: str = "", machine: str | None = N
     return _Plan(idx, container, layout, source, region, table, writes, report, patches)
 
 
-def _apply(path: str, writes: Sequence[tuple[int, int]], patches: Sequence[tuple[int, bytes]],
-           before: os.stat_result) -> int:
-    """Second pass: zero the planned ranges, fsync, read back.  Returns bytes written."""
-    fd = os.open(path, os.O_RDWR)
+class ReplaceError(AgentError):
+    """The scrubbed copy could not be made or put in place (space, ownership, I/O).
+
+    The original file is untouched and the temporary copy is removed.
+    """
+
+    exit_code = 13
+
+
+#: `.FILE` + this + 8 random characters (tempfile.mkstemp): the scrubbed copy being made.
+TEMP_TAG = ".vmwipe-scrub."
+_TEMP_RANDOM = re.compile(r"[a-z0-9_]{8}")
+
+
+def temp_prefix(path: str) -> str:
+    """Path prefix of the temporary copies a scrub of `path` makes, in `path`'s directory."""
+    d, base = os.path.split(path)
+    return os.path.join(d, f".{base}{TEMP_TAG}")
+
+
+def remove_stale_temps(path: str) -> int:
+    """Remove copies that killed scrubs of `path` left behind; returns how many.
+
+    A running scrub holds an exclusive flock on its copy until the rename, and the
+    kernel drops it when the process dies, SIGKILL included: a copy whose lock can be
+    taken is stale.  Only regular files of the exact name pattern are touched.  Such a
+    copy can hold the unscrubbed data, so it must not linger.
+    """
+    d, base = os.path.split(path)
+    prefix = f".{base}{TEMP_TAG}"
+    removed = 0
     try:
-        now = os.fstat(fd)
-        if (now.st_ino, now.st_size, now.st_mtime_ns) != (before.st_ino, before.st_size,
-                                                          before.st_mtime_ns):
+        names = os.listdir(d or ".")
+    except OSError:
+        return 0
+    for name in names:
+        if not name.startswith(prefix) or not _TEMP_RANDOM.fullmatch(name[len(prefix):]):
+            continue
+        full = os.path.join(d, name)
+        try:
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live scrub's copy
+            now = os.stat(full, follow_symlinks=False)
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                os.unlink(full)
+                removed += 1
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _copy_range(src: int, dst: int, off: int, n: int) -> None:
+    """Copy [off, off+n) from src to dst at the same offset, in the kernel."""
+    end = off + n
+    use_cfr = hasattr(os, "copy_file_range")
+    while off < end:
+        done = 0
+        if use_cfr:
+            try:
+                done = os.copy_file_range(src, dst, min(end - off, 1 << 30), off, off)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                use_cfr = False
+                continue
+        else:
+            os.lseek(dst, off, os.SEEK_SET)
+            done = os.sendfile(dst, src, off, min(end - off, 1 << 30))
+        if done <= 0:
+            raise StreamError("the file got shorter while it was copied; nothing replaced")
+        off += done
+
+
+def _copy_file(src: int, dst: int, size: int) -> None:
+    """Copy `size` bytes, keeping holes (a mapped-ram save is sparse)."""
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(src, pos, os.SEEK_DATA)
+            hole = os.lseek(src, data, os.SEEK_HOLE)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                break  # only a hole from pos to the end
+            data, hole = pos, size  # no SEEK_DATA on this filesystem: copy everything
+        hole = min(hole, size)
+        if hole <= data:
+            break
+        _copy_range(src, dst, data, hole - data)
+        pos = hole
+    os.ftruncate(dst, size)
+
+
+def _copy_metadata(src: int, dst: int, st: os.stat_result, path: str) -> None:
+    """Owner, group, mode and extended attributes (SELinux label, ACLs) of the original.
+
+    A libvirt save image belongs to root or to the QEMU user (libvirt-qemu, qemu) and
+    may carry an svirt label; the replacement must keep them or a restore cannot read
+    it.  The modification time is not kept: the content changed, and a backup tool that
+    trusts size and mtime must see that.
+    """
+    mine = os.fstat(dst)
+    if (mine.st_uid, mine.st_gid) != (st.st_uid, st.st_gid):
+        try:
+            os.fchown(dst, st.st_uid, st.st_gid)
+        except PermissionError:
+            raise ReplaceError(f"cannot give the scrubbed copy of {path} its owner "
+                               f"{st.st_uid}:{st.st_gid} (run as root or as the owner); "
+                               "nothing replaced") from None
+    os.fchmod(dst, stat.S_IMODE(st.st_mode))  # after fchown, which may clear set-id bits
+    try:
+        names = os.listxattr(src)
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.setxattr(dst, name, os.getxattr(src, name))
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.ENODATA,
+                               errno.EINVAL):
+                raise
+            log.warning("%s: extended attribute %s not copied to the scrubbed file: %s",
+                        path, name, e.strerror)
+
+
+def _same(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns) == (b.st_dev, b.st_ino, b.st_size,
+                                                              b.st_mtime_ns)
+
+
+def _write_and_verify(fd: int, writes: Sequence[tuple[int, int]],
+                      patches: Sequence[tuple[int, bytes]]) -> int:
+    zero = bytes(PAGE_SIZE)
+    total = 0
+    for pos, n in sorted(writes):
+        if os.pwrite(fd, zero[:n], pos) != n:
+            raise OSError(errno.EIO, f"short write at {pos:#x}")
+        total += n
+    for pos, data in patches:
+        if os.pwrite(fd, data, pos) != len(data):
+            raise OSError(errno.EIO, f"short write at {pos:#x}")
+        total += len(data)
+    os.fsync(fd)
+    for pos, n in writes:
+        if os.pread(fd, n, pos) != zero[:n]:
+            raise StreamError(f"read-back after scrub is not zero at offset {pos:#x}; "
+                              "nothing replaced")
+    for pos, data in patches:
+        if os.pread(fd, len(data), pos) != data:
+            raise StreamError(f"read-back of the header at offset {pos:#x} failed; "
+                              "nothing replaced")
+    return total
+
+
+def _replace(path: str, src: int, before: os.stat_result, writes: Sequence[tuple[int, int]],
+             patches: Sequence[tuple[int, bytes]]) -> tuple[int, bool]:
+    """Scrub a copy of `path` (open as `src`) and rename it over `path`.
+
+    Returns (bytes written into the copy, whether the replaced file's listed pages were
+    zeroed too).  Raises with the original untouched and the copy removed.
+    """
+    d = os.path.dirname(path) or "."
+    if before.st_nlink > 1:
+        raise ReplaceError(f"{path} has {before.st_nlink} hard links: the other names would "
+                           "keep the unscrubbed data; nothing written")
+    need = before.st_blocks * 512  # what a copy that keeps the holes allocates
+    try:
+        vfs = os.statvfs(d)
+    except OSError as e:
+        raise ReplaceError(f"cannot check free space in {d}: {e.strerror}") from None
+    free = vfs.f_bavail * vfs.f_frsize
+    if free < need:
+        raise ReplaceError(f"not enough free space in {d} for the scrubbed copy of {path}: "
+                           f"needs {need >> 20} MiB, {free >> 20} MiB free; nothing written")
+    # the original again, writable if we may, to zero its listed pages once it is replaced
+    old: int | None = None
+    try:
+        old = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        old = None
+    tmp = ""
+    tfd = -1
+    renamed = synced = False
+    try:
+        if old is not None and not _same(os.fstat(old), before):
             raise StreamError(f"{path} changed while it was being checked; nothing written")
-        zero = bytes(PAGE_SIZE)
-        total = 0
-        for pos, n in sorted(writes):
-            done = os.pwrite(fd, zero[:n], pos)
-            if done != n:
-                raise OSError(f"short write at {pos:#x}")
-            total += n
-        os.fsync(fd)
-        for pos, n in writes:
-            if os.pread(fd, n, pos) != zero[:n]:
-                raise StreamError(f"read-back after scrub is not zero at offset {pos:#x}")
-        # the header's host fields last: they say "wiped", so only after the zeros are safe
-        for pos, data in patches:
-            if os.pwrite(fd, data, pos) != len(data):
-                raise OSError(f"short write at {pos:#x}")
-            total += len(data)
-        if patches:
-            os.fsync(fd)
-        return total
+        if not _same(os.stat(path), before):
+            raise StreamError(f"{path} changed while it was being checked; nothing written")
+        tfd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}{TEMP_TAG}", dir=d)
+        fcntl.flock(tfd, fcntl.LOCK_EX)  # "in use" for remove_stale_temps of other runs
+        _copy_file(src, tfd, before.st_size)
+        if not _same(os.fstat(src), before):
+            raise StreamError(f"{path} changed while it was being copied; nothing replaced")
+        total = _write_and_verify(tfd, writes, patches)
+        _copy_metadata(src, tfd, before, path)
+        os.fsync(tfd)
+        if not _same(os.stat(path), before):
+            raise StreamError(f"{path} changed while it was being scrubbed; nothing replaced")
+        os.replace(tmp, path)
+        renamed = True
+        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        synced = True
+    except OSError as e:
+        why = e.strerror or str(e)
+        if renamed:
+            raise ReplaceError(f"{path} was replaced by its scrubbed copy, but syncing the "
+                               f"directory failed: {why}") from None
+        raise ReplaceError(f"cannot make the scrubbed copy of {path}: {why}; "
+                           "nothing replaced") from None
     finally:
-        os.close(fd)
+        if tfd >= 0:
+            os.close(tfd)
+        if tmp and not renamed:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if not synced and old is not None:
+            os.close(old)
+    # The replaced inode has no name left but still holds the secrets in its blocks.
+    # Zero its listed pages too, so that on a filesystem that overwrites in place the
+    # freed blocks do not keep them (best effort: nothing depends on it any more).
+    zeroed = False
+    if old is not None:  # (closed already unless the rename and the sync succeeded)
+        try:
+            zero = bytes(PAGE_SIZE)
+            for pos, n in sorted(writes):
+                os.pwrite(old, zero[:n], pos)
+            os.fdatasync(old)
+            zeroed = True
+        except OSError as e:
+            log.warning("%s: could not zero the replaced file's old copy: %s", path,
+                        e.strerror or e)
+        finally:
+            os.close(old)
+    return total, zeroed
 
 
 def scrub_file(path: str, *, machine: str | None = None, mem: int | None = None,
                sidecar: Sidecar | str | None = None, region: Region | None = None,
                strict: bool = True, dry_run: bool = False, bump: bool = True,
                progress: Progress | None = None) -> ScrubReport:
-    """Scrub `path` in place; see the module docstring.  Raises before writing anything.
+    """Scrub `path`: a scrubbed copy replaces it (see the module docstring).
 
-    `sidecar` may be a Sidecar, a path, or None; None uses `path + ".vmwipe.json"`
-    when it exists and neither --machine nor --mem is given.
+    Raises before writing anything when the file or the table is bad, and removes its
+    copy on any error: `path` is then untouched.  `sidecar` may be a Sidecar, a path,
+    or None; None uses `path + ".vmwipe.json"` when it exists and neither --machine nor
+    --mem is given.
     """
     t0 = time.monotonic()
     if sidecar is None and machine is None and mem is None and sidecar_path(path).exists():
         sidecar = str(sidecar_path(path))
     sc = read_sidecar(sidecar) if isinstance(sidecar, str) else sidecar
+    # a symlink's target is scrubbed and replaced, not the link
+    target = os.path.realpath(path)
+    stale = 0 if dry_run else remove_stale_temps(target)
     try:
-        fd, mm = open_mapped(path)
+        fd, mm = open_mapped(target)
     except OSError as e:
         raise StreamError(f"cannot open {path}: {e.strerror or e}") from None
     try:
-        before = os.fstat(fd)
-        plan = plan_scrub(mm, path=path, machine=machine, mem=mem, sidecar=sc, region=region,
-                          strict=strict, bump=bump, progress=progress)
+        try:
+            before = os.fstat(fd)
+            plan = plan_scrub(mm, path=path, machine=machine, mem=mem, sidecar=sc,
+                              region=region, strict=strict, bump=bump, progress=progress)
+        finally:
+            if isinstance(mm, mmap.mmap):
+                mm.close()
+        rep = plan.report
+        rep.dry_run = dry_run
+        rep.stale_temps_removed = stale
+        if plan.writes and not dry_run:
+            rep.bytes, rep.old_copy_zeroed = _replace(target, fd, before, plan.writes,
+                                                      plan.patches)
+            rep.replaced = True
     finally:
-        if isinstance(mm, mmap.mmap):
-            mm.close()
         os.close(fd)
-    rep = plan.report
-    rep.dry_run = dry_run
-    if plan.writes and not dry_run:
-        rep.bytes = _apply(path, plan.writes, plan.patches, before)
     rep.scrubbed_copies = sum(1 for _, n in plan.writes if n == PAGE_SIZE) - rep.stale_copies
     rep.seconds = time.monotonic() - t0
     return rep

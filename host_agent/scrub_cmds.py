@@ -53,7 +53,11 @@ def _human(rep: ScrubReport) -> str:
                      "table listed")
         if rep.generation is not None:
             body += f"; saved header: wipe_generation {rep.generation}"
+        if rep.replaced:
+            body += "; the scrubbed copy replaced the file"
     lines = [head, body]
+    if rep.stale_temps_removed:
+        lines.append(f"removed {rep.stale_temps_removed} copies left by killed scrubs")
     lines.extend(f"invalid slot skipped: {e}" for e in rep.invalid_slots)
     lines.append(f"{rep.records} RAM page records, {rep.stream_bytes} stream bytes, "
                  f"{rep.seconds * 1000:.0f} ms")
@@ -85,11 +89,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "scrub", help="zero the guest's secret pages inside a saved VM file",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Zero, in place, every copy of every page the guest's vmwipe table lists "
-        "in a saved VM: a QEMU migration stream or a raw libvirt save image. The table is "
-        "read from the file's own last copy of the region and validated as at resume. "
-        "Record lengths never change, so the file still restores. Everything is checked "
-        "before anything is written; a second run is a no-op.",
+        description="Zero every copy of every page the guest's vmwipe table lists in a saved "
+        "VM: a QEMU migration stream or a raw libvirt save image. The table is read from the "
+        "file's own last copy of the region and validated as at resume. Record lengths never "
+        "change, so the file still restores. Everything is checked before anything is "
+        "written. The pages are zeroed in a copy (.FILE.vmwipe-scrub.*, same directory, "
+        "needs room for it) that is fsynced, read back and renamed over FILE with FILE's "
+        "owner, mode and xattrs: killed at any point, FILE is either untouched or fully "
+        "scrubbed. A copy left by a SIGKILL is removed by the next run. A second run is a "
+        "no-op that writes nothing.",
         epilog="guest RAM layout, in order of preference: --sidecar (default FILE.vmwipe.json "
         "when it exists), --machine/--mem, or the stream itself (machine type and pc.ram "
         "size). region: --region, else the sidecar, else the VMWP0001 SSDT found in the "
