@@ -29,8 +29,9 @@ from types import TracebackType
 from vmwipe.host_agent.flows import (
     AgentOptions,
     _migration_status,
-    incoming_uri,
+    finish_incoming,
     open_target,
+    prepare_incoming,
     resume,
     save_flow,
     wait_incoming_done,
@@ -167,13 +168,15 @@ def plain_restore(session: QMPSession, path: str, do_resume: bool = True,
     session.cmd("migrate-set-capabilities",
                 {"capabilities": [{"capability": "events", "state": True}]})
     session.clear_events()
-    session.cmd("migrate-incoming", {"uri": incoming_uri(session, path)})
+    uri = prepare_incoming(session, path)
+    session.cmd("migrate-incoming", {"uri": uri})
     state = wait_incoming_done(session, timeout)
     mig = session.wait_until(
         lambda: s if (s := _migration_status(session)) not in ("active", "device") else None,
         10.0, "the incoming migration to report its end")
     if mig != "completed" or state == "running":
         raise RuntimeError(f"plain restore of {path} ended as {mig!r}, state {state!r}")
+    finish_incoming(session, uri, path, [])  # mapped-ram off again: the VM may be saved next
     marks = {"load": (time.perf_counter() - t0) * 1000}
     if do_resume:
         resume(session)

@@ -203,7 +203,8 @@ def _cmd_save(args: argparse.Namespace) -> int:
     with _session(args) as s:
         if args.scrub:
             return scrub_cmds.run_save_scrub(args, s)
-        return _emit(args, save_flow(s, _opts(args), args.to, args.resume))
+        return _emit(args, save_flow(s, _opts(args), args.to, args.resume,
+                                     mapped_ram=not args.no_mapped_ram))
 
 
 def _cmd_clone(args: argparse.Namespace) -> int:
@@ -264,8 +265,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         epilog=epilog,
         help="load a saved state into a -S -incoming defer QEMU, wipe, cont",
         description="For a QEMU started with -S -incoming defer: migrate-incoming "
-        "from FILE (exec:cat, or file: on QEMU >= 8.2), wait until completed, wipe, "
-        "then cont.",
+        "from FILE (exec:cat, or file: on QEMU >= 8.2; a mapped-ram save gets the "
+        "mapped-ram capability and file:), wait until completed, wipe, then cont.",
     )
     p.add_argument(
         "--from",
@@ -296,11 +297,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         epilog=epilog,
         help="stop the VM and save its state to a file",
         description="stop, raise max-bandwidth, migrate to FILE (exec:cat > FILE, "
-        "or file: on QEMU >= 8.2), report. The source stays paused unless "
-        "--resume.",
+        "or file: on QEMU >= 8.2, with the mapped-ram capability where QEMU >= 9.0 "
+        "offers it: every page at a fixed file offset), report. The source stays "
+        "paused unless --resume.",
     )
     p.add_argument("--to", required=True, metavar="FILE", help="output file")
     p.add_argument("--resume", action="store_true", help="cont the source after saving")
+    p.add_argument("--no-mapped-ram", action="store_true",
+                   help="write a sequential stream even where QEMU offers mapped-ram")
     p.add_argument(
         "--timeout",
         type=float,

@@ -21,6 +21,7 @@ from vmwipe.protocol import HeaderError, Region, SlotError, decode_table
 from .errors import MemoryAccessError, MigrationError, QMPFailure, RegionError, VMStateError
 from .memaccess import MemoryBackend, SharedFileBackend, open_backend
 from .memmap import GuestMemoryMap, load_memory_map
+from .migstream import StreamError, stream_capabilities
 from .qmp import QMPCommandError, QMPSession
 from .region import discover_region, read_cmdline, reset_guard_problem
 from .scrub import sidecar_path, write_sidecar
@@ -150,7 +151,8 @@ def open_target(
 
 
 def _write_save_sidecar(
-    session: QMPSession, opts: AgentOptions, path: str, warnings: list[str]
+    session: QMPSession, opts: AgentOptions, path: str, warnings: list[str],
+    mapped_ram: bool = False,
 ) -> str | None:
     """Record the region and the GPA-to-RAM-block map beside a save, for `vmwipe scrub`.
 
@@ -165,7 +167,7 @@ def _write_save_sidecar(
     memmap = load_memory_map(session.hmp, set(_shared_blocks(session)))
     written = write_sidecar(
         sidecar_path(path), region=region, ram=memmap.ranges,
-        qemu_version=session.version, stream=path,
+        qemu_version=session.version, stream=path, mapped_ram=mapped_ram,
     )
     return str(written)
 
@@ -376,6 +378,63 @@ def incoming_uri(session: QMPSession, path: str) -> str:
     return f"exec:cat {shlex.quote(path)}"
 
 
+def mapped_ram_offered(session: QMPSession) -> bool:
+    """Whether this QEMU has the `mapped-ram` migration capability (9.0+)."""
+    if not session.at_least(9, 0):
+        return False
+    caps = session.cmd("query-migrate-capabilities")
+    return any(c.get("capability") == "mapped-ram" for c in caps)
+
+
+def _set_capability(session: QMPSession, name: str, state: bool) -> None:
+    session.cmd(
+        "migrate-set-capabilities", {"capabilities": [{"capability": name, "state": state}]}
+    )
+
+
+def stream_uses_mapped_ram(path: str) -> bool:
+    """Whether a saved stream was written with `mapped-ram` (its CONFIGURATION says so).
+
+    A file that is not a readable stream gives False: QEMU's own load then says why.
+    """
+    try:
+        return "mapped-ram" in stream_capabilities(path)[1]
+    except (StreamError, OSError, ValueError):
+        return False
+
+
+def prepare_incoming(session: QMPSession, path: str) -> str:
+    """The migrate-incoming URI for FILE, after enabling what the stream needs.
+
+    A `mapped-ram` stream loads only with the capability on and through `file:`;
+    every other stream loads as before (`file:` on 8.2+, else `exec:cat`).
+    """
+    if stream_uses_mapped_ram(path):
+        if not mapped_ram_offered(session):
+            v = ".".join(map(str, session.version))
+            raise MigrationError(
+                f"{path} was saved with mapped-ram; QEMU {v} cannot load it (needs >= 9.0)"
+            )
+        _set_capability(session, "mapped-ram", True)
+        return f"file:{os.path.abspath(path)}"
+    return incoming_uri(session, path)
+
+
+def finish_incoming(session: QMPSession, uri: str, path: str, warnings: list[str]) -> bool:
+    """After a completed load: switch mapped-ram off again if `prepare_incoming` set it.
+
+    Otherwise a later `vmwipe save --scrub` of the restored VM (a pipe) would be
+    refused.  Returns whether the stream was a mapped-ram one.
+    """
+    if not (uri.startswith("file:") and stream_uses_mapped_ram(path)):
+        return False
+    try:
+        _set_capability(session, "mapped-ram", False)
+    except QMPFailure as e:
+        warnings.append(f"mapped-ram left enabled after the load: {e}")
+    return True
+
+
 def restore_flow(
     session: QMPSession, opts: AgentOptions, path: str, do_resume: bool = True
 ) -> FlowReport:
@@ -398,7 +457,7 @@ def restore_flow(
     session.clear_events()
     prefetch = SharedPrefetch(session) if opts.populate and opts.backend != "process_vm" else None
     try:
-        uri = incoming_uri(session, path)
+        uri = prepare_incoming(session, path)
         session.cmd("migrate-incoming", {"uri": uri})
         phases.mark("start")
         state = wait_incoming_done(session, opts.timeout)
@@ -416,6 +475,7 @@ def restore_flow(
         phases.mark("load")
         rep.extra["uri"] = uri
         rep.extra["bytes"] = os.path.getsize(path)
+        rep.extra["mapped_ram"] = finish_incoming(session, uri, path, rep.warnings)
         return _wipe_and_maybe_resume(session, opts, rep, phases, do_resume, located, prefetch)
     finally:
         if prefetch is not None:
@@ -447,9 +507,16 @@ def loadvm_flow(
 
 
 def save_flow(
-    session: QMPSession, opts: AgentOptions, path: str, do_resume: bool = False
+    session: QMPSession, opts: AgentOptions, path: str, do_resume: bool = False,
+    mapped_ram: bool = True,
 ) -> FlowReport:
-    """stop, raise max-bandwidth, migrate to FILE, report; optionally resume the source."""
+    """stop, raise max-bandwidth, migrate to FILE, report; optionally resume the source.
+
+    Where QEMU offers `mapped-ram` (9.0+) and `mapped_ram` is true, the save uses it
+    with `file:`: every page gets one fixed slot in the file, and `vmwipe scrub`
+    zeroes the slots.  The capability is switched off again afterwards, so a later
+    `save --scrub` (a pipe, which mapped-ram cannot use) still works.
+    """
     phases = Phases()
     rep = _new_report("save", session)
     rep.state_before = session.status()
@@ -470,6 +537,18 @@ def save_flow(
     session.cmd("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
     session.clear_events()
     uri = f"file:{path}" if session.at_least(8, 2) else f"exec:cat > {shlex.quote(path)}"
+    use_mapped, restore_cap = False, None
+    if mapped_ram_offered(session):
+        use_mapped = any(c.get("capability") == "mapped-ram" and c.get("state")
+                         for c in session.cmd("query-migrate-capabilities"))
+        if use_mapped != mapped_ram:
+            try:
+                _set_capability(session, "mapped-ram", mapped_ram)
+                restore_cap, use_mapped = use_mapped, mapped_ram
+            except QMPCommandError as e:  # e.g. it clashes with xbzrle or postcopy-ram
+                rep.warnings.append(f"mapped-ram not {'en' if mapped_ram else 'dis'}abled: {e}")
+        if use_mapped:
+            uri = f"file:{path}"
     try:
         session.cmd("migrate", {"uri": uri})
         deadline = time.monotonic() + opts.timeout
@@ -490,6 +569,11 @@ def save_flow(
                 session.cmd("migrate-set-parameters", {"max-bandwidth": old})
             except QMPFailure as e:
                 log.warning("could not restore max-bandwidth: %s", e)
+        if restore_cap is not None:
+            try:
+                _set_capability(session, "mapped-ram", restore_cap)
+            except QMPFailure as e:
+                log.warning("could not set mapped-ram back to %s: %s", restore_cap, e)
     # "completed" can be reported while the run state is still finish-migrate
     session.wait_until(
         lambda: True if session.status() != "finish-migrate" else None,
@@ -497,8 +581,9 @@ def save_flow(
         "the source to leave finish-migrate",
     )
     phases.mark("save")
-    rep.extra.update({"path": path, "uri": uri, "bytes": os.path.getsize(path)})
-    rep.extra["sidecar"] = _write_save_sidecar(session, opts, path, rep.warnings)
+    rep.extra.update({"path": path, "uri": uri, "bytes": os.path.getsize(path),
+                      "mapped_ram": use_mapped})
+    rep.extra["sidecar"] = _write_save_sidecar(session, opts, path, rep.warnings, use_mapped)
     phases.mark("sidecar")
     if do_resume:
         session.cmd("cont")

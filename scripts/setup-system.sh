@@ -33,6 +33,13 @@ if [ "$(id -u)" = 0 ]; then
     "$(dirname "$0")/../guest_kmod/install-6.12-headers.sh" >/dev/null
 fi
 
+# The mapped-ram / file: tests need QEMU >= 9.0: on Debian 12 unpack bookworm-backports'
+# QEMU 10 into build/qemu10/ (idempotent; a no-op on Debian 13, whose QEMU is 10.x).
+if [ "$(id -u)" = 0 ]; then
+    "$(dirname "$0")/fetch-qemu10.sh" >/dev/null ||
+        echo "setup: could not unpack QEMU 10 into build/qemu10 (the QEMU >= 9 tests will skip)" >&2
+fi
+
 # The tests boot /boot/vmlinuz-VER with a module built against headers VER:
 # make sure at least one version has both.
 for hdr in /usr/src/linux-headers-*-amd64; do

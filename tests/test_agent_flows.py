@@ -123,8 +123,8 @@ def test_incoming_states(vms: list[VM], tmp_path: Path) -> None:
     assert r.returncode == 9
 
 
-def save(vm: VM, path: Path) -> dict[str, object]:
-    r = run_cli("save", "--qmp", vm.qmp, "--to", str(path), "--json")
+def save(vm: VM, path: Path, *extra: str) -> dict[str, object]:
+    r = run_cli("save", "--qmp", vm.qmp, "--to", str(path), "--json", *extra)
     assert r.returncode == 0, r.stderr
     rep: dict[str, object] = json.loads(r.stdout)
     return rep
@@ -150,6 +150,10 @@ def test_save_then_restore_wipes_before_running(vms: list[VM], tmp_path: Path) -
     major, minor = (int(x) for x in out["qemu_version"].split(".")[:2])
     expect = "file:" if (major, minor) >= (8, 2) else "exec:cat "  # 7.2 rejects file:
     assert out["extra"]["uri"].startswith(expect)
+    # QEMU >= 9 saves with mapped-ram, and the restore enables it on the destination
+    extra = rep["extra"]
+    assert isinstance(extra, dict)
+    assert extra["mapped_ram"] is (major >= 9) and out["extra"]["mapped_ram"] is (major >= 9)
     assert {"load", "read", "zero", "verify", "commit"} <= set(out["timings_ms"])
     assert_wiped(dst)
 
@@ -168,7 +172,7 @@ def test_wipe_waits_for_incoming_migration(vms: list[VM], tmp_path: Path) -> Non
     src = new_vm(vms, tmp_path / "src")
     plant_marked(src)
     snap = tmp_path / "snap.bin"
-    save(src, snap)
+    save(src, snap, "--no-mapped-ram")  # a sequential stream: it goes through a pipe below
     dst = new_vm(vms, tmp_path / "dst", incoming=True)
     # a slow reader keeps QEMU inmigrate for a while; the agent must wait, not cont
     dst.session().cmd("migrate-incoming", {"uri": f"exec:sleep 1; cat {snap}"})

@@ -42,12 +42,16 @@ def _qemu_major(binary: str) -> int:
     return int(m.group(1)) if m else 0
 
 
+REPO_QEMU10 = str(Path(__file__).resolve().parent.parent / "build" / "qemu10" / "qemu10")
+
+
 def _find_qemu10() -> str:
     """A QEMU >= 9.0 (mapped-ram): $VMWIPE_TEST_QEMU10, the system QEMU (Debian 13), or
     bookworm-backports' 10.0 unpacked with `apt-get download` + `dpkg -x` behind a wrapper
-    that passes -L for its data dir (see NOTES.md)."""
-    for cand in (os.environ.get("VMWIPE_TEST_QEMU10", ""), QEMU72, "/tmp/scrub/q10/qemu10",
-                 "/tmp/q10/qemu10"):
+    that passes -L for its data dir: build/qemu10/qemu10, which `make setup` writes
+    (scripts/fetch-qemu10.sh), or an older hand-made one under /tmp."""
+    for cand in (os.environ.get("VMWIPE_TEST_QEMU10", ""), QEMU72, REPO_QEMU10,
+                 "/tmp/scrub/q10/qemu10", "/tmp/q10/qemu10"):
         if cand and have(cand) and _qemu_major(cand) >= 9:
             return cand
     return ""
@@ -56,8 +60,8 @@ def _find_qemu10() -> str:
 QEMU10 = _find_qemu10()
 needs_qemu = pytest.mark.skipif(not have(QEMU72), reason=f"{QEMU72} not installed")
 needs_qemu10 = pytest.mark.skipif(
-    not QEMU10, reason="no QEMU >= 9.0: set VMWIPE_TEST_QEMU10 to one (e.g. bookworm-backports "
-    "qemu-system-x86 10.0 unpacked with dpkg -x and a wrapper passing -L DATADIR)")
+    not QEMU10, reason="no QEMU >= 9.0: run scripts/fetch-qemu10.sh as root (Debian 12; "
+    "`make setup` does) or set VMWIPE_TEST_QEMU10 to one")
 
 
 class Vm:

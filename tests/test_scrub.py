@@ -451,6 +451,103 @@ def test_mapped_ram_10(tmp_path: Path, vms: list[Vm]) -> None:
     assert_region(rvm.read(REGION.base, REGION.size), image, 1, 2)
 
 
+def _mapped_ram_state(vm: Vm) -> bool:
+    caps = vm.qmp.cmd("query-migrate-capabilities")
+    return any(c["capability"] == "mapped-ram" and c["state"] for c in caps)
+
+
+@needs_qemu10
+def test_cli_save_mapped_ram_restore_scrub_10(tmp_path: Path, vms: list[Vm],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`vmwipe save` on QEMU >= 9 writes a mapped-ram stream through `file:` (JSON and sidecar
+    say so, the capability is off again afterwards); `vmwipe restore` loads it (mapped-ram
+    on the destination only while loading) and wipes exactly the listed pages; `vmwipe
+    scrub` zeroes their fixed slots, and a second `vmwipe restore` of that file works too."""
+    ssdt = tmp_path / "vmwipe.aml"
+    ssdt.write_bytes(encode_ssdt(REGION.base, REGION.size))
+    args = ["-M", "q35", "-m", "512M", "-acpitable", f"file={ssdt}"]
+    agent = str(tmp_path / "agent.sock")
+    vm = Vm(tmp_path, [*args, "-qmp", f"unix:{agent},server=on,wait=off"], qemu=QEMU10)
+    vms.append(vm)
+    secrets = {0x200_0000: os.urandom(PAGE), 0x200_1000: os.urandom(PAGE),
+               0x300_0000: os.urandom(PAGE)}
+    keep = {0x400_0000: os.urandom(PAGE), 0x200_2000: os.urandom(PAGE)}
+    image = build_region(REGION.size, [(0x200_0000, 2), (0x300_0000, 1), (0x500_0000, 1)])
+    vm.write(REGION.base, image)
+    for gpa, data in {**secrets, **keep}.items():
+        vm.write(gpa, data)
+    path = tmp_path / "cli-mapped.sav"
+    rc, out, err = run_cli("save", "--qmp", agent, "--to", str(path), "--json", capsys=capsys)
+    assert rc == 0, err
+    rep = json.loads(out)
+    assert rep["extra"]["mapped_ram"] is True and rep["extra"]["uri"] == f"file:{path}"
+    assert not _mapped_ram_state(vm), "save left mapped-ram switched on"
+    assert ms.stream_capabilities(str(path))[1] == ["mapped-ram"]
+    sidecar = read_sidecar(sidecar_path(path))
+    assert sidecar.mapped_ram and sidecar.region == REGION
+    blob = path.read_bytes()
+    assert all(d in blob for d in [*secrets.values(), *keep.values()])
+
+    def restore_cli(name: str) -> Vm:
+        sock = str(tmp_path / f"{name}.sock")
+        rvm = Vm(tmp_path, [*args, "-qmp", f"unix:{sock},server=on,wait=off"], qemu=QEMU10,
+                 incoming=True)
+        vms.append(rvm)
+        rc, out, err = run_cli("restore", "--qmp", sock, "--from", str(path), "--no-resume",
+                               "--no-reset-guard", "--json", capsys=capsys)
+        assert rc == 0, err
+        rrep = json.loads(out)
+        assert rrep["extra"]["mapped_ram"] is True and rrep["extra"]["uri"] == f"file:{path}"
+        assert rrep["wipe"]["pages"] == 4 and rrep["state_after"] in ("paused", "prelaunch")
+        assert not _mapped_ram_state(rvm), "mapped-ram left on: a save --scrub would refuse"
+        for gpa in [*secrets, 0x500_0000]:
+            assert rvm.read(gpa, PAGE) == bytes(PAGE), hex(gpa)
+        for gpa, data in keep.items():
+            assert rvm.read(gpa, PAGE) == data, hex(gpa)
+        return rvm
+
+    # the agent's restore wipes the unscrubbed file's listed pages before the guest runs
+    restore_cli("r1")
+    # scrub zeroes the fixed slots; the file keeps its size and everything else
+    size = path.stat().st_size
+    rc, out, err = run_cli("scrub", str(path), "--json", capsys=capsys)
+    assert rc == 0, err
+    srep = json.loads(out)
+    assert srep["container"] == "qemu-mapped-ram" and srep["pages"] == 4
+    assert srep["scrubbed_copies"] == 3
+    assert path.stat().st_size == size
+    blob = path.read_bytes()
+    assert not any(d in blob for d in secrets.values())
+    assert all(d in blob for d in keep.values())
+    rc, out, err = run_cli("scrub", str(path), "--json", capsys=capsys)
+    assert rc == 0 and json.loads(out)["noop"], err
+    restore_cli("r2")
+    if have(QEMU72) and QEMU72 != QEMU10:  # a QEMU without mapped-ram refuses it, saying why
+        sock = str(tmp_path / "old.sock")
+        vms.append(Vm(tmp_path, [*args, "-qmp", f"unix:{sock},server=on,wait=off"],
+                      incoming=True))
+        rc, out, err = run_cli("restore", "--qmp", sock, "--from", str(path),
+                               "--no-reset-guard", capsys=capsys)
+        assert rc == 9 and "saved with mapped-ram" in err, err
+
+
+@needs_qemu10
+def test_cli_save_no_mapped_ram_10(tmp_path: Path, vms: list[Vm],
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`--no-mapped-ram` writes a sequential stream, even where QEMU offers mapped-ram."""
+    agent = str(tmp_path / "agent.sock")
+    vm = Vm(tmp_path, ["-M", "q35", "-m", "128M", "-qmp", f"unix:{agent},server=on,wait=off"],
+            qemu=QEMU10)
+    vms.append(vm)
+    path = tmp_path / "seq.sav"
+    rc, out, err = run_cli("save", "--qmp", agent, "--to", str(path), "--no-mapped-ram",
+                           "--json", capsys=capsys)
+    assert rc == 0, err
+    assert json.loads(out)["extra"]["mapped_ram"] is False
+    assert "mapped-ram" not in ms.stream_capabilities(str(path))[1]
+    assert not _mapped_ram_state(vm)
+
+
 def test_saveimage_header_variants() -> None:
     from vmwipe.host_agent.saveimage import MAGIC_PARTIAL, domain_xml, parse_header
 

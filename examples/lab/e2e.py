@@ -42,7 +42,6 @@ import hashlib
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import socket
@@ -57,7 +56,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmwipe.host_agent.flows import AgentOptions, open_target
+from vmwipe.host_agent.flows import AgentOptions, open_target, prepare_incoming
 from vmwipe.host_agent.launcher import QemuProcess, start_qemu
 from vmwipe.host_agent.qmp import QMPSession
 from vmwipe.protocol import HOST_FIELDS_SIZE, WIPE_GENERATION_OFFSET
@@ -853,7 +852,7 @@ class Scenario:
                             paused=True, incoming_defer=True)
             self._procs.append(qp)
             with QMPSession(qp.qmp_path) as s:
-                s.cmd("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(self.snapshot))}"})
+                s.cmd("migrate-incoming", {"uri": prepare_incoming(s, str(self.snapshot))})
                 _wait_loaded(s)
                 if s.cmd("query-migrate").get("status") != "completed":
                     raise GuestError(f"{mode} clone {i}: load failed: {qp.log_tail()}")

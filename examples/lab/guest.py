@@ -30,6 +30,7 @@ from typing import IO, Any
 
 from qemu.qmp import QMPClient
 
+from vmwipe.host_agent.flows import stream_uses_mapped_ram
 from vmwipe.protocol import (
     WIPE_GENERATION_OFFSET,
     Region,
@@ -250,8 +251,20 @@ class Guest:
         if self.config.incoming is None:
             self.wait_ready()
         else:
-            self.qmp("migrate-incoming", uri=f"exec:cat {shlex.quote(str(self.config.incoming))}")
+            src = str(self.config.incoming)
+            mapped = stream_uses_mapped_ram(src)  # `vmwipe save` on QEMU >= 9.0
+            if mapped:
+                self._mapped_ram(True)
+                self.qmp("migrate-incoming", uri=f"file:{os.path.abspath(src)}")
+            else:
+                self.qmp("migrate-incoming", uri=f"exec:cat {shlex.quote(src)}")
             self._wait_migration()
+            if mapped:
+                self._mapped_ram(False)  # so that a later `vmwipe save --scrub` is allowed
+
+    def _mapped_ram(self, state: bool) -> None:
+        self.qmp("migrate-set-capabilities",
+                 capabilities=[{"capability": "mapped-ram", "state": state}])
 
     async def _connect(self) -> None:
         assert self._qmp is not None
