@@ -217,6 +217,13 @@ def test_no_table_is_noop(tmp_path: Path, vms: list[Vm],
     assert sha(saved.path) == digest
 
 
+def _corrupt_footer(data: bytes, idx: ms.StreamIndex) -> bytes:
+    section = next(sec for sec in idx.sections if sec.name != "ram")
+    pos = section.end - 5  # FOOTER (0x7e) + be32 section id
+    assert data[pos] == ms.FOOTER, section
+    return data[:pos] + b"\x7d" + data[pos + 1 :]
+
+
 @needs_qemu
 def test_bad_inputs_untouched(tmp_path: Path, vms: list[Vm],
                               capsys: pytest.CaptureFixture[str]) -> None:
@@ -228,7 +235,9 @@ def test_bad_inputs_untouched(tmp_path: Path, vms: list[Vm],
         "truncated-tail": data[:-3],
         "foreign": b"\x1f\x8b\x08\x00" + data[4:],
         "empty": b"",
-        "footer": data.replace(b"\x7e\x00\x00\x00\x02", b"\x7d\x00\x00\x00\x02", 1),
+        # the footer marker of the first device section the walker found (not a byte
+        # pattern search: that can match page data instead, as it does on QEMU 10)
+        "footer": _corrupt_footer(data, idx),
         "desc-len": data[: idx.vmdesc_offset + 1] + struct.pack(">I", 99)
         + data[idx.vmdesc_offset + 5:],
     }
