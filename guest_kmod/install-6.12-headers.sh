@@ -32,18 +32,8 @@ export DEBIAN_FRONTEND=noninteractive
 codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
 
 if [ "$codename" = bookworm ]; then
-	bpo=${VMWIPE_BPO_DIR:-/tmp/vmwipe-bpo}
-	mkdir -p "$bpo/lists/partial"
-	# Keep the main archive stanza (first one) and point it at backports.
-	awk 'NR==1,/^$/' /etc/apt/sources.list.d/debian.sources |
-		sed -e 's/^Suites:.*/Suites: bookworm-backports/' > "$bpo/bpo.sources"
-	cp /etc/apt/sources.list.d/debian.sources "$bpo/debian.sources"
-	grep -q '^URIs: .*debian/*$' "$bpo/bpo.sources" || {
-		echo "install-6.12-headers: unexpected main stanza in debian.sources" >&2
-		exit 1
-	}
-	set -- -oDir::Etc::SourceParts="$bpo" -oDir::State::Lists="$bpo/lists"
-	apt-get "$@" -q update >&2
+	bpo_caller=install-6.12-headers
+	. "$(dirname "$0")/../scripts/backports-apt.sh"
 	rel=$(apt-cache "$@" search --names-only '^linux-headers-6\.12\.[0-9]+\+deb12-amd64$' |
 		sed -n 's/^linux-headers-\(6\.12\.[0-9]*+deb12-amd64\) .*/\1/p' |
 		sort -V | tail -n 1)

@@ -41,18 +41,8 @@ fi
 command -v dpkg-deb >/dev/null || { echo "fetch-qemu10: dpkg-deb missing" >&2; exit 1; }
 
 export DEBIAN_FRONTEND=noninteractive
-bpo=${VMWIPE_BPO_DIR:-/tmp/vmwipe-bpo}
-mkdir -p "$bpo/lists/partial"
-# Keep the main archive stanza (first one) and point it at backports.
-awk 'NR==1,/^$/' /etc/apt/sources.list.d/debian.sources |
-	sed -e 's/^Suites:.*/Suites: bookworm-backports/' > "$bpo/bpo.sources"
-cp /etc/apt/sources.list.d/debian.sources "$bpo/debian.sources"
-grep -q '^URIs: .*debian/*$' "$bpo/bpo.sources" || {
-	echo "fetch-qemu10: unexpected main stanza in debian.sources" >&2
-	exit 1
-}
-set -- -oDir::Etc::SourceParts="$bpo" -oDir::State::Lists="$bpo/lists"
-apt-get "$@" -q update >&2
+bpo_caller=fetch-qemu10
+. "$(dirname "$0")/backports-apt.sh"
 
 debs="$repo/build/qemu10-debs"
 stage="$repo/build/qemu10.tmp.$$"
