@@ -197,10 +197,11 @@ def decode_table(
     rams = _RamIndex(ram) if ram is not None else None
     word_col, tail_col = words[0::2], words[1::2]
     words_list, tails_list = word_col.tolist(), tail_col.tolist()
-    table = Table(header=header, used=_count_used(words_list, tails_list))
+    valid = list(map(and_, words_list, repeat(L.SLOT_VALID)))
+    table = Table(header=header, used=_count_used(words_list, tails_list, valid))
     if not table.used:
         return table
-    columns = _validate_fast(words_list, tails_list, region, rams)
+    columns = _validate_fast(words_list, tails_list, valid, region, rams)
     if columns is None:
         # Something is wrong: take the slow path, which names the slot and the rule.
         columns = _validate_slow(words_list, tails_list, region, rams, table.errors, strict)
@@ -212,24 +213,24 @@ _Columns = tuple[list[int], list[int], list[int]]
 _PAGE_SHIFT = 12
 
 
-def _count_used(words: list[int], tails: list[int]) -> int:
+def _count_used(words: list[int], tails: list[int], valid: list[int]) -> int:
     """Slots that are not all zero; a full table of VALID slots skips the scan."""
-    if list(map(and_, words, repeat(L.SLOT_VALID))).count(0) == 0:
+    if valid.count(0) == 0:
         return len(words)
     return len(words) - list(map(or_, words, tails)).count(0)
 
 
 def _validate_fast(
-    word_col: list[int], tail_col: list[int], region: Region, rams: _RamIndex | None
+    word_col: list[int], tail_col: list[int], valid: list[int], region: Region,
+    rams: _RamIndex | None,
 ) -> _Columns | None:
     """Check every rule over whole columns at C speed; None means "some slot is bad".
 
     It works in page frame numbers: they fit in one 30-bit digit of a Python int
     for guests below 4 TiB, which makes the sort several times cheaper.  It must
     accept exactly what `_validate_slow` accepts; the property tests compare the
-    two on random tables.
+    two on random tables.  `valid` is each slot's VALID bit.
     """
-    valid = list(map(and_, word_col, repeat(L.SLOT_VALID)))
     count = valid.count(1)
     if count == 0:
         return [], [], []
@@ -238,12 +239,14 @@ def _validate_fast(
     else:
         indices = list(compress(range(len(word_col)), valid))
         words, tails = list(compress(word_col, valid)), list(compress(tail_col, valid))
-    if reduce(or_, words, 0) & L.SLOT_RESERVED_BITS or reduce(or_, tails, 0) >> 32:
+    # tail = npages | reserved << 32: the largest tail has the highest reserved bits
+    most_pages = max(tails)
+    if reduce(or_, words, 0) & L.SLOT_RESERVED_BITS or most_pages >> 32:
         return None
     if min(tails) == 0:
         return None
     pfns = list(map(rshift, words, repeat(_PAGE_SHIFT)))
-    if max(tails) == 1:  # the common shape: one page per slot, so ends follow starts
+    if most_pages == 1:  # the common shape: one page per slot, so ends follow starts
         sorted_pfns = sorted(pfns)
         sorted_ends = list(map(add, sorted_pfns, repeat(1)))
         last_end = sorted_ends[-1]
