@@ -27,6 +27,8 @@ from vmwipe.host_agent.flows import AgentOptions, Target, open_target
 from vmwipe.host_agent.launcher import LaunchError, QemuProcess, start_qemu
 from vmwipe.host_agent.qmp import QMPSession
 from vmwipe.host_agent.wipe import coalesce
+from vmwipe.lab import GuestImage, build_guest_image, default_kernel
+from vmwipe.lab.shell import missing_prerequisite
 from vmwipe.protocol import (
     HOST_FIELDS_SIZE,
     PAGE_SIZE,
@@ -295,6 +297,21 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
         [sys.executable, "-m", "vmwipe.host_agent.cli", *args],
         capture_output=True, text=True, timeout=timeout, check=False,
     )
+
+
+@pytest.fixture(scope="module")
+def image() -> GuestImage:
+    """The default lab guest (packaged kernel + initramfs with vmwipe.ko and the examples).
+
+    Built once and cached by content; skips with the reason where this host cannot
+    build or boot it.  Modules that need a different image define their own `image`.
+    """
+    reason = missing_prerequisite()
+    if reason:
+        pytest.skip(reason)
+    kernel = default_kernel()
+    assert kernel is not None
+    return build_guest_image(kernel)
 
 
 @pytest.fixture(scope="module")

@@ -19,25 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from vmwipe.lab import Guest, GuestConfig, GuestError, GuestImage, build_guest_image
-from vmwipe.lab.build import default_kernel
-from vmwipe.lab.shell import missing_prerequisite, rc, sh, start, stop, wait_output
+from vmwipe.lab import Guest, GuestConfig, GuestError, GuestImage
+from vmwipe.lab.shell import rc, sh, start, stop, wait_output
 from vmwipe.protocol import Region, Table, slot_count_for
 
 pytestmark = pytest.mark.slow
 
 FILL = b"\x5a" * 4096  # what vmwipe_test writes into its pages
 SYSFS = "/sys/class/misc/vmwipe"
-
-
-@pytest.fixture(scope="module")
-def image() -> GuestImage:
-    reason = missing_prerequisite()
-    if reason:
-        pytest.skip(reason)
-    kernel = default_kernel()
-    assert kernel is not None
-    return build_guest_image(kernel)
 
 
 @pytest.fixture(scope="module")

@@ -34,22 +34,10 @@ from test_agent_guest import AgentGuest, attach_console, sh, wait_output
 from vmwipe.host_agent.launcher import QemuProcess, start_qemu
 from vmwipe.host_agent.memmap import load_memory_map
 from vmwipe.host_agent.qmp import QMPSession
-from vmwipe.lab import GuestConfig, GuestImage, build_guest_image
-from vmwipe.lab.build import default_kernel
-from vmwipe.lab.shell import missing_prerequisite
+from vmwipe.lab import GuestConfig, GuestImage
 
 pytestmark = pytest.mark.slow
 P = 4096
-
-
-@pytest.fixture(scope="module")
-def image() -> GuestImage:
-    reason = missing_prerequisite()
-    if reason:
-        pytest.skip(reason)
-    kernel = default_kernel()
-    assert kernel is not None
-    return build_guest_image(kernel)
 
 
 def register_then_crash_reboot(g: AgentGuest) -> list[int]:

@@ -25,22 +25,10 @@ import pytest
 
 from vmwipe.host_agent.cli import main as vmwipe_main
 from vmwipe.host_agent.scrub_save import save_scrubbed
-from vmwipe.lab import Guest, GuestConfig, GuestError, GuestImage, build_guest_image
-from vmwipe.lab.build import default_kernel
-from vmwipe.lab.shell import missing_prerequisite
+from vmwipe.lab import Guest, GuestConfig, GuestError, GuestImage
 
 pytestmark = pytest.mark.slow
 PAGE = 4096
-
-
-@pytest.fixture(scope="module")
-def image() -> GuestImage:
-    reason = missing_prerequisite()
-    if reason:
-        pytest.skip(reason)
-    kernel = default_kernel()
-    assert kernel is not None
-    return build_guest_image(kernel)
 
 
 def sh(g: Guest, cmd: str, timeout: float = 60) -> str:
