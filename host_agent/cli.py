@@ -156,6 +156,8 @@ def _fmt_report(rep: FlowReport) -> str:
     for k, v in rep.extra.items():
         if k in ("slots", "ram_ranges"):
             continue
+        if isinstance(v, dict) and set(v) == {"base", "size"}:
+            v = f"{v['base']:#x}+{v['size']:#x}"  # a region, as the other commands spell it
         lines.append(f"{k}: {v}")
     if rep.command == "inspect":
         for r in rep.extra.get("ram_ranges", []):
