@@ -132,7 +132,7 @@ def chart(res: ScenarioResult, path: Path) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib is not installed: no chart (pip install matplotlib)"
+        return "matplotlib is not installed: no chart (pip install .[chart])"
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     modes = [m for m in MODES if m in res.analyses]
     shared = [res.analyses[m].shared_new_values if m == "vmwipe" else res.analyses[m].shared_values
