@@ -42,11 +42,12 @@ import logging.handlers
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .atomic import write_atomic
 
 if TYPE_CHECKING:
     from vmwipe.protocol import Region
@@ -260,18 +261,6 @@ def _is_ours(path: Path) -> bool:
         return False
 
 
-def _write_exec(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 APPARMOR_LOCAL = Path("/etc/apparmor.d/local/abstractions/libvirt-qemu")
 _AA_BEGIN = "# BEGIN vmwipe (vmwipe libvirt install-hook; uninstall-hook removes it)"
 _AA_END = "# END vmwipe"
@@ -345,7 +334,7 @@ def install_hook(hooks_dir: Path = HOOKS_DIR, python: str | None = None,
     if _is_ours(hook):
         if hook.read_text() == text:
             return [f"{hook} is already the vmwipe hook; nothing changed", *aa]
-        _write_exec(hook, text)
+        write_atomic(hook, text.encode(), 0o755)
         return [f"updated the vmwipe hook in {hook}", *aa, RESTART_NOTE]
     if foreign:
         os.rename(hook, chained)
@@ -354,7 +343,7 @@ def install_hook(hooks_dir: Path = HOOKS_DIR, python: str | None = None,
         if not os.access(chained, os.X_OK):
             done.append(f"note: {chained} is not executable, so libvirt did not run it "
                         "before and the vmwipe hook will not either")
-    _write_exec(hook, text)
+    write_atomic(hook, text.encode(), 0o755)
     done.append(f"installed the vmwipe hook as {hook}")
     done += aa
     done.append(RESTART_NOTE)

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vmwipe.protocol import PAGE_SIZE, encode_ssdt, parse_size, validate_region
 from vmwipe.protocol.table import Region
+
+from .atomic import write_atomic
 
 DEFAULT_BASE = 0x1F00_0000
 DEFAULT_SIZE = 1 << 20
@@ -52,28 +52,12 @@ def choose_region(mem: int, size: int = DEFAULT_SIZE) -> Region:
     return region
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp file and rename, so a running QEMU never reads a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and path.read_bytes() == data:
-        return
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_vm_config(region: Region, directory: Path) -> VmConfig:
     """Write the SSDT and the zero page into `directory` and return the matching arguments."""
     ssdt = directory / "vmwipe-ssdt.aml"
     zero = directory / "vmwipe-zero-page.bin"
-    _write_atomic(ssdt, encode_ssdt(region.base, region.size))
-    _write_atomic(zero, bytes(PAGE_SIZE))
+    write_atomic(ssdt, encode_ssdt(region.base, region.size))
+    write_atomic(zero, bytes(PAGE_SIZE))
     return VmConfig(
         base=region.base,
         size=region.size,
@@ -96,7 +80,7 @@ def _cmd_ssdt(args: argparse.Namespace) -> int:
     base, size = parse_size(args.base), parse_size(args.size)
     data = encode_ssdt(base, size)
     out = Path(args.output)
-    _write_atomic(out, data)
+    write_atomic(out, data)
     if args.json:
         print(json.dumps({"path": str(out.resolve()), "base": base, "size": size,
                           "bytes": len(data)}))
