@@ -47,33 +47,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "probe.h"
+
 #include "vmwipe_uapi.h"
-
-#define PAGE 4096UL
-#define FILL 0x5a
-#define SYSFS "/sys/class/misc/vmwipe/"
-
-static int failed;
-
-static void check(int ok, const char *what, ...)
-{
-	va_list ap;
-
-	if (ok)
-		return;
-	failed = 1;
-	printf("FAIL ");
-	va_start(ap, what);
-	vprintf(what, ap);
-	va_end(ap);
-	printf(" (errno %d %s)\n", errno, strerror(errno));
-}
-
-static int done(const char *name)
-{
-	printf("%s %s\n", name, failed ? "FAIL" : "OK");
-	return failed;
-}
 
 static long read_long(const char *path, const char *key)
 {
@@ -116,26 +92,6 @@ static int range_ioctl(unsigned long req, void *addr, size_t len)
 	struct vmwipe_range r = { .addr = (uintptr_t)addr, .len = len };
 
 	return ioctl(vmwipe_fd(), req, &r) ? -errno : 0;
-}
-
-static uint64_t pfn_of(const void *addr)
-{
-	uint64_t entry = 0;
-	int fd = open("/proc/self/pagemap", O_RDONLY);
-
-	if (fd < 0 || pread(fd, &entry, 8, (off_t)((uintptr_t)addr / PAGE * 8)) != 8)
-		entry = 0;
-	if (fd >= 0)
-		close(fd);
-	return entry >> 63 ? entry & ((1ULL << 55) - 1) : 0;
-}
-
-static int is_zero(const unsigned char *p, size_t len)
-{
-	while (len--)
-		if (*p++)
-			return 0;
-	return 1;
 }
 
 static unsigned char *anon(size_t n)

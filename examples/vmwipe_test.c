@@ -34,31 +34,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define PAGE 4096UL
-#define SYSFS "/sys/class/misc/vmwipe/"
-#define FILL 0x5a
-
-static int failed;
-
-static void check(int ok, const char *what, ...)
-{
-	va_list ap;
-
-	if (ok)
-		return;
-	failed = 1;
-	printf("FAIL ");
-	va_start(ap, what);
-	vprintf(what, ap);
-	va_end(ap);
-	printf(" (errno %d %s)\n", errno, strerror(errno));
-}
-
-static int done(const char *name)
-{
-	printf("%s %s\n", name, failed ? "FAIL" : "OK");
-	return failed;
-}
+#include "probe.h"
 
 static long sysfs_long(const char *name)
 {
@@ -93,27 +69,6 @@ static void *map(size_t npages, int prot, int flags, off_t off)
 static void *map_rw(size_t npages)
 {
 	return map(npages, PROT_READ | PROT_WRITE, MAP_SHARED, 0);
-}
-
-static uint64_t pfn_of(const void *addr)
-{
-	uint64_t entry = 0;
-	int fd = open("/proc/self/pagemap", O_RDONLY);
-
-	if (fd < 0 || pread(fd, &entry, 8, (off_t)((uintptr_t)addr / PAGE * 8)) != 8)
-		entry = 0;
-	if (fd >= 0)
-		close(fd);
-	/* bit 63: present; bits 54..0: PFN (needs CAP_SYS_ADMIN) */
-	return entry >> 63 ? entry & ((1ULL << 55) - 1) : 0;
-}
-
-static int is_zero(const unsigned char *p, size_t len)
-{
-	while (len--)
-		if (*p++)
-			return 0;
-	return 1;
 }
 
 static volatile sig_atomic_t got_usr1;

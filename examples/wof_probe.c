@@ -28,19 +28,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#define PAGE 4096UL
-
-static uint64_t pfn_of(const void *addr)
-{
-	uint64_t entry = 0;
-	int fd = open("/proc/self/pagemap", O_RDONLY);
-
-	if (fd < 0 || pread(fd, &entry, 8, (off_t)((uintptr_t)addr / PAGE * 8)) != 8)
-		entry = 0;
-	if (fd >= 0)
-		close(fd);
-	return entry >> 63 ? entry & ((1ULL << 55) - 1) : 0;
-}
+#include "probe.h"
 
 static int cmd_sentinel(void)
 {

@@ -25,7 +25,8 @@ KMOD_SOURCES = ("Kbuild", "vmwipe.c", "vmwipe.h", "vmwipe_abi.h", "vmwipe_uapi.h
                 "vmwipe_kapi_test.c")
 KMODS = ("vmwipe.ko", "vmwipe_kapi_test.ko")
 EXAMPLE_SOURCES = ("vmwipe.c", "vmwipe.h", "drbg.c", "drbg.h", "drbg_stream.c", "vmwipe_test.c",
-                   "retrofit_test.c", "wof_probe.c", "bssl_stream.c", "preload/vmwipe_preload.c")
+                   "retrofit_test.c", "wof_probe.c", "bssl_stream.c", "preload/vmwipe_preload.c",
+                   "probe.h")
 UAPI_HEADER = "vmwipe_uapi.h"  # in guest_kmod/, the ioctl ABI the programs use
 PROGRAMS: dict[str, tuple[str, ...]] = {
     "drbg_stream": ("drbg_stream.c", "drbg.c", "vmwipe.c"),
