@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,9 +23,9 @@ from conftest import run_cli
 
 from vmwipe.host_agent.launcher import QemuProcess, start_qemu
 from vmwipe.host_agent.qmp import QMPSession
-from vmwipe.lab import Console, Guest, GuestConfig, GuestError, GuestImage, build_guest_image
+from vmwipe.lab import Console, Guest, GuestConfig, GuestImage, build_guest_image
 from vmwipe.lab.build import default_kernel
-from vmwipe.lab.shell import missing_prerequisite
+from vmwipe.lab.shell import missing_prerequisite, sh, wait_output
 
 pytestmark = pytest.mark.slow
 P = 4096
@@ -58,21 +57,6 @@ class AgentGuest(Guest):
             out.append(args[i])
             i += 1
         return out
-
-
-def sh(console: Console, cmd: str) -> str:
-    return console.check(cmd, 60)
-
-
-def wait_output(console: Console, name: str, pattern: str, timeout: float = 60) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        out = sh(console, f"cat /tmp/{name}.out")
-        if re.search(pattern, out, re.MULTILINE):
-            return out
-        if time.monotonic() > deadline:
-            raise GuestError(f"{name}: no {pattern!r} in:\n{out}")
-        time.sleep(0.2)
 
 
 def attach_console(path: str, log: Path) -> tuple[Console, socket.socket]:

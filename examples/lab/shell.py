@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 
 from .build import BUSYBOX, default_kernel
-from .guest import Guest, GuestError
+from .guest import Console, Guest, GuestError
 
 TOOLS = ("qemu-system-x86_64", "gcc", "cpio", "make")
 
@@ -36,26 +36,31 @@ def missing_prerequisite(extra_tools: Sequence[str] = ()) -> str | None:
     return None
 
 
-def sh(g: Guest, cmd: str, timeout: float = 60) -> str:
+def _console(g: Guest | Console) -> Console:
+    """A guest's console, or a console attached on its own (a clone's serial socket)."""
+    if isinstance(g, Console):
+        return g
+    if g.console is None:
+        raise GuestError("the guest has no console")
+    return g.console
+
+
+def sh(g: Guest | Console, cmd: str, timeout: float = 60) -> str:
     """Run `cmd` in the guest shell; its output, or GuestError if it exits non-zero."""
-    if g.console is None:
-        raise GuestError("the guest has no console")
-    return g.console.check(cmd, timeout)
+    return _console(g).check(cmd, timeout)
 
 
-def rc(g: Guest, cmd: str) -> int:
+def rc(g: Guest | Console, cmd: str) -> int:
     """Run `cmd` in the guest shell and return its exit code."""
-    if g.console is None:
-        raise GuestError("the guest has no console")
-    return g.console.run(cmd).rc
+    return _console(g).run(cmd).rc
 
 
-def start(g: Guest, name: str, cmd: str) -> None:
+def start(g: Guest | Console, name: str, cmd: str) -> None:
     """Start `cmd` in the background, output in /tmp/NAME.out, PID in /tmp/NAME.pid."""
     sh(g, f"{cmd} > /tmp/{name}.out 2>&1 & echo $! > /tmp/{name}.pid")
 
 
-def wait_output(g: Guest, name: str, pattern: str, timeout: float = 60) -> str:
+def wait_output(g: Guest | Console, name: str, pattern: str, timeout: float = 60) -> str:
     """Poll a background command's output until `pattern` shows up."""
     deadline = time.monotonic() + timeout
     while True:
@@ -67,6 +72,6 @@ def wait_output(g: Guest, name: str, pattern: str, timeout: float = 60) -> str:
         time.sleep(0.1)
 
 
-def stop(g: Guest, name: str, signal: str = "TERM") -> None:
+def stop(g: Guest | Console, name: str, signal: str = "TERM") -> None:
     """Signal a background command started with `start` and reap it."""
     sh(g, f"kill -{signal} $(cat /tmp/{name}.pid); wait $(cat /tmp/{name}.pid); true")
