@@ -30,7 +30,7 @@ from vmwipe.host_agent.memaccess import (
     READ_CHUNK,
     ZERO_CHUNK,
     MemoryBackend,
-    Piece,
+    Pieces,
     SharedFileBackend,
 )
 from vmwipe.host_agent.memmap import GuestMemoryMap
@@ -61,18 +61,18 @@ class ProcMemBackend(MemoryBackend):
         self.fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
         self._zero = bytes(ZERO_CHUNK)
 
-    def _read_pieces(self, pieces: Sequence[Piece], dst: int) -> None:
+    def _read_pieces(self, pieces: Pieces, dst: int) -> None:
         for _gpa, n, hva in pieces:
             data = os.pread(self.fd, n, hva)
             ctypes.memmove(dst, data, n)
             dst += n
 
-    def _write_pieces(self, pieces: Sequence[Piece], src: int) -> None:
+    def _write_pieces(self, pieces: Pieces, src: int) -> None:
         for _gpa, n, hva in pieces:
             os.pwrite(self.fd, ctypes.string_at(src, n), hva)
             src += n
 
-    def _zero_pieces(self, pieces: Sequence[Piece]) -> None:
+    def _zero_pieces(self, pieces: Pieces) -> None:
         zero = memoryview(self._zero)
         pwrite = os.pwrite
         fd = self.fd
@@ -171,7 +171,7 @@ def run(quick: bool = False) -> list[Row]:
                             pieces = be.pieces(spans, ZERO_CHUNK)
 
                             def subject(be: MemoryBackend = be,
-                                        pieces: list[Piece] = pieces) -> None:
+                                        pieces: Pieces = pieces) -> None:
                                 be.zero_pieces(pieces)
 
                             a, b = side_by_side(subject, ref, repeat)
@@ -189,7 +189,7 @@ def run(quick: bool = False) -> list[Row]:
                     for be in backends:
                         pieces = be.pieces(spans, READ_CHUNK)
 
-                        def verify(be: MemoryBackend = be, pieces: list[Piece] = pieces) -> None:
+                        def verify(be: MemoryBackend = be, pieces: Pieces = pieces) -> None:
                             if be.first_nonzero_pieces(pieces) is not None:
                                 raise AssertionError("guest pages not zero after the wipe")
 

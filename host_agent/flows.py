@@ -87,47 +87,64 @@ def _shared_blocks(session: QMPSession) -> dict[str, bool]:
     return {str(m["id"]): bool(m.get("share", False)) for m in session.cmd("query-memdev")}
 
 
-class SharedPrefetch:
-    """Map and populate shared guest RAM in a thread while QEMU is still loading.
+class PreparedTarget:
+    """What a load cannot change, learned before it starts, so that the paused window
+    after it holds only what must be read then: the flat view of guest RAM.
 
-    Populating a large mapping costs about as much as the wipe it speeds up;
-    done during the incoming migration it falls outside the paused window.
-    The memory map is read before loading and checked again afterwards.
+    Fixed for the life of a QEMU process: the region and reset guard (from its
+    command line), the memory backends and their `share=` flags, each RAM block's
+    host address (a block is allocated once; resizing keeps its reservation), and
+    whether this process may access QEMU's memory.  Not fixed: which guest-physical
+    ranges are RAM (SMRAM, PAM and TSEG follow the loaded device state), so
+    `open_target` reads `info mtree -f` again after the load.
+
+    With `--populate`, the shared mapping is also mapped and populated in a thread
+    while QEMU loads: populating costs about as much as the wipe it speeds up.
     """
 
-    def __init__(self, session: QMPSession) -> None:
-        shared = _shared_blocks(session)
-        self.memmap = load_memory_map(session.hmp, set(shared))
-        self.backend: SharedFileBackend | None = None
+    def __init__(self, session: QMPSession, opts: AgentOptions, guard: bool = True) -> None:
+        self.located = locate_region(session, opts, guard)
+        self.shared = _shared_blocks(session)
+        self.memmap = load_memory_map(session.hmp, set(self.shared))
+        self.backend: MemoryBackend | None = None
         self.error: MemoryAccessError | None = None
-        self._thread = threading.Thread(
-            target=self._open, args=(session.pid, shared), name="vmwipe-prefetch", daemon=True
-        )
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if opts.populate and opts.backend != "process_vm":
+            self._thread = threading.Thread(
+                target=self._open_shared, args=(session.pid,), name="vmwipe-prefetch",
+                daemon=True,
+            )
+            self._thread.start()
+        else:  # refuse now, before anything is loaded, if guest RAM is out of reach
+            self.backend = open_backend(
+                opts.backend, self.memmap, session.pid, self.shared, opts.populate
+            )
 
-    def _open(self, pid: int, shared: dict[str, bool]) -> None:
+    def _open_shared(self, pid: int) -> None:
         try:
-            self.backend = SharedFileBackend(self.memmap, pid, shared, populate=True)
+            self.backend = SharedFileBackend(self.memmap, pid, self.shared, populate=True)
         except MemoryAccessError as e:
             self.error = e
 
-    def take(self, memmap: GuestMemoryMap) -> SharedFileBackend | None:
-        """The prepared backend if the layout is unchanged, else None (and it is closed)."""
-        self._thread.join()
+    def take(self, memmap: GuestMemoryMap) -> MemoryBackend | None:
+        """The prepared backend, now on the loaded `memmap`; None if there is none or
+        the loaded RAM lies in a block it does not cover (then it is closed)."""
+        if self._thread is not None:
+            self._thread.join()
         backend, self.backend = self.backend, None
         if backend is None:
             log.info("shared prefetch unavailable: %s", self.error)
             return None
-        before = {(r.block, (r.hva or 0) - r.offset) for r in self.memmap.ranges}
-        if not {(r.block, (r.hva or 0) - r.offset) for r in memmap.ranges} <= before:
-            log.info("RAM layout changed while loading; not using the prefetched mapping")
+        if not set(memmap.blocks()) <= set(self.memmap.blocks()):
+            log.info("RAM blocks changed while loading; not using the prepared backend")
             backend.close()
             return None
         backend.memmap = memmap
         return backend
 
     def close(self) -> None:
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         if self.backend is not None:
             self.backend.close()
             self.backend = None
@@ -137,17 +154,20 @@ def open_target(
     session: QMPSession,
     opts: AgentOptions,
     guard: bool = True,
-    located: tuple[Region, str, list[str]] | None = None,
-    prefetch: SharedPrefetch | None = None,
+    prepared: PreparedTarget | None = None,
 ) -> Target:
     """Everything needed to touch guest RAM; raises with a one-line reason otherwise."""
-    region, source, warnings = located or locate_region(session, opts, guard)
-    shared = _shared_blocks(session)
-    memmap = load_memory_map(session.hmp, set(shared))
-    backend: MemoryBackend | None = prefetch.take(memmap) if prefetch is not None else None
+    if prepared is None:
+        region, source, warnings = locate_region(session, opts, guard)
+        shared, bases = _shared_blocks(session), None
+    else:
+        region, source, warnings = prepared.located
+        shared, bases = prepared.shared, prepared.memmap.block_bases()
+    memmap = load_memory_map(session.hmp, set(shared), bases)
+    backend = prepared.take(memmap) if prepared is not None else None
     if backend is None:
         backend = open_backend(opts.backend, memmap, session.pid, shared, opts.populate)
-    return Target(session.pid, region, source, memmap, backend, warnings)
+    return Target(session.pid, region, source, memmap, backend, list(warnings))
 
 
 def _write_save_sidecar(
@@ -270,22 +290,22 @@ def _wipe_and_maybe_resume(
     rep: FlowReport,
     phases: Phases,
     do_resume: bool,
-    located: tuple[Region, str, list[str]] | None = None,
-    prefetch: SharedPrefetch | None = None,
+    prepared: PreparedTarget | None = None,
 ) -> FlowReport:
-    target = open_target(session, opts, guard=True, located=located, prefetch=prefetch)
+    target = open_target(session, opts, guard=True, prepared=prepared)
     try:
         rep.region_source = target.region_source
         rep.warnings += target.warnings
         phases.mark("map")
         rep.wipe = run_wipe(target.backend, target.region, opts.on_invalid, phases)
-        state = session.status()
-        if state not in PAUSED_STATES:  # someone else resumed it meanwhile: proves nothing
-            raise VMStateError(f"the VM left the paused state during the wipe (now {state!r})")
+        # Someone else resumed it meanwhile: the wipe proves nothing.  `resume` makes
+        # the same check before `cont`; one query-status less inside the paused window.
         if do_resume:
             resume(session)
             rep.resumed = True
             phases.mark("resume")
+        elif (state := session.status()) not in PAUSED_STATES:
+            raise VMStateError(f"the VM left the paused state during the wipe (now {state!r})")
     finally:
         # after cont: unmapping a large populated mapping takes tens of ms, off the pause
         target.close()
@@ -449,14 +469,14 @@ def restore_flow(
             f"QEMU must be started with -S -incoming defer and not be loading yet "
             f"(state {rep.state_before!r})"
         )
-    # Region and reset guard come from the command line: check them before loading.
-    located = locate_region(session, opts, guard=True)
-    session.cmd(
-        "migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]}
-    )
-    session.clear_events()
-    prefetch = SharedPrefetch(session) if opts.populate and opts.backend != "process_vm" else None
+    # Region, reset guard, RAM blocks and memory access: all checked before loading.
+    prepared = PreparedTarget(session, opts)
     try:
+        session.cmd(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": "events", "state": True}]},
+        )
+        session.clear_events()
         uri = prepare_incoming(session, path)
         session.cmd("migrate-incoming", {"uri": uri})
         phases.mark("start")
@@ -476,10 +496,9 @@ def restore_flow(
         rep.extra["uri"] = uri
         rep.extra["bytes"] = os.path.getsize(path)
         rep.extra["mapped_ram"] = finish_incoming(session, uri, path, rep.warnings)
-        return _wipe_and_maybe_resume(session, opts, rep, phases, do_resume, located, prefetch)
+        return _wipe_and_maybe_resume(session, opts, rep, phases, do_resume, prepared)
     finally:
-        if prefetch is not None:
-            prefetch.close()
+        prepared.close()
 
 
 def loadvm_flow(
@@ -491,19 +510,22 @@ def loadvm_flow(
     rep.state_before = session.status()
     if rep.state_before == "inmigrate":
         raise VMStateError("QEMU is inmigrate; loadvm is not possible now")
-    located = locate_region(session, opts, guard=True)
-    if rep.state_before == "running":
-        session.cmd("stop")
-    phases.mark("stop")
-    out = session.hmp(f"loadvm {tag}", timeout=opts.timeout).strip()
-    if out:
-        raise MigrationError(f"loadvm {tag}: {out.splitlines()[-1]}")
-    state = session.status()
-    if state == "running":
-        raise VMStateError("the VM is running after loadvm; not wiping a running guest")
-    phases.mark("load")
-    rep.extra["tag"] = tag
-    return _wipe_and_maybe_resume(session, opts, rep, phases, do_resume, located)
+    prepared = PreparedTarget(session, opts)
+    try:
+        if rep.state_before == "running":
+            session.cmd("stop")
+        phases.mark("stop")
+        out = session.hmp(f"loadvm {tag}", timeout=opts.timeout).strip()
+        if out:
+            raise MigrationError(f"loadvm {tag}: {out.splitlines()[-1]}")
+        state = session.status()
+        if state == "running":
+            raise VMStateError("the VM is running after loadvm; not wiping a running guest")
+        phases.mark("load")
+        rep.extra["tag"] = tag
+        return _wipe_and_maybe_resume(session, opts, rep, phases, do_resume, prepared)
+    finally:
+        prepared.close()
 
 
 def save_flow(

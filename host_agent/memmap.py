@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
 from .errors import MemoryAccessError, QMPFailure
@@ -76,19 +76,19 @@ class RamRange:
 
 def parse_flatviews(text: str) -> list[FlatView]:
     """Split `info mtree -f` output into FlatViews."""
-    views: list[FlatView] = []
+    return list(iter_flatviews(text))
+
+
+def iter_flatviews(text: str) -> Iterator[FlatView]:
+    """`parse_flatviews`, one view at a time: a caller that wants one view stops early."""
     spaces: list[str] = []
     root = ""
     ranges: list[FlatRange] = []
     started = False
-
-    def flush() -> None:
-        if started:
-            views.append(FlatView(tuple(spaces), root, tuple(ranges)))
-
     for line in text.splitlines():
         if line.startswith("FlatView #"):
-            flush()
+            if started:
+                yield FlatView(tuple(spaces), root, tuple(ranges))
             spaces, root, ranges, started = [], "", [], True
             continue
         m = _AS_RE.match(line)
@@ -115,16 +115,20 @@ def parse_flatviews(text: str) -> list[FlatView]:
                     accel=rest["accel"],
                 )
             )
-    flush()
-    return views
+    if started:
+        yield FlatView(tuple(spaces), root, tuple(ranges))
 
 
 def system_view(text: str) -> FlatView:
-    """The FlatView of the system address space (`AS "memory"`, root `system`)."""
-    views = parse_flatviews(text)
-    for v in views:
+    """The FlatView of the system address space (`AS "memory"`, root `system`).
+
+    QEMU prints it first, so parsing stops there (the rest is mostly I/O space).
+    """
+    views = []
+    for v in iter_flatviews(text):
         if "memory" in v.address_spaces:
             return v
+        views.append(v)
     for v in views:  # output without AS lines: fall back to the view rooted at `system`
         if v.root == "system":
             return v
@@ -213,11 +217,25 @@ class GuestMemoryMap:
     def blocks(self) -> list[str]:
         return sorted({r.block for r in self.ranges})
 
+    def block_bases(self) -> dict[str, int]:
+        """Host address of each RAM block's offset 0 (ranges with a resolved `hva`)."""
+        return {r.block: r.hva - r.offset for r in self.ranges if r.hva is not None}
+
 
 def load_memory_map(
-    hmp: Callable[[str], str], memdev_ids: Collection[str] | None
+    hmp: Callable[[str], str],
+    memdev_ids: Collection[str] | None,
+    known_bases: Mapping[str, int] | None = None,
 ) -> GuestMemoryMap:
-    """Build the map from a live QEMU: parse the flat view, then resolve each range's HVA."""
+    """Build the map from a live QEMU: parse the flat view, then resolve host addresses.
+
+    A RAM block is one host allocation and the flat view gives each range's
+    offset into its block, so one `gpa2hva` per block (not per range) fixes
+    every range's host address: `block_base + offset`.  Each call is a monitor
+    round trip inside the paused window of a restore, so `known_bases` (from a
+    map read earlier in the same QEMU process; see `flows.PreparedTarget`) skips
+    the call for the blocks it names.
+    """
     view = system_view(hmp("info mtree -f"))
     ranges = ram_ranges(view, memdev_ids)
     if not ranges:
@@ -225,5 +243,11 @@ def load_memory_map(
             "no guest RAM found in `info mtree -f` (query-memdev ids: "
             f"{sorted(memdev_ids) if memdev_ids is not None else 'any'})"
         )
-    resolved = [replace(r, hva=parse_gpa2hva(hmp(f"gpa2hva {r.gpa:#x}"))) for r in ranges]
-    return GuestMemoryMap(resolved)
+    block_base = dict(known_bases or {})
+    for r in ranges:
+        if r.block not in block_base:
+            base = parse_gpa2hva(hmp(f"gpa2hva {r.gpa:#x}")) - r.offset
+            if base < 0:
+                raise QMPFailure(f"gpa2hva: host address of {r.block!r} below its offset")
+            block_base[r.block] = base
+    return GuestMemoryMap(replace(r, hva=block_base[r.block] + r.offset) for r in ranges)

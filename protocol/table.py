@@ -184,13 +184,14 @@ def decode_table(
     validate_region(region)
     if len(data) < region.size:
         raise HeaderError("length", len(data), f"{region.size} bytes (the whole region)")
-    header = decode_header(bytes(data[: L.HEADER_SIZE]), region)
+    view = memoryview(data)
+    header = decode_header(bytes(view[: L.HEADER_SIZE]), region)
     if header is None:
         return Table(header=None)
-    slot_bytes = bytes(data[L.SLOTS_OFFSET : L.SLOTS_OFFSET + header.slot_count * L.SLOT_SIZE])
+    slot_bytes = bytes(view[L.SLOTS_OFFSET : L.SLOTS_OFFSET + header.slot_count * L.SLOT_SIZE])
     # The guest hands out low slots first, so the table usually ends in a long run of
-    # empty slots: find where the non-zero bytes end (at C speed) and decode only that.
-    in_use = -(-len(slot_bytes.rstrip(b"\0")) // L.SLOT_SIZE)
+    # empty slots: find where the non-zero bytes end and decode only that.
+    in_use = -(-_nonzero_length(slot_bytes) // L.SLOT_SIZE)
     words = array("Q", slot_bytes[: in_use * L.SLOT_SIZE])
     if words.itemsize != 8:  # pragma: no cover - every supported platform has 8-byte Q
         raise RuntimeError("array('Q') is not 64-bit on this platform")
@@ -211,6 +212,25 @@ def decode_table(
 
 _Columns = tuple[list[int], list[int], list[int]]
 _PAGE_SHIFT = 12
+_ZERO_STEP = 16 << 10
+_ZEROS = bytes(_ZERO_STEP)
+
+
+def _nonzero_length(data: bytes) -> int:
+    """Length of `data` without its trailing zero bytes.
+
+    `bytes.rstrip` walks byte by byte (1.3 ms for an empty 1 MiB table); comparing
+    16 KiB chunks from the end is a memcmp each, and only the last non-zero chunk
+    is stripped.
+    """
+    end = len(data)
+    while end > 0:
+        start = max(0, end - _ZERO_STEP)
+        chunk = data[start:end]
+        if chunk != _ZEROS[: end - start]:
+            return start + len(chunk.rstrip(b"\0"))
+        end = start
+    return 0
 
 
 def _count_used(words: list[int], tails: list[int], valid: list[int]) -> int:

@@ -28,6 +28,7 @@ from conftest import (
 
 from vmwipe.host_agent.errors import MemoryAccessError
 from vmwipe.host_agent.flows import AgentOptions, open_target, wipe_flow
+from vmwipe.host_agent.memmap import parse_gpa2hva
 from vmwipe.host_agent.qmp import QMPSession
 from vmwipe.protocol import PAGE_SIZE, build_region
 
@@ -354,6 +355,14 @@ def test_signal_mid_wipe_leaves_vm_paused(big_vm: VM, sig: signal.Signals) -> No
 def test_big_vm_high_ram_wipe(big_vm: VM) -> None:
     """RAM above 4 GiB in pc.ram (block offset 3 GiB): exact pages, neighbours intact."""
     slots = [(0xBFFFF000, 1), (HIGH, 1), (HIGH + G, 3), (HIGH + 2 * G - P, 1)]
+    # the map asks gpa2hva once per block; QEMU must agree at both ends of every range
+    memmap = big_vm.target().memmap
+    assert len(memmap.ranges) >= 3 and len(memmap.blocks()) == 1
+    for r in memmap.ranges:
+        assert r.hva is not None
+        for gpa in (r.gpa, r.end - P):
+            answer = big_vm.session().hmp(f"gpa2hva {gpa:#x}")
+            assert parse_gpa2hva(answer) == r.hva + (gpa - r.gpa), r
     for g in (0xBFFFE000, HIGH + P, HIGH + G - P, HIGH + G + 3 * P, HIGH + 2 * G - 2 * P):
         big_vm.write(g, b"\x5a" * P)
     big_vm.plant(slots)

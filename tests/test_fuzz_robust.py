@@ -16,8 +16,9 @@ from __future__ import annotations
 import ctypes
 import itertools
 import os
+import random
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ from hypothesis import strategies as st
 from vmwipe.host_agent import migstream as ms
 from vmwipe.host_agent import saveimage
 from vmwipe.host_agent.errors import AgentError
-from vmwipe.host_agent.memaccess import MemoryBackend, Piece
+from vmwipe.host_agent.memaccess import MemoryBackend, Pieces
 from vmwipe.host_agent.memmap import (
     GuestMemoryMap,
     RamRange,
@@ -38,7 +39,7 @@ from vmwipe.host_agent.memmap import (
     system_view,
 )
 from vmwipe.host_agent.scrub import plan_scrub
-from vmwipe.host_agent.wipe import coalesce, run_wipe
+from vmwipe.host_agent.wipe import coalesce, coalesce_columns, run_wipe
 from vmwipe.protocol import (
     HOST_FIELDS_SIZE,
     PAGE_SIZE,
@@ -99,13 +100,13 @@ class FakeGuest(MemoryBackend):
                 buf[lo - gpa : hi - gpa] = data[lo - wg : hi - wg]
         return bytes(buf)
 
-    def _check(self, pieces: Sequence[Piece]) -> None:
+    def _check(self, pieces: Pieces) -> None:
         for gpa, n, hva in pieces:
             r = self.memmap.find(gpa)
             assert r is not None and gpa + n <= r.end, f"piece {gpa:#x}+{n:#x} leaves RAM"
             assert r.hva is not None and hva == r.hva + (gpa - r.gpa)
 
-    def _read_pieces(self, pieces: Sequence[Piece], dst: int) -> None:
+    def _read_pieces(self, pieces: Pieces, dst: int) -> None:
         self._check(pieces)
         off = 0
         for gpa, n, _hva in pieces:
@@ -113,7 +114,7 @@ class FakeGuest(MemoryBackend):
             ctypes.memmove(dst + off, data, n)
             off += n
 
-    def _write_pieces(self, pieces: Sequence[Piece], src: int) -> None:
+    def _write_pieces(self, pieces: Pieces, src: int) -> None:
         self._check(pieces)
         off = 0
         for gpa, n, _hva in pieces:
@@ -121,7 +122,7 @@ class FakeGuest(MemoryBackend):
             self.events.append("write")
             off += n
 
-    def _zero_pieces(self, pieces: Sequence[Piece]) -> None:
+    def _zero_pieces(self, pieces: Pieces) -> None:
         self._check(pieces)
         for gpa, n, _hva in pieces:
             self.zeroed.append((gpa, n))
@@ -244,6 +245,53 @@ def _valid_spans(image: bytes, region: Region, memmap: GuestMemoryMap,
     table = decode_table(image, region, memmap.pairs(), strict=False)
     assert [str(e) for e in table.errors] == invalid
     return table.ranges()
+
+
+@FAST
+@given(st.lists(st.tuples(st.sampled_from([0, 0, P, 3 * P]),
+                          st.sampled_from([0, P, P, P, 2 * P, 300 * P])), max_size=40),
+       st.booleans(), st.randoms())
+def test_fuzz_columnar_coalesce_matches_coalesce(
+    shape: list[tuple[int, int]], disjoint: bool, rnd: random.Random
+) -> None:
+    """The bulk coalescer the engine uses gives exactly what the tuple one gives.
+
+    `disjoint` builds the shape a decoded table has (positive ranges, adjacent
+    or apart, never overlapping) in shuffled slot order; otherwise the pairs
+    are taken as raw (start, size) and may overlap or be empty.
+    """
+    if disjoint:
+        spans, pos = [], 0
+        for gap, size in shape:
+            spans.append((pos + gap, size or P))
+            pos += gap + (size or P)
+        rnd.shuffle(spans)
+    else:
+        spans = [(gap * 7, size) for gap, size in shape]
+    starts, sizes = coalesce_columns([g for g, _n in spans], [n for _g, n in spans])
+    assert list(zip(starts, sizes, strict=True)) == coalesce(spans)
+
+
+@FAST
+@given(layouts(), st.data())
+def test_fuzz_bulk_pieces_match_pieces(layout: tuple[list[RamRange], Region],
+                                       data: st.DataObject) -> None:
+    """`pieces_of_sorted` resolves every span exactly as `pieces` does, or fails as it does."""
+    ranges, _region = layout
+    guest = FakeGuest(GuestMemoryMap(ranges), _region, b"")
+    addrs = sorted(set(_interesting_addresses(ranges, _region)))
+    raw = data.draw(st.lists(st.tuples(st.sampled_from(addrs),
+                                       st.sampled_from([P, 2 * P, 5 * P, 300 * P])),
+                             max_size=20))
+    starts, sizes = coalesce_columns([g for g, _n in raw], [n for _g, n in raw])
+    chunk = data.draw(st.sampled_from([P, 4 * P, 1 << 20]))
+    try:
+        want = list(guest.pieces(zip(starts, sizes, strict=True), chunk))
+    except AgentError as e:
+        with pytest.raises(type(e)):
+            guest.pieces_of_sorted(starts, sizes, chunk)
+        return
+    assert list(guest.pieces_of_sorted(starts, sizes, chunk)) == want
 
 
 # --- `info mtree -f` and gpa2hva --------------------------------------------------------

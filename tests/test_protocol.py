@@ -254,3 +254,15 @@ def test_slots_after_a_long_empty_run_are_seen() -> None:
     image[SLOTS_OFFSET + 16 * (n - 1) : SLOTS_OFFSET + 16 * n] = struct.pack("<QII", 0, 0, 1)
     table = decode_table(bytes(image), REGION, RAM)
     assert table.used == 3 and len(table.slots) == 2
+
+
+@pytest.mark.parametrize("last", [None, 0, 1, 16383, 16384, 16385, 65535, (1 << 20) - 1])
+def test_used_length_scan_matches_rstrip(last: int | None) -> None:
+    """The chunked trailing-zero scan finds the last non-zero byte wherever it falls."""
+    from vmwipe.protocol.table import _nonzero_length
+
+    data = bytearray(1 << 20)
+    if last is not None:
+        data[last // 3] = 7  # an earlier non-zero byte must not end the scan early
+        data[last] = 1
+    assert _nonzero_length(bytes(data)) == len(bytes(data).rstrip(b"\0"))
