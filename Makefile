@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml host_agent/_pages.c | cksum | cut -d" " -f1)
 
 .PHONY: setup system-packages test test-fast demo bench lint abi kmod kmod-check fuzz clean
 
@@ -11,7 +11,7 @@ setup: system-packages $(STAMP)
 system-packages:
 	@bash scripts/setup-system.sh
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml host_agent/_pages.c
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test,libvirt]'

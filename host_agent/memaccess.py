@@ -8,8 +8,9 @@ No QMP or HMP command writes guest memory, so the agent writes it directly:
   or the same uid without Yama restrictions).
 - `SharedFileBackend`: for RAM blocks backed by `memory-backend-memfd`/`-file`
   with `share=on`, maps the same file MAP_SHARED (optionally pre-populated) and
-  memsets/memcmps through the mapping.  Needs only access to QEMU's fds, and is the
-  fastest path once the mapping is populated.
+  memsets/memcmps through the mapping (one call into `_pages.c` for all
+  pieces).  Needs only access to QEMU's fds, and is the fastest path once the
+  mapping is populated.
 
 Both take guest-physical spans and split them at RAM-range boundaries with the
 `GuestMemoryMap`; neither ever touches an address the map does not list.
@@ -34,6 +35,7 @@ from itertools import accumulate, repeat
 from operator import add
 from typing import Any, overload
 
+from . import _pages
 from .errors import MemoryAccessError
 from .memmap import GuestMemoryMap
 
@@ -191,12 +193,13 @@ class MemoryBackend(ABC):
         and one `map(add)` per RAM range; any other span (crossing a range
         boundary, larger than a chunk, or not RAM at all) goes through `pieces`.
         """
-        ends = list(map(add, starts, sizes))
         out = Pieces()
         done = 0
         for r in self.memmap.ranges:
             lo = max(done, bisect_left(starts, r.gpa, done))
-            hi = bisect_right(ends, r.end, lo)
+            hi = bisect_left(starts, r.end, lo)
+            if hi > lo and starts[hi - 1] + sizes[hi - 1] > r.end:
+                hi -= 1  # disjoint and sorted: only the last one can run past the range
             if lo > done:
                 rest = zip(starts[done:lo], sizes[done:lo], strict=True)
                 out.extend(self.pieces(rest, max_piece))
@@ -597,17 +600,16 @@ class SharedFileBackend(MemoryBackend):
             src += n
 
     def _zero_pieces(self, pieces: Pieces) -> None:
-        memset = ctypes.memset
-        for addr, n in zip(self._locals(pieces), pieces.sizes, strict=True):
-            memset(addr, 0, n)
+        _pages.zero(self._locals(pieces), pieces.sizes)
 
     def first_nonzero_pieces(self, pieces: Pieces) -> int | None:
-        """memcmp straight against the shared mapping: no copy."""
-        for k, (addr, n) in enumerate(zip(self._locals(pieces), pieces.sizes, strict=True)):
-            if _memcmp(addr, _ZERO_READ_ADDR, n) != 0:
-                chunk = ctypes.string_at(addr, n)
-                return pieces.gpas[k] + next(i for i, b in enumerate(chunk) if b)
-        return None
+        """memcmp straight against the shared mapping: no copy, one C call for all pieces."""
+        local = self._locals(pieces)
+        k = _pages.first_nonzero(local, pieces.sizes)
+        if k < 0:
+            return None
+        chunk = ctypes.string_at(local[k], pieces.sizes[k])
+        return pieces.gpas[k] + next(i for i, b in enumerate(chunk) if b)
 
     def close(self) -> None:
         self._addrs = []

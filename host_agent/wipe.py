@@ -5,8 +5,9 @@ Order matters and is the whole point:
 1. Read the region (header + slots) and validate it with `vmwipe.protocol`
    against the guest RAM ranges.  The table comes from the guest, so anything
    off is an error that names the field or slot; nothing is written.
-2. Coalesce and sort the slot ranges, then split them at RAM-range boundaries
-   (so each piece lies in one RAM block with one host address).
+2. Take the slot ranges sorted and merged (`Table.runs`), then split them at
+   RAM-range boundaries (so each piece lies in one RAM block with one host
+   address).
 3. Zero the pieces, then read them back and check every byte is zero.
 4. Only then store `wipe_generation + 1` and `wipe_pages` in the header: the
    guest (and the operator) can trust the generation bump to mean "verified".
@@ -20,11 +21,10 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import reduce
-from itertools import compress, islice, repeat
-from operator import add, le, mul, ne, or_, sub
+from operator import add, or_
 from typing import Any
 
 from vmwipe.protocol import (
@@ -85,59 +85,6 @@ class WipeReport:
         return asdict(self)
 
 
-def coalesce(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Sort (addr, size) spans and merge overlapping or adjacent ones."""
-    out: list[tuple[int, int]] = []
-    cur_start = cur_end = -1
-    for start, size in sorted(spans):
-        if size <= 0:
-            continue
-        end = start + size
-        if start <= cur_end:
-            if end > cur_end:
-                cur_end = end
-        else:
-            if cur_end >= 0:
-                out.append((cur_start, cur_end - cur_start))
-            cur_start, cur_end = start, end
-    if cur_end >= 0:
-        out.append((cur_start, cur_end - cur_start))
-    return out
-
-
-def coalesce_columns(gpas: Sequence[int], sizes: Sequence[int]) -> tuple[list[int], list[int]]:
-    """`coalesce` on two columns, at C speed for the shape a valid table has.
-
-    A decoded table's ranges are positive and disjoint, so after one sort the
-    runs to merge are where a range starts exactly at the previous end; those
-    are found with `map` and `compress`, not a Python loop per slot.  Anything
-    else (empty or overlapping ranges) goes through `coalesce`.
-    """
-    n = len(gpas)
-    if n == 0:
-        return [], []
-    if min(sizes) <= 0:
-        return _unzip(coalesce(zip(gpas, sizes, strict=True)))
-    if min(sizes) == max(sizes):
-        starts, lens = sorted(gpas), list(sizes)
-    else:
-        order = sorted(range(n), key=gpas.__getitem__)
-        starts, lens = [gpas[i] for i in order], [sizes[i] for i in order]
-    ends = list(map(add, starts, lens))
-    if not all(map(le, ends, islice(starts, 1, None))):
-        return _unzip(coalesce(zip(gpas, sizes, strict=True)))
-    firsts = [0, *compress(range(1, n), map(ne, islice(starts, 1, None), ends))]
-    if len(firsts) == n:
-        return starts, lens
-    lasts = [*map(sub, islice(firsts, 1, None), repeat(1)), n - 1]
-    run_starts = list(map(starts.__getitem__, firsts))
-    return run_starts, list(map(sub, map(ends.__getitem__, lasts), run_starts))
-
-
-def _unzip(spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-    return [s for s, _n in spans], [n for _s, n in spans]
-
-
 def read_region(backend: MemoryBackend, region: Region) -> bytearray:
     """The whole region, as the guest left it."""
     buf = bytearray(region.size)
@@ -192,7 +139,7 @@ def run_wipe(
     report.generation_before = hdr.wipe_generation
     report.boot_id = hdr.boot_id.hex()
 
-    starts, sizes = coalesce_columns(table.gpas, list(map(mul, table.npages, repeat(PAGE_SIZE))))
+    starts, sizes = table.runs()
     # belt and braces: decode_table already refuses both of these
     first = bisect.bisect_right(list(map(add, starts, sizes)), region.base)
     if first < len(starts) and starts[first] < region.end:
@@ -208,7 +155,7 @@ def run_wipe(
                 raise MemoryAccessError(
                     f"guest RAM map splits page {gpa & ~(PAGE_SIZE - 1):#x}; refusing to wipe"
                 )
-    total = pieces.total
+    total = sum(sizes)  # the pieces partition the runs exactly
     report.spans, report.bytes, report.pages = len(starts), total, total // PAGE_SIZE
     phases.mark("plan")
 

@@ -33,6 +33,7 @@ from .table import (
     encode_header,
     encode_host_fields,
     encode_slot,
+    merge_ranges,
     slot_count_for,
     validate_region,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "PAGE_SIZE", "SLOTS_OFFSET", "SLOT_SIZE", "SLOT_VALID", "VERSION", "WIPE_GENERATION_OFFSET",
     "WIPE_PAGES_OFFSET", "Header", "HeaderError", "ProtocolError", "Region", "Slot", "SlotError",
     "SsdtError", "Table", "build_region", "decode_header", "decode_ssdt", "decode_table",
-    "encode_header", "encode_host_fields", "encode_slot", "encode_ssdt", "parse_size",
+    "encode_header", "encode_host_fields", "encode_slot", "encode_ssdt", "merge_ranges",
+    "parse_size",
     "slot_count_for", "validate_region",
 ]

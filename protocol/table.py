@@ -14,11 +14,10 @@ import bisect
 import struct
 import zlib
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import reduce
 from itertools import compress, islice, repeat
-from operator import add, and_, le, lshift, or_, rshift
+from operator import add, le, lshift, ne, rshift, sub
 from typing import NamedTuple
 
 from . import layout as L
@@ -91,9 +90,41 @@ class Table:
     def pages(self) -> int:
         return sum(self.npages)
 
+    #: `runs()` as the fast path found them; None means "compute from the columns".
+    sorted_runs: tuple[list[int], list[int]] | None = field(default=None, repr=False)
+
     def ranges(self) -> list[tuple[int, int]]:
         """(gpa, bytes) of every valid slot, in slot order."""
         return [(g, n * L.PAGE_SIZE) for g, n in zip(self.gpas, self.npages, strict=True)]
+
+    def runs(self) -> tuple[list[int], list[int]]:
+        """What the host zeroes: the valid ranges sorted, with adjacent ones merged,
+        as (gpa, bytes) columns.  Validation sorts them anyway, so a table that took
+        the fast path hands them over instead of the host sorting 65,280 slots again."""
+        if self.sorted_runs is None:
+            merged = merge_ranges(self.ranges())
+            self.sorted_runs = [g for g, _n in merged], [n for _g, n in merged]
+        return self.sorted_runs
+
+
+def merge_ranges(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sort (addr, size) spans and merge overlapping or adjacent ones; empty ones vanish."""
+    out: list[tuple[int, int]] = []
+    cur_start = cur_end = -1
+    for start, size in sorted(spans):
+        if size <= 0:
+            continue
+        end = start + size
+        if start <= cur_end:
+            if end > cur_end:
+                cur_end = end
+        else:
+            if cur_end >= 0:
+                out.append((cur_start, cur_end - cur_start))
+            cur_start, cur_end = start, end
+    if cur_end >= 0:
+        out.append((cur_start, cur_end - cur_start))
+    return out
 
 
 def validate_region(region: Region) -> None:
@@ -192,25 +223,31 @@ def decode_table(
     # The guest hands out low slots first, so the table usually ends in a long run of
     # empty slots: find where the non-zero bytes end and decode only that.
     in_use = -(-_nonzero_length(slot_bytes) // L.SLOT_SIZE)
-    words = array("Q", slot_bytes[: in_use * L.SLOT_SIZE])
+    used_bytes = slot_bytes[: in_use * L.SLOT_SIZE]
+    words = array("Q", used_bytes)
     if words.itemsize != 8:  # pragma: no cover - every supported platform has 8-byte Q
         raise RuntimeError("array('Q') is not 64-bit on this platform")
     rams = _RamIndex(ram) if ram is not None else None
     word_col, tail_col = words[0::2], words[1::2]
-    words_list, tails_list = word_col.tolist(), tail_col.tolist()
-    valid = list(map(and_, words_list, repeat(L.SLOT_VALID)))
-    table = Table(header=header, used=_count_used(words_list, tails_list, valid))
+    # one byte per slot, 0xFF where VALID: the column masks below are built from it
+    valid = used_bytes[0 :: L.SLOT_SIZE].translate(_VALID_MASK)
+    table = Table(header=header, used=_count_used(used_bytes, valid))
     if not table.used:
         return table
-    columns = _validate_fast(words_list, tails_list, valid, region, rams)
-    if columns is None:
+    fast = _validate_fast(used_bytes, word_col, tail_col, valid, region, rams)
+    if fast is None:
         # Something is wrong: take the slow path, which names the slot and the rule.
-        columns = _validate_slow(words_list, tails_list, region, rams, table.errors, strict)
+        columns = _validate_slow(
+            word_col.tolist(), tail_col.tolist(), region, rams, table.errors, strict
+        )
+    else:
+        columns, table.sorted_runs = fast
     table.indices, table.gpas, table.npages = columns
     return table
 
 
 _Columns = tuple[list[int], list[int], list[int]]
+_Runs = tuple[list[int], list[int]]  # sorted, merged (gpa, bytes): what `Table.runs` gives
 _PAGE_SHIFT = 12
 _ZERO_STEP = 16 << 10
 _ZEROS = bytes(_ZERO_STEP)
@@ -233,69 +270,146 @@ def _nonzero_length(data: bytes) -> int:
     return 0
 
 
-def _count_used(words: list[int], tails: list[int], valid: list[int]) -> int:
+def _byte_table(fn: Callable[[int], int]) -> bytes:
+    return bytes(fn(b) for b in range(256))
+
+
+_VALID_MASK = _byte_table(lambda b: 0xFF if b & L.SLOT_VALID else 0)
+_RESERVED_LOW = _byte_table(lambda b: b & L.SLOT_RESERVED_BITS & 0xFF)  # word bits 7..1
+_RESERVED_HIGH = _byte_table(lambda b: b & L.SLOT_RESERVED_BITS >> 8)  # word bits 11..8
+_NOT_ONE = _byte_table(lambda b: 0 if b == 1 else 0xFF)
+
+
+def _column_or(used_bytes: bytes, offsets: Iterable[int], tables: Iterable[bytes | None]) -> int:
+    """Per slot, the OR of its bytes at `offsets` (each mapped through its table):
+    byte k of the result belongs to slot k.  Strided slices and big-int ORs run at
+    C speed, so a rule over 65,280 slots costs microseconds, not a Python loop."""
+    out = 0
+    for off, tbl in zip(offsets, tables, strict=True):
+        column = used_bytes[off :: L.SLOT_SIZE]
+        out |= int.from_bytes(column.translate(tbl) if tbl else column, "little")
+    return out
+
+
+def _count_used(used_bytes: bytes, valid: bytes) -> int:
     """Slots that are not all zero; a full table of VALID slots skips the scan."""
     if valid.count(0) == 0:
-        return len(words)
-    return len(words) - list(map(or_, words, tails)).count(0)
+        return len(valid)
+    any_byte = _column_or(used_bytes, range(L.SLOT_SIZE), [None] * L.SLOT_SIZE)
+    return len(valid) - any_byte.to_bytes(len(valid), "little").count(0)
 
 
 def _validate_fast(
-    word_col: list[int], tail_col: list[int], valid: list[int], region: Region,
-    rams: _RamIndex | None,
-) -> _Columns | None:
+    used_bytes: bytes, word_col: array[int], tail_col: array[int], valid: bytes,
+    region: Region, rams: _RamIndex | None,
+) -> tuple[_Columns, _Runs] | None:
     """Check every rule over whole columns at C speed; None means "some slot is bad".
 
-    It works in page frame numbers: they fit in one 30-bit digit of a Python int
-    for guests below 4 TiB, which makes the sort several times cheaper.  It must
-    accept exactly what `_validate_slow` accepts; the property tests compare the
-    two on random tables.  `valid` is each slot's VALID bit.
+    Returns the slot-order columns and `Table.runs()`.  The per-slot field rules
+    are checked on the raw bytes (`_column_or`); order and containment work in
+    page frame numbers: they fit in one 30-bit digit of a Python int for guests
+    below 4 TiB, which makes the sort several times cheaper.  It must accept
+    exactly what `_validate_slow` accepts; the property tests compare the two on
+    random tables.  `valid` has one byte per slot, 0xFF where VALID.
     """
-    count = valid.count(1)
+    count = valid.count(0xFF)
     if count == 0:
-        return [], [], []
-    if count == len(word_col):
-        indices, words, tails = list(range(count)), word_col, tail_col
-    else:
-        indices = list(compress(range(len(word_col)), valid))
-        words, tails = list(compress(word_col, valid)), list(compress(tail_col, valid))
-    # tail = npages | reserved << 32: the largest tail has the highest reserved bits
-    most_pages = max(tails)
-    if reduce(or_, words, 0) & L.SLOT_RESERVED_BITS or most_pages >> 32:
+        return ([], [], []), ([], [])
+    vmask = int.from_bytes(valid, "little")
+    # word bits 11..1 and the reserved u32 must be 0 in every VALID slot
+    if _column_or(used_bytes, (0, 1, 12, 13, 14, 15),
+                  (_RESERVED_LOW, _RESERVED_HIGH, None, None, None, None)) & vmask:
         return None
-    if min(tails) == 0:
+    # npages == 1 in every VALID slot: the common shape, where ends follow starts
+    one_page = not _column_or(used_bytes, (8, 9, 10, 11), (_NOT_ONE, None, None, None)) & vmask
+    if count == len(valid):
+        indices, words = list(range(count)), word_col.tolist()
+        tails = [1] * count if one_page else tail_col.tolist()
+    else:
+        indices = list(compress(range(len(valid)), valid))
+        words = list(compress(word_col, valid))
+        tails = [1] * count if one_page else list(compress(tail_col, valid))
+    if not one_page and min(tails) == 0:
         return None
     pfns = list(map(rshift, words, repeat(_PAGE_SHIFT)))
-    if most_pages == 1:  # the common shape: one page per slot, so ends follow starts
-        sorted_pfns = sorted(pfns)
-        sorted_ends = list(map(add, sorted_pfns, repeat(1)))
-        last_end = sorted_ends[-1]
+    if one_page:
+        runs = _sorted_single_pages(sorted(pfns), region, rams)
     else:
-        ends = list(map(add, pfns, tails))
-        order = sorted(range(len(pfns)), key=pfns.__getitem__)
-        sorted_pfns = [pfns[i] for i in order]
-        sorted_ends = [ends[i] for i in order]
-        last_end = max(ends)
-    if last_end > _U64 >> _PAGE_SHIFT:
+        runs = _sorted_ranges(pfns, tails, region, rams)
+    if runs is None:
+        return None
+    return (indices, list(map(lshift, pfns, repeat(_PAGE_SHIFT))), tails), runs
+
+
+
+def _sorted_single_pages(pfns: list[int], region: Region, rams: _RamIndex | None) -> _Runs | None:
+    """The rules past the per-slot fields for one page per slot, on sorted frame numbers.
+
+    A page cannot reach past its own frame, so only duplicates, frames inside
+    the region and frames outside RAM need checking, and the gaps between
+    neighbours say both which slots repeat (gap 0) and which runs merge (gap 1).
+    """
+    gaps = list(map(sub, islice(pfns, 1, None), pfns))
+    if gaps and min(gaps) == 0:
+        return None  # duplicated slots
+    if pfns[-1] >= _U64 >> _PAGE_SHIFT:
+        return None  # overflows 2^64
+    first = bisect.bisect_left(pfns, region.base >> _PAGE_SHIFT)
+    if first < len(pfns) and pfns[first] < region.end >> _PAGE_SHIFT:
+        return None  # a slot lies in the region itself
+    if rams is not None and _pages_outside_ram(pfns, rams):
+        return None
+    if gaps.count(1) == 0:  # nothing to merge: the common case of scattered pages
+        return list(map(lshift, pfns, repeat(_PAGE_SHIFT))), [L.PAGE_SIZE] * len(pfns)
+    ends = list(map(add, pfns, repeat(1)))
+    return _merge_sorted(pfns, ends)
+
+
+def _sorted_ranges(
+    pfns: list[int], tails: list[int], region: Region, rams: _RamIndex | None
+) -> _Runs | None:
+    """The same rules for slots of any length: sort by start, then check the ends."""
+    ends = list(map(add, pfns, tails))
+    order = sorted(range(len(pfns)), key=pfns.__getitem__)
+    sorted_pfns = [pfns[i] for i in order]
+    sorted_ends = [ends[i] for i in order]
+    if max(ends) > _U64 >> _PAGE_SHIFT:
         return None  # overflows 2^64
     if not all(map(le, sorted_ends, islice(sorted_pfns, 1, None))):
         return None  # duplicated or overlapping slots
     first = bisect.bisect_right(sorted_ends, region.base >> _PAGE_SHIFT)
     if first < len(sorted_pfns) and sorted_pfns[first] < region.end >> _PAGE_SHIFT:
         return None  # a slot reaches into the region itself
-    if rams is not None:
-        covered = 0
-        for start, end in zip(rams.starts, rams.ends, strict=True):
-            start_pfn = -(-start >> _PAGE_SHIFT)  # only whole pages of RAM count
-            end_pfn = end >> _PAGE_SHIFT
-            lo = bisect.bisect_left(sorted_pfns, start_pfn)
-            hi = bisect.bisect_left(sorted_pfns, max(end_pfn, start_pfn))
-            if hi > lo and sorted_ends[hi - 1] > end_pfn:
-                return None
-            covered += hi - lo
-        if covered != len(sorted_pfns):
-            return None
-    return indices, list(map(lshift, pfns, repeat(_PAGE_SHIFT))), tails
+    if rams is not None and _pages_outside_ram(sorted_pfns, rams, sorted_ends):
+        return None
+    return _merge_sorted(sorted_pfns, sorted_ends)
+
+
+def _pages_outside_ram(
+    sorted_pfns: list[int], rams: _RamIndex, sorted_ends: list[int] | None = None
+) -> bool:
+    """Whether any range starts outside RAM or (given its end) runs out of it."""
+    covered = 0
+    for start, end in zip(rams.starts, rams.ends, strict=True):
+        start_pfn = -(-start >> _PAGE_SHIFT)  # only whole pages of RAM count
+        end_pfn = end >> _PAGE_SHIFT
+        lo = bisect.bisect_left(sorted_pfns, start_pfn)
+        hi = bisect.bisect_left(sorted_pfns, max(end_pfn, start_pfn))
+        if hi > lo and sorted_ends is not None and sorted_ends[hi - 1] > end_pfn:
+            return True
+        covered += hi - lo
+    return covered != len(sorted_pfns)
+
+
+def _merge_sorted(sorted_pfns: list[int], sorted_ends: list[int]) -> _Runs:
+    """Sorted, disjoint page ranges merged where one starts at the previous end, in bytes."""
+    n = len(sorted_pfns)
+    firsts = [0, *compress(range(1, n), map(ne, islice(sorted_pfns, 1, None), sorted_ends))]
+    lasts = [*map(sub, islice(firsts, 1, None), repeat(1)), n - 1]
+    starts = list(map(sorted_pfns.__getitem__, firsts))
+    sizes = list(map(sub, map(sorted_ends.__getitem__, lasts), starts))
+    return (list(map(lshift, starts, repeat(_PAGE_SHIFT))),
+            list(map(lshift, sizes, repeat(_PAGE_SHIFT))))
 
 
 def _validate_slow(

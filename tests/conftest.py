@@ -26,7 +26,6 @@ import pytest
 from vmwipe.host_agent.flows import AgentOptions, Target, open_target
 from vmwipe.host_agent.launcher import LaunchError, QemuProcess, start_qemu
 from vmwipe.host_agent.qmp import QMPSession
-from vmwipe.host_agent.wipe import coalesce
 from vmwipe.lab import GuestImage, build_guest_image, default_kernel
 from vmwipe.lab.shell import missing_prerequisite
 from vmwipe.protocol import (
@@ -36,6 +35,7 @@ from vmwipe.protocol import (
     Region,
     build_region,
     encode_ssdt,
+    merge_ranges,
 )
 
 QEMU = os.environ.get("VMWIPE_TEST_QEMU", "qemu-system-x86_64")
@@ -242,7 +242,7 @@ class VM:
         for r in ranges:
             cuts = [
                 (a, a + n)
-                for a, n in coalesce(
+                for a, n in merge_ranges(
                     (max(g, r.gpa) - r.gpa, min(g + n, r.end) - max(g, r.gpa))
                     for g, n in exclude
                     if g < r.end and r.gpa < g + n

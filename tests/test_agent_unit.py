@@ -24,8 +24,7 @@ from vmwipe.host_agent.region import (
     reset_guard_problem,
     split_qemu_opts,
 )
-from vmwipe.host_agent.wipe import coalesce
-from vmwipe.protocol import PAGE_SIZE, Region, encode_ssdt
+from vmwipe.protocol import PAGE_SIZE, Region, encode_ssdt, merge_ranges
 
 P = PAGE_SIZE
 REGION = Region(0x1F00_0000, 1 << 20)
@@ -103,11 +102,11 @@ def test_parse_region_arg() -> None:
 # --- planning ---------------------------------------------------------------------------
 
 
-def test_coalesce() -> None:
-    assert coalesce([(0x3000, P), (0x1000, P), (0x2000, P), (0x8000, 2 * P), (0x9000, P)]) == [
+def test_merge_ranges() -> None:
+    assert merge_ranges([(0x3000, P), (0x1000, P), (0x2000, P), (0x8000, 2 * P), (0x9000, P)]) == [
         (0x1000, 3 * P), (0x8000, 2 * P)]
-    assert coalesce([]) == []
-    assert coalesce([(0, 0)]) == []
+    assert merge_ranges([]) == []
+    assert merge_ranges([(0, 0)]) == []
 
 
 # --- process_vm on our own process: batching and partial transfers ------------------------

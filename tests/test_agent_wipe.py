@@ -26,7 +26,6 @@ from conftest import (
 )
 
 from vmwipe.host_agent.flows import AgentOptions, wipe_flow
-from vmwipe.host_agent.wipe import coalesce
 from vmwipe.protocol import (
     HOST_FIELDS_SIZE,
     PAGE_SIZE,
@@ -35,6 +34,7 @@ from vmwipe.protocol import (
     build_region,
     encode_header,
     encode_slot,
+    merge_ranges,
 )
 
 P = PAGE_SIZE
@@ -82,7 +82,7 @@ def plant_with_neighbours(vm: VM, slots: list[tuple[int, int]], image: bytes | N
 
 
 def listed(slots: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    return coalesce((g, n * P) for g, n in slots)
+    return merge_ranges((g, n * P) for g, n in slots)
 
 
 def assert_zero(vm: VM, spans: list[tuple[int, int]]) -> None:

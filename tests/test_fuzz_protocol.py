@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+from array import array
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,13 +18,16 @@ from vmwipe.protocol import (
     SLOTS_OFFSET,
     ProtocolError,
     Region,
+    SlotError,
     SsdtError,
     build_region,
     decode_ssdt,
     decode_table,
     encode_slot,
     encode_ssdt,
+    merge_ranges,
 )
+from vmwipe.protocol import table as table_mod
 
 settings.register_profile("ci", max_examples=150, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -81,6 +85,57 @@ def test_wipe_set_always_inside_ram_outside_region(raw_slots: list[bytes], stric
         assert gpa + size <= REGION.base or gpa >= REGION.end
     for (a, asize), (b, _) in itertools.pairwise(spans):
         assert a + asize <= b, "overlapping ranges reached the wipe set"
+
+
+#: Slots that are mostly valid, with every kind of defect now and then, at addresses
+#: that make neighbours, duplicates and region or RAM edges likely.
+near_slots = st.builds(
+    encode_slot,
+    st.sampled_from([0x9E000, 0x100000, REGION.base - 8192, REGION.end, 1 << 32])
+    .flatmap(lambda a: st.integers(0, 12).map(lambda k: a + k * PAGE_SIZE)),
+    st.sampled_from([1] * 12 + [2, 3, 0, 1 << 31]),
+    valid=st.sampled_from([True] * 9 + [False]),
+    low_bits=st.sampled_from([0] * 30 + [2, 0x800]),
+    reserved=st.sampled_from([0] * 30 + [1]),
+)
+
+
+#: Runs of adjacent one- or two-page slots (the runs the host merges), in slot order or not.
+adjacent = st.tuples(
+    st.integers(1, 12), st.sampled_from([1, 2]), st.sampled_from([0x100000, 1 << 32, 0x800000]),
+    st.booleans(),
+).map(lambda t: [encode_slot(t[2] + i * t[1] * PAGE_SIZE, t[1]) for i in range(t[0])][
+    :: -1 if t[3] else 1])
+table_parts = st.lists(
+    st.one_of(near_slots.map(lambda s: [s]), slots.map(lambda s: [s]),
+              st.just([bytes(16)]), adjacent), max_size=12,
+).map(lambda parts: [s for part in parts for s in part])
+
+
+@PROFILE
+@given(table_parts)
+def test_fast_path_accepts_exactly_what_the_slow_path_accepts(raw_slots: list[bytes]) -> None:
+    """The bulk validator and the slot-by-slot one agree on every table, and the sorted
+    runs the fast path hands the engine are the merged valid ranges."""
+    image = bytearray(build_region(REGION.size, []))
+    for i, raw in enumerate(raw_slots):
+        image[SLOTS_OFFSET + 16 * i : SLOTS_OFFSET + 16 * (i + 1)] = raw
+    used = bytes(image[SLOTS_OFFSET : SLOTS_OFFSET + 16 * len(raw_slots)])
+    words = array("Q", used)
+    valid = used[0::16].translate(table_mod._VALID_MASK)
+    rams = table_mod._RamIndex(RAM)
+    fast = table_mod._validate_fast(used, words[0::2], words[1::2], valid, REGION, rams)
+    errors: list[SlotError] = []
+    slow = table_mod._validate_slow(words[0::2].tolist(), words[1::2].tolist(), REGION, rams,
+                                    errors, strict=False)
+    if fast is None:
+        assert errors, "the fast path refused a table the slow path finds clean"
+        return
+    columns, runs = fast
+    assert not errors and columns == slow
+    ranges = [(g, n * PAGE_SIZE) for g, n in zip(slow[1], slow[2], strict=True)]
+    assert list(zip(*runs, strict=True)) == merge_ranges(ranges)
+    assert decode_table(bytes(image), REGION, RAM).runs() == runs
 
 
 @PROFILE

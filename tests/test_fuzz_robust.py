@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import itertools
 import os
-import random
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +38,7 @@ from vmwipe.host_agent.memmap import (
     system_view,
 )
 from vmwipe.host_agent.scrub import plan_scrub
-from vmwipe.host_agent.wipe import coalesce, coalesce_columns, run_wipe
+from vmwipe.host_agent.wipe import run_wipe
 from vmwipe.protocol import (
     HOST_FIELDS_SIZE,
     PAGE_SIZE,
@@ -49,6 +48,7 @@ from vmwipe.protocol import (
     build_region,
     encode_header,
     encode_slot,
+    merge_ranges,
 )
 
 settings.register_profile("ci", max_examples=150, deadline=None,
@@ -221,7 +221,7 @@ def test_fuzz_engine_wipes_only_listed_ram_outside_region(
         assert guest.zeroed == [] and guest.written == []
         return
     # only whole listed pages of guest RAM outside the region were zeroed...
-    listed = coalesce(_listed(raw, region))
+    listed = merge_ranges(_listed(raw, region))
     ram = [(r.gpa, r.size) for r in memmap.ranges]
     for g, n in guest.zeroed:
         assert g % P == 0 and n % P == 0 and n > 0
@@ -229,8 +229,8 @@ def test_fuzz_engine_wipes_only_listed_ram_outside_region(
         assert any(a <= g and g + n <= a + s for a, s in ram)
         assert g + n <= region.base or g >= region.end
     # ...exactly the valid slots (every page of them) when the engine said so
-    assert coalesce(guest.zeroed) == coalesce(
-        (gpa, size) for gpa, size in coalesce(_valid_spans(image, region, memmap, rep.invalid))
+    assert merge_ranges(guest.zeroed) == merge_ranges(
+        (gpa, size) for gpa, size in merge_ranges(_valid_spans(image, region, memmap, rep.invalid))
     )
     # ...and the only other write is the host fields, after every zero
     assert [(g, len(d)) for g, d in guest.written] == [host]
@@ -248,31 +248,6 @@ def _valid_spans(image: bytes, region: Region, memmap: GuestMemoryMap,
 
 
 @FAST
-@given(st.lists(st.tuples(st.sampled_from([0, 0, P, 3 * P]),
-                          st.sampled_from([0, P, P, P, 2 * P, 300 * P])), max_size=40),
-       st.booleans(), st.randoms())
-def test_fuzz_columnar_coalesce_matches_coalesce(
-    shape: list[tuple[int, int]], disjoint: bool, rnd: random.Random
-) -> None:
-    """The bulk coalescer the engine uses gives exactly what the tuple one gives.
-
-    `disjoint` builds the shape a decoded table has (positive ranges, adjacent
-    or apart, never overlapping) in shuffled slot order; otherwise the pairs
-    are taken as raw (start, size) and may overlap or be empty.
-    """
-    if disjoint:
-        spans, pos = [], 0
-        for gap, size in shape:
-            spans.append((pos + gap, size or P))
-            pos += gap + (size or P)
-        rnd.shuffle(spans)
-    else:
-        spans = [(gap * 7, size) for gap, size in shape]
-    starts, sizes = coalesce_columns([g for g, _n in spans], [n for _g, n in spans])
-    assert list(zip(starts, sizes, strict=True)) == coalesce(spans)
-
-
-@FAST
 @given(layouts(), st.data())
 def test_fuzz_bulk_pieces_match_pieces(layout: tuple[list[RamRange], Region],
                                        data: st.DataObject) -> None:
@@ -283,7 +258,8 @@ def test_fuzz_bulk_pieces_match_pieces(layout: tuple[list[RamRange], Region],
     raw = data.draw(st.lists(st.tuples(st.sampled_from(addrs),
                                        st.sampled_from([P, 2 * P, 5 * P, 300 * P])),
                              max_size=20))
-    starts, sizes = coalesce_columns([g for g, _n in raw], [n for _g, n in raw])
+    merged = merge_ranges(raw)
+    starts, sizes = [g for g, _n in merged], [n for _g, n in merged]
     chunk = data.draw(st.sampled_from([P, 4 * P, 1 << 20]))
     try:
         want = list(guest.pieces(zip(starts, sizes, strict=True), chunk))

@@ -1,0 +1,6 @@
+"""Types of the C loops in _pages.c (the shared backend's zero and verify passes)."""
+
+from array import array
+
+def zero(addresses: array[int], lengths: array[int], /) -> None: ...
+def first_nonzero(addresses: array[int], lengths: array[int], /) -> int: ...
