@@ -13,19 +13,20 @@ import os
 import shlex
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from vmwipe.protocol import HeaderError, Region, SlotError, decode_table
 
 from .errors import MemoryAccessError, MigrationError, QMPFailure, RegionError, VMStateError
-from .memaccess import MemoryBackend, SharedFileBackend, open_backend
+from .memaccess import MemoryBackend, ProcessVMBackend, SharedFileBackend, open_backend
 from .memmap import GuestMemoryMap, load_memory_map
 from .migstream import StreamError, stream_capabilities
 from .qmp import QMPCommandError, QMPSession
 from .region import discover_region, read_cmdline, reset_guard_problem
 from .scrub import sidecar_path, write_sidecar
-from .wipe import Phases, WipeReport, read_region, run_wipe
+from .wipe import EarlyTable, Phases, WipeReport, read_region, read_table_early, run_wipe
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +101,20 @@ class PreparedTarget:
 
     With `--populate`, the shared mapping is also mapped and populated in a thread
     while QEMU loads: populating costs about as much as the wipe it speeds up.
+    Otherwise a worker thread stands ready to read and decode the table while the
+    main thread fetches the flat view after the load (`read_early`).
     """
 
     def __init__(self, session: QMPSession, opts: AgentOptions, guard: bool = True) -> None:
+        self.pid = session.pid
         self.located = locate_region(session, opts, guard)
         self.shared = _shared_blocks(session)
         self.memmap = load_memory_map(session.hmp, set(self.shared))
         self.backend: MemoryBackend | None = None
         self.error: MemoryAccessError | None = None
         self._thread: threading.Thread | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmwipe-early")
+        self._pool.submit(lambda: None)  # start the worker now, outside the paused window
         if opts.populate and opts.backend != "process_vm":
             self._thread = threading.Thread(
                 target=self._open_shared, args=(session.pid,), name="vmwipe-prefetch",
@@ -125,6 +131,17 @@ class PreparedTarget:
             self.backend = SharedFileBackend(self.memmap, pid, self.shared, populate=True)
         except MemoryAccessError as e:
             self.error = e
+
+    def read_early(self, on_invalid: str) -> Future[EarlyTable | None] | None:
+        """Start reading and decoding the table on the map from before the load.
+
+        Only with process_vm access (checked before the load): it needs nothing
+        but the PID, so the worker gets its own backend and shares no state.
+        """
+        if not isinstance(self.backend, ProcessVMBackend):
+            return None
+        reader = ProcessVMBackend(self.memmap, self.pid)
+        return self._pool.submit(read_table_early, reader, self.located[0], on_invalid)
 
     def take(self, memmap: GuestMemoryMap) -> MemoryBackend | None:
         """The prepared backend, now on the loaded `memmap`; None if there is none or
@@ -143,6 +160,7 @@ class PreparedTarget:
         return backend
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True)
         if self._thread is not None:
             self._thread.join()
         if self.backend is not None:
@@ -292,12 +310,14 @@ def _wipe_and_maybe_resume(
     do_resume: bool,
     prepared: PreparedTarget | None = None,
 ) -> FlowReport:
+    pending = prepared.read_early(opts.on_invalid) if prepared is not None else None
     target = open_target(session, opts, guard=True, prepared=prepared)
     try:
         rep.region_source = target.region_source
         rep.warnings += target.warnings
         phases.mark("map")
-        rep.wipe = run_wipe(target.backend, target.region, opts.on_invalid, phases)
+        early = pending.result() if pending is not None else None
+        rep.wipe = run_wipe(target.backend, target.region, opts.on_invalid, phases, early=early)
         # Someone else resumed it meanwhile: the wipe proves nothing.  `resume` makes
         # the same check before `cont`; one query-status less inside the paused window.
         if do_resume:

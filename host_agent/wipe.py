@@ -40,9 +40,16 @@ from vmwipe.protocol import (
     encode_host_fields,
 )
 
-from .errors import InvalidTableError, MemoryAccessError, RegionError, UsageError, VerifyError
+from .errors import (
+    AgentError,
+    InvalidTableError,
+    MemoryAccessError,
+    RegionError,
+    UsageError,
+    VerifyError,
+)
 from .memaccess import ZERO_CHUNK, MemoryBackend
-from .memmap import GuestMemoryMap
+from .memmap import GuestMemoryMap, RamRange
 
 log = logging.getLogger(__name__)
 
@@ -105,18 +112,42 @@ def decode(data: bytes | bytearray, region: Region, memmap: GuestMemoryMap, stri
         raise InvalidTableError(str(e)) from None
 
 
+@dataclass(frozen=True)
+class EarlyTable:
+    """The region read and decoded against `ranges`, a RAM map from before the load,
+    while the flow was still fetching the map after it.  `run_wipe` uses it only if
+    the two maps are identical: then it is exactly what it would have read itself."""
+
+    ranges: tuple[RamRange, ...]
+    data: bytearray
+    table: Table
+
+
+def read_table_early(backend: MemoryBackend, region: Region, on_invalid: str) -> EarlyTable | None:
+    """`EarlyTable` from `backend` (on the earlier map); None if anything failed, and
+    then `run_wipe` reads and decodes again and reports the error itself."""
+    try:
+        data = read_region(backend, region)
+        table = decode(data, region, backend.memmap, strict=(on_invalid == "fail"))
+    except AgentError as e:
+        log.debug("early table read not used: %s", e)
+        return None
+    return EarlyTable(tuple(backend.memmap.ranges), data, table)
+
+
 def run_wipe(
     backend: MemoryBackend,
     region: Region,
     on_invalid: str = "fail",
     phases: Phases | None = None,
     before_commit: Callable[[], None] | None = None,
+    early: EarlyTable | None = None,
 ) -> WipeReport:
     """Validate, zero, verify, commit.  Raises on any problem; nothing is resumed here.
 
     `before_commit` runs after verification and before the header write (the
     tests use it to kill the agent at the worst moment; flows could use it to
-    re-check the run state).
+    re-check the run state).  `early` is the table already read (see `EarlyTable`).
     """
     if on_invalid not in ON_INVALID:
         raise UsageError(f"--on-invalid must be one of {ON_INVALID}")
@@ -124,9 +155,13 @@ def run_wipe(
     memmap = backend.memmap
     report = WipeReport("nothing-registered", (region.base, region.size), backend.name)
 
-    data = read_region(backend, region)
-    phases.mark("read")
-    table = decode(data, region, memmap, strict=(on_invalid == "fail"))
+    if early is not None and early.ranges == tuple(memmap.ranges):
+        data, table = early.data, early.table
+        phases.mark("read")
+    else:
+        data = read_region(backend, region)
+        phases.mark("read")
+        table = decode(data, region, memmap, strict=(on_invalid == "fail"))
     phases.mark("validate")
     if table.header is None:
         log.info("no vmwipe magic in region %#x: nothing registered", region.base)
