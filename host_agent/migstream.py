@@ -54,6 +54,8 @@ import struct
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import compress, repeat
+from operator import lshift, or_, rshift
 from typing import Any, BinaryIO, Protocol
 
 from .errors import AgentError
@@ -110,7 +112,14 @@ MAPPED_RAM_ALIGN = 1 << 20
 _ZERO_RUN = re.compile(rb"(?:.{6}[\x00\x10\x20\x30\x40\x50\x60\x70\x80\x90\xa0\xb0\xc0\xd0"
                        rb"\xe0\xf0]\x22\x00)+", re.S)
 _ZERO_RUN_MAX = 8192  # records per bulk step
+_KEY_SHIFT = 52  # (block, page) as one int: page numbers of a 64-bit offset fit in 52 bits
 _ZERO_REC = 9
+#: A PAGE|CONTINUE record: be64 word whose low 12 bits are 0x028, then the page.  A guest
+#: full of data saves as long runs of them, also consumed in bulk (file mode only).
+_PAGE_REC = 8 + DEFAULT_PAGE_SIZE
+_PAGE_RUN_MAX = 4096  # records per bulk step (16 MiB)
+_NOT_PAGE_CONTINUE_LOW = bytes(int(b != RAM_PAGE | RAM_CONTINUE) for b in range(256))  # bits 7..0
+_NOT_ZERO_NIBBLE = bytes(int(b & 0x0F != 0) for b in range(256))  # word bits 11..8
 
 #: Bound on a described array's length, so a forged description cannot spin the walk.
 MAX_ARRAY_LEN = 1 << 24
@@ -293,6 +302,28 @@ class FileSource:
             return start, b""
         self.pos = m.end()
         return start, m.group()
+
+    def page_run(self) -> tuple[int, tuple[int, ...]]:
+        """Consume a run of PAGE|CONTINUE records here; (offset of the run, their words).
+
+        The flag bits of up to `_PAGE_RUN_MAX` records that would follow at a
+        fixed stride are read as two strided byte slices; the run ends at the
+        first record that is anything else, which the caller then reads alone.
+        """
+        start = self.pos
+        n = min(_PAGE_RUN_MAX, (self.limit - start) // _PAGE_REC)
+        if n <= 0:
+            return start, ()
+        end = start + n * _PAGE_REC
+        k = n
+        for off, table in ((7, _NOT_PAGE_CONTINUE_LOW), (6, _NOT_ZERO_NIBBLE)):
+            bad = self.mm[start + off : end : _PAGE_REC].translate(table).find(1)
+            if 0 <= bad < k:
+                k = bad
+        if k == 0:
+            return start, ()
+        self.pos = start + k * _PAGE_REC
+        return start, struct.unpack_from(">" + "Q4096x" * k, self.mm, start)
 
 
 class PipeSource:
@@ -707,9 +738,14 @@ class StreamWalker:
         record = self.record
         progress = self.progress
         last_report = src.pos
+        # scrub planning reads a file and decides nothing per page: runs of pages go in bulk
+        bulk_pages = (isinstance(src, FileSource) and zero_page is None and not self.patches
+                      and not idx.mapped_ram)
         while True:
             if self._block >= 0:
                 self._zero_run()
+                if bulk_pages:
+                    self._page_run()
             rec_pos = src.pos
             (word,) = struct.unpack(">Q", src.read(8, "RAM record"))
             flags = word & mask
@@ -807,6 +843,28 @@ class StreamWalker:
             recs.page.extend(pages)
             recs.pos.extend(range(start + 8, start + 8 + n * _ZERO_REC, _ZERO_REC))
             recs.kind.extend([KIND_ZERO] * n)
+
+    def _page_run(self) -> None:
+        """The bulk path for runs of PAGE|CONTINUE records of the current block (see
+        `FileSource.page_run`), with the same checks and bookkeeping as one by one."""
+        src = self.src
+        assert isinstance(src, FileSource)
+        start, words = src.page_run()
+        if not words:
+            return
+        n = len(words)
+        block = self.idx.blocks[self._block]
+        pages = list(map(rshift, words, repeat(12)))
+        if max(pages) * DEFAULT_PAGE_SIZE >= block.length:
+            bad = next(p for p in pages if p * DEFAULT_PAGE_SIZE >= block.length)
+            raise StreamError(f"corrupt stream: page {bad * DEFAULT_PAGE_SIZE:#x} beyond the end "
+                              f"of {block.name} ({block.length:#x}) near offset {start:#x}")
+        if self.record:
+            recs = self.idx.records
+            recs.block.extend([self._block] * n)
+            recs.page.extend(pages)
+            recs.pos.extend(range(start + 8, start + 8 + n * _PAGE_REC, _PAGE_REC))
+            recs.kind.extend([KIND_PAGE] * n)
 
     def _mapped_block(self, bi: int, name: str, length: int) -> None:
         """MappedRamHeader (be32 version 1, be64 page size, bitmap and pages offsets).
@@ -946,11 +1004,23 @@ def open_mapped(path: str) -> tuple[int, mmap.mmap | bytes]:
 
 
 def copies(idx: StreamIndex, wanted: set[tuple[int, int]]) -> Iterator[tuple[int, int, int, int]]:
-    """(block index, page number, data offset, kind) of every record of a wanted page."""
+    """(block index, page number, data offset, kind) of every record of a wanted page.
+
+    A large save has millions of records and a table thousands of pages: each
+    record's (block, page) becomes one integer key and is looked up in bulk
+    (`map` over the set's `__contains__`), so Python only runs for the hits.
+    """
     r = idx.records
-    for b, p, pos, k in zip(r.block, r.page, r.pos, r.kind, strict=True):
-        if (b, p) in wanted:
-            yield b, p, pos, k
+    keys = {b << _KEY_SHIFT | p for b, p in wanted}
+    if not keys:
+        return
+    records: Iterator[int]
+    if len(idx.blocks) > 1:
+        records = map(or_, map(lshift, r.block, repeat(_KEY_SHIFT)), r.page)
+    else:
+        records = iter(r.page)  # one block: block index 0, the key is the page number
+    for i in compress(range(len(r.pos)), map(keys.__contains__, records)):
+        yield r.block[i], r.page[i], r.pos[i], r.kind[i]
 
 
 def last_copies(idx: StreamIndex, wanted: set[tuple[int, int]]
