@@ -257,6 +257,8 @@ class Source(Protocol):
 
     def zero_run(self) -> tuple[int, bytes]: ...
 
+    def page_run(self) -> tuple[int, ...]: ...
+
 
 class FileSource:
     """Random access over a read-only mapping of a whole file.
@@ -303,27 +305,31 @@ class FileSource:
         self.pos = m.end()
         return start, m.group()
 
-    def page_run(self) -> tuple[int, tuple[int, ...]]:
-        """Consume a run of PAGE|CONTINUE records here; (offset of the run, their words).
+    def page_run(self) -> tuple[int, ...]:
+        """The words of the PAGE|CONTINUE records that start here (`_page_run_words`)."""
+        return _page_run_words(self.mm, self.pos, self.limit)
 
-        The flag bits of up to `_PAGE_RUN_MAX` records that would follow at a
-        fixed stride are read as two strided byte slices; the run ends at the
-        first record that is anything else, which the caller then reads alone.
-        """
-        start = self.pos
-        n = min(_PAGE_RUN_MAX, (self.limit - start) // _PAGE_REC)
-        if n <= 0:
-            return start, ()
-        end = start + n * _PAGE_REC
-        k = n
-        for off, table in ((7, _NOT_PAGE_CONTINUE_LOW), (6, _NOT_ZERO_NIBBLE)):
-            bad = self.mm[start + off : end : _PAGE_REC].translate(table).find(1)
-            if 0 <= bad < k:
-                k = bad
-        if k == 0:
-            return start, ()
-        self.pos = start + k * _PAGE_REC
-        return start, struct.unpack_from(">" + "Q4096x" * k, self.mm, start)
+
+def _page_run_words(buf: mmap.mmap | bytes | bytearray, start: int, limit: int
+                    ) -> tuple[int, ...]:
+    """The be64 words of the run of PAGE|CONTINUE records at `start` (nothing consumed).
+
+    The flag bits of up to `_PAGE_RUN_MAX` records that would follow at a fixed
+    stride are read as two strided byte slices; the run ends at the first record
+    that is anything else, which the walker then reads alone.
+    """
+    n = min(_PAGE_RUN_MAX, (limit - start) // _PAGE_REC)
+    if n <= 0:
+        return ()
+    end = start + n * _PAGE_REC
+    k = n
+    for off, table in ((7, _NOT_PAGE_CONTINUE_LOW), (6, _NOT_ZERO_NIBBLE)):
+        bad = buf[start + off : end : _PAGE_REC].translate(table).find(1)
+        if 0 <= bad < k:
+            k = bad
+    if k == 0:
+        return ()
+    return struct.unpack_from(">" + "Q4096x" * k, buf, start)
 
 
 class PipeSource:
@@ -418,6 +424,10 @@ class PipeSource:
         self.sink.write(page)
         self._off += n
         self._sent = self._off
+
+    def page_run(self) -> tuple[int, ...]:
+        """`FileSource.page_run` over what the buffer holds (nothing is read)."""
+        return _page_run_words(self._buf, self._off, len(self._buf))
 
     def zero_run(self) -> tuple[int, bytes]:
         """Consume a run of ZERO|CONTINUE records from the buffer (see FileSource)."""
@@ -738,13 +748,10 @@ class StreamWalker:
         record = self.record
         progress = self.progress
         last_report = src.pos
-        # scrub planning reads a file and decides nothing per page: runs of pages go in bulk
-        bulk_pages = (isinstance(src, FileSource) and zero_page is None and not self.patches
-                      and not idx.mapped_ram)
         while True:
             if self._block >= 0:
                 self._zero_run()
-                if bulk_pages:
+                if not idx.mapped_ram:  # (there, any page record is an error: see below)
                     self._page_run()
             rec_pos = src.pos
             (word,) = struct.unpack(">Q", src.read(8, "RAM record"))
@@ -845,20 +852,33 @@ class StreamWalker:
             recs.kind.extend([KIND_ZERO] * n)
 
     def _page_run(self) -> None:
-        """The bulk path for runs of PAGE|CONTINUE records of the current block (see
-        `FileSource.page_run`), with the same checks and bookkeeping as one by one."""
+        """The bulk path for runs of PAGE|CONTINUE records of the current block, with
+        the same checks and bookkeeping as one by one.  A page to zero or patch (pipe
+        mode) ends the run: the record-by-record path rewrites it."""
         src = self.src
-        assert isinstance(src, FileSource)
-        start, words = src.page_run()
+        start = src.pos
+        words = src.page_run()
         if not words:
             return
-        n = len(words)
         block = self.idx.blocks[self._block]
+        mask = self._page_mask
+        zero_page, patches = self.zero_page, self.patches
+        if zero_page is not None or patches:
+            name = block.name
+            for i, w in enumerate(words):
+                off = w & ~mask
+                if (zero_page is not None and zero_page(name, off)) or (name, off) in patches:
+                    words = words[:i]
+                    break
+            if not words:
+                return
+        n = len(words)
         pages = list(map(rshift, words, repeat(12)))
         if max(pages) * DEFAULT_PAGE_SIZE >= block.length:
             bad = next(p for p in pages if p * DEFAULT_PAGE_SIZE >= block.length)
             raise StreamError(f"corrupt stream: page {bad * DEFAULT_PAGE_SIZE:#x} beyond the end "
                               f"of {block.name} ({block.length:#x}) near offset {start:#x}")
+        src.skip(n * _PAGE_REC, "page records")
         if self.record:
             recs = self.idx.records
             recs.block.extend([self._block] * n)

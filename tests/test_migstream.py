@@ -320,9 +320,9 @@ def test_refused_page_encodings(small_stream: bytes, flag: int, match: str) -> N
 
 
 def test_bulk_runs_index_exactly_like_record_by_record(tmp_path: Path, vms: list[Vm]) -> None:
-    """The file walk consumes runs of PAGE and ZERO records in bulk; a walker that must
-    decide per page (here: a predicate that zeroes nothing) reads them one by one.  Both
-    must index every record identically, on a stream where runs of data pages, single
+    """The walk consumes runs of PAGE and ZERO records in bulk; a listed page ends a
+    run, so with every page listed each PAGE record is read one by one.  Both must
+    index every record identically, on a stream where runs of data pages, single
     data pages and zero pages alternate."""
     rnd = random.Random(5)
     plant = {0x200000: rnd.randbytes(3 << 20)}  # a run of ~768 data pages
@@ -333,12 +333,13 @@ def test_bulk_runs_index_exactly_like_record_by_record(tmp_path: Path, vms: list
     one_by_one = ms.StreamIndex(start=0)
     one_by_one.vmdesc_offset, one_by_one.vmdesc = ms.find_vmdesc(data, 0, len(data)) or (0, None)
     walker = ms.StreamWalker(ms.FileSource(data, 0, one_by_one.vmdesc_offset), one_by_one,
-                             zero_page=lambda block, offset: False)
+                             zero_page=lambda block, offset: True)
     walker.walk_header()
     assert walker.walk()
     a, b = bulk.records, one_by_one.records
     assert len(a) > 1000 and (a.block, a.page, a.pos, a.kind) == (b.block, b.page, b.pos, b.kind)
     assert bulk.page_count >= 768 + 300
+    assert one_by_one.zeroed_pages == bulk.page_count  # every PAGE record went one by one
 
 
 def test_filter_stream_matches_file_walk(small_stream: bytes, tmp_path: Path) -> None:
