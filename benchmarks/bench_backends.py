@@ -9,11 +9,12 @@ can reach the same pages.  Two workloads, as a wipe meets them:
 Backends: process_vm_writev (the default), the shared mapping populated in
 advance (what `--populate` prepares during the restore), and pwrite on
 /proc/PID/mem as a reference (an adapter here, the agent does not ship it).
-The physical limit is the same zeroing done in this process with
-`ctypes.memset` on an anonymous 1 GiB mmap, already touched, same offsets,
-driven by the same kind of Python loop (one call per page, one call for the
-range).  Only the zeroing is timed: the pieces (host addresses) are resolved
-once beforehand, as the engine's `plan` phase does.
+The physical limit is the same zeroing done in this process by a C loop
+(memset per span, one call for all spans: `vmwipe.host_agent._pages`) on an
+anonymous 1 GiB mmap, already touched, same offsets.  Only the zeroing is
+timed: the pieces (host addresses) are resolved once beforehand, as the
+engine's `plan` phase does.  A last row shows why the shared backend uses that
+C loop: the same two passes driven from Python, one ctypes call per page.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import mmap
 import os
 from array import array
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
+from vmwipe.host_agent import _pages
 from vmwipe.host_agent.flows import AgentOptions, open_target
 from vmwipe.host_agent.memaccess import (
     READ_CHUNK,
@@ -36,7 +37,6 @@ from vmwipe.host_agent.memaccess import (
 from vmwipe.host_agent.memmap import GuestMemoryMap
 from vmwipe.host_agent.qmp import QMPSession
 
-from . import chelper
 from .harness import Row, side_by_side, verdict
 from .vmlib import DATA_BASE, REGION, Lab, scattered
 
@@ -86,60 +86,62 @@ class ProcMemBackend(MemoryBackend):
             self.fd = -1
 
 
+def _columns(base: int, spans: Sequence[tuple[int, int]]) -> tuple[array[int], array[int]]:
+    return array("Q", [base + off for off, _n in spans]), array("Q", [n for _o, n in spans])
+
+
 def _memset_baseline(base: int, spans: Sequence[tuple[int, int]]) -> Callable[[], None]:
-    """The limit: memset each span of an already-touched local buffer, one call per span."""
-    memset = ctypes.memset
+    """The limit: memset every span of an already-touched local buffer, in one C loop."""
+    addrs, lens = _columns(base, spans)
 
     def run() -> None:
-        for off, size in spans:
-            memset(base + off, 0, size)
+        _pages.zero(addrs, lens)
     return run
 
 
 def _memcmp_baseline(base: int, spans: Sequence[tuple[int, int]]) -> Callable[[], None]:
-    """The verify limit: memcmp each span of the local buffer against zeros, one call per span."""
-    memcmp = ctypes.CDLL(None).memcmp
-    memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-    memcmp.restype = ctypes.c_int
-    zero = bytes(max(n for _o, n in spans))
-    zaddr = ctypes.cast(ctypes.c_char_p(zero), ctypes.c_void_p).value or 0
+    """The verify limit: memcmp every span of the local buffer against zeros, in one C loop."""
+    addrs, lens = _columns(base, spans)
 
     def run() -> None:
-        for off, size in spans:
-            if memcmp(base + off, zaddr, size) != 0:
-                raise AssertionError("baseline buffer not zero")
-        _ = zero  # keep the buffer alive with the closure
+        if _pages.first_nonzero(addrs, lens) != -1:
+            raise AssertionError("baseline buffer not zero")
     return run
 
 
-def _python_vs_c(directory: Path, be: MemoryBackend, spans: Sequence[tuple[int, int]],
-                 repeat: int) -> list[Row]:
-    """Both passes of the wipe over the shared mapping: the agent's Python against a C loop.
+def _c_vs_python(be: MemoryBackend, spans: Sequence[tuple[int, int]], repeat: int) -> list[Row]:
+    """Both passes of the wipe over the shared mapping: the agent's C loop against the
+    same passes from Python, one ctypes memset/memcmp per page (what Python alone can do).
 
-    Same mapping, same pages, host addresses resolved beforehand for both; the
-    ratio is what one ctypes call per page per pass costs.
+    Same mapping, same pages, host addresses resolved beforehand for both.
     """
-    helper = chelper.build(directory)
-    if helper is None or not isinstance(be, SharedFileBackend):
+    if not isinstance(be, SharedFileBackend):
         return []
-    zpieces, rpieces = be.pieces(spans, ZERO_CHUNK), be.pieces(spans, READ_CHUNK)
-    addrs = array("Q", [be._local(p) for p in zpieces])
-    lens = array("Q", [p[1] for p in zpieces])
+    pieces = be.pieces(spans, ZERO_CHUNK)
+    local = be._locals(pieces)
+    memcmp = ctypes.CDLL(None).memcmp
+    memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    memcmp.restype = ctypes.c_int
+    zero = bytes(max(pieces.sizes))
+    zaddr = ctypes.cast(ctypes.c_char_p(zero), ctypes.c_void_p).value or 0
 
-    def python() -> None:
-        be.zero_pieces(zpieces)
-        if be.first_nonzero_pieces(rpieces) is not None:
+    def agent() -> None:
+        be.zero_pieces(pieces)
+        if be.first_nonzero_pieces(pieces) is not None:
             raise AssertionError("not zero")
 
-    def c_loop() -> None:
-        if helper(addrs, lens) != -1:
-            raise AssertionError("not zero")
+    def per_page() -> None:
+        for addr, n in zip(local, pieces.sizes, strict=True):
+            ctypes.memset(addr, 0, n)
+        for addr, n in zip(local, pieces.sizes, strict=True):
+            if memcmp(addr, zaddr, n) != 0:
+                raise AssertionError("not zero")
 
-    a, b = side_by_side(python, c_loop, repeat)
+    a, b = side_by_side(agent, per_page, repeat)
     return [Row("zero+verify", f"{len(spans):,} scattered pages, shared mapping",
-                a, b, "same passes in C (benchmarks/chelper.py)", "",
-                f"Python's per-page cost: {(a.median_ms - b.median_ms) / len(spans) * 1000:.2f} "
-                "us per page for both passes", verdict(None))]
+                a, b, "same passes from Python, a ctypes call per page", "",
+                f"the C loop saves {(b.median_ms - a.median_ms) / len(spans) * 1000:.2f} us "
+                "per page for both passes", verdict(None))]
 
 
 def run(quick: bool = False) -> list[Row]:
@@ -199,7 +201,7 @@ def run(quick: bool = False) -> list[Row]:
                             f"{SCATTERED:,} scattered pages, {READ_LABELS[be.name]}",
                             a, b, "in-process memcmp", "", "the engine's pass after the zeroing",
                             verdict(None)))
-                    rows += _python_vs_c(lab.dir, backends[0], spans, repeat)
+                    rows += _c_vs_python(backends[0], spans, repeat)
                 finally:
                     for be in backends:
                         be.close()

@@ -81,7 +81,7 @@ class Pieces:
     Iterating yields `Piece` tuples, for code that wants them one by one.
     """
 
-    __slots__ = ("gpas", "hvas", "sizes")
+    __slots__ = ("gpas", "hvas", "local", "sizes")
 
     def __init__(
         self, gpas: Iterable[int] = (), sizes: Iterable[int] = (), hvas: Iterable[int] = ()
@@ -89,22 +89,20 @@ class Pieces:
         self.gpas = array("Q", gpas)
         self.sizes = array("Q", sizes)
         self.hvas = array("Q", hvas)
+        #: (backend, its addresses for these pieces): the shared backend's zero and
+        #: verify passes translate a full table once, not once per pass
+        self.local: tuple[object, array[int]] | None = None
         if not len(self.gpas) == len(self.sizes) == len(self.hvas):
             raise ValueError("piece columns differ in length")
 
-    @classmethod
-    def of(cls, pieces: Iterable[Piece]) -> Pieces:
-        out = cls()
-        for gpa, n, hva in pieces:
-            out.append(gpa, n, hva)
-        return out
-
     def append(self, gpa: int, size: int, hva: int) -> None:
+        self.local = None
         self.gpas.append(gpa)
         self.sizes.append(size)
         self.hvas.append(hva)
 
     def extend(self, other: Pieces) -> None:
+        self.local = None
         self.gpas.extend(other.gpas)
         self.sizes.extend(other.sizes)
         self.hvas.extend(other.hvas)
@@ -123,12 +121,8 @@ class Pieces:
         if isinstance(i, slice):
             out = Pieces()
             out.gpas, out.sizes, out.hvas = self.gpas[i], self.sizes[i], self.hvas[i]
-            return out
+            return out  # (no `local`: it belongs to the whole)
         return self.gpas[i], self.sizes[i], self.hvas[i]
-
-    @property
-    def total(self) -> int:
-        return sum(self.sizes)
 
 
 class MemoryBackend(ABC):
@@ -582,12 +576,19 @@ class SharedFileBackend(MemoryBackend):
 
     def _locals(self, pieces: Pieces) -> array[int]:
         """Our addresses for the pieces: one `map(add)` when one mapping holds them all."""
+        if pieces.local is not None and pieces.local[0] is self:
+            return pieces.local[1]
+        local: array[int] | None = None
         if len(pieces):
             lo, hi = min(pieces.hvas), max(map(add, pieces.hvas, pieces.sizes))
             for start, end, base in self._addrs:
                 if start <= lo and hi <= end:
-                    return array("Q", map(add, pieces.hvas, repeat(base - start)))
-        return array("Q", map(self._local, pieces))
+                    local = array("Q", map(add, pieces.hvas, repeat(base - start)))
+                    break
+        if local is None:
+            local = array("Q", map(self._local, pieces))
+        pieces.local = (self, local)
+        return local
 
     def _read_pieces(self, pieces: Pieces, dst: int) -> None:
         for addr, n in zip(self._locals(pieces), pieces.sizes, strict=True):
