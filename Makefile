@@ -52,4 +52,4 @@ fuzz: setup
 
 clean:
 	$(MAKE) -C guest_kmod clean || true
-	rm -rf build
+	rm -rf build host_agent/_pages.*.so

@@ -52,7 +52,7 @@ import os
 import re
 import struct
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import compress, repeat
 from operator import lshift, or_, rshift
@@ -838,18 +838,23 @@ class StreamWalker:
             return
         n = len(run) // _ZERO_REC
         words = _zero_struct(n).unpack(run)
+        self._run_records(start, words, _ZERO_REC, KIND_ZERO)
+
+    def _run_records(self, start: int, words: Sequence[int], stride: int, kind: int) -> None:
+        """Check and index a run of same-kind records of the current block at `start`."""
         block = self.idx.blocks[self._block]
-        pages = [w >> 12 for w in words]
+        pages = list(map(rshift, words, repeat(12)))
         if max(pages) * DEFAULT_PAGE_SIZE >= block.length:
             bad = next(p for p in pages if p * DEFAULT_PAGE_SIZE >= block.length)
             raise StreamError(f"corrupt stream: page {bad * DEFAULT_PAGE_SIZE:#x} beyond the end "
                               f"of {block.name} ({block.length:#x}) near offset {start:#x}")
         if self.record:
+            n = len(pages)
             recs = self.idx.records
             recs.block.extend([self._block] * n)
             recs.page.extend(pages)
-            recs.pos.extend(range(start + 8, start + 8 + n * _ZERO_REC, _ZERO_REC))
-            recs.kind.extend([KIND_ZERO] * n)
+            recs.pos.extend(range(start + 8, start + 8 + n * stride, stride))
+            recs.kind.extend([kind] * n)
 
     def _page_run(self) -> None:
         """The bulk path for runs of PAGE|CONTINUE records of the current block, with
@@ -860,11 +865,10 @@ class StreamWalker:
         words = src.page_run()
         if not words:
             return
-        block = self.idx.blocks[self._block]
         mask = self._page_mask
         zero_page, patches = self.zero_page, self.patches
         if zero_page is not None or patches:
-            name = block.name
+            name = self.idx.blocks[self._block].name
             for i, w in enumerate(words):
                 off = w & ~mask
                 if (zero_page is not None and zero_page(name, off)) or (name, off) in patches:
@@ -872,19 +876,8 @@ class StreamWalker:
                     break
             if not words:
                 return
-        n = len(words)
-        pages = list(map(rshift, words, repeat(12)))
-        if max(pages) * DEFAULT_PAGE_SIZE >= block.length:
-            bad = next(p for p in pages if p * DEFAULT_PAGE_SIZE >= block.length)
-            raise StreamError(f"corrupt stream: page {bad * DEFAULT_PAGE_SIZE:#x} beyond the end "
-                              f"of {block.name} ({block.length:#x}) near offset {start:#x}")
-        src.skip(n * _PAGE_REC, "page records")
-        if self.record:
-            recs = self.idx.records
-            recs.block.extend([self._block] * n)
-            recs.page.extend(pages)
-            recs.pos.extend(range(start + 8, start + 8 + n * _PAGE_REC, _PAGE_REC))
-            recs.kind.extend([KIND_PAGE] * n)
+        self._run_records(start, words, _PAGE_REC, KIND_PAGE)
+        src.skip(len(words) * _PAGE_REC, "page records")
 
     def _mapped_block(self, bi: int, name: str, length: int) -> None:
         """MappedRamHeader (be32 version 1, be64 page size, bitmap and pages offsets).
