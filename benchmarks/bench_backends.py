@@ -28,7 +28,6 @@ from collections.abc import Callable, Sequence
 from vmwipe.host_agent import _pages
 from vmwipe.host_agent.flows import AgentOptions, open_target
 from vmwipe.host_agent.memaccess import (
-    READ_CHUNK,
     ZERO_CHUNK,
     MemoryBackend,
     Pieces,
@@ -117,7 +116,7 @@ def _c_vs_python(be: MemoryBackend, spans: Sequence[tuple[int, int]], repeat: in
     """
     if not isinstance(be, SharedFileBackend):
         return []
-    pieces = be.pieces(spans, ZERO_CHUNK)
+    pieces = be.pieces(spans, be.max_piece)
     local = be._locals(pieces)
     memcmp = ctypes.CDLL(None).memcmp
     memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
@@ -170,7 +169,7 @@ def run(quick: bool = False) -> list[Row]:
                         # pc RAM below 4 GiB sits at block offset = GPA: same offsets here
                         ref = _memset_baseline(base, spans)
                         for be in backends:
-                            pieces = be.pieces(spans, ZERO_CHUNK)
+                            pieces = be.pieces(spans, be.max_piece)
 
                             def subject(be: MemoryBackend = be,
                                         pieces: Pieces = pieces) -> None:
@@ -189,7 +188,7 @@ def run(quick: bool = False) -> list[Row]:
                     spans = workloads[f"{SCATTERED:,} scattered pages"]
                     check = _memcmp_baseline(base, spans)
                     for be in backends:
-                        pieces = be.pieces(spans, READ_CHUNK)
+                        pieces = be.pieces(spans, be.max_piece)  # as the engine verifies
 
                         def verify(be: MemoryBackend = be, pieces: Pieces = pieces) -> None:
                             if be.first_nonzero_pieces(pieces) is not None:

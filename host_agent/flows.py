@@ -26,7 +26,7 @@ from .migstream import StreamError, stream_capabilities
 from .qmp import QMPCommandError, QMPSession
 from .region import discover_region, read_cmdline, reset_guard_problem
 from .scrub import sidecar_path, write_sidecar
-from .wipe import EarlyTable, Phases, WipeReport, read_region, read_table_early, run_wipe
+from .wipe import EarlyRegion, Phases, WipeReport, read_region, read_region_early, run_wipe
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,8 @@ class PreparedTarget:
 
     With `--populate`, the shared mapping is also mapped and populated in a thread
     while QEMU loads: populating costs about as much as the wipe it speeds up.
-    Otherwise a worker thread stands ready to read and decode the table while the
-    main thread fetches the flat view after the load (`read_early`).
+    Otherwise a worker thread stands ready to read the region while the main
+    thread fetches the flat view after the load (`read_early`).
     """
 
     def __init__(self, session: QMPSession, opts: AgentOptions, guard: bool = True) -> None:
@@ -132,8 +132,8 @@ class PreparedTarget:
         except MemoryAccessError as e:
             self.error = e
 
-    def read_early(self, on_invalid: str) -> Future[EarlyTable | None] | None:
-        """Start reading and decoding the table on the map from before the load.
+    def read_early(self) -> Future[EarlyRegion | None] | None:
+        """Start reading the region on the map from before the load.
 
         Only with process_vm access (checked before the load): it needs nothing
         but the PID, so the worker gets its own backend and shares no state.
@@ -141,7 +141,7 @@ class PreparedTarget:
         if not isinstance(self.backend, ProcessVMBackend):
             return None
         reader = ProcessVMBackend(self.memmap, self.pid)
-        return self._pool.submit(read_table_early, reader, self.located[0], on_invalid)
+        return self._pool.submit(read_region_early, reader, self.located[0])
 
     def take(self, memmap: GuestMemoryMap) -> MemoryBackend | None:
         """The prepared backend, now on the loaded `memmap`; None if there is none or
@@ -310,7 +310,7 @@ def _wipe_and_maybe_resume(
     do_resume: bool,
     prepared: PreparedTarget | None = None,
 ) -> FlowReport:
-    pending = prepared.read_early(opts.on_invalid) if prepared is not None else None
+    pending = prepared.read_early() if prepared is not None else None
     target = open_target(session, opts, guard=True, prepared=prepared)
     try:
         rep.region_source = target.region_source

@@ -135,6 +135,8 @@ class MemoryBackend(ABC):
     """
 
     name = "abstract"
+    #: Largest piece `zero_pieces` takes (process_vm: the size of its zero buffer).
+    max_piece = ZERO_CHUNK
 
     def __init__(self, memmap: GuestMemoryMap) -> None:
         self.memmap = memmap
@@ -230,10 +232,10 @@ class MemoryBackend(ABC):
 
     def zero(self, spans: Sequence[Span]) -> None:
         """Zero every byte of `spans` (guest-physical), in as few calls as the backend allows."""
-        self._zero_pieces(self.pieces(spans, ZERO_CHUNK))
+        self._zero_pieces(self.pieces(spans, self.max_piece))
 
     def zero_pieces(self, pieces: Pieces) -> None:
-        """Zero pieces made by `pieces(spans, ZERO_CHUNK)` (the engine resolves once)."""
+        """Zero pieces made with `max_piece` (the engine resolves once for both passes)."""
         self._zero_pieces(pieces)
 
     def first_nonzero(self, spans: Sequence[Span]) -> int | None:
@@ -506,6 +508,9 @@ class SharedFileBackend(MemoryBackend):
     """Writes through our own MAP_SHARED mapping of QEMU's memfd/file RAM blocks."""
 
     name = "shared"
+    #: One memset per contiguous range: for large ones the C library then streams
+    #: past the cache, about twice as fast as 1 MiB pieces.
+    max_piece = 1 << 62
 
     def __init__(
         self,

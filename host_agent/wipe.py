@@ -48,7 +48,7 @@ from .errors import (
     UsageError,
     VerifyError,
 )
-from .memaccess import ZERO_CHUNK, MemoryBackend
+from .memaccess import MemoryBackend
 from .memmap import GuestMemoryMap, RamRange
 
 log = logging.getLogger(__name__)
@@ -113,26 +113,28 @@ def decode(data: bytes | bytearray, region: Region, memmap: GuestMemoryMap, stri
 
 
 @dataclass(frozen=True)
-class EarlyTable:
-    """The region read and decoded against `ranges`, a RAM map from before the load,
-    while the flow was still fetching the map after it.  `run_wipe` uses it only if
-    the two maps are identical: then it is exactly what it would have read itself."""
+class EarlyRegion:
+    """The region read through `ranges`, a RAM map from before the load, while the flow
+    was still fetching the map after it.  `run_wipe` uses it only if the two maps are
+    identical: then it is exactly what it would have read itself."""
 
     ranges: tuple[RamRange, ...]
     data: bytearray
-    table: Table
 
 
-def read_table_early(backend: MemoryBackend, region: Region, on_invalid: str) -> EarlyTable | None:
-    """`EarlyTable` from `backend` (on the earlier map); None if anything failed, and
-    then `run_wipe` reads and decodes again and reports the error itself."""
+def read_region_early(backend: MemoryBackend, region: Region) -> EarlyRegion | None:
+    """`EarlyRegion` from `backend` (on the earlier map); None if the read failed, and
+    then `run_wipe` reads again and reports the error itself.
+
+    Only the read runs early: it is a syscall that releases the GIL, whereas
+    decoding a full table in a second thread would hold it against the thread
+    that talks to QEMU.
+    """
     try:
-        data = read_region(backend, region)
-        table = decode(data, region, backend.memmap, strict=(on_invalid == "fail"))
+        return EarlyRegion(tuple(backend.memmap.ranges), read_region(backend, region))
     except AgentError as e:
-        log.debug("early table read not used: %s", e)
+        log.debug("early region read not used: %s", e)
         return None
-    return EarlyTable(tuple(backend.memmap.ranges), data, table)
 
 
 def run_wipe(
@@ -141,13 +143,13 @@ def run_wipe(
     on_invalid: str = "fail",
     phases: Phases | None = None,
     before_commit: Callable[[], None] | None = None,
-    early: EarlyTable | None = None,
+    early: EarlyRegion | None = None,
 ) -> WipeReport:
     """Validate, zero, verify, commit.  Raises on any problem; nothing is resumed here.
 
     `before_commit` runs after verification and before the header write (the
     tests use it to kill the agent at the worst moment; flows could use it to
-    re-check the run state).  `early` is the table already read (see `EarlyTable`).
+    re-check the run state).  `early` is the region already read (see `EarlyRegion`).
     """
     if on_invalid not in ON_INVALID:
         raise UsageError(f"--on-invalid must be one of {ON_INVALID}")
@@ -156,12 +158,11 @@ def run_wipe(
     report = WipeReport("nothing-registered", (region.base, region.size), backend.name)
 
     if early is not None and early.ranges == tuple(memmap.ranges):
-        data, table = early.data, early.table
-        phases.mark("read")
+        data = early.data
     else:
         data = read_region(backend, region)
-        phases.mark("read")
-        table = decode(data, region, memmap, strict=(on_invalid == "fail"))
+    phases.mark("read")
+    table = decode(data, region, memmap, strict=(on_invalid == "fail"))
     phases.mark("validate")
     if table.header is None:
         log.info("no vmwipe magic in region %#x: nothing registered", region.base)
@@ -169,7 +170,7 @@ def run_wipe(
         return report
     hdr = table.header
     report.slots_used = table.used
-    report.slots_valid = len(table.gpas)
+    report.slots_valid = len(table.npages)
     report.invalid = [str(e) for e in table.errors]
     report.generation_before = hdr.wipe_generation
     report.boot_id = hdr.boot_id.hex()
@@ -182,7 +183,7 @@ def run_wipe(
     if (reduce(or_, starts, 0) | reduce(or_, sizes, 0)) % PAGE_SIZE:
         raise InvalidTableError("a range is not page aligned")
     # split at RAM-range boundaries (and into zeroing chunks), host addresses resolved once
-    pieces = backend.pieces_of_sorted(starts, sizes, ZERO_CHUNK)
+    pieces = backend.pieces_of_sorted(starts, sizes, backend.max_piece)
     if any(r.gpa % PAGE_SIZE or r.size % PAGE_SIZE for r in memmap.ranges):
         # QEMU maps RAM in whole pages; a sub-page RAM range means a misparsed map
         for gpa, n, _hva in pieces:

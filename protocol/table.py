@@ -338,7 +338,13 @@ def _validate_fast(
         runs = _sorted_ranges(pfns, tails, region, rams)
     if runs is None:
         return None
-    return (indices, list(map(lshift, pfns, repeat(_PAGE_SHIFT))), tails), runs
+    # Every VALID slot now has a clean word (gpa | VALID): the gpas are the words with
+    # their first byte cleared, which a byte-slice assignment does for all of them.
+    cleared = bytearray(used_bytes)
+    cleared[0 :: L.SLOT_SIZE] = bytes(len(valid))
+    gpa_col = array("Q", cleared)[0::2]
+    gpas = gpa_col.tolist() if count == len(valid) else list(compress(gpa_col, valid))
+    return (indices, gpas, tails), runs
 
 
 
@@ -350,7 +356,7 @@ def _sorted_single_pages(pfns: list[int], region: Region, rams: _RamIndex | None
     neighbours say both which slots repeat (gap 0) and which runs merge (gap 1).
     """
     gaps = list(map(sub, islice(pfns, 1, None), pfns))
-    if gaps and min(gaps) == 0:
+    if not all(gaps):
         return None  # duplicated slots
     if pfns[-1] >= _U64 >> _PAGE_SHIFT:
         return None  # overflows 2^64

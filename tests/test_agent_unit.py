@@ -24,7 +24,7 @@ from vmwipe.host_agent.region import (
     reset_guard_problem,
     split_qemu_opts,
 )
-from vmwipe.host_agent.wipe import read_table_early, run_wipe
+from vmwipe.host_agent.wipe import read_region_early, run_wipe
 from vmwipe.protocol import PAGE_SIZE, Region, build_region, encode_ssdt, merge_ranges
 
 P = PAGE_SIZE
@@ -197,27 +197,27 @@ def test_process_vm_errors(own_memory: tuple[ProcessVMBackend, bytearray],
         gone.probe()
 
 
-def test_early_table_used_only_on_an_identical_map() -> None:
-    """A table decoded before the post-load map was known is used only if that map
-    equals the one it was decoded against; otherwise the engine reads it again."""
+def test_early_region_used_only_on_an_identical_map() -> None:
+    """A region read before the post-load map was known is used only if that map
+    equals the one it was read through; otherwise the engine reads it again."""
     small = Region(0x100000 + 8 * P, 2 * P)
     ram = bytearray(b"\xee" * (64 * P))
     base = buffer_address(memoryview(ram))
     ram[8 * P : 10 * P] = build_region(small.size, [(0x100000 + 20 * P, 1)])
     mm = GuestMemoryMap([RamRange(0x100000, 64 * P, "a", 0, hva=base)])
     be = ProcessVMBackend(mm, os.getpid())
-    early = read_table_early(be, small, "fail")
-    assert early is not None and early.table.gpas == [0x100000 + 20 * P]
+    early = read_region_early(be, small)
+    assert early is not None and bytes(early.data) == bytes(ram[8 * P : 10 * P])
     # the guest's table changes (in a real flow it cannot: the VM is paused) ...
     ram[8 * P : 10 * P] = build_region(small.size, [(0x100000 + 30 * P, 1)])
-    rep = run_wipe(be, small, early=early)  # ... same map: the early table is used
+    rep = run_wipe(be, small, early=early)  # ... same map: the early copy is used
     assert rep.pages == 1 and ram[20 * P : 21 * P] == bytes(P)
     assert ram[30 * P : 31 * P] == b"\xee" * P
     moved = GuestMemoryMap([RamRange(0x100000, 63 * P, "a", 0, hva=base)])
     rep = run_wipe(ProcessVMBackend(moved, os.getpid()), small, early=early)
     assert rep.pages == 1 and ram[30 * P : 31 * P] == bytes(P)  # different map: read again
-    bad = Region(0x100000 + 100 * P, 2 * P)  # outside RAM: no early table, no exception
-    assert read_table_early(be, bad, "fail") is None
+    bad = Region(0x100000 + 100 * P, 2 * P)  # outside RAM: no early copy, no exception
+    assert read_region_early(be, bad) is None
 
 
 def test_read_proc_maps() -> None:
