@@ -113,8 +113,6 @@ class PreparedTarget:
         self.backend: MemoryBackend | None = None
         self.error: MemoryAccessError | None = None
         self._thread: threading.Thread | None = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmwipe-early")
-        self._pool.submit(lambda: None)  # start the worker now, outside the paused window
         if opts.populate and opts.backend != "process_vm":
             self._thread = threading.Thread(
                 target=self._open_shared, args=(session.pid,), name="vmwipe-prefetch",
@@ -125,6 +123,8 @@ class PreparedTarget:
             self.backend = open_backend(
                 opts.backend, self.memmap, session.pid, self.shared, opts.populate
             )
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmwipe-early")
+        self._pool.submit(lambda: None)  # start the worker now, outside the paused window
 
     def _open_shared(self, pid: int) -> None:
         try:

@@ -83,17 +83,13 @@ class Pieces:
 
     __slots__ = ("gpas", "hvas", "local", "sizes")
 
-    def __init__(
-        self, gpas: Iterable[int] = (), sizes: Iterable[int] = (), hvas: Iterable[int] = ()
-    ) -> None:
-        self.gpas = array("Q", gpas)
-        self.sizes = array("Q", sizes)
-        self.hvas = array("Q", hvas)
+    def __init__(self) -> None:
+        self.gpas: array[int] = array("Q")
+        self.sizes: array[int] = array("Q")
+        self.hvas: array[int] = array("Q")
         #: (backend, its addresses for these pieces): the shared backend's zero and
         #: verify passes translate a full table once, not once per pass
         self.local: tuple[object, array[int]] | None = None
-        if not len(self.gpas) == len(self.sizes) == len(self.hvas):
-            raise ValueError("piece columns differ in length")
 
     def append(self, gpa: int, size: int, hva: int) -> None:
         self.local = None

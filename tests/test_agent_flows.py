@@ -196,6 +196,20 @@ def test_invalid_table_in_snapshot_keeps_restored_vm_paused(vms: list[VM], tmp_p
     assert dst.status() in ("paused", "prelaunch")
 
 
+def test_restore_refuses_unreachable_ram_before_loading(vms: list[VM], tmp_path: Path) -> None:
+    """Everything a load cannot change is checked before it starts: a backend that
+    cannot reach guest RAM fails the restore with nothing loaded."""
+    src = new_vm(vms, tmp_path / "src")
+    plant_marked(src)
+    snap = tmp_path / "snap.bin"
+    save(src, snap)
+    dst = new_vm(vms, tmp_path / "dst", incoming=True)  # private RAM: no shared backend
+    r = run_cli("restore", "--qmp", dst.qmp, "--from", str(snap), "--backend", "shared")
+    assert r.returncode == 7 and "is not shared" in r.stderr, r.stderr
+    assert dst.status() == "inmigrate"
+    assert dst.session().cmd("query-migrate").get("status", "none") == "none"
+
+
 def test_clone(vms: list[VM], tmp_path: Path) -> None:
     src = new_vm(vms, tmp_path / "src")
     plant_marked(src)
