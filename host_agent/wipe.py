@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import reduce
-from operator import add, or_
+from operator import or_
 from typing import Any
 
 from vmwipe.protocol import (
@@ -176,10 +176,11 @@ def run_wipe(
     report.boot_id = hdr.boot_id.hex()
 
     starts, sizes = table.runs()
-    # belt and braces: decode_table already refuses both of these
-    first = bisect.bisect_right(list(map(add, starts, sizes)), region.base)
-    if first < len(starts) and starts[first] < region.end:
-        raise InvalidTableError(f"range {starts[first]:#x}+{sizes[first]:#x} overlaps the region")
+    # belt and braces: decode_table already refuses both of these.  The runs are sorted
+    # and disjoint, so only the last one starting below the region's end can reach it.
+    last = bisect.bisect_left(starts, region.end) - 1
+    if last >= 0 and starts[last] + sizes[last] > region.base:
+        raise InvalidTableError(f"range {starts[last]:#x}+{sizes[last]:#x} overlaps the region")
     if (reduce(or_, starts, 0) | reduce(or_, sizes, 0)) % PAGE_SIZE:
         raise InvalidTableError("a range is not page aligned")
     # split at RAM-range boundaries (and into zeroing chunks), host addresses resolved once

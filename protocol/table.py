@@ -72,14 +72,17 @@ class Table:
 
     Valid slots are kept as three parallel columns so that a full table (65,280
     slots) validates without building an object per slot; `slots` materialises
-    typed `Slot` objects on demand.
+    typed `Slot` objects on demand.  The fast path gives `indices` as a range
+    and `gpas` as an `array('Q')` where it can: sequences that hold no int
+    objects cost nothing to build or free (freeing 65,280 ints takes
+    milliseconds, inside the paused window).
     """
 
     header: Header | None
     errors: list[SlotError] = field(default_factory=list)
     used: int = 0
-    indices: list[int] = field(default_factory=list)
-    gpas: list[int] = field(default_factory=list)
+    indices: Sequence[int] = field(default_factory=list)
+    gpas: Sequence[int] = field(default_factory=list)
     npages: list[int] = field(default_factory=list)
 
     @property
@@ -91,13 +94,13 @@ class Table:
         return sum(self.npages)
 
     #: `runs()` as the fast path found them; None means "compute from the columns".
-    sorted_runs: tuple[list[int], list[int]] | None = field(default=None, repr=False)
+    sorted_runs: tuple[Sequence[int], Sequence[int]] | None = field(default=None, repr=False)
 
     def ranges(self) -> list[tuple[int, int]]:
         """(gpa, bytes) of every valid slot, in slot order."""
         return [(g, n * L.PAGE_SIZE) for g, n in zip(self.gpas, self.npages, strict=True)]
 
-    def runs(self) -> tuple[list[int], list[int]]:
+    def runs(self) -> tuple[Sequence[int], Sequence[int]]:
         """What the host zeroes: the valid ranges sorted, with adjacent ones merged,
         as (gpa, bytes) columns.  Validation sorts them anyway, so a table that took
         the fast path hands them over instead of the host sorting 65,280 slots again."""
@@ -246,8 +249,8 @@ def decode_table(
     return table
 
 
-_Columns = tuple[list[int], list[int], list[int]]
-_Runs = tuple[list[int], list[int]]  # sorted, merged (gpa, bytes): what `Table.runs` gives
+_Columns = tuple[Sequence[int], Sequence[int], list[int]]
+_Runs = tuple[Sequence[int], Sequence[int]]  # sorted, merged (gpa, bytes): `Table.runs`
 _PAGE_SHIFT = 12
 _ZERO_STEP = 16 << 10
 _ZEROS = bytes(_ZERO_STEP)
@@ -322,18 +325,20 @@ def _validate_fast(
         return None
     # npages == 1 in every VALID slot: the common shape, where ends follow starts
     one_page = not _column_or(used_bytes, (8, 9, 10, 11), (_NOT_ONE, None, None, None)) & vmask
+    indices: Sequence[int]
     if count == len(valid):
-        indices, words = list(range(count)), word_col.tolist()
+        indices, words = range(count), word_col.tolist()
         tails = [1] * count if one_page else tail_col.tolist()
     else:
-        indices = list(compress(range(len(valid)), valid))
+        indices = array("I", compress(range(len(valid)), valid))
         words = list(compress(word_col, valid))
         tails = [1] * count if one_page else list(compress(tail_col, valid))
     if not one_page and min(tails) == 0:
         return None
     pfns = list(map(rshift, words, repeat(_PAGE_SHIFT)))
     if one_page:
-        runs = _sorted_single_pages(sorted(pfns), region, rams)
+        pfns.sort()  # in place: the slot-order gpas come from the bytes below
+        runs = _sorted_single_pages(pfns, region, rams)
     else:
         runs = _sorted_ranges(pfns, tails, region, rams)
     if runs is None:
@@ -343,7 +348,7 @@ def _validate_fast(
     cleared = bytearray(used_bytes)
     cleared[0 :: L.SLOT_SIZE] = bytes(len(valid))
     gpa_col = array("Q", cleared)[0::2]
-    gpas = gpa_col.tolist() if count == len(valid) else list(compress(gpa_col, valid))
+    gpas = gpa_col if count == len(valid) else array("Q", compress(gpa_col, valid))
     return (indices, gpas, tails), runs
 
 

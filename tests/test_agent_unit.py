@@ -220,6 +220,40 @@ def test_early_region_used_only_on_an_identical_map() -> None:
     assert read_region_early(be, bad) is None
 
 
+@pytest.mark.parametrize("runs", [
+    ([0x100000 + 4 * P], [5 * P]),  # reaches into the region from below
+    ([0x100000 + 9 * P], [P]),  # inside it
+    ([0x100000, 0x100000 + 9 * P], [P, 4 * P]),  # the last run that starts below its end
+    ([0x100000 + 20 * P + 1], [P]),  # not page aligned
+])
+def test_engine_refuses_runs_a_broken_decoder_would_hand_it(
+    runs: tuple[list[int], list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Belt and braces: even if the validator let such runs through, nothing is zeroed."""
+    from vmwipe.host_agent import wipe
+    from vmwipe.host_agent.errors import InvalidTableError
+    from vmwipe.protocol import decode_table
+
+    small = Region(0x100000 + 8 * P, 2 * P)
+    ram = bytearray(b"\xee" * (64 * P))
+    ram[8 * P : 10 * P] = build_region(small.size, [(0x100000 + 20 * P, 1)])
+    be = ProcessVMBackend(GuestMemoryMap([RamRange(0x100000, 64 * P, "a", 0,
+                                                   hva=buffer_address(memoryview(ram)))]),
+                          os.getpid())
+    before = bytes(ram)
+
+    def broken(data: bytes | bytearray, region: Region, memmap: GuestMemoryMap,
+               strict: bool) -> object:
+        table = decode_table(data, region, memmap.pairs(), strict=strict)
+        table.sorted_runs = runs
+        return table
+
+    monkeypatch.setattr(wipe, "decode", broken)
+    with pytest.raises(InvalidTableError, match=r"overlaps the region|not page aligned"):
+        run_wipe(be, small)
+    assert bytes(ram) == before
+
+
 def test_read_proc_maps() -> None:
     maps = read_proc_maps(os.getpid())
     assert maps and all(m.start < m.end for m in maps)
