@@ -197,7 +197,7 @@ class MemoryBackend(ABC):
                 out.extend(self.pieces(rest, max_piece))
             if hi > lo:
                 part_starts, part_sizes = starts[lo:hi], sizes[lo:hi]
-                if r.hva is None or max(part_sizes) > max_piece:
+                if r.hva is None or (r.size > max_piece and max(part_sizes) > max_piece):
                     out.extend(self.pieces(zip(part_starts, part_sizes, strict=True), max_piece))
                 else:
                     out.gpas.extend(part_starts)
