@@ -352,7 +352,6 @@ def _validate_fast(
     return (indices, gpas, tails), runs
 
 
-
 def _sorted_single_pages(pfns: list[int], region: Region, rams: _RamIndex | None) -> _Runs | None:
     """The rules past the per-slot fields for one page per slot, on sorted frame numbers.
 
