@@ -19,75 +19,74 @@
 #define ZERO_CHUNK 65536
 static const unsigned char zeros[ZERO_CHUNK];
 
-/* Parse (addresses, lengths): two buffers of the same number of uint64. */
-static int get_columns(PyObject *args, Py_buffer *addr, Py_buffer *len, Py_ssize_t *count)
+static int zero_span(unsigned char *p, uint64_t n)
 {
-	if (!PyArg_ParseTuple(args, "y*y*", addr, len))
-		return -1;
-	if (addr->len != len->len || addr->len % sizeof(uint64_t)) {
-		PyBuffer_Release(addr);
-		PyBuffer_Release(len);
-		PyErr_SetString(PyExc_ValueError,
-				"addresses and lengths must be uint64 columns of one length");
-		return -1;
-	}
-	*count = addr->len / (Py_ssize_t)sizeof(uint64_t);
+	memset(p, 0, n);
 	return 0;
 }
 
-static int is_zero(const unsigned char *p, uint64_t n)
+/* Non-zero if the span holds a non-zero byte. */
+static int dirty_span(unsigned char *p, uint64_t n)
 {
 	while (n) {
 		uint64_t step = n < ZERO_CHUNK ? n : ZERO_CHUNK;
 
 		if (memcmp(p, zeros, step))
-			return 0;
+			return 1;
 		p += step;
 		n -= step;
 	}
-	return 1;
+	return 0;
+}
+
+/*
+ * Parse (addresses, lengths), two buffers of the same number of uint64, and
+ * run @op on each span without the GIL until it returns non-zero.  Returns
+ * the index of that span, -1 if there was none, or -2 with an exception set.
+ */
+static Py_ssize_t for_each_span(PyObject *args, int (*op)(unsigned char *, uint64_t))
+{
+	Py_buffer addr, len;
+	Py_ssize_t count, hit = -1;
+	const uint64_t *a, *l;
+
+	if (!PyArg_ParseTuple(args, "y*y*", &addr, &len))
+		return -2;
+	if (addr.len != len.len || addr.len % sizeof(uint64_t)) {
+		PyErr_SetString(PyExc_ValueError,
+				"addresses and lengths must be uint64 columns of one length");
+		hit = -2;
+		goto out;
+	}
+	count = addr.len / (Py_ssize_t)sizeof(uint64_t);
+	a = addr.buf;
+	l = len.buf;
+	Py_BEGIN_ALLOW_THREADS
+	for (Py_ssize_t i = 0; i < count; i++) {
+		if (op((unsigned char *)(uintptr_t)a[i], l[i])) {
+			hit = i;
+			break;
+		}
+	}
+	Py_END_ALLOW_THREADS
+out:
+	PyBuffer_Release(&addr);
+	PyBuffer_Release(&len);
+	return hit;
 }
 
 static PyObject *pages_zero(PyObject *Py_UNUSED(self), PyObject *args)
 {
-	Py_buffer addr, len;
-	Py_ssize_t count;
-	const uint64_t *a, *l;
-
-	if (get_columns(args, &addr, &len, &count))
+	if (for_each_span(args, zero_span) == -2)
 		return NULL;
-	a = addr.buf;
-	l = len.buf;
-	Py_BEGIN_ALLOW_THREADS
-	for (Py_ssize_t i = 0; i < count; i++)
-		memset((void *)(uintptr_t)a[i], 0, l[i]);
-	Py_END_ALLOW_THREADS
-	PyBuffer_Release(&addr);
-	PyBuffer_Release(&len);
 	Py_RETURN_NONE;
 }
 
 static PyObject *pages_first_nonzero(PyObject *Py_UNUSED(self), PyObject *args)
 {
-	Py_buffer addr, len;
-	Py_ssize_t count, bad = -1;
-	const uint64_t *a, *l;
+	Py_ssize_t hit = for_each_span(args, dirty_span);
 
-	if (get_columns(args, &addr, &len, &count))
-		return NULL;
-	a = addr.buf;
-	l = len.buf;
-	Py_BEGIN_ALLOW_THREADS
-	for (Py_ssize_t i = 0; i < count; i++) {
-		if (!is_zero((const unsigned char *)(uintptr_t)a[i], l[i])) {
-			bad = i;
-			break;
-		}
-	}
-	Py_END_ALLOW_THREADS
-	PyBuffer_Release(&addr);
-	PyBuffer_Release(&len);
-	return PyLong_FromSsize_t(bad);
+	return hit == -2 ? NULL : PyLong_FromSsize_t(hit);
 }
 
 static PyMethodDef pages_methods[] = {
