@@ -147,7 +147,7 @@ class MemoryBackend(ABC):
 
     @abstractmethod
     def _zero_pieces(self, pieces: Pieces) -> None:
-        """Zero the pieces (each at most ZERO_CHUNK bytes)."""
+        """Zero the pieces (each at most `max_piece` bytes)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release mappings; the backend is unusable afterwards."""
