@@ -92,11 +92,14 @@ def _case(lab: Lab, npages: int, repeat: int) -> list[Row]:
         split = ", ".join(
             f"{k} {statistics.median(p.get(k, 0.0) for p in phases[name]):.1f}"
             for k in ("map", "read", "validate", "plan", "zero", "verify", "commit", "resume"))
-        # rounds ran back to back, so per-round ratios cancel the restore's drift
+        # rounds ran back to back, so per-round ratios and differences cancel the drift
         paired = statistics.median(x / y for x, y in zip(samples[name], samples["plain"],
                                                          strict=True))
+        paired_extra = statistics.median(
+            x - y for x, y in zip(windows[name], windows["plain"], strict=True))
         note = (f"backend {'/'.join(sorted(backends[name]))}; paused window {wb:.1f} ms vs "
-                f"{wa:.1f} ms (+{wb - wa:.1f}); time to running {extra_total:+.1f} ms "
+                f"{wa:.1f} ms (+{wb - wa:.1f}; per-round difference median "
+                f"{paired_extra:+.1f}); time to running {extra_total:+.1f} ms "
                 f"(per-round ratio median {paired:.2f}x); "
                 f"window phases ms: {split}")
         rows.append(Row("pause: restore+wipe+cont", f"{npages:,} pages, {name}", b, a,
