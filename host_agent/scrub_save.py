@@ -27,6 +27,7 @@ no copy of a listed page holds a non-zero byte).  The sidecar
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import tempfile
@@ -55,6 +56,8 @@ from .scrub import sidecar_path, write_sidecar
 log = logging.getLogger(__name__)
 
 MAX_BANDWIDTH = 1 << 40
+#: The pipe QEMU migrates into: 1 MiB, the usual fs.pipe-max-size (more is refused, harmlessly).
+PIPE_SIZE = 1 << 20
 #: Capabilities whose streams the filter cannot rewrite (or that spread pages over
 #: several channels the pipe does not see).
 REFUSED_CAPS = ("xbzrle", "compress", "multifd", "postcopy-ram", "mapped-ram",
@@ -230,6 +233,8 @@ def save_scrubbed(session: QMPSession | Monitor, path: str, *, region: Region | 
 
     partial = path + ".partial"
     r, w = os.pipe()
+    with contextlib.suppress(OSError):  # the default 64 KiB makes QEMU and us take turns
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     result: dict[str, Any] = {}
 
     def reader() -> None:
