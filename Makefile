@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml host_agent/_pages.c | cksum | cut -d" " -f1)
 
-.PHONY: setup system-packages test test-fast demo bench lint abi kmod kmod-check fuzz clean
+.PHONY: setup system-packages test test-fast test-debian13 demo bench lint abi kmod kmod-check fuzz clean
 
 setup: system-packages $(STAMP)
 
@@ -25,6 +25,11 @@ test: setup
 
 test-fast: setup
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+# The whole suite inside a Debian 13 (trixie) chroot in build/debian13-root (root only;
+# see the script's header).  PYTEST_ARGS is passed through.
+test-debian13:
+	@bash scripts/test-debian13.sh
 
 demo: setup
 	$(BIN)/python examples/demo.py
@@ -52,4 +57,6 @@ fuzz: setup
 
 clean:
 	$(MAKE) -C guest_kmod clean || true
-	rm -rf build host_agent/_pages.*.so
+	@! findmnt -rn -o TARGET | grep -q '^$(CURDIR)/build/' || \
+	  { echo "make clean: mounts under build/ (a test-debian13 run?); not removing build/" >&2; exit 1; }
+	rm -rf --one-file-system build host_agent/_pages.*.so
