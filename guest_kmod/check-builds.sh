@@ -8,7 +8,16 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${VMWIPE_BUILD_DIR:-$here/../build}
 
-newest() { ls -d /usr/src/linux-headers-"$1"*-amd64 2>/dev/null | sort -V | tail -n 1; }
+# The newest header tree of a series, or nothing: a series may be missing (Debian 13
+# has no 6.1), and under pipefail a failing `ls` would end the script silently.
+newest() {
+	local d found=()
+	for d in /usr/src/linux-headers-"$1"*-amd64; do
+		[ -f "$d/Makefile" ] && found+=("$d")
+	done
+	[ "${#found[@]}" -gt 0 ] && printf '%s\n' "${found[@]}" | sort -V | tail -n 1
+	return 0
+}
 
 [ -n "$(newest 6.12.)" ] || "$here/install-6.12-headers.sh" >/dev/null
 codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")

@@ -15,18 +15,25 @@ Rules this module keeps (see NOTES.md):
   QMP monitor (from `vmwipe libvirt protect`) and gets the PID by SO_PEERCRED;
 - it prints nothing of its own: at `restore begin` (and `migrate begin`)
   whatever a hook prints replaces the domain XML;
-- it tells a restore from the cases that must be left alone:
-  * fresh boot: QEMU `running` at `started` (libvirt already let the vCPUs
-    run), or `prelaunch` with no incoming migration and no `-loadvm` (a
-    `--paused` start: the vCPUs never ran, RAM is fresh, nothing to wipe);
+- it leaves alone only the two cases it can prove harmless, and wipes
+  every other one (fail closed):
+  * fresh boot: QEMU `running` at `started`.  libvirt lets the vCPUs run
+    before `started` only on a fresh boot; for every load it sends `cont`
+    after the hook;
   * incoming live migration: `started` runs before RAM arrives, QEMU is
     `inmigrate` (query-migrate setup/active).  A migration is not a clone;
-  * restore: paused with query-migrate `completed` (libvirt loaded the save
-    image through an incoming migration), or a `-loadvm` on QEMU's command
-    line (libvirt 9.0 starts a new QEMU with -loadvm to revert to an internal
-    snapshot).  Any other paused state is wiped too (fail closed).  A revert
-    that libvirt performs inside the running QEMU fires no hook at all: use
-    `vmwipe libvirt revert`, which asks for REVERT_PAUSED and wipes itself;
+  * everything else has stopped vCPUs and is wiped: a restore (query-migrate
+    `completed`: libvirt loaded the save image through an incoming
+    migration), a `-loadvm` revert (libvirt 9 starts QEMU with it), and
+    `prelaunch` without either.  The last is what libvirt 11 does to revert a
+    shut-off domain (it starts QEMU with -S, loads the snapshot over QMP with
+    the `snapshot-load` job, then runs `started`), and also what a fresh
+    `--paused` boot looks like.  The hook need not tell them apart: the
+    reset-time zero page and untouched RAM make a fresh boot's region read
+    as "nothing registered", while a loaded state brings its table along.
+    A revert that libvirt performs inside the running QEMU fires no hook at
+    all: use `vmwipe libvirt revert`, which asks for REVERT_PAUSED and wipes
+    itself;
 - any failure exits 1 with a one-line reason on stderr (libvirt puts it into
   its error message) and logs to syslog and /var/log/vmwipe/hook.log.
 
@@ -128,7 +135,7 @@ class Situation:
 
     @property
     def wipe(self) -> bool:
-        return self.kind in ("restore", "revert", "paused")
+        return self.kind not in ("fresh-boot", "migration")
 
     @property
     def kind(self) -> str:
@@ -142,18 +149,26 @@ class Situation:
             return "restore"
         if self.loadvm:
             return "revert"
-        if self.state == "prelaunch" and self.migration == "none":
-            return "fresh-boot"
+        if self.state == "prelaunch":
+            return "prelaunch"
         return "paused"
 
-    def reason(self) -> str:
+    def reason(self, registered: bool | None = None) -> str:
+        """Why; for `prelaunch`, what the region held tells a QMP-loaded state from a boot."""
+        kind = self.kind
+        if kind == "prelaunch" and registered is not None:
+            kind = "qmp-load" if registered else "paused-boot"
         return {
             "fresh-boot": "fresh boot (the guest never ran with a restored memory image)",
             "migration": "incoming live migration (RAM not yet here; a migration is not a clone)",
             "restore": "restored from a saved state",
             "revert": "reverted to an internal snapshot (-loadvm)",
+            "prelaunch": "vCPUs never ran: a state loaded over QMP or a --paused boot",
+            "qmp-load": "reverted to an internal snapshot or another state loaded over QMP "
+                        "(snapshot-load) before the vCPUs ran",
+            "paused-boot": "fresh --paused boot (the region holds no table)",
             "paused": "paused with restored or unknown memory contents",
-        }[self.kind] + f" [state {self.state}, migration {self.migration}]"
+        }[kind] + f" [state {self.state}, migration {self.migration}]"
 
 
 def classify(state: str, migration: str, argv: Sequence[str]) -> Situation:
@@ -206,7 +221,8 @@ def hook_wipe(name: str, monitor: str, expect: Region | None = None) -> str:
             s, pid, AgentOptions(), expect, phases)
     for w in warnings:
         log.warning("%s: %s", name, w)
-    res = DomainWipe(name, pid, "wiped", sit.reason(), state, migration, report.region, source,
+    reason = sit.reason(registered=report.status != "nothing-registered")
+    res = DomainWipe(name, pid, "wiped", reason, state, migration, report.region, source,
                      warnings, report, timings_ms=dict(phases.ms))
     return res.summary()
 

@@ -346,6 +346,24 @@ def test_dimm_reservation_end_to_end(env: Env) -> None:
 # --- the hook on a real guest ---------------------------------------------------------------
 
 
+def test_paused_fresh_boot_starts(env: Env) -> None:
+    """`virsh start --paused` looks like libvirt 11's snapshot revert at `started` (prelaunch,
+    no migration, no -loadvm): the hook reads the region, finds nothing, and lets it boot."""
+    off = env.log_size()
+    env.lab.virsh("start", "--paused", env.name)
+    env.lab.note_qemu(env.name)
+    try:
+        assert env.domstate() == "paused"
+        log = env.lab.hook_log()
+        assert re.search(rf"{env.name}: fresh --paused boot .*no vmwipe table in the region",
+                         log), log
+        env.lab.virsh("resume", env.name)
+        env.wait_lines(off, 1, timeout=120)
+        assert "@@MODULE loaded" in "\n".join(env.lines_since(off))
+    finally:
+        env.lab.virsh("destroy", env.name, check=False)
+
+
 def test_fresh_boot_untouched(env: Env) -> None:
     t0 = time.monotonic()
     off = env.log_size()
@@ -399,7 +417,8 @@ def snapshot_epoch() -> list[str]:
 
 
 def test_snapshot_revert_wipes(env: Env, snapshot_epoch: list[str]) -> None:
-    """Internal snapshot with memory; reverting a shut-off domain starts QEMU with -loadvm."""
+    """Internal snapshot with memory, reverted while shut off: libvirt 9 starts QEMU with
+    -loadvm, libvirt 11 starts it with -S and loads the snapshot over QMP (snapshot-load)."""
     env.lab.virsh("snapshot-create-as", env.name, "s1", timeout=180)
     at_snapshot = env.current_epoch()
     snapshot_epoch.append(at_snapshot)
