@@ -1,7 +1,8 @@
 """A real libvirtd for the libvirt tests, started by hand (no systemd) and stopped by PID.
 
 `LibvirtLab.start()` starts `virtlogd -d -p PIDFILE` and then `libvirtd -d -p
-PIDFILE` as root, after checking that no daemon we did not start owns the
+PIDFILE` (or `virtqemud`, with VMWIPE_TEST_LIBVIRT_DAEMON=virtqemud) as root,
+after checking that no daemon we did not start owns the
 default sockets (then the tests skip: they must not disturb somebody else's
 libvirtd).  Before libvirtd starts, the vmwipe hook is installed through the
 real CLI, so libvirtd sees it (hooks are read only at startup); whatever was in
@@ -35,6 +36,10 @@ APPARMOR_LOCAL = Path("/etc/apparmor.d/local/abstractions/libvirt-qemu")
 STATE_DIR = Path("/var/lib/vmwipe")
 LOG_DIR = Path("/var/log/vmwipe")
 URI = "qemu:///system"
+#: The daemon under test: the monolithic `libvirtd` (Debian 12 and 13 package only that) or the
+#: modular `virtqemud` where it is installed.  Both run /etc/libvirt/hooks/qemu the same way,
+#: and qemu:///system reaches either.
+DAEMON = os.environ.get("VMWIPE_TEST_LIBVIRT_DAEMON", "libvirtd")
 
 
 def _socket_alive(path: Path) -> bool:
@@ -55,7 +60,9 @@ def unavailable_reason() -> str | None:
     """None when this process may start its own libvirtd, else why not (a skip reason)."""
     if os.geteuid() != 0:
         return "libvirt tests need root (libvirtd, /etc/libvirt/hooks, QEMU memory access)"
-    for tool in ("libvirtd", "virtlogd", "virsh", "qemu-system-x86_64"):
+    if DAEMON not in ("libvirtd", "virtqemud"):
+        return f"VMWIPE_TEST_LIBVIRT_DAEMON={DAEMON!r}: expected libvirtd or virtqemud"
+    for tool in (DAEMON, "virtlogd", "virsh", "qemu-system-x86_64"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (make setup installs libvirt-daemon-system)"
     try:
@@ -184,10 +191,10 @@ class LibvirtLab:
         if proc.returncode != 0:
             raise RuntimeError(f"install-hook failed: {self.install_output}")
         RUN_DIR.mkdir(parents=True, exist_ok=True)
-        vl_pid, ld_pid = self.work / "virtlogd.pid", self.work / "libvirtd.pid"
+        vl_pid, ld_pid = self.work / "virtlogd.pid", self.work / f"{DAEMON}.pid"
         subprocess.run(["virtlogd", "-d", "-p", str(vl_pid)], check=True, timeout=30)
         self.virtlogd_pid = self._wait_pid(vl_pid)
-        subprocess.run(["libvirtd", "-d", "-p", str(ld_pid)], check=True, timeout=60)
+        subprocess.run([DAEMON, "-d", "-p", str(ld_pid)], check=True, timeout=60)
         self.libvirtd_pid = self._wait_pid(ld_pid)
         import libvirt
 
@@ -201,7 +208,7 @@ class LibvirtLab:
                 if time.monotonic() > deadline or not _alive(self.libvirtd_pid):
                     raise
                 time.sleep(0.2)
-        self.timings["libvirtd start"] = time.monotonic() - t0
+        self.timings[f"{DAEMON} start"] = time.monotonic() - t0
 
     def _wait_pid(self, path: Path, timeout: float = 30) -> int:
         deadline = time.monotonic() + timeout
