@@ -296,19 +296,28 @@ phase_done "chroot configuration and mounts"
 # --- the working tree ------------------------------------------------------------------
 mkdir -p "$root$work"
 chmod 755 "$root/work" "$root$work"
-find "$root$work" -mindepth 1 -maxdepth 1 ! -name .venv ! -name build -exec rm -rf --one-file-system {} +
+# Files are copied over the previous run's copy, so that what `make setup` built there
+# (.venv, the in-place host_agent/_pages.*.so, build/) stays; files the previous run
+# copied that are gone from the tree now are deleted.
+list=$root/var/lib/vmwipe-test-debian13.files # what the previous run copied
+files=$(mktemp)
 if git -C "$repo" rev-parse --git-dir >/dev/null 2>&1; then
 	# tracked (with uncommitted changes) and untracked-but-not-ignored files
 	(cd "$repo" && git ls-files -z -c -o --exclude-standard |
 		grep -zvE '^(\.venv|build|demo-out)/|(^|/)__pycache__/' |
-		while IFS= read -r -d '' f; do if [ -e "$f" ] || [ -L "$f" ]; then printf '%s\0' "$f"; fi; done |
-		tar -c --null -T - -f -) | tar -x -C "$root$work" -f -
+		while IFS= read -r -d '' f; do if [ -e "$f" ] || [ -L "$f" ]; then printf '%s\0' "$f"; fi; done
+	) > "$files"
 else
-	tar -c -C "$repo" --exclude=./.venv --exclude=./build --exclude=./demo-out \
-		--exclude=__pycache__ -f - . | tar -x -C "$root$work" -f -
+	(cd "$repo" && find . \( -name .venv -o -name build -o -name demo-out -o -name __pycache__ \
+		-o -name .git \) -prune -o \( -type f -o -type l \) -print0 | sed -z 's#^\./##') > "$files"
 fi
-say "copied the working tree to $work ($(find "$root$work" -path "$root$work/.venv" -prune -o \
-	-path "$root$work/build" -prune -o -type f -print | wc -l) files)"
+if [ -f "$list" ]; then
+	comm -z -23 <(sort -z "$list") <(sort -z "$files") | (cd "$root$work" && xargs -0 -r rm -f --)
+fi
+(cd "$repo" && tar -c --null -T "$files" -f -) | tar -x -C "$root$work" -f -
+cp "$files" "$list"
+rm -f "$files"
+say "copied the working tree to $work ($(tr -cd '\0' < "$list" | wc -c) files)"
 phase_done "copy of the tree"
 
 # --- make setup, make test ---------------------------------------------------------------
