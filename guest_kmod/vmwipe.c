@@ -72,6 +72,16 @@ struct vmwipe {
 	u32 nfree;
 	u32 *free;
 
+	/*
+	 * What the slots must say, kept in kernel memory so that the table can
+	 * be rebuilt after a suspend or hibernation lost the region's copy
+	 * (vmwipe_republish). table_lock orders each slot's two copies against
+	 * a rebuild.
+	 */
+	spinlock_t table_lock;
+	struct vmwipe_slot *shadow;
+	struct vmwipe_header header;	/* as written at probe, magic included */
+
 	/* Registered user ranges (VMWIPE_IOC_REGISTER) and their work. */
 	struct mutex reg_lock;
 	struct list_head regs;
@@ -127,17 +137,24 @@ static void vmwipe_put_slots(struct vmwipe *vmw, const u32 *slots, unsigned long
 	spin_unlock(&vmw->lock);
 }
 
+/* Store one slot in the region: the host may read the table at any moment. */
+static void vmwipe_store_slot(struct vmwipe_slot *s, const struct vmwipe_slot *src)
+{
+	WRITE_ONCE(s->npages, src->npages);
+	/* npages must be in place before VALID is. */
+	smp_store_release(&s->word, src->word);
+}
+
 /* List @npages contiguous pages from @page in @slot. */
 static void vmwipe_list(struct vmwipe *vmw, u32 slot, struct page *page, u32 npages)
 {
-	struct vmwipe_slot *s = &vmw->slots[slot];
+	struct vmwipe_slot *shadow = &vmw->shadow[slot];
 
-	WRITE_ONCE(s->npages, cpu_to_le32(npages));
-	/*
-	 * npages must be in place before VALID is: the host may read the
-	 * table at any moment.
-	 */
-	smp_store_release(&s->word, cpu_to_le64(page_to_phys(page) | VMWIPE_SLOT_VALID));
+	spin_lock(&vmw->table_lock);
+	shadow->npages = cpu_to_le32(npages);
+	shadow->word = cpu_to_le64(page_to_phys(page) | VMWIPE_SLOT_VALID);
+	vmwipe_store_slot(&vmw->slots[slot], shadow);
+	spin_unlock(&vmw->table_lock);
 }
 
 /*
@@ -149,8 +166,11 @@ static void vmwipe_unlist(struct vmwipe *vmw, u32 slot)
 {
 	struct vmwipe_slot *s = &vmw->slots[slot];
 
+	spin_lock(&vmw->table_lock);
 	smp_store_release(&s->word, 0);
 	WRITE_ONCE(s->npages, 0);
+	memset(&vmw->shadow[slot], 0, sizeof(vmw->shadow[slot]));
+	spin_unlock(&vmw->table_lock);
 }
 
 /*
@@ -950,30 +970,60 @@ static void vmwipe_clear_magic(struct vmwipe *vmw)
 	smp_store_release((u64 *)vmw->hdr->magic, 0);
 }
 
-static void vmwipe_init_region(struct vmwipe *vmw)
+static void vmwipe_build_header(struct vmwipe *vmw)
 {
-	struct vmwipe_header h = {
-		.version = cpu_to_le32(VMWIPE_ABI_VERSION),
-		.header_size = cpu_to_le32(VMWIPE_HEADER_SIZE),
-		.region_size = cpu_to_le64(vmw->size),
-		.slot_size = cpu_to_le32(VMWIPE_SLOT_SIZE),
-		.slot_count = cpu_to_le32(vmw->capacity),
-		.slots_offset = cpu_to_le64(VMWIPE_SLOTS_OFFSET),
-	};
+	struct vmwipe_header *h = &vmw->header;
+
+	memcpy(h->magic, VMWIPE_MAGIC, VMWIPE_MAGIC_LEN);
+	h->version = cpu_to_le32(VMWIPE_ABI_VERSION);
+	h->header_size = cpu_to_le32(VMWIPE_HEADER_SIZE);
+	h->region_size = cpu_to_le64(vmw->size);
+	h->slot_size = cpu_to_le32(VMWIPE_SLOT_SIZE);
+	h->slot_count = cpu_to_le32(vmw->capacity);
+	h->slots_offset = cpu_to_le64(VMWIPE_SLOTS_OFFSET);
+	get_random_bytes(h->boot_id, sizeof(h->boot_id));
+	h->header_crc32 = cpu_to_le32(crc32_le(~0U, (u8 *)h, VMWIPE_HEADER_CRC_LEN) ^ ~0U);
+}
+
+/*
+ * Write the whole table from kernel memory: the header, the shadow's listed
+ * slots, and the magic last, so the host never sees a half-written table.
+ * The caller holds table_lock or is alone (probe).
+ */
+static void vmwipe_write_table(struct vmwipe *vmw)
+{
 	u64 magic;
+	u32 i;
 
-	memcpy(h.magic, VMWIPE_MAGIC, VMWIPE_MAGIC_LEN);
-	get_random_bytes(h.boot_id, sizeof(h.boot_id));
-	h.header_crc32 = cpu_to_le32(crc32_le(~0U, (u8 *)&h, VMWIPE_HEADER_CRC_LEN) ^ ~0U);
-
-	/* A table left by an earlier boot is stale: drop its magic first. */
+	/* What the region holds now is stale or foreign: drop its magic first. */
 	vmwipe_clear_magic(vmw);
 	memset((u8 *)vmw->hdr + VMWIPE_MAGIC_LEN, 0, vmw->size - VMWIPE_MAGIC_LEN);
-	memcpy((u8 *)vmw->hdr + VMWIPE_MAGIC_LEN, (u8 *)&h + VMWIPE_MAGIC_LEN,
-	       sizeof(h) - VMWIPE_MAGIC_LEN);
-	/* Magic last: the host must not see a half-written header. */
-	memcpy(&magic, h.magic, sizeof(magic));
+	memcpy((u8 *)vmw->hdr + VMWIPE_MAGIC_LEN, (u8 *)&vmw->header + VMWIPE_MAGIC_LEN,
+	       sizeof(vmw->header) - VMWIPE_MAGIC_LEN);
+	/* Keep the host's count, so no reader mistakes the rebuild for a wipe. */
+	vmw->hdr->wipe_generation = cpu_to_le64(READ_ONCE(vmw->generation));
+	for (i = 0; i < vmw->capacity; i++)
+		if (vmw->shadow[i].word)
+			vmwipe_store_slot(&vmw->slots[i], &vmw->shadow[i]);
+	memcpy(&magic, vmw->header.magic, sizeof(magic));
 	smp_store_release((u64 *)vmw->hdr->magic, magic);
+}
+
+/*
+ * Resume from S3: QEMU resets devices at wake-up, so the loader's zero page
+ * has overwritten the header. Restore from S4: the reserved region is not
+ * part of the image, and .shutdown retired the table at power-off. Either
+ * way the table must be whole again before user space runs, which the PM
+ * core guarantees for .resume and .restore (tasks thaw after them).
+ */
+static int vmwipe_republish(struct device *dev)
+{
+	struct vmwipe *vmw = dev_get_drvdata(dev);
+
+	spin_lock(&vmw->table_lock);
+	vmwipe_write_table(vmw);
+	spin_unlock(&vmw->table_lock);
+	return 0;
 }
 
 /*
@@ -1081,7 +1131,16 @@ static int vmwipe_probe(struct platform_device *pdev)
 		vmw->free[i] = vmw->capacity - 1 - i;
 	vmw->nfree = vmw->capacity;
 
-	vmwipe_init_region(vmw);
+	spin_lock_init(&vmw->table_lock);
+	vmw->shadow = kvcalloc(vmw->capacity, sizeof(*vmw->shadow), GFP_KERNEL);
+	if (!vmw->shadow)
+		return -ENOMEM;
+	ret = devm_add_action_or_reset(dev, vmwipe_kvfree, vmw->shadow);
+	if (ret)
+		return ret;
+
+	vmwipe_build_header(vmw);
+	vmwipe_write_table(vmw);
 	ret = devm_add_action_or_reset(dev, vmwipe_retire, vmw);
 	if (ret)
 		return ret;
@@ -1133,6 +1192,11 @@ static void vmwipe_shutdown(struct platform_device *pdev)
 	vmwipe_retire(platform_get_drvdata(pdev));
 }
 
+static const struct dev_pm_ops vmwipe_pm_ops = {
+	.resume = pm_sleep_ptr(vmwipe_republish),	/* S3 */
+	.restore = pm_sleep_ptr(vmwipe_republish),	/* S4 */
+};
+
 static const struct acpi_device_id vmwipe_acpi_ids[] = {
 	{ VMWIPE_ACPI_HID, 0 },
 	{ }
@@ -1145,6 +1209,7 @@ static struct platform_driver vmwipe_driver = {
 	.driver = {
 		.name = KBUILD_MODNAME,
 		.acpi_match_table = vmwipe_acpi_ids,
+		.pm = pm_sleep_ptr(&vmwipe_pm_ops),
 		/* Unbinding with pages handed out would orphan the table. */
 		.suppress_bind_attrs = true,
 	},
