@@ -207,6 +207,8 @@ static int cmd_errors(void)
 	expect_errno(mprotect(p, PAGE, PROT_READ) != 0, EINVAL, "partial mprotect");
 	expect_errno(mprotect(p, 2 * PAGE, PROT_READ | PROT_EXEC) != 0, EACCES, "mprotect exec");
 	expect_errno(madvise(p, 2 * PAGE, MADV_DODUMP) != 0, EINVAL, "MADV_DODUMP");
+	/* MADV_DOFORK would clear VM_DONTCOPY: a child would inherit the secrets. */
+	expect_errno(madvise(p, 2 * PAGE, MADV_DOFORK) != 0, EINVAL, "MADV_DOFORK");
 	q = mremap(p, 2 * PAGE, PAGE, 0);
 	expect_errno(q == MAP_FAILED, EINVAL, "mremap shrink");
 	q = mremap(p, 2 * PAGE, 4 * PAGE, MREMAP_MAYMOVE);

@@ -54,7 +54,12 @@ module_param(mode, ushort, 0444);
 MODULE_PARM_DESC(mode, "permissions of /dev/vmwipe (default 0666)");
 
 static unsigned int poll_ms = 100;
-module_param(poll_ms, uint, 0644);
+static int poll_ms_set(const char *val, const struct kernel_param *kp);
+static const struct kernel_param_ops poll_ms_ops = {
+	.set = poll_ms_set,
+	.get = param_get_uint,
+};
+module_param_cb(poll_ms, &poll_ms_ops, &poll_ms, 0644);
 MODULE_PARM_DESC(poll_ms, "period in ms for checking wipe_generation, 0 = only on vmgenid (default 100)");
 
 struct vmwipe {
@@ -91,11 +96,18 @@ struct vmwipe {
 	u64 generation;			/* last wipe_generation seen */
 	wait_queue_head_t wait;
 	struct delayed_work watch;
+	bool watching;			/* between the watch's start and stop */
 	struct notifier_block vmfork;
 };
 
 /* The one bound instance, for the in-kernel API. */
 static struct vmwipe *vmwipe_instance;
+
+/*
+ * Orders poll_ms writes against the watch's start and stop, and against
+ * vmwipe_instance going away: under it, a non-NULL instance is still alive.
+ */
+static DEFINE_MUTEX(vmwipe_watch_lock);
 
 struct vmwipe_file {
 	struct vmwipe *vmw;
@@ -380,11 +392,16 @@ static int vmwipe_mmap(struct file *file, struct vm_area_struct *vma)
 		}
 	}
 
-	/* Not inherited by fork(), not in core dumps, never grown or executed. */
+	/*
+	 * Not inherited by fork(), not in core dumps, never grown or executed.
+	 * VM_IO makes madvise() refuse MADV_DOFORK, which would clear
+	 * VM_DONTCOPY, and keeps get_user_pages() (O_DIRECT, vmsplice,
+	 * /proc/PID/mem) away from the pages.
+	 */
 #if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 3, 0)
-	vm_flags_mod(vma, VM_DONTCOPY | VM_DONTDUMP | VM_DONTEXPAND, VM_MAYEXEC);
+	vm_flags_mod(vma, VM_DONTCOPY | VM_DONTDUMP | VM_DONTEXPAND | VM_IO, VM_MAYEXEC);
 #else
-	vma->vm_flags |= VM_DONTCOPY | VM_DONTDUMP | VM_DONTEXPAND;
+	vma->vm_flags |= VM_DONTCOPY | VM_DONTDUMP | VM_DONTEXPAND | VM_IO;
 	vma->vm_flags &= ~VM_MAYEXEC;
 #endif
 	vma->vm_ops = &vmwipe_vm_ops;
@@ -955,6 +972,21 @@ static void vmwipe_watch(struct work_struct *work)
 		schedule_delayed_work(&vmw->watch, msecs_to_jiffies(period));
 }
 
+/* A watch that stopped because poll_ms was 0 must start again when it is not. */
+static int poll_ms_set(const char *val, const struct kernel_param *kp)
+{
+	struct vmwipe *vmw;
+	int ret;
+
+	mutex_lock(&vmwipe_watch_lock);
+	ret = param_set_uint(val, kp);
+	vmw = vmwipe_instance;
+	if (!ret && poll_ms && vmw && vmw->watching)
+		mod_delayed_work(system_wq, &vmw->watch, 0);
+	mutex_unlock(&vmwipe_watch_lock);
+	return ret;
+}
+
 /* vmgenid says we were restored or cloned: look at once, not at the next tick. */
 static int vmwipe_vmfork(struct notifier_block *nb, unsigned long action, void *data)
 {
@@ -1053,6 +1085,9 @@ static void vmwipe_stop_watch(void *data)
 {
 	struct vmwipe *vmw = data;
 
+	mutex_lock(&vmwipe_watch_lock);
+	vmw->watching = false;
+	mutex_unlock(&vmwipe_watch_lock);
 	cancel_delayed_work_sync(&vmw->watch);
 }
 
@@ -1067,7 +1102,9 @@ static void vmwipe_deregister(void *data)
 {
 	struct vmwipe *vmw = data;
 
+	mutex_lock(&vmwipe_watch_lock);
 	WRITE_ONCE(vmwipe_instance, NULL);
+	mutex_unlock(&vmwipe_watch_lock);
 	misc_deregister(&vmw->misc);
 }
 
@@ -1168,8 +1205,11 @@ static int vmwipe_probe(struct platform_device *pdev)
 		return ret;
 
 	/* The watch sends uevents from the misc device: start it after that. */
+	mutex_lock(&vmwipe_watch_lock);
+	vmw->watching = true;
 	if (poll_ms)
 		schedule_delayed_work(&vmw->watch, msecs_to_jiffies(poll_ms));
+	mutex_unlock(&vmwipe_watch_lock);
 	ret = devm_add_action_or_reset(dev, vmwipe_stop_watch, vmw);
 	if (ret)
 		return ret;

@@ -173,6 +173,25 @@ def test_map_unmap_cycles(loaded: Guest) -> None:
     assert before - after < 2048, f"MemFree {before} -> {after} kB"
 
 
+def test_poll_ms_zero_then_nonzero_restarts_the_watch(loaded: Guest) -> None:
+    g = loaded
+    param = "/sys/module/vmwipe/parameters/poll_ms"
+    gen0 = sysfs(g, "generation")
+    sh(g, f"echo 0 > {param}")
+    try:
+        time.sleep(0.5)  # a tick already queued runs once more, then the watch stops
+        gen = g.bump_generation(0)
+        time.sleep(1.5)
+        assert sysfs(g, "generation") == gen0, "the watch still runs with poll_ms=0"
+        sh(g, f"echo 100 > {param}")
+        deadline = time.monotonic() + 30
+        while sysfs(g, "generation") != gen:
+            assert time.monotonic() < deadline, "poll_ms=100 did not restart the watch"
+            time.sleep(0.2)
+    finally:
+        sh(g, f"echo 100 > {param}")
+
+
 def test_poll_uevent_and_drbg_reseed_after_wipe(loaded: Guest) -> None:
     g = loaded
     gen0 = sysfs(g, "generation")
