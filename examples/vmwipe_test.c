@@ -11,6 +11,7 @@
  *   vmwipe_test cycles N     N map/unmap cycles leave used unchanged
  *   vmwipe_test errors       MAP_PRIVATE, exec, partial munmap, mremap, ...
  *   vmwipe_test memlock      mappings are charged to RLIMIT_MEMLOCK
+ *   vmwipe_test share        one process holds at most max_share percent
  *   vmwipe_test poll MS      POLLPRI and a uevent when the host bumps
  *                            wipe_generation, and the page reads as zero
  */
@@ -36,19 +37,24 @@
 
 #include "probe.h"
 
-static long sysfs_long(const char *name)
+static long read_long(const char *path)
 {
-	char path[128];
 	long v = -1;
-	FILE *f;
+	FILE *f = fopen(path, "r");
 
-	snprintf(path, sizeof(path), SYSFS "%s", name);
-	f = fopen(path, "r");
 	if (!f || fscanf(f, "%ld", &v) != 1)
 		v = -1;
 	if (f)
 		fclose(f);
 	return v;
+}
+
+static long sysfs_long(const char *name)
+{
+	char path[128];
+
+	snprintf(path, sizeof(path), SYSFS "%s", name);
+	return read_long(path);
 }
 
 static void *map(size_t npages, int prot, int flags, off_t off)
@@ -243,6 +249,33 @@ static int cmd_memlock(void)
 	return done("MEMLOCK");
 }
 
+/*
+ * A root in a user namespace can take any uid, so a per-user memlock charge
+ * does not bound it: one process may hold only max_share percent of the table.
+ */
+static int cmd_share(void)
+{
+	struct rlimit lim = { RLIM_INFINITY, RLIM_INFINITY };
+	long cap = sysfs_long("capacity"), used = sysfs_long("used");
+	long pct = read_long("/sys/module/vmwipe/parameters/max_share");
+	size_t share = (size_t)(cap * pct / 100);
+	unsigned char *p, *q;
+
+	check(cap > 0 && pct > 0 && pct < 100 && cap - used > (long)share,
+	      "capacity=%ld used=%ld max_share=%ld", cap, used, pct);
+	check(setrlimit(RLIMIT_MEMLOCK, &lim) == 0, "setrlimit");
+	check(setgid(65534) == 0 && setuid(65534) == 0, "setuid nobody");
+	p = map_rw(share);
+	check(p != MAP_FAILED, "mmap of the whole share (%zu pages), errno %d", share, errno);
+	q = map_rw(1);
+	expect_errno(q == MAP_FAILED, ENOSPC, "mmap over the process's share");
+	if (p != MAP_FAILED)
+		munmap(p, share * PAGE);
+	q = map_rw(share);
+	check(q != MAP_FAILED, "mmap after munmap returned the share");
+	return done("SHARE");
+}
+
 /* Listen for kernel uevents (what udev gets) on the netlink socket. */
 static int uevent_socket(void)
 {
@@ -334,6 +367,8 @@ int main(int argc, char **argv)
 		ret = cmd_errors();
 	else if (!strcmp(cmd, "memlock"))
 		ret = cmd_memlock();
+	else if (!strcmp(cmd, "share"))
+		ret = cmd_share();
 	else if (!strcmp(cmd, "poll") && arg > 0)
 		ret = cmd_poll((int)arg);
 	else {

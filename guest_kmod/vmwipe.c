@@ -62,6 +62,10 @@ static const struct kernel_param_ops poll_ms_ops = {
 module_param_cb(poll_ms, &poll_ms_ops, &poll_ms, 0644);
 MODULE_PARM_DESC(poll_ms, "period in ms for checking wipe_generation, 0 = only on vmgenid (default 100)");
 
+static unsigned int max_share = 50;
+module_param(max_share, uint, 0644);
+MODULE_PARM_DESC(max_share, "percent of the table one process without CAP_IPC_LOCK may hold (default 50)");
+
 struct vmwipe {
 	struct miscdevice misc;
 	struct vmwipe_header *hdr;	/* start of the mapped region */
@@ -114,11 +118,17 @@ struct vmwipe_file {
 	u64 seen;
 };
 
+/* Who pays for listed pages; both NULL for a caller with CAP_IPC_LOCK. */
+struct vmwipe_charge {
+	struct user_struct *user;	/* RLIMIT_MEMLOCK, per user */
+	struct mm_struct *mm;		/* pinned_vm: the process's share of the table */
+};
+
 /* Shared by all VMAs of one mmap() (a VMA is only copied by mremap). */
 struct vmwipe_mapping {
 	refcount_t refs;
 	struct vmwipe *vmw;
-	struct user_struct *user;	/* charged for RLIMIT_MEMLOCK, or NULL */
+	struct vmwipe_charge charge;
 	unsigned long npages;
 	struct page *pages[];
 };
@@ -274,23 +284,54 @@ EXPORT_SYMBOL_GPL(vmwipe_free_pages);
  * Pinned pages count against RLIMIT_MEMLOCK, as memfd_secret's do, but in the
  * per-user counter that io_uring and perf use rather than per process: one
  * user of a 0666 device must pin neither unbounded memory nor every slot.
+ * A root in a user namespace can switch uids, so each process is also held
+ * to max_share percent of the table, counted in its mm's pinned_vm (with the
+ * pages it pinned for RDMA or io_uring, as those count theirs).
  */
-static int vmwipe_charge(unsigned long npages, struct user_struct **userp)
+static int vmwipe_charge(struct vmwipe *vmw, unsigned long npages, struct vmwipe_charge *c)
 {
 	unsigned long limit = rlimit(RLIMIT_MEMLOCK) >> PAGE_SHIFT;
+	u64 share = div_u64((u64)vmw->capacity * min(READ_ONCE(max_share), 100U), 100);
 	struct user_struct *user = current_user();
+	struct mm_struct *mm = current->mm;
 	long cur;
 
-	*userp = NULL;
+	c->user = NULL;
+	c->mm = NULL;
 	if (capable(CAP_IPC_LOCK))
 		return 0;
+	if (atomic64_add_return(npages, &mm->pinned_vm) > share) {
+		atomic64_sub(npages, &mm->pinned_vm);
+		return -ENOSPC;
+	}
 	cur = atomic_long_read(&user->locked_vm);
 	do {
-		if (cur + npages > limit)
+		if (cur + npages > limit) {
+			atomic64_sub(npages, &mm->pinned_vm);
 			return -EAGAIN;
+		}
 	} while (!atomic_long_try_cmpxchg(&user->locked_vm, &cur, cur + npages));
-	*userp = get_uid(user);
+	c->user = get_uid(user);
+	mmgrab(mm);
+	c->mm = mm;
 	return 0;
+}
+
+static void vmwipe_uncharge(struct vmwipe_charge *c, unsigned long npages)
+{
+	if (c->user) {
+		atomic_long_sub(npages, &c->user->locked_vm);
+		atomic64_sub(npages, &c->mm->pinned_vm);
+	}
+}
+
+/* After the last uncharge: drop the references vmwipe_charge() took. */
+static void vmwipe_charge_put(struct vmwipe_charge *c)
+{
+	if (c->user) {
+		free_uid(c->user);
+		mmdrop(c->mm);
+	}
 }
 
 static void vmwipe_mapping_free(struct vmwipe_mapping *m, bool published)
@@ -304,10 +345,8 @@ static void vmwipe_mapping_free(struct vmwipe_mapping *m, bool published)
 	}
 	for (i = 0; i < m->npages && m->pages[i]; i++)
 		__free_page(m->pages[i]);
-	if (m->user) {
-		atomic_long_sub(m->npages, &m->user->locked_vm);
-		free_uid(m->user);
-	}
+	vmwipe_uncharge(&m->charge, m->npages);
+	vmwipe_charge_put(&m->charge);
 	kvfree(m);
 }
 
@@ -366,7 +405,7 @@ static int vmwipe_mmap(struct file *file, struct vm_area_struct *vma)
 	refcount_set(&m->refs, 1);
 	m->vmw = vmw;
 	m->npages = n;
-	ret = vmwipe_charge(m->npages, &m->user);
+	ret = vmwipe_charge(vmw, m->npages, &m->charge);
 	if (ret)
 		goto err;
 	for (i = 0; i < n; i++) {
@@ -441,7 +480,7 @@ struct vmwipe_reg {
 	struct list_head node;		/* in vmw->regs */
 	bool listed;			/* on vmw->regs; under vmw->reg_lock */
 	struct work_struct work;	/* retire the pages that left */
-	struct user_struct *user;	/* charged for RLIMIT_MEMLOCK, or NULL */
+	struct vmwipe_charge charge;	/* one page at a time as pages retire */
 	unsigned long start, npages;
 	unsigned long *pfns;		/* hmm_range_fault() output, for the work */
 	u32 *slots;
@@ -485,8 +524,7 @@ static void vmwipe_reg_drop(struct vmwipe_reg *reg, unsigned long i, bool zero)
 	/* Only now may the page be freed and reused. */
 	unpin_user_page(page);
 	vmwipe_put_slots(reg->vmw, &reg->slots[i], 1);
-	if (reg->user)
-		atomic_long_dec(&reg->user->locked_vm);
+	vmwipe_uncharge(&reg->charge, 1);
 }
 
 static bool vmwipe_reg_invalidate(struct mmu_interval_notifier *mni,
@@ -535,8 +573,7 @@ static void vmwipe_reg_destroy(struct vmwipe_reg *reg, bool self)
 	for (i = 0; i < reg->npages; i++)
 		if (reg->pages[i])
 			vmwipe_reg_drop(reg, i, !vmwipe_page_mapped(reg->pages[i]));
-	if (reg->user)
-		free_uid(reg->user);
+	vmwipe_charge_put(&reg->charge);
 	kvfree(reg->pfns);
 	kvfree(reg->slots);
 	kvfree(reg);
@@ -740,7 +777,7 @@ static long vmwipe_register(struct vmwipe *vmw, const void __user *uarg)
 		ret = -ENOMEM;
 		goto err_free;
 	}
-	ret = vmwipe_charge(n, &reg->user);
+	ret = vmwipe_charge(vmw, n, &reg->charge);
 	if (ret)
 		goto err_free;
 
@@ -815,10 +852,8 @@ err_remove:
 	mmu_interval_notifier_remove(&reg->notifier);
 	cancel_work_sync(&reg->work);	/* it found live == 0 and did nothing */
 err_uncharge:
-	if (reg->user) {
-		atomic_long_sub(n, &reg->user->locked_vm);
-		free_uid(reg->user);
-	}
+	vmwipe_uncharge(&reg->charge, n);
+	vmwipe_charge_put(&reg->charge);
 err_free:
 	kvfree(reg->pfns);
 	kvfree(reg->slots);

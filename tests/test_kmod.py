@@ -155,6 +155,12 @@ def test_memlock_charged(loaded: Guest) -> None:
     assert "MEMLOCK OK" in sh(loaded, "vmwipe_test memlock")
 
 
+def test_process_share_bounded(loaded: Guest) -> None:
+    """Whatever its uid and RLIMIT_MEMLOCK, a process without CAP_IPC_LOCK gets ENOSPC past
+    max_share percent of the table (the memlock charge alone is per uid)."""
+    assert "SHARE OK" in sh(loaded, "vmwipe_test share", timeout=120)
+
+
 def _memfree_kib(g: Guest) -> int:
     out = sh(g, "echo 3 > /proc/sys/vm/drop_caches; grep MemFree /proc/meminfo")
     return int(out.split()[1])
