@@ -708,14 +708,14 @@ static int vmwipe_check_vmas(struct mm_struct *mm, unsigned long start, unsigned
 }
 
 /* Fault in and pin all @n pages (the caller holds the mmap lock), all or none. */
-static int vmwipe_pin(unsigned long start, unsigned long n, struct page **pages)
+static int vmwipe_pin_range(unsigned long start, unsigned long n, unsigned int flags,
+			    struct page **pages)
 {
 	unsigned long done = 0;
 	long got;
 
 	while (done < n) {
-		got = pin_user_pages(start + (done << PAGE_SHIFT), n - done,
-				     FOLL_WRITE | FOLL_LONGTERM, pages + done
+		got = pin_user_pages(start + (done << PAGE_SHIFT), n - done, flags, pages + done
 #if LINUX_VERSION_CODE < KERNEL_VERSION(6, 5, 0)
 				     , NULL		/* vmas, gone in 6.5 */
 #endif
@@ -727,6 +727,46 @@ static int vmwipe_pin(unsigned long start, unsigned long n, struct page **pages)
 		done += got;
 	}
 	return 0;
+}
+
+/*
+ * Pin @n pages for as long as they are listed. A FOLL_LONGTERM pin migrates
+ * a page out of ZONE_MOVABLE or CMA and frees the old copy without zeroing
+ * it: the secret would live on in free memory and in every later snapshot.
+ * So pin briefly first and refuse such pages (-EXDEV), and hold that pin
+ * across the long-term one: a page with an extra reference cannot migrate,
+ * so the long-term pin must find the very same pages. It does not when
+ * another thread replaced one meanwhile (MADV_DONTNEED needs only the read
+ * lock): -EAGAIN.
+ */
+static int vmwipe_pin(unsigned long start, unsigned long n, struct page **pages)
+{
+	struct page **probe;
+	unsigned long i;
+	int ret;
+
+	probe = kvmalloc_array(n, sizeof(*probe), GFP_KERNEL);
+	if (!probe)
+		return -ENOMEM;
+	ret = vmwipe_pin_range(start, n, FOLL_WRITE, probe);
+	if (ret)
+		goto out;
+	for (i = 0; i < n; i++) {
+		if (!folio_is_longterm_pinnable(page_folio(probe[i]))) {
+			ret = -EXDEV;
+			goto unpin;
+		}
+	}
+	ret = vmwipe_pin_range(start, n, FOLL_WRITE | FOLL_LONGTERM, pages);
+	if (!ret && memcmp(pages, probe, n * sizeof(*pages))) {
+		unpin_user_pages(pages, n);
+		ret = -EAGAIN;
+	}
+unpin:
+	unpin_user_pages(probe, n);
+out:
+	kvfree(probe);
+	return ret;
 }
 
 /*

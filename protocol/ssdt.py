@@ -194,20 +194,27 @@ class _Reader:
         raise SsdtError(f"unsupported AML data object opcode {op:#04x} at offset {self.pos - 1}")
 
 
-def _walk(r: _Reader, devices: list[_Device], current: _Device | None) -> None:
+#: vmwipe's own SSDT nests two levels (Scope, Device). Each level costs a Python frame, so a
+#: crafted table of a few kilobytes could otherwise end in RecursionError, not SsdtError.
+MAX_AML_DEPTH = 16
+
+
+def _walk(r: _Reader, devices: list[_Device], current: _Device | None, depth: int = 0) -> None:
+    if depth > MAX_AML_DEPTH:
+        raise SsdtError(f"AML nests deeper than {MAX_AML_DEPTH} levels at offset {r.pos}")
     while r.pos < r.end:
         op = r.byte()
         if op == SCOPE_OP:
             end = r.pkg_end()
             r.name_string()
-            _walk(_Reader(r.data, r.pos, end), devices, current)
+            _walk(_Reader(r.data, r.pos, end), devices, current, depth + 1)
             r.pos = end
         elif op == EXT_OP_PREFIX and r.byte() == DEVICE_OP:
             end = r.pkg_end()
             r.name_string()
             dev = _Device()
             devices.append(dev)
-            _walk(_Reader(r.data, r.pos, end), devices, dev)
+            _walk(_Reader(r.data, r.pos, end), devices, dev, depth + 1)
             r.pos = end
         elif op == METHOD_OP:
             r.pos = r.pkg_end()  # methods are not evaluated; _STA is informational

@@ -80,6 +80,15 @@ def image() -> GuestImage:
 
 
 @pytest.fixture(scope="module")
+def movable_guest(image: GuestImage) -> Iterator[Guest]:
+    """A guest whose anonymous pages come from ZONE_MOVABLE (movablecore=)."""
+    with Guest(GuestConfig(image, cmdline=("movablecore=320M",))) as g:
+        assert g.console is not None
+        g.console.check("insmod /vmwipe.ko")
+        yield g
+
+
+@pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("retrofit")
 
@@ -537,3 +546,22 @@ def test_shim_silent_without_device(guest: Guest) -> None:
             ["FORK zero=1", "SENTINEL READY"]
     finally:
         sh(g, "insmod /vmwipe.ko")
+
+
+def test_movable_pages_refused_so_no_copy_is_left(movable_guest: Guest) -> None:
+    """A FOLL_LONGTERM pin would migrate a ZONE_MOVABLE page and free the old copy unzeroed,
+    leaving the secret in free RAM: the module refuses such pages with EXDEV instead."""
+    g = movable_guest
+    zones = sh(g, "cat /proc/zoneinfo")
+    movable = re.search(r"zone\s+Movable\n(?:.*\n)*?\s+start_pfn:\s+(\d+)", zones)
+    assert movable, "no ZONE_MOVABLE in the guest"
+    p = Probe(g)
+    p("map 4")
+    frames = p.pfns()
+    assert all(f >= int(movable.group(1)) for f in frames), (frames, movable.group(1))
+    assert "RC -18" in p("reg 0 4")  # -EXDEV
+    assert table(g).used == 0 and p.pfns() == frames
+    ram = b"".join(g.read_phys(start, size) for start, size in g.ram_ranges())
+    copies = sum(1 for off in range(0, len(ram), 4096) if ram[off:off + 4096] == FILL)
+    assert copies == 4, f"{copies} pages hold the program's 4 pages of data"
+    p.exit()

@@ -73,3 +73,24 @@ def test_iasl_disassembles_the_range(tmp_path: Path) -> None:
     subprocess.run(["iasl", "-p", str(tmp_path / "re"), str(tmp_path / "vmwipe.dsl")],
                    check=True, capture_output=True, cwd=tmp_path)
     assert decode_ssdt((tmp_path / "re.aml").read_bytes()) == Region(0x1F00_0000, 1 << 20)
+
+
+def _nested_scopes(depth: int) -> bytes:
+    """An SSDT of `depth` nested Scope() objects around our own device (valid AML)."""
+    from vmwipe.protocol.ssdt import ACPI_HEADER, SCOPE_OP, _pkg
+
+    good = encode_ssdt(0x1F00_0000, 1 << 20)
+    aml = good[ACPI_HEADER.size:]
+    for _ in range(depth):
+        aml = _pkg(bytes([SCOPE_OP]), b"ABCD" + aml)
+    table = bytearray(good[:ACPI_HEADER.size] + aml)
+    table[4:8] = len(table).to_bytes(4, "little")
+    table[9] = 0
+    table[9] = (-sum(table)) & 0xFF
+    return bytes(table)
+
+
+def test_deep_nesting_is_a_typed_error_not_recursion() -> None:
+    assert decode_ssdt(_nested_scopes(10)) == Region(0x1F00_0000, 1 << 20)
+    with pytest.raises(SsdtError, match="nests deeper"):
+        decode_ssdt(_nested_scopes(5000))  # ~30 KB; before, RecursionError

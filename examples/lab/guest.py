@@ -187,6 +187,7 @@ class GuestConfig:
     # clone) instead of booting. The rest of the config must match the source.
     incoming: Path | None = None
     extra_args: tuple[str, ...] = ()  # appended to the QEMU command line
+    cmdline: tuple[str, ...] = ()  # appended to the guest kernel's command line
 
 
 class Guest:
@@ -220,6 +221,7 @@ class Guest:
         append = "console=ttyS0 panic=-1 quiet"
         if cfg.reserve:
             append += f" memmap={RESERVE_SIZE:#x}${RESERVE_BASE:#x}"
+        append = " ".join((append, *cfg.cmdline))
         args = [
             QEMU, "-machine", "pc", "-accel", cfg.accel, "-m", f"{cfg.memory_mib}M",
             "-smp", str(cfg.cpus), "-nodefaults", "-no-user-config", "-display", "none",
