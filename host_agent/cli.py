@@ -304,7 +304,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "paused unless --resume.",
     )
     p.add_argument("--to", required=True, metavar="FILE", help="output file")
-    p.add_argument("--resume", action="store_true", help="cont the source after saving")
+    p.add_argument("--resume", action="store_true",
+                   help="cont the source after saving, if it was running before")
     p.add_argument("--no-mapped-ram", action="store_true",
                    help="write a sequential stream even where QEMU offers mapped-ram")
     p.add_argument(

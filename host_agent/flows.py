@@ -498,6 +498,10 @@ def restore_flow(
         )
         session.clear_events()
         uri = prepare_incoming(session, path)
+        # Without -S, QEMU starts the vCPUs as soon as a stream saved from a running VM
+        # is loaded, before any wipe.  `stop` in the inmigrate state clears that
+        # autostart (qmp_stop), so the load always ends paused.
+        session.cmd("stop")
         session.cmd("migrate-incoming", {"uri": uri})
         phases.mark("start")
         state = wait_incoming_done(session, opts.timeout)
@@ -532,7 +536,9 @@ def loadvm_flow(
         raise VMStateError("QEMU is inmigrate; loadvm is not possible now")
     prepared = PreparedTarget(session, opts)
     try:
-        if rep.state_before == "running":
+        # loadvm resumes a VM that was live before it, and QEMU >= 9 counts `suspended`
+        # (S3) as live: stop anything that is not plainly paused, so the load ends paused.
+        if rep.state_before not in PAUSED_STATES:
             session.cmd("stop")
         phases.mark("stop")
         out = session.hmp(f"loadvm {tag}", timeout=opts.timeout).strip()
@@ -627,10 +633,13 @@ def save_flow(
                       "mapped_ram": use_mapped})
     rep.extra["sidecar"] = _write_save_sidecar(session, opts, path, rep.warnings, use_mapped)
     phases.mark("sidecar")
-    if do_resume:
+    if do_resume and rep.state_before == "running":
         session.cmd("cont")
         rep.resumed = True
         phases.mark("resume")
+    elif do_resume:
+        rep.warnings.append(f"not resumed: the VM was {rep.state_before} before the save, "
+                            "and --resume only puts a running VM back")
     rep.state_after = _state_after(session, rep)
     rep.timings_ms = dict(phases.ms)
     return rep

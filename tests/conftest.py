@@ -274,6 +274,7 @@ def start_vm(
     *,
     guard: bool = True,
     incoming: bool = False,
+    paused: bool = True,
     extra: Sequence[str] = (),
     region: Region = REGION,
     name: str = "vm",
@@ -286,7 +287,7 @@ def start_vm(
     ]
     qp = start_qemu(
         argv, str(directory / f"{name}.qmp"), log_path=str(directory / f"{name}.log"),
-        incoming_defer=incoming,
+        paused=paused, incoming_defer=incoming,
     )
     return VM(qp, directory, argv, region, name)
 

@@ -163,10 +163,37 @@ def test_save_then_restore_wipes_before_running(vms: list[VM], tmp_path: Path) -
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["resumed"] and dst2.status() == "running"
 
-    # the source can be resumed after a save
+    # the source can be resumed after a save, if it was running before it
     src2 = new_vm(vms, tmp_path / "src2")
+    src2.session().cmd("cont")
     r = run_cli("save", "--qmp", src2.qmp, "--to", str(tmp_path / "snap2.bin"), "--resume")
     assert r.returncode == 0 and src2.status() == "running"
+    # ... and --resume never starts one that was paused before the save
+    src3 = new_vm(vms, tmp_path / "src3")
+    r = run_cli("save", "--qmp", src3.qmp, "--to", str(tmp_path / "snap3.bin"), "--resume")
+    assert r.returncode == 0 and "not resumed" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert src3.status() == "postmigrate"
+
+
+def test_restore_into_qemu_without_S_never_autostarts(vms: list[VM], tmp_path: Path) -> None:
+    """A stream saved from a running VM autostarts a `-incoming defer` QEMU that lacks -S as
+    soon as it is loaded; the agent must keep it paused until the wipe is verified."""
+    src = new_vm(vms, tmp_path / "src")
+    plant_marked(src)
+    s = src.session()
+    s.cmd("cont")  # SeaBIOS runs
+    snap = tmp_path / "running.bin"
+    # a plain migrate of the running VM, as other tools save: the stream says "running"
+    s.cmd("migrate", {"uri": f"exec:cat > {snap}"})
+    deadline = time.monotonic() + 60
+    while s.cmd("query-migrate").get("status") != "completed":
+        assert time.monotonic() < deadline, s.cmd("query-migrate")
+        time.sleep(0.05)
+    dst = new_vm(vms, tmp_path / "dst", incoming=True, paused=False)
+    r = run_cli("restore", "--qmp", dst.qmp, "--from", str(snap), "--no-resume", "--json")
+    assert r.returncode == 0, r.stderr
+    assert dst.status() == "paused"
+    assert_wiped(dst)
 
 
 def test_wipe_waits_for_incoming_migration(vms: list[VM], tmp_path: Path) -> None:
