@@ -109,8 +109,8 @@ def wipe_paused(
     """Wipe a paused QEMU through `mon`; returns (report, region source, warnings).
 
     The region comes from QEMU's own -acpitable (what the guest saw); when the
-    domain metadata says otherwise (`expect`), the table the guest reads wins
-    and a warning says so.  The reset guard is enforced unless opts say not.
+    domain metadata says otherwise (`expect`), it refuses (fail closed).  The
+    reset guard is enforced unless opts say not.
     """
     phases = phases or Phases()
     state = mon.status()
@@ -124,8 +124,11 @@ def wipe_paused(
         found = discover_region(pid, argv)
         region, source = found.region, found.source
     if expect is not None and expect != region:
-        warnings.append(f"domain metadata says region {expect.base:#x}+{expect.size:#x}, "
-                        f"QEMU's SSDT says {region.base:#x}+{region.size:#x}; using the SSDT")
+        # Either one may be the guest's: reading the wrong one finds no magic, which
+        # reads as "nothing registered" and would resume an unwiped guest.
+        raise RegionError(f"domain metadata says region {expect.base:#x}+{expect.size:#x}, "
+                          f"QEMU's SSDT says {region.base:#x}+{region.size:#x}; refusing to "
+                          "guess which table the guest uses")
     problem = reset_guard_problem(pid, argv, region)
     if problem is not None:
         if opts.reset_guard:

@@ -181,6 +181,11 @@ def reset_guard_problem(pid: int, argv: Sequence[str], region: Region) -> str | 
         if addr != region.base:
             seen.append(f"loader at {addr:#x}")
             continue
+        if opts.get("force-raw", "off").lower() not in ("on", "yes", "true"):
+            # Without it QEMU first tries the file as ELF, U-Boot and Intel HEX images:
+            # a file that parses as one loads elsewhere, and the header stays stale.
+            seen.append("loader without force-raw=on")
+            continue
         path = _resolve(pid, opts["file"])
         try:
             with open(path, "rb") as f:

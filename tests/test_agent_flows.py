@@ -440,3 +440,19 @@ def test_restore_with_prefetched_shared_mapping(vms: list[VM], tmp_path: Path) -
     assert json.loads(r.stdout)["wipe"]["backend"] == "process_vm"
     assert "prefetch unavailable" in r.stderr
     assert_wiped(dst2)
+
+
+def test_libvirt_wipe_refuses_metadata_ssdt_mismatch(vms: list[VM], tmp_path: Path) -> None:
+    """The hook's wipe core must not pick one of two disagreeing regions: the wrong one
+    reads as "nothing registered" and would let an unwiped guest run."""
+    from vmwipe.host_agent.errors import RegionError
+    from vmwipe.host_agent.libvirt_flows import wipe_paused
+    from vmwipe.protocol import Region
+
+    vm = new_vm(vms, tmp_path)
+    plant_marked(vm)
+    with pytest.raises(RegionError, match="refusing to guess"):
+        wipe_paused(vm.session(), vm.pid, AgentOptions(), Region(0x2000_0000, 1 << 20))
+    for g, n in SPANS:
+        assert vm.pmemsave(g, n) == b"\xa5" * n
+    assert vm.status() == "prelaunch"

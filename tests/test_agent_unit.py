@@ -89,8 +89,13 @@ def test_reset_guard(tmp_path: Path) -> None:
     dirty = tmp_path / "dirty.bin"
     dirty.write_bytes(b"\1" + bytes(P - 1))
     bad = reset_guard_problem(
-        pid, ["q", "-device", f"loader,file={dirty},addr={REGION.base:#x}"], REGION)
+        pid, ["q", "-device", f"loader,file={dirty},addr={REGION.base:#x},force-raw=on"], REGION)
     assert bad is not None and "not 4096 zero bytes" in bad
+    # QEMU tries a file without force-raw=on as ELF, U-Boot and HEX images first
+    for raw in ("", ",force-raw=off"):
+        unforced = reset_guard_problem(
+            pid, ["q", "-device", f"loader,file={zero},addr={REGION.base:#x}{raw}"], REGION)
+        assert unforced is not None and "without force-raw=on" in unforced
 
 
 def test_parse_region_arg() -> None:
