@@ -508,6 +508,38 @@ def _device_desc(vmdesc: dict[str, Any] | None, name: str, instance: int) -> dic
     return None
 
 
+def _fixed_size(desc: dict[str, Any], depth: int = 0) -> int | None:
+    """Bytes of one instance of a struct that holds no subsection or capability, else None.
+
+    Such a struct is skipped in one step however its arrays nest: walked element by
+    element, a crafted description of nested arrays of empty fields would cost
+    MAX_ARRAY_LEN ** depth steps without consuming a byte.  Every struct that is
+    still walked consumes at least one byte per instance (a subsection marker or a
+    capability length), so the work is bounded by the stream's length.
+    """
+    if depth > 32:
+        raise StreamError("VM description nests too deep")
+    fields = desc.get("fields")
+    if not isinstance(fields, list) or desc.get("subsections"):
+        return None
+    total = 0
+    for f in fields:
+        count = f.get("array_len", 1) if isinstance(f, dict) else None
+        if not isinstance(count, int) or not 0 <= count <= MAX_ARRAY_LEN:
+            return None  # the walker names the problem
+        if f.get("type") == "struct" and isinstance(f.get("struct"), dict):
+            one = _fixed_size(f["struct"], depth + 1)
+        elif f.get("type") == "capability":
+            one = None
+        else:
+            size = f.get("size")
+            one = size if isinstance(size, int) and size >= 0 else None
+        if one is None:
+            return None
+        total += one * count
+    return total
+
+
 def _walk_struct(src: Source, desc: dict[str, Any], where: str, depth: int = 0) -> None:
     """Skip one VMState struct by the field sizes QEMU recorded in the description.
 
@@ -529,6 +561,10 @@ def _walk_struct(src: Source, desc: dict[str, Any], where: str, depth: int = 0) 
         if not isinstance(count, int) or not 0 <= count <= MAX_ARRAY_LEN:
             raise StreamError(f"VM description of {fname} has array length {count!r}")
         if f.get("type") == "struct" and isinstance(f.get("struct"), dict):
+            size = _fixed_size(f["struct"], depth + 1)
+            if size is not None:
+                src.skip(size * count, fname)
+                continue
             for _ in range(count):
                 _walk_struct(src, f["struct"], fname, depth + 1)
         elif f.get("type") == "capability":

@@ -8,12 +8,14 @@ teardown.  The `Vm` helper is shared with test_scrub.py.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -400,3 +402,33 @@ def test_stream_capabilities(small_stream: bytes, tmp_path: Path) -> None:
     p.write_bytes(small_stream)
     machine, caps = ms.stream_capabilities(str(p))
     assert machine.startswith("pc-i440fx-") and caps == []
+
+
+def _nested_empty_arrays_stream(depth: int, count: int) -> bytes:
+    """A ~1 KB stream whose one device is `depth` nested arrays of `count` empty structs."""
+    inner: dict[str, object] = {"fields": [{"name": "z", "type": "uint8", "size": 0,
+                                            "array_len": count}]}
+    for i in range(depth):
+        inner = {"fields": [{"name": f"a{i}", "type": "struct", "array_len": count,
+                             "struct": inner}]}
+    desc = {"page_size": 4096, "devices": [
+        {"name": "dev", "instance_id": 0, "vmsd_name": "dev", "version": 1, **inner}]}
+    body = (b"QEVM" + struct.pack(">I", 3) + b"\x04" + struct.pack(">I", 1) + b"\x03dev"
+            + struct.pack(">II", 0, 1) + b"\x7e" + struct.pack(">I", 1) + b"\x00")
+    js = json.dumps(desc, separators=(",", ":")).encode()
+    return body + b"\x06" + struct.pack(">I", len(js)) + js
+
+
+def test_nested_empty_arrays_are_walked_in_bounded_time(tmp_path: Path) -> None:
+    """1000**6 empty elements used to keep the walker busy for hours; now it is one skip."""
+    data = _nested_empty_arrays_stream(6, 1000)
+    assert len(data) < 2048
+    path = tmp_path / "crafted.bin"
+    path.write_bytes(data)
+    code = ("import sys; from vmwipe.host_agent import migstream as ms\n"
+            "try:\n    ms.index_stream(open(sys.argv[1], 'rb').read())\n"
+            "except ms.StreamError as e:\n    print('StreamError', e)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                       timeout=30, check=False)
+    assert r.returncode == 0 and "StreamError" in r.stdout, r.stdout + r.stderr
+    assert "ram` section never ended" in r.stdout, r.stdout
