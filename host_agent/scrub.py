@@ -135,6 +135,36 @@ def machine_kind(machine: str) -> str:
     raise LayoutError(f"unknown machine type {machine!r}: only pc (i440fx) and q35 are known")
 
 
+#: q35's TSEG is SMRAM at the top of the RAM below 4 GiB: 1, 2 or 8 MiB, or QEMU's extended
+#: TSEG, 16 MiB by default since 2.10.  Whether the firmware enabled it lives in the saved MCH
+#: state, which the scrubber does not interpret; the live agent sees it in the flat view.
+Q35_TSEG_MAX = 16 << 20
+
+
+def smram_candidates(machine: str, mem: int) -> list[tuple[int, int]]:
+    """RAM that may be SMRAM once the firmware has run (beyond the legacy hole)."""
+    if machine_kind(machine) != "q35":
+        return []
+    low = below_4g(machine, mem)
+    return [(low - Q35_TSEG_MAX, Q35_TSEG_MAX)]
+
+
+def _without(ranges: Sequence[tuple[int, int]], holes: Sequence[tuple[int, int]]
+             ) -> list[tuple[int, int]]:
+    """`ranges` with every byte of `holes` cut out."""
+    out = list(ranges)
+    for hs, hn in holes:
+        cut: list[tuple[int, int]] = []
+        for gpa, size in out:
+            if gpa < hs:
+                cut.append((gpa, min(size, hs - gpa)))
+            if gpa + size > hs + hn:
+                start = max(gpa, hs + hn)
+                cut.append((start, gpa + size - start))
+        out = cut
+    return out
+
+
 def machine_layout(machine: str, mem: int, block: str = "pc.ram") -> list[RamRange]:
     """Guest RAM ranges of a pc/q35 VM whose RAM is one block, as `info mtree -f` shows it.
 
@@ -470,6 +500,7 @@ def plan_scrub(mm: mmap.mmap | bytes, *, path: str = "", machine: str | None = N
                        progress=walk_progress if size >= PROGRESS_MIN_FILE else None)
 
     # the GPA map
+    smram: list[tuple[int, int]] = []
     if sidecar is not None:
         ranges, source = sidecar.ram, "sidecar"
         if machine is not None or mem is not None:
@@ -489,6 +520,9 @@ def plan_scrub(mm: mmap.mmap | bytes, *, path: str = "", machine: str | None = N
         else:
             source = f"--machine {kind} --mem {mem >> 20}M"
         ranges = machine_layout(kind, mem)
+        # Without the live flat view, refuse what it might hide: a forged table must not
+        # get SMRAM zeroed in the image (the live agent never sees TSEG as RAM).
+        smram = smram_candidates(kind, mem)
     layout = GuestMemoryMap(ranges)
     _check_layout(idx, layout, source)
 
@@ -512,7 +546,7 @@ def plan_scrub(mm: mmap.mmap | bytes, *, path: str = "", machine: str | None = N
         idx, _locate(idx, layout, region.base, region.size))
     data = _read_region(mm, idx, layout, region, region_found)
     try:
-        table = decode_table(data, region, ram=layout.pairs(), strict=strict)
+        table = decode_table(data, region, ram=_without(layout.pairs(), smram), strict=strict)
     except ProtocolError as e:
         raise InvalidTableError(f"table in the saved region {region.base:#x}+{region.size:#x} "
                                 f"is invalid, nothing written: {e}") from None

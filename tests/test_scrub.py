@@ -270,6 +270,20 @@ def test_forged_table_refused_untouched(tmp_path: Path, vms: list[Vm],
 
 
 @needs_qemu
+def test_q35_tseg_refused_without_sidecar(tmp_path: Path, vms: list[Vm],
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Without a sidecar the scrubber cannot see whether the firmware enabled q35's TSEG (the
+    top 16 MiB below 4 GiB), so a table naming a page there is refused as SMRAM would be."""
+    tseg_page = (512 << 20) - (1 << 20)
+    saved = plant_and_save(tmp_path, vms, ["-M", "q35", "-m", "512M"],
+                           slots=[(0x200_0000, 2), (tseg_page, 1)])
+    digest = sha(saved.path)
+    rc, _, err = run_cli("scrub", str(saved.path), capsys=capsys)
+    assert rc == 6 and "slot 1" in err, err
+    assert sha(saved.path) == digest
+
+
+@needs_qemu
 def test_wrong_layout_refused(tmp_path: Path, vms: list[Vm],
                               capsys: pytest.CaptureFixture[str]) -> None:
     saved = plant_and_save(tmp_path, vms, ["-M", "pc", "-m", "512M"])
