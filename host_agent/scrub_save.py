@@ -96,6 +96,7 @@ class SaveScrubReport:
     slots: int
     pages: int  # listed pages
     zeroed_copies: int  # PAGE records written as zeros
+    blocks: dict[str, str]  # flat-view name of each listed RAM block -> its name in the stream
     generation: int | None  # wipe_generation stored in the saved header (None: not bumped)
     state_before: str
     state_after: str
@@ -153,13 +154,42 @@ def listed_pages(memmap: GuestMemoryMap, slots: Collection[tuple[int, int]]
     return out
 
 
+def stream_block_names(listed: Collection[str], ramblocks: Collection[str]) -> dict[str, str]:
+    """Flat-view name -> RAM block name (what the stream calls it) for each listed block.
+
+    `info mtree -f` shows a memory region's name; the stream uses its RAM block's idstr,
+    which QEMU prefixes with the device path for RAM that belongs to a device on a bus:
+    virtio-mem's `vmem0` is `0000:00:02.0/vmem0` there.  A listed block that matches no
+    RAM block, or several, is refused: its pages would otherwise go out unscrubbed.
+    """
+    out: dict[str, str] = {}
+    for name in listed:
+        found = [name] if name in ramblocks else [b for b in ramblocks
+                                                   if b.endswith("/" + name)]
+        if len(found) != 1:
+            raise MigrationError(f"listed RAM block {name!r} matches {len(found)} of QEMU's RAM "
+                                 f"blocks ({', '.join(sorted(ramblocks))}); not saving")
+        out[name] = found[0]
+    return out
+
+
+def ramblock_names(session: Monitor) -> list[str]:
+    """RAM block names from HMP `info ramblock` (QEMU 2.x to 10.x: name first, one per line)."""
+    lines = session.hmp("info ramblock").splitlines()
+    return [ln.split()[0] for ln in lines[1:] if ln.strip()]
+
+
 def verify_scrubbed(path: str, pages: set[tuple[str, int]]) -> StreamIndex:
     """Walk the written file completely and check every copy of a listed page is zero."""
     fd, mm = open_mapped(path)
     try:
         idx = index_stream(mm)
         names = {b.name: i for i, b in enumerate(idx.blocks)}
-        wanted = {(names[b], off // PAGE_SIZE) for b, off in pages if b in names}
+        missing = sorted({b for b, _off in pages} - set(names))
+        if missing:
+            raise MigrationError(f"written file has no RAM block {', '.join(missing)}, which "
+                                 "the table lists")
+        wanted = {(names[b], off // PAGE_SIZE) for b, off in pages}
         zero = bytes(PAGE_SIZE)
         for _b, _p, pos, kind in copies(idx, wanted):
             if kind == KIND_PAGE and mm[pos:pos + PAGE_SIZE] != zero:
@@ -218,7 +248,11 @@ def save_scrubbed(session: QMPSession | Monitor, path: str, *, region: Region | 
                                 f"invalid, nothing saved: {e}") from None
     for err in table.errors:
         log.warning("skipping invalid slot: %s", err)
-    pages = listed_pages(memmap, [(s.gpa, s.npages) for s in table.slots])
+    flat_pages = listed_pages(memmap, [(s.gpa, s.npages) for s in table.slots])
+    header_page = listed_pages(memmap, [(region.base, 1)])
+    blocks = stream_block_names({b for b, _off in flat_pages | header_page},
+                                ramblock_names(session))
+    pages = {(blocks[b], off) for b, off in flat_pages}
     # The saved state is wiped state: as after a verified wipe at resume, its header
     # carries wipe_generation + 1 and wipe_pages, so the guest module notifies its
     # users after a plain restore too.  QEMU sends the header page like any other.
@@ -226,8 +260,8 @@ def save_scrubbed(session: QMPSession | Monitor, path: str, *, region: Region | 
     generation: int | None = None
     if bump and table.header is not None and pages:
         generation = table.header.wipe_generation + 1
-        ((hblock, hoff),) = listed_pages(memmap, [(region.base, 1)])
-        patches[(hblock, hoff)] = (WIPE_GENERATION_OFFSET,
+        ((hblock, hoff),) = header_page
+        patches[(blocks[hblock], hoff)] = (WIPE_GENERATION_OFFSET,
                                    encode_host_fields(generation, len(pages)))
     mark("table")
 
@@ -316,7 +350,7 @@ def save_scrubbed(session: QMPSession | Monitor, path: str, *, region: Region | 
         path=path, sidecar=str(side), bytes=os.path.getsize(path),
         region={"base": region.base, "size": region.size},
         table="absent" if table.header is None else "valid", slots=len(table.slots),
-        pages=len(pages), zeroed_copies=idx.zeroed_pages,
+        pages=len(pages), zeroed_copies=idx.zeroed_pages, blocks=blocks,
         generation=generation if idx.patched_pages else None, state_before=state_before,
         state_after=session.status(), qemu_version=qemu_version, timings_ms=marks,
     )

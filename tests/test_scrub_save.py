@@ -16,7 +16,7 @@ import pytest
 from test_migstream import QEMU10, Vm, needs_qemu, needs_qemu10
 from test_scrub import REGION, Saved, check_restored, plant_and_save, run_cli
 
-from vmwipe.host_agent.errors import InvalidTableError, VMStateError
+from vmwipe.host_agent.errors import InvalidTableError, MigrationError, VMStateError
 from vmwipe.host_agent.scrub import read_sidecar, scrub_file, sidecar_path
 from vmwipe.host_agent.scrub_save import save_scrubbed
 
@@ -130,3 +130,45 @@ def test_run_save_scrub_cli_body(tmp_path: Path, vms: list[Vm],
     rep = json.loads(capsys.readouterr().out)
     assert rep["zeroed_copies"] == len(saved.secrets) and rep["generation"] == 1
     assert all(s not in out.read_bytes() for s in saved.secrets.values())
+
+
+VIRTIO_MEM = ["-M", "pc", "-m", "512M,maxmem=2G",
+              "-object", "memory-backend-ram,id=vmem0,size=128M",
+              "-device", "virtio-mem-pci,id=vm0,memdev=vmem0,requested-size=0"]
+
+
+@needs_qemu
+def test_save_scrub_virtio_mem_block_names(tmp_path: Path, vms: list[Vm]) -> None:
+    """virtio-mem's RAM is `vmem0` in the flat view but `<device path>/vmem0` in the stream:
+    its listed pages must be matched to that block, not silently dropped."""
+    saved = plant_and_save(tmp_path, vms, VIRTIO_MEM, high=True)  # one listed page in vmem0
+    vms[0].qmp.cmd("cont")
+    out = tmp_path / "vmem.sav"
+    rep = save_scrubbed(vms[0].qmp, str(out))
+    assert rep.blocks["pc.ram"] == "pc.ram"
+    assert rep.blocks["vmem0"].endswith("/vmem0"), rep.blocks
+    blob = out.read_bytes()
+    assert all(secret not in blob for secret in saved.secrets.values())
+
+
+@needs_qemu10
+def test_save_scrub_virtio_mem_10_refused(tmp_path: Path, vms: list[Vm]) -> None:
+    """QEMU >= 9 sends virtio-mem's early device state before RAM, which the pipe walker cannot
+    walk before the VM description (at the stream's end) has arrived: refused, no file left."""
+    plant_and_save(tmp_path, vms, VIRTIO_MEM, qemu=QEMU10, high=True)
+    vms[0].qmp.cmd("cont")
+    out = tmp_path / "vmem10.sav"
+    with pytest.raises(MigrationError, match="virtio-mem-device-early"):
+        save_scrubbed(vms[0].qmp, str(out))
+    assert not out.exists() and not Path(str(out) + ".partial").exists()
+
+
+def test_listed_block_missing_from_qemu_is_refused() -> None:
+    from vmwipe.host_agent.scrub_save import stream_block_names
+
+    assert stream_block_names({"pc.ram", "vmem0"}, ["pc.ram", "0000:00:02.0/vmem0"]) == {
+        "pc.ram": "pc.ram", "vmem0": "0000:00:02.0/vmem0"}
+    with pytest.raises(MigrationError, match="'hi' matches 0"):
+        stream_block_names({"hi"}, ["pc.ram"])
+    with pytest.raises(MigrationError, match="matches 2"):
+        stream_block_names({"m"}, ["a/m", "b/m"])
