@@ -284,12 +284,20 @@ _AA_END = "# END vmwipe"
 
 def apparmor_rules(state_dir: Path = Path("/var/lib/vmwipe")) -> str:
     """What QEMU needs beyond libvirt's generated profile: qemu:commandline files are unknown
-    to virt-aa-helper, so the SSDT, the zero page and the monitor socket are granted here."""
+    to virt-aa-helper, so the SSDT, the zero page and the monitor socket are granted here.
+
+    Every QEMU includes this abstraction, and all of them run as the same user, so the
+    socket rule must not be a glob: one compromised QEMU could otherwise drive every
+    other protected domain's second monitor (pmemsave, `migrate exec:`, `cont`).  Each
+    domain's profile is `libvirt-UUID` and its socket `mon/libvirt-UUID.qmp`, so
+    `@{profile_name}` (AppArmor >= 3.0) admits exactly its own.  The SSDT and zero page
+    are public data: reading another domain's is harmless.
+    """
     return "\n".join([
         _AA_BEGIN,
         f"  {state_dir}/domains/*/vmwipe-ssdt.aml r,",
         f"  {state_dir}/domains/*/vmwipe-zero-page.bin r,",
-        f"  {state_dir}/mon/*.qmp rw,",
+        f"  {state_dir}/mon/@{{profile_name}}.qmp rw,",
         _AA_END,
     ]) + "\n"
 

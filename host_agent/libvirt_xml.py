@@ -253,12 +253,13 @@ def device_memory_base(machine: str, ram: int) -> int:
 # --- planning ------------------------------------------------------------------------
 
 
-def monitor_path(state_dir: Path, name: str, uuid: str) -> str:
-    """`STATE/mon/NAME.qmp`, or the UUID when the name is unusual or would overflow sun_path."""
-    path = str(state_dir / "mon" / f"{name}.qmp")
-    # QEMU's option syntax needs ",," for a comma; names with such characters use the UUID.
-    if len(path.encode()) > _SUN_PATH_MAX or not re.fullmatch(r"[A-Za-z0-9._+-]+", name):
-        path = str(state_dir / "mon" / f"{uuid}.qmp")
+def monitor_path(state_dir: Path, uuid: str) -> str:
+    """`STATE/mon/libvirt-UUID.qmp`: named like the domain's AppArmor profile (libvirt calls
+    it `libvirt-UUID`), so the rule `mon/@{profile_name}.qmp` lets each QEMU reach its own
+    second monitor and no other domain's."""
+    if not re.fullmatch(r"[0-9a-fA-F-]+", uuid):
+        raise ProtectError(f"domain UUID {uuid!r} is not a UUID")
+    path = str(state_dir / "mon" / f"libvirt-{uuid}.qmp")
     if len(path.encode()) > _SUN_PATH_MAX:
         raise ProtectError(f"monitor socket path {path} is longer than {_SUN_PATH_MAX} bytes")
     return path
@@ -278,9 +279,9 @@ def plan_protection(
     reservation: str = "auto",
 ) -> Protection:
     """Decide region and reservation for a domain whose vmwipe additions are already stripped."""
-    name, uuid = domain_name(root), domain_uuid(root)
+    uuid = domain_uuid(root)
     files = domain_files_dir(state_dir, uuid)
-    monitor = monitor_path(state_dir, name, uuid)
+    monitor = monitor_path(state_dir, uuid)
     ssdt = str(files / "vmwipe-ssdt.aml")
     zero = str(files / "vmwipe-zero-page.bin")
     if reservation == "auto":

@@ -3,10 +3,12 @@
 # second `make setup` is instant.  Works on Debian 12 and 13 as root.
 set -euo pipefail
 
+# apparmor: its parser compiles the rules `vmwipe libvirt install-hook` writes
+# (tests/test_libvirt_unit.py); nothing is loaded into a kernel.
 packages=(qemu-system-x86 qemu-utils linux-image-amd64 linux-headers-amd64 busybox-static
           libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc make cpio
           acpica-tools python3-venv python3-dev libc6-dev sparse
-          android-libboringssl)
+          android-libboringssl apparmor)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -254,7 +254,7 @@ def test_install_hook_chained(env: Env) -> None:
     from libvirtd_fixture import APPARMOR_LOCAL
 
     if APPARMOR_LOCAL.exists():
-        assert "/var/lib/vmwipe/mon/*.qmp rw," in APPARMOR_LOCAL.read_text()
+        assert "/var/lib/vmwipe/mon/@{profile_name}.qmp rw," in APPARMOR_LOCAL.read_text()
     again = run_cli("libvirt", "install-hook")
     assert again.returncode == 0 and "already" in again.stdout, again.stdout + again.stderr
 

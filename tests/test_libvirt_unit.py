@@ -8,10 +8,13 @@ chains) in a few milliseconds each.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,6 +39,14 @@ from vmwipe.host_agent.libvirt_xml import (
 from vmwipe.protocol import decode_ssdt
 
 UUID = "6a1f2b3c-0000-4000-8000-00000000abcd"
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """A short directory: protect puts a unix socket path under it (sun_path: 107 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="vw-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def domain(kernel: bool = True, extra_os: str = "", extra: str = "", mem_mib: int = 512) -> str:
@@ -74,7 +85,7 @@ def test_protect_memmap_round_trip(tmp_path: Path) -> None:
     assert root.findtext("os/cmdline") == f"console=ttyS0 quiet {prot.cmdline_param}"
     args = qemu_commandline(root)
     assert args[0] == "-S" and args[1:] == prot.qemu_args()
-    assert prot.monitor == str(tmp_path / "mon" / "guest1.qmp")
+    assert prot.monitor == str(tmp_path / "mon" / f"libvirt-{UUID}.qmp")
     assert read_protection(edit.xml) == prot
     assert root.find("metadata/{urn:example:app}info") is not None
 
@@ -183,7 +194,7 @@ def test_install_chains_and_uninstall_restores(tmp_path: Path) -> None:
     assert (hooks / CHAINED_NAME).read_bytes() == original
     assert MARKER in (hooks / "qemu").read_text()
     rules = aa.read_text()
-    assert rules.startswith("  /srv/site/** r,\n") and "/var/lib/vmwipe/mon/*.qmp rw," in rules
+    assert rules.startswith("  /srv/site/** r,\n") and "/mon/@{profile_name}.qmp rw," in rules
     assert install_hook(hooks, apparmor=aa) == [f"{hooks / 'qemu'} is already the vmwipe hook; "
                                                "nothing changed"]
     assert aa.read_text() == rules
@@ -249,9 +260,42 @@ def test_hook_script_survives_a_broken_agent(tmp_path: Path) -> None:
             assert b"cannot load the agent (broken on purpose)" in p.stderr, p.stderr
 
 
-def test_monitor_path_falls_back_to_uuid(tmp_path: Path) -> None:
-    from vmwipe.host_agent.libvirt_xml import monitor_path
+def test_monitor_path_is_the_apparmor_profile_name(tmp_path: Path) -> None:
+    from vmwipe.host_agent.libvirt_xml import ProtectError, monitor_path
 
-    assert monitor_path(tmp_path, "web-1", UUID) == str(tmp_path / "mon" / "web-1.qmp")
-    assert monitor_path(tmp_path, "a,b", UUID) == str(tmp_path / "mon" / f"{UUID}.qmp")
-    assert monitor_path(tmp_path, "x" * 120, UUID) == str(tmp_path / "mon" / f"{UUID}.qmp")
+    assert monitor_path(tmp_path, UUID) == str(tmp_path / "mon" / f"libvirt-{UUID}.qmp")
+    with pytest.raises(ProtectError, match="not a UUID"):
+        monitor_path(tmp_path, "../x")
+    with pytest.raises(ProtectError, match="longer than"):
+        monitor_path(tmp_path / ("d" * 80), UUID)
+
+
+def _compiled_rules(tmp_path: Path, profile: str) -> str:
+    """The file rules apparmor_parser compiles for a libvirt-style per-VM profile that
+    includes the libvirt-qemu abstraction with the vmwipe block (variables expanded)."""
+    from vmwipe.host_agent.libvirt_hook import apparmor_rules
+
+    parser = shutil.which("apparmor_parser")
+    if parser is None:
+        pytest.fail("apparmor_parser is missing (make setup installs apparmor)")
+    inc = tmp_path / "inc"
+    (inc / "abstractions").mkdir(parents=True, exist_ok=True)
+    (inc / "abstractions" / "libvirt-qemu").write_text(apparmor_rules())
+    prof = tmp_path / profile
+    prof.write_text(f"profile {profile} flags=(attach_disconnected) {{\n"
+                    "  #include <abstractions/libvirt-qemu>\n}\n")
+    run = subprocess.run([parser, "-I", str(inc), "-Q", "-K", "--skip-kernel-load",
+                          "-D", "rule-exprs", str(prof)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stderr
+    return run.stdout + run.stderr
+
+
+def test_apparmor_rules_give_each_domain_only_its_own_monitor(tmp_path: Path) -> None:
+    """AppArmor is not enabled in this kernel, so compile the rules with the real parser and
+    read back what each profile may open."""
+    other = "0b9c1c52-9b2e-4d33-9d2a-5f1b0e4c7a11"
+    text = _compiled_rules(tmp_path, f"libvirt-{UUID}")
+    mon = [ln for ln in text.splitlines() if ln.startswith("rule:") and "/mon/" in ln]
+    assert mon and all(f"/var/lib/vmwipe/mon/libvirt-{UUID}" in ln for ln in mon), mon
+    assert not any(other in ln or "[^/" in ln or "*" in ln.split("->")[0] for ln in mon), mon
