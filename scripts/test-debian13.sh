@@ -284,7 +284,7 @@ done
 say "mounted: / (onto itself) ${mounted[*]:1}"
 
 # --- apt sources reachable? (security dropped if not) ---------------------------------
-in_chroot() { chroot "$root" /usr/bin/env -i "${envv[@]}" "$@"; }
+in_chroot() { chroot "$root" /usr/bin/env -i "${envv[@]}" "$@" 9>&-; } # fd 9: our lock
 if ! in_chroot apt-get -q update >&2; then
 	say "apt-get update failed; retrying without $suite-security"
 	rm -f "$root/etc/apt/sources.list.d/debian-security.sources"
