@@ -19,7 +19,14 @@ from typing import Any
 
 from vmwipe.protocol import HeaderError, Region, SlotError, decode_table
 
-from .errors import MemoryAccessError, MigrationError, QMPFailure, RegionError, VMStateError
+from .errors import (
+    AgentError,
+    MemoryAccessError,
+    MigrationError,
+    QMPFailure,
+    RegionError,
+    VMStateError,
+)
 from .memaccess import MemoryBackend, ProcessVMBackend, SharedFileBackend, open_backend
 from .memmap import GuestMemoryMap, load_memory_map
 from .migstream import StreamError, stream_capabilities
@@ -140,8 +147,12 @@ class PreparedTarget:
         """
         if not isinstance(self.backend, ProcessVMBackend):
             return None
-        reader = ProcessVMBackend(self.memmap, self.pid)
-        return self._pool.submit(read_region_early, reader, self.located[0])
+        try:
+            reader = ProcessVMBackend(self.memmap, self.pid)
+        except AgentError as e:
+            log.debug("early region read not started: %s", e)
+            return None
+        return self._pool.submit(_read_and_close, reader, self.located[0])
 
     def take(self, memmap: GuestMemoryMap) -> MemoryBackend | None:
         """The prepared backend, now on the loaded `memmap`; None if there is none or
@@ -166,6 +177,12 @@ class PreparedTarget:
         if self.backend is not None:
             self.backend.close()
             self.backend = None
+
+
+def _read_and_close(reader: MemoryBackend, region: Region) -> EarlyRegion | None:
+    """The early read in the worker, which owns `reader` (and its process handle)."""
+    with reader:
+        return read_region_early(reader, region)
 
 
 def open_target(

@@ -26,6 +26,7 @@ import logging
 import mmap
 import os
 import re
+import signal
 from abc import ABC, abstractmethod
 from array import array
 from bisect import bisect_left, bisect_right
@@ -296,6 +297,39 @@ def _os_error(op: str, err: int, pid: int, gpa: int) -> MemoryAccessError:
     return MemoryAccessError(f"{op}: {why}")
 
 
+class HeldProcess:
+    """A pidfd on QEMU, so that a PID is only ever used while it still names that process.
+
+    process_vm_writev takes a PID, and a PID is reused once its process has exited and
+    been reaped: root would then write zeros into whatever process got it.  A pidfd
+    stays bound to the process it was opened for.  While that process is alive its PID
+    cannot be reused, so a check before each syscall and one after the last prove that
+    every write went to QEMU; a death in between is reported, never passed over.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        try:
+            self.fd: int | None = os.pidfd_open(pid)
+        except OSError as e:
+            raise _os_error("pidfd_open", e.errno or errno.ESRCH, pid, 0) from None
+
+    def check(self) -> None:
+        """Raise MemoryAccessError unless the process this handle was opened for is alive."""
+        if self.fd is None:
+            raise MemoryAccessError(f"QEMU pid {self.pid}: the process handle is closed")
+        try:
+            signal.pidfd_send_signal(self.fd, 0)
+        except ProcessLookupError:
+            raise MemoryAccessError(f"QEMU pid {self.pid} exited; its PID may name another "
+                                    "process now, so nothing more is written") from None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class ProcessVMBackend(MemoryBackend):
     """process_vm_readv/writev on the QEMU process (the default backend)."""
 
@@ -304,7 +338,11 @@ class ProcessVMBackend(MemoryBackend):
     def __init__(self, memmap: GuestMemoryMap, pid: int) -> None:
         super().__init__(memmap)
         self.pid = pid
+        self.process = HeldProcess(pid)
         self.calls = 0  # syscalls issued, for reports and tests
+
+    def close(self) -> None:
+        self.process.close()
 
     def probe(self) -> None:
         """Raise MemoryAccessError if this process cannot read QEMU's RAM."""
@@ -344,6 +382,7 @@ class ProcessVMBackend(MemoryBackend):
             total = sum(rv[1::2])
             liov = (_IOVec * n_iov).from_buffer(lv)
             riov = (_IOVec * n_iov).from_buffer(rv)
+            self.process.check()  # also the check after the previous call
             got = fn(self.pid, liov, n_iov, riov, n_iov, 0)
             self.calls += 1
             if got <= 0:
@@ -364,6 +403,7 @@ class ProcessVMBackend(MemoryBackend):
                 else:
                     skip += left
                     left = 0
+        self.process.check()  # the last call, too, reached QEMU
 
     def _read_pieces(self, pieces: Pieces, dst: int) -> None:
         self._transfer(False, _offsets(dst, pieces), pieces)
@@ -668,12 +708,17 @@ def open_backend(
         except MemoryAccessError as e:
             reasons.append(f"shared: {e}")
     if kind in ("auto", "process_vm"):
-        pv = ProcessVMBackend(memmap, pid)
         try:
-            pv.probe()
-            return pv
+            pv = ProcessVMBackend(memmap, pid)
         except MemoryAccessError as e:
             reasons.append(f"process_vm: {e}")
+        else:
+            try:
+                pv.probe()
+                return pv
+            except MemoryAccessError as e:
+                pv.close()
+                reasons.append(f"process_vm: {e}")
     if kind == "shared" or (kind == "auto" and not populate):
         try:
             return SharedFileBackend(memmap, pid, shared_blocks, populate)

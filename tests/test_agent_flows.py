@@ -456,3 +456,39 @@ def test_libvirt_wipe_refuses_metadata_ssdt_mismatch(vms: list[VM], tmp_path: Pa
     for g, n in SPANS:
         assert vm.pmemsave(g, n) == b"\xa5" * n
     assert vm.status() == "prelaunch"
+
+
+def _process_with_pid(pid: int) -> subprocess.Popen[bytes] | None:
+    """A `sleep` that got `pid` (root: ns_last_pid names the PID handed out next), or None."""
+    last = Path("/proc/sys/kernel/ns_last_pid")
+    for _ in range(50):
+        try:
+            last.write_text(str(pid - 1))
+        except OSError:
+            return None
+        child = subprocess.Popen(["sleep", "60"])
+        if child.pid == pid:
+            return child
+        child.kill()
+        child.wait()
+    return None
+
+
+def test_writes_stop_when_qemu_exits_and_its_pid_is_reused(vms: list[VM], tmp_path: Path) -> None:
+    """The agent holds QEMU by a pidfd: once QEMU has exited and its PID names another
+    process, nothing is written through that PID."""
+    vm = new_vm(vms, tmp_path)
+    target = vm.target("process_vm")
+    pid = vm.pid
+    vm.kill()  # SIGKILLed and reaped: the PID is free
+    other = _process_with_pid(pid)
+    if other is None:
+        pytest.skip(f"could not hand PID {pid} to a new process here")
+    try:
+        with pytest.raises(MemoryAccessError, match="exited"):
+            target.backend.zero([(0x200000, P)])
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+        target.close()

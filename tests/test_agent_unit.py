@@ -197,9 +197,8 @@ def test_process_vm_errors(own_memory: tuple[ProcessVMBackend, bytearray],
         be.zero([(0x100000, P)])
     with pytest.raises(MemoryAccessError, match="not in guest RAM"):
         be.zero([(0x100000 + 63 * P, 2 * P)])
-    gone = ProcessVMBackend(be.memmap, 2**22 + 12345)  # no such PID
-    with pytest.raises(MemoryAccessError):
-        gone.probe()
+    with pytest.raises(MemoryAccessError):  # no such PID: refused when opened
+        ProcessVMBackend(be.memmap, 2**22 + 12345).probe()
 
 
 def test_early_region_used_only_on_an_identical_map() -> None:

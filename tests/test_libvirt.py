@@ -478,13 +478,13 @@ def _forge_table(env: Env) -> None:
     pid = qemu_pid_of(env.name)
     region = discover_region(pid, read_cmdline(pid)).region
     ids = {str(m["id"]) for m in mon.cmd("query-memdev")}
-    be = ProcessVMBackend(load_memory_map(mon.hmp, ids), pid)
-    slots = be.read(region.base + SLOTS_OFFSET, region.size - SLOTS_OFFSET)
-    for i in range(0, len(slots), SLOT_SIZE):
-        word = int.from_bytes(slots[i : i + 8], "little")
-        if word & SLOT_VALID:
-            be.write(region.base + SLOTS_OFFSET + i, (word | 0x2).to_bytes(8, "little"))
-            return
+    with ProcessVMBackend(load_memory_map(mon.hmp, ids), pid) as be:
+        slots = be.read(region.base + SLOTS_OFFSET, region.size - SLOTS_OFFSET)
+        for i in range(0, len(slots), SLOT_SIZE):
+            word = int.from_bytes(slots[i : i + 8], "little")
+            if word & SLOT_VALID:
+                be.write(region.base + SLOTS_OFFSET + i, (word | 0x2).to_bytes(8, "little"))
+                return
     raise AssertionError("no VALID slot in the guest's table (is drbg_stream running?)")
 
 
