@@ -10,7 +10,7 @@ Backends: process_vm_writev (the default), the shared mapping populated in
 advance (what `--populate` prepares during the restore), and pwrite on
 /proc/PID/mem as a reference (an adapter here, the agent does not ship it).
 The physical limit is the same zeroing done in this process by a C loop
-(memset per span, one call for all spans: `vmwipe.host_agent._pages`) on an
+(memset per span, one call for all spans: `vmwipe.host_agent.wipe._pages`) on an
 anonymous 1 GiB mmap, already touched, same offsets.  Only the zeroing is
 timed: the pieces (host addresses) are resolved once beforehand, as the
 engine's `plan` phase does.  A last row shows why the shared backend uses that
@@ -25,16 +25,16 @@ import os
 from array import array
 from collections.abc import Callable, Sequence
 
-from vmwipe.host_agent import _pages
-from vmwipe.host_agent.flows import AgentOptions, open_target
-from vmwipe.host_agent.memaccess import (
+from vmwipe.host_agent.flows.live import AgentOptions, open_target
+from vmwipe.host_agent.qemu.qmp import QMPSession
+from vmwipe.host_agent.wipe import _pages
+from vmwipe.host_agent.wipe.backends import (
     ZERO_CHUNK,
     MemoryBackend,
     Pieces,
     SharedFileBackend,
 )
-from vmwipe.host_agent.memmap import GuestMemoryMap
-from vmwipe.host_agent.qmp import QMPSession
+from vmwipe.host_agent.wipe.memmap import GuestMemoryMap
 
 from .harness import Row, side_by_side, verdict
 from .vmlib import DATA_BASE, REGION, Lab, scattered

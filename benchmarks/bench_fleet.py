@@ -19,10 +19,10 @@ import time
 from functools import partial
 from pathlib import Path
 
-from vmwipe.host_agent.clone import clone_flow
-from vmwipe.host_agent.flows import AgentOptions
-from vmwipe.host_agent.launcher import QemuProcess, start_qemu
-from vmwipe.host_agent.qmp import QMPSession
+from vmwipe.host_agent.flows.clone import clone_flow
+from vmwipe.host_agent.flows.live import AgentOptions
+from vmwipe.host_agent.qemu.launcher import QemuProcess, start_qemu
+from vmwipe.host_agent.qemu.qmp import QMPSession
 
 from .harness import Row, interleaved, timing, verdict
 from .vmlib import DATA_BASE, Lab, plain_restore, scattered

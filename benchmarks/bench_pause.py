@@ -25,8 +25,8 @@ import sys
 import time
 from collections.abc import Callable
 
-from vmwipe.host_agent.flows import AgentOptions, restore_flow
-from vmwipe.host_agent.qmp import QMPSession
+from vmwipe.host_agent.flows.live import AgentOptions, restore_flow
+from vmwipe.host_agent.qemu.qmp import QMPSession
 
 from .harness import Row, interleaved, timing, verdict
 from .vmlib import DATA_BASE, Lab, plain_restore, scattered

@@ -28,9 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-from vmwipe.host_agent.flows import AgentOptions, save_flow
-from vmwipe.host_agent.qmp import QMPSession
-from vmwipe.host_agent.scrub_save import save_scrubbed
+from vmwipe.host_agent.flows.live import AgentOptions, save_flow
+from vmwipe.host_agent.flows.save_scrub import save_scrubbed
+from vmwipe.host_agent.qemu.qmp import QMPSession
 
 from .harness import Row, timing, verdict
 from .vmlib import REGION, Lab, free_disk_gib, scattered

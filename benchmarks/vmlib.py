@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from vmwipe.host_agent.flows import (
+from vmwipe.host_agent.flows.live import (
     AgentOptions,
     _migration_status,
     finish_incoming,
@@ -36,8 +36,8 @@ from vmwipe.host_agent.flows import (
     save_flow,
     wait_incoming_done,
 )
-from vmwipe.host_agent.launcher import QemuProcess, start_qemu
-from vmwipe.host_agent.qmp import QMPSession
+from vmwipe.host_agent.qemu.launcher import QemuProcess, start_qemu
+from vmwipe.host_agent.qemu.qmp import QMPSession
 from vmwipe.protocol import PAGE_SIZE, Region, build_region, encode_ssdt
 
 QEMU = os.environ.get("VMWIPE_BENCH_QEMU", "qemu-system-x86_64")

@@ -2,7 +2,7 @@
 
 A `-S` VM never runs guest code, so tests can plant synthetic v1 tables in its
 RAM through the agent's own write path and check every byte afterwards with
-`pmemsave`.  Each QEMU is started by `vmwipe.host_agent.launcher` and killed
+`pmemsave`.  Each QEMU is started by `vmwipe.host_agent.qemu.launcher` and killed
 by the PID it got, in fixture teardown; nothing here kills by name.
 """
 
@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
-from vmwipe.host_agent.flows import AgentOptions, Target, open_target
-from vmwipe.host_agent.launcher import LaunchError, QemuProcess, start_qemu
-from vmwipe.host_agent.qmp import QMPSession
+from vmwipe.host_agent.flows.live import AgentOptions, Target, open_target
+from vmwipe.host_agent.qemu.launcher import LaunchError, QemuProcess, start_qemu
+from vmwipe.host_agent.qemu.qmp import QMPSession
 from vmwipe.lab import GuestImage, build_guest_image, default_kernel
 from vmwipe.lab.shell import missing_prerequisite
 from vmwipe.protocol import (

@@ -27,9 +27,9 @@ from conftest import (
 )
 
 from vmwipe.host_agent.errors import MemoryAccessError
-from vmwipe.host_agent.flows import AgentOptions, open_target, wipe_flow
-from vmwipe.host_agent.memmap import parse_gpa2hva
-from vmwipe.host_agent.qmp import QMPSession
+from vmwipe.host_agent.flows.live import AgentOptions, open_target, wipe_flow
+from vmwipe.host_agent.qemu.qmp import QMPSession
+from vmwipe.host_agent.wipe.memmap import parse_gpa2hva
 from vmwipe.protocol import PAGE_SIZE, build_region
 
 P = PAGE_SIZE

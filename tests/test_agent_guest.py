@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from vmwipe.host_agent.launcher import QemuProcess, start_qemu
-from vmwipe.host_agent.qmp import QMPSession
+from vmwipe.host_agent.qemu.launcher import QemuProcess, start_qemu
+from vmwipe.host_agent.qemu.qmp import QMPSession
 from vmwipe.lab import Console, Guest, GuestConfig, GuestImage, build_guest_image
 from vmwipe.lab.build import default_kernel
 from vmwipe.lab.shell import missing_prerequisite, sh, wait_output

@@ -12,19 +12,19 @@ from typing import Any
 import pytest
 from conftest import run_cli
 
-from vmwipe.host_agent import memaccess
 from vmwipe.host_agent.cli import build_parser, main
 from vmwipe.host_agent.errors import EXIT_CODES, MemoryAccessError, RegionError, UsageError
-from vmwipe.host_agent.memaccess import ProcessVMBackend, buffer_address, read_proc_maps
-from vmwipe.host_agent.memmap import GuestMemoryMap, RamRange
-from vmwipe.host_agent.region import (
+from vmwipe.host_agent.qemu.region import (
     discover_region,
     option_values,
     parse_region_arg,
     reset_guard_problem,
     split_qemu_opts,
 )
-from vmwipe.host_agent.wipe import read_region_early, run_wipe
+from vmwipe.host_agent.wipe import backends as memaccess
+from vmwipe.host_agent.wipe.backends import ProcessVMBackend, buffer_address, read_proc_maps
+from vmwipe.host_agent.wipe.engine import read_region_early, run_wipe
+from vmwipe.host_agent.wipe.memmap import GuestMemoryMap, RamRange
 from vmwipe.protocol import PAGE_SIZE, Region, build_region, encode_ssdt, merge_ranges
 
 P = PAGE_SIZE
@@ -234,8 +234,8 @@ def test_engine_refuses_runs_a_broken_decoder_would_hand_it(
     runs: tuple[list[int], list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Belt and braces: even if the validator let such runs through, nothing is zeroed."""
-    from vmwipe.host_agent import wipe
     from vmwipe.host_agent.errors import InvalidTableError
+    from vmwipe.host_agent.wipe import engine as wipe
     from vmwipe.protocol import decode_table
 
     small = Region(0x100000 + 8 * P, 2 * P)
@@ -286,7 +286,7 @@ def test_top_level_help_lists_exit_codes() -> None:
 
 def test_internal_errors_are_one_line(monkeypatch: pytest.MonkeyPatch,
                                       capsys: pytest.CaptureFixture[str]) -> None:
-    import vmwipe.host_agent.cli as cli
+    from vmwipe.host_agent.cli import agent as cli
 
     def boom(args: object) -> int:
         raise KeyError("bug")
@@ -316,7 +316,7 @@ def test_one_line_errors(tmp_path: Path) -> None:
 
 def test_engine_refuses_a_ram_map_that_splits_a_page() -> None:
     """QEMU maps RAM in whole pages; a sub-page range boundary means a misparsed map."""
-    from vmwipe.host_agent.wipe import run_wipe
+    from vmwipe.host_agent.wipe.engine import run_wipe
     from vmwipe.protocol import build_region
 
     region = Region(0x10000, 0x2000)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import QEMU, SMALL_MACHINE, VM, qemu_available, run_cli, start_vm
 
-from vmwipe.host_agent.launcher import start_qemu
+from vmwipe.host_agent.qemu.launcher import start_qemu
 from vmwipe.protocol import PAGE_SIZE
 
 pytestmark = pytest.mark.skipif(not qemu_available(), reason="QEMU not installed")

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 from conftest import VM, qemu_available, run_cli, start_vm
 
-from vmwipe.host_agent.memaccess import MemoryBackend
+from vmwipe.host_agent.wipe.backends import MemoryBackend
 from vmwipe.protocol import (
     HOST_FIELDS_SIZE,
     PAGE_SIZE,
@@ -323,7 +323,7 @@ class CuttingProxy:
 
 def _agent_via(proxy: str, vm: VM) -> subprocess.CompletedProcess[str]:
     """The real CLI, except that SO_PEERCRED would name the proxy: report QEMU's PID."""
-    code = ("import sys, vmwipe.host_agent.qmp as q; "
+    code = ("import sys, vmwipe.host_agent.qemu.qmp as q; "
             f"q.peer_pid = lambda s: {vm.pid}; "
             "from vmwipe.host_agent.cli import main; sys.exit(main(sys.argv[1:]))")
     return subprocess.run([sys.executable, "-c", code, "wipe", "--qmp", proxy, "--resume"],

@@ -173,7 +173,7 @@ def test_save_scrub_killed_mid_run(saved: Saved) -> None:
         if data == old:
             outcomes["previous file intact"] += 1
         else:
-            from vmwipe.host_agent.scrub_save import verify_scrubbed
+            from vmwipe.host_agent.flows.save_scrub import verify_scrubbed
 
             verify_scrubbed(str(path), listed)  # whole walk, every listed copy zero
             outcomes["complete scrubbed save"] += 1

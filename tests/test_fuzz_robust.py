@@ -24,11 +24,13 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from vmwipe.host_agent import migstream as ms
-from vmwipe.host_agent import saveimage
 from vmwipe.host_agent.errors import AgentError
-from vmwipe.host_agent.memaccess import MemoryBackend, Pieces
-from vmwipe.host_agent.memmap import (
+from vmwipe.host_agent.snapshot import migstream as ms
+from vmwipe.host_agent.snapshot import saveimage
+from vmwipe.host_agent.snapshot.scrub import plan_scrub
+from vmwipe.host_agent.wipe.backends import MemoryBackend, Pieces
+from vmwipe.host_agent.wipe.engine import run_wipe
+from vmwipe.host_agent.wipe.memmap import (
     GuestMemoryMap,
     RamRange,
     load_memory_map,
@@ -37,8 +39,6 @@ from vmwipe.host_agent.memmap import (
     ram_ranges,
     system_view,
 )
-from vmwipe.host_agent.scrub import plan_scrub
-from vmwipe.host_agent.wipe import run_wipe
 from vmwipe.protocol import (
     HOST_FIELDS_SIZE,
     PAGE_SIZE,

@@ -468,10 +468,10 @@ def test_api_start_and_revert(env: Env, snapshot_epoch: list[str]) -> None:
 
 def _forge_table(env: Env) -> None:
     """Set a reserved bit in the first VALID slot of the paused guest's table."""
-    from vmwipe.host_agent.libvirt_flows import LibvirtMonitor, qemu_pid_of
-    from vmwipe.host_agent.memaccess import ProcessVMBackend
-    from vmwipe.host_agent.memmap import load_memory_map
-    from vmwipe.host_agent.region import discover_region, read_cmdline
+    from vmwipe.host_agent.libvirt.flows import LibvirtMonitor, qemu_pid_of
+    from vmwipe.host_agent.qemu.region import discover_region, read_cmdline
+    from vmwipe.host_agent.wipe.backends import ProcessVMBackend
+    from vmwipe.host_agent.wipe.memmap import load_memory_map
     from vmwipe.protocol import SLOT_SIZE, SLOT_VALID, SLOTS_OFFSET
 
     mon = LibvirtMonitor(env.dom)
@@ -540,17 +540,17 @@ def test_api_restore_refuses_to_resume(env: Env) -> None:
 
 def test_hook_leaves_incoming_migration_alone(env: Env, tmp_path: Path) -> None:
     """A QEMU waiting for an incoming migration (RAM not here yet) is not wiped."""
-    from vmwipe.host_agent.launcher import start_qemu
-    from vmwipe.host_agent.libvirt_xml import protect_xml
+    from vmwipe.host_agent.libvirt.domain_xml import protect_xml
+    from vmwipe.host_agent.qemu.launcher import start_qemu
 
     d = Path(env.lab.work) / "mig"
     d.mkdir()
     xml = protect_xml(env.dom.XMLDesc(0), state_dir=d).xml
-    from vmwipe.host_agent.libvirt_xml import read_protection
+    from vmwipe.host_agent.libvirt.domain_xml import read_protection
 
     prot = read_protection(xml)
     assert prot is not None
-    from vmwipe.host_agent.libvirt_xml import prepare_files
+    from vmwipe.host_agent.libvirt.domain_xml import prepare_files
 
     prepare_files(prot)
     argv = ["qemu-system-x86_64", "-nodefaults", "-display", "none", "-accel", "tcg",
@@ -559,7 +559,7 @@ def test_hook_leaves_incoming_migration_alone(env: Env, tmp_path: Path) -> None:
     try:
         for step in ("defer", "listening"):
             if step == "listening":
-                from vmwipe.host_agent.qmp import QMPSession
+                from vmwipe.host_agent.qemu.qmp import QMPSession
 
                 with QMPSession(prot.monitor) as s:
                     s.cmd("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
@@ -586,7 +586,7 @@ def test_live_migration_to_second_libvirtd_untouched(env: Env) -> None:
     runs at `started` while QEMU is inmigrate and leaves the guest alone (not a clone)."""
     from libvirtd_fixture import SecondLibvirtd
 
-    from vmwipe.host_agent.libvirt_xml import read_protection
+    from vmwipe.host_agent.libvirt.domain_xml import read_protection
 
     prot = read_protection(env.dom.XMLDesc(0))
     assert prot is not None

@@ -20,15 +20,7 @@ from pathlib import Path
 import pytest
 
 from vmwipe.host_agent.errors import UsageError
-from vmwipe.host_agent.libvirt_hook import (
-    CHAINED_NAME,
-    MARKER,
-    classify,
-    install_hook,
-    main,
-    uninstall_hook,
-)
-from vmwipe.host_agent.libvirt_xml import (
+from vmwipe.host_agent.libvirt.domain_xml import (
     ProtectError,
     device_memory_base,
     protect_xml,
@@ -36,6 +28,9 @@ from vmwipe.host_agent.libvirt_xml import (
     read_protection,
     unprotect_xml,
 )
+from vmwipe.host_agent.libvirt.hook import classify, main
+from vmwipe.host_agent.libvirt.install import MARKER, install_hook, uninstall_hook
+from vmwipe.host_agent.libvirt.paths import CHAINED_NAME
 from vmwipe.protocol import decode_ssdt
 
 UUID = "6a1f2b3c-0000-4000-8000-00000000abcd"
@@ -143,7 +138,7 @@ def test_device_memory_base() -> None:
 
 
 def test_ssdt_files_match_protection(tmp_path: Path) -> None:
-    from vmwipe.host_agent.libvirt_xml import prepare_files
+    from vmwipe.host_agent.libvirt.domain_xml import prepare_files
 
     prot = protect_xml(domain(), tmp_path).protection
     assert prot is not None
@@ -227,7 +222,7 @@ def test_chained_failure_propagates(tmp_path: Path, capsysbinary: pytest.Capture
 def test_hook_ignores_unprotected_and_fails_closed(tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import vmwipe.host_agent.libvirt_hook as hook
+    import vmwipe.host_agent.libvirt.hook as hook
 
     monkeypatch.setattr(hook, "LOG_DIR", tmp_path / "log")
     assert main(["d", "started", "begin", "-"], stdin=domain().encode()) == 0
@@ -261,7 +256,7 @@ def test_hook_script_survives_a_broken_agent(tmp_path: Path) -> None:
 
 
 def test_monitor_path_is_the_apparmor_profile_name(tmp_path: Path) -> None:
-    from vmwipe.host_agent.libvirt_xml import ProtectError, monitor_path
+    from vmwipe.host_agent.libvirt.domain_xml import ProtectError, monitor_path
 
     assert monitor_path(tmp_path, UUID) == str(tmp_path / "mon" / f"libvirt-{UUID}.qmp")
     with pytest.raises(ProtectError, match="not a UUID"):
@@ -273,7 +268,7 @@ def test_monitor_path_is_the_apparmor_profile_name(tmp_path: Path) -> None:
 def _compiled_rules(tmp_path: Path, profile: str) -> str:
     """The file rules apparmor_parser compiles for a libvirt-style per-VM profile that
     includes the libvirt-qemu abstraction with the vmwipe block (variables expanded)."""
-    from vmwipe.host_agent.libvirt_hook import apparmor_rules
+    from vmwipe.host_agent.libvirt.install import apparmor_rules
 
     parser = shutil.which("apparmor_parser")
     if parser is None:

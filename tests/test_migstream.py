@@ -24,9 +24,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vmwipe.host_agent import migstream as ms
 from vmwipe.host_agent.errors import QMPFailure
-from vmwipe.host_agent.qmp import QMPSession
+from vmwipe.host_agent.qemu.qmp import QMPSession
+from vmwipe.host_agent.snapshot import migstream as ms
 
 QEMU72 = os.environ.get("VMWIPE_TEST_QEMU", "qemu-system-x86_64")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vmwipe.host_agent.errors import MemoryAccessError, QMPFailure
-from vmwipe.host_agent.memmap import (
+from vmwipe.host_agent.wipe.memmap import (
     GuestMemoryMap,
     RamRange,
     parse_flatviews,

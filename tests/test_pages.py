@@ -1,4 +1,4 @@
-"""The shared backend's C loops (host_agent/_pages.c): what they do, and a warning-free build."""
+"""The shared backend's C loops (host_agent/wipe/_pages.c): their effect and a clean build."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from vmwipe.host_agent import _pages
-from vmwipe.host_agent.memaccess import buffer_address
+from vmwipe.host_agent.wipe import _pages
+from vmwipe.host_agent.wipe.backends import buffer_address
 
-SOURCE = Path(__file__).resolve().parent.parent / "host_agent" / "_pages.c"
+SOURCE = Path(__file__).resolve().parent.parent / "host_agent" / "wipe" / "_pages.c"
 
 
 def _columns(buf: bytearray, spans: list[tuple[int, int]]) -> tuple[array[int], array[int]]:

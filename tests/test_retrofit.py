@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from vmwipe.host_agent.qmp import QMPSession
+from vmwipe.host_agent.qemu.qmp import QMPSession
 from vmwipe.lab import (
     Guest,
     GuestConfig,

@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 from conftest import VM, qemu_available, run_cli, start_vm
 
-from vmwipe.host_agent.flows import AgentOptions, restore_flow
-from vmwipe.host_agent.launcher import QemuProcess, start_qemu
-from vmwipe.host_agent.qmp import QMPSession
+from vmwipe.host_agent.flows.live import AgentOptions, restore_flow
+from vmwipe.host_agent.qemu.launcher import QemuProcess, start_qemu
+from vmwipe.host_agent.qemu.qmp import QMPSession
 from vmwipe.protocol import HOST_FIELDS_SIZE, PAGE_SIZE, WIPE_GENERATION_OFFSET, Region
 
 pytestmark = pytest.mark.skipif(not qemu_available(), reason="QEMU not installed")

@@ -21,11 +21,10 @@ from pathlib import Path
 import pytest
 from test_migstream import QEMU10, QEMU72, Vm, have, needs_qemu, needs_qemu10, restore
 
-from vmwipe.host_agent import migstream as ms
 from vmwipe.host_agent.cli import main as vmwipe_main
-from vmwipe.host_agent.memmap import load_memory_map
-from vmwipe.host_agent.saveimage import build_header
-from vmwipe.host_agent.scrub import (
+from vmwipe.host_agent.snapshot import migstream as ms
+from vmwipe.host_agent.snapshot.saveimage import build_header
+from vmwipe.host_agent.snapshot.scrub import (
     below_4g,
     machine_layout,
     read_sidecar,
@@ -33,6 +32,7 @@ from vmwipe.host_agent.scrub import (
     sidecar_path,
     write_sidecar,
 )
+from vmwipe.host_agent.wipe.memmap import load_memory_map
 from vmwipe.protocol import (
     WIPE_GENERATION_OFFSET,
     Region,
@@ -572,7 +572,7 @@ def test_cli_save_no_mapped_ram_10(tmp_path: Path, vms: list[Vm],
 
 
 def test_saveimage_header_variants() -> None:
-    from vmwipe.host_agent.saveimage import MAGIC_PARTIAL, domain_xml, parse_header
+    from vmwipe.host_agent.snapshot.saveimage import MAGIC_PARTIAL, domain_xml, parse_header
 
     xml = b"<domain/>\0" + bytes(22)
     raw = build_header(len(xml), was_running=True) + xml
@@ -596,7 +596,7 @@ def test_saveimage_header_variants() -> None:
 
 
 def test_sidecar_errors(tmp_path: Path) -> None:
-    from vmwipe.host_agent.scrub import LayoutError
+    from vmwipe.host_agent.snapshot.scrub import LayoutError
 
     p = tmp_path / "x.vmwipe.json"
     p.write_text("{")

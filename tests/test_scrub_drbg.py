@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from vmwipe.host_agent.cli import main as vmwipe_main
-from vmwipe.host_agent.scrub_save import save_scrubbed
+from vmwipe.host_agent.flows.save_scrub import save_scrubbed
 from vmwipe.lab import Guest, GuestConfig, GuestError, GuestImage
 
 pytestmark = pytest.mark.slow

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from vmwipe.host_agent.saveimage import parse_header
-from vmwipe.host_agent.scrub import scrub_file
+from vmwipe.host_agent.snapshot.saveimage import parse_header
+from vmwipe.host_agent.snapshot.scrub import scrub_file
 from vmwipe.protocol import Region, build_region, encode_host_fields, encode_ssdt
 
 pytestmark = pytest.mark.slow

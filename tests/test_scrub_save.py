@@ -17,8 +17,8 @@ from test_migstream import QEMU10, Vm, needs_qemu, needs_qemu10
 from test_scrub import REGION, Saved, check_restored, plant_and_save, run_cli
 
 from vmwipe.host_agent.errors import InvalidTableError, MigrationError, VMStateError
-from vmwipe.host_agent.scrub import read_sidecar, scrub_file, sidecar_path
-from vmwipe.host_agent.scrub_save import save_scrubbed
+from vmwipe.host_agent.flows.save_scrub import save_scrubbed
+from vmwipe.host_agent.snapshot.scrub import read_sidecar, scrub_file, sidecar_path
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ def test_run_save_scrub_cli_body(tmp_path: Path, vms: list[Vm],
     """What `vmwipe save --scrub --to FILE --json` runs, with the arguments cli.py parses."""
     import argparse
 
-    from vmwipe.host_agent.scrub_cmds import add_save_scrub_arguments, run_save_scrub
+    from vmwipe.host_agent.cli.scrub import add_save_scrub_arguments, run_save_scrub
 
     saved = plant_and_save(tmp_path, vms, ["-M", "pc", "-m", "512M"])
     vms[0].qmp.cmd("cont")
@@ -164,7 +164,7 @@ def test_save_scrub_virtio_mem_10_refused(tmp_path: Path, vms: list[Vm]) -> None
 
 
 def test_listed_block_missing_from_qemu_is_refused() -> None:
-    from vmwipe.host_agent.scrub_save import stream_block_names
+    from vmwipe.host_agent.flows.save_scrub import stream_block_names
 
     assert stream_block_names({"pc.ram", "vmem0"}, ["pc.ram", "0000:00:02.0/vmem0"]) == {
         "pc.ram": "pc.ram", "vmem0": "0000:00:02.0/vmem0"}

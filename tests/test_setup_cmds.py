@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import QEMU, qemu_available
 
-from vmwipe.host_agent.launcher import start_qemu
-from vmwipe.host_agent.setup_cmds import choose_region
+from vmwipe.host_agent.qemu.launcher import start_qemu
+from vmwipe.host_agent.qemu.vmconfig import choose_region
 from vmwipe.protocol import PAGE_SIZE, Region, decode_ssdt
 
 VMWIPE = [sys.executable, "-m", "vmwipe.host_agent.cli"]

@@ -56,9 +56,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmwipe.host_agent.flows import AgentOptions, open_target, prepare_incoming
-from vmwipe.host_agent.launcher import QemuProcess, start_qemu
-from vmwipe.host_agent.qmp import QMPSession
+from vmwipe.host_agent.flows.live import AgentOptions, open_target, prepare_incoming
+from vmwipe.host_agent.qemu.launcher import QemuProcess, start_qemu
+from vmwipe.host_agent.qemu.qmp import QMPSession
 from vmwipe.protocol import HOST_FIELDS_SIZE, WIPE_GENERATION_OFFSET
 
 from .build import GuestImage, build_guest_image, default_kernel

@@ -17,9 +17,9 @@ from typing import Any
 from vmwipe.protocol import ProtocolError, parse_size, validate_region
 from vmwipe.protocol.table import Region
 
-from .errors import UsageError
-from .scrub import ScrubReport, scrub_file, stderr_progress
-from .scrub_save import Monitor, SaveScrubReport, save_scrubbed
+from ..errors import UsageError
+from ..flows.save_scrub import Monitor, SaveScrubReport, save_scrubbed
+from ..snapshot.scrub import ScrubReport, scrub_file, stderr_progress
 
 
 def _region(text: str) -> Region:

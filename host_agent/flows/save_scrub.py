@@ -46,12 +46,19 @@ from vmwipe.protocol import (
 )
 from vmwipe.protocol.table import Region
 
-from .errors import InvalidTableError, MigrationError, VMStateError
-from .memmap import GuestMemoryMap, load_memory_map
-from .migstream import KIND_PAGE, StreamIndex, copies, filter_stream, index_stream, open_mapped
-from .qmp import QMPSession
-from .region import discover_region, read_cmdline
-from .scrub import sidecar_path, write_sidecar
+from ..errors import InvalidTableError, MigrationError, VMStateError
+from ..qemu.qmp import QMPSession
+from ..qemu.region import discover_region, read_cmdline
+from ..snapshot.migstream import (
+    KIND_PAGE,
+    StreamIndex,
+    copies,
+    filter_stream,
+    index_stream,
+    open_mapped,
+)
+from ..snapshot.scrub import sidecar_path, write_sidecar
+from ..wipe.memmap import GuestMemoryMap, load_memory_map
 
 log = logging.getLogger(__name__)
 

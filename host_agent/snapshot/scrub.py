@@ -72,8 +72,8 @@ from vmwipe.protocol import (
 )
 from vmwipe.protocol.table import Region, Table
 
-from .errors import AgentError, InvalidTableError, MemoryAccessError, UsageError
-from .memmap import GuestMemoryMap, RamRange
+from ..errors import AgentError, InvalidTableError, MemoryAccessError, UsageError
+from ..wipe.memmap import GuestMemoryMap, RamRange
 from .migstream import (
     KIND_PAGE,
     KIND_ZERO,

@@ -16,8 +16,8 @@ from typing import Any
 
 from vmwipe.protocol import parse_size
 
-from .flows import AgentOptions
-from .libvirt_flows import (
+from ..flows.live import AgentOptions
+from ..libvirt.flows import (
     DomainWipe,
     LibvirtFailure,
     connect,
@@ -27,8 +27,8 @@ from .libvirt_flows import (
     revert_snapshot,
     start_domain,
 )
-from .memaccess import BACKENDS
-from .wipe import ON_INVALID
+from ..wipe.backends import BACKENDS
+from ..wipe.engine import ON_INVALID
 
 
 def _inactive_xml(dom: Any) -> str:
@@ -63,7 +63,7 @@ def _diff(old: str, new: str, name: str) -> str:
 
 
 def _cmd_protect(args: argparse.Namespace) -> int:
-    from .libvirt_xml import ProtectError, prepare_files, protect_xml, read_protection
+    from ..libvirt.domain_xml import ProtectError, prepare_files, protect_xml, read_protection
 
     conn = connect(args.connect)
     dom = lookup(conn, args.domain)
@@ -91,7 +91,7 @@ def _cmd_protect(args: argparse.Namespace) -> int:
 
 
 def _cmd_unprotect(args: argparse.Namespace) -> int:
-    from .libvirt_xml import unprotect_xml
+    from ..libvirt.domain_xml import unprotect_xml
 
     conn = connect(args.connect)
     dom = lookup(conn, args.domain)
@@ -132,7 +132,7 @@ def _report(args: argparse.Namespace, dom: Any, what: str, lines: list[str], fil
 
 
 def _cmd_install_hook(args: argparse.Namespace) -> int:
-    from .libvirt_hook import install_hook
+    from ..libvirt.install import install_hook
 
     done = install_hook(Path(args.hooks_dir), args.python,
                         None if args.no_apparmor else Path(args.apparmor_file))
@@ -141,7 +141,7 @@ def _cmd_install_hook(args: argparse.Namespace) -> int:
 
 
 def _cmd_uninstall_hook(args: argparse.Namespace) -> int:
-    from .libvirt_hook import uninstall_hook
+    from ..libvirt.install import uninstall_hook
 
     done = uninstall_hook(Path(args.hooks_dir),
                           None if args.no_apparmor else Path(args.apparmor_file))

@@ -19,7 +19,7 @@ from typing import Any
 
 from vmwipe.protocol import HeaderError, Region, SlotError, decode_table
 
-from .errors import (
+from ..errors import (
     AgentError,
     MemoryAccessError,
     MigrationError,
@@ -27,13 +27,13 @@ from .errors import (
     RegionError,
     VMStateError,
 )
-from .memaccess import MemoryBackend, ProcessVMBackend, SharedFileBackend, open_backend
-from .memmap import GuestMemoryMap, load_memory_map
-from .migstream import StreamError, stream_capabilities
-from .qmp import QMPCommandError, QMPSession
-from .region import discover_region, read_cmdline, reset_guard_problem
-from .scrub import sidecar_path, write_sidecar
-from .wipe import EarlyRegion, Phases, WipeReport, read_region, read_region_early, run_wipe
+from ..qemu.qmp import QMPCommandError, QMPSession
+from ..qemu.region import discover_region, read_cmdline, reset_guard_problem
+from ..snapshot.migstream import StreamError, stream_capabilities
+from ..snapshot.scrub import sidecar_path, write_sidecar
+from ..wipe.backends import MemoryBackend, ProcessVMBackend, SharedFileBackend, open_backend
+from ..wipe.engine import EarlyRegion, Phases, WipeReport, read_region, read_region_early, run_wipe
+from ..wipe.memmap import GuestMemoryMap, load_memory_map
 
 log = logging.getLogger(__name__)
 

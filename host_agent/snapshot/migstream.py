@@ -58,7 +58,7 @@ from itertools import compress, repeat
 from operator import lshift, or_, rshift
 from typing import Any, BinaryIO, Protocol
 
-from .errors import AgentError
+from ..errors import AgentError
 
 QEVM_MAGIC = b"QEVM"
 QEVM_VERSION = 3

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import AgentError
+from ..errors import AgentError
 
 
 class LaunchError(AgentError):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from vmwipe.protocol import Region, validate_region
 
-from .setup_cmds import DEFAULT_SIZE, choose_region
+from ..qemu.vmconfig import DEFAULT_SIZE, choose_region
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 META_NS = "urn:vmwipe:libvirt:1"
@@ -597,7 +597,7 @@ def prepare_files(prot: Protection, qemu_user: str = "libvirt-qemu") -> list[str
     socket directory belongs to that user (mode 0700: root reaches it anyway).
     The SSDT and the zero page are world-readable, like a kernel image.
     """
-    from .setup_cmds import write_vm_config
+    from ..qemu.vmconfig import write_vm_config
 
     done: list[str] = []
     files = Path(prot.ssdt).parent

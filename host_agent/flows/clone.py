@@ -18,10 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import MigrationError, UsageError
-from .flows import AgentOptions, FlowReport, restore_flow
-from .launcher import QemuProcess, start_qemu
-from .qmp import QMPSession
+from ..errors import MigrationError, UsageError
+from ..qemu.launcher import QemuProcess, start_qemu
+from ..qemu.qmp import QMPSession
+from .live import AgentOptions, FlowReport, restore_flow
 
 
 @dataclass

@@ -20,10 +20,9 @@ from typing import Any
 
 from vmwipe.protocol import ProtocolError
 
-from . import libvirt_cmds, scrub_cmds, setup_cmds
-from .clone import clone_flow
-from .errors import EXIT_CODES, AgentError, Interrupted, UsageError
-from .flows import (
+from ..errors import EXIT_CODES, AgentError, Interrupted, UsageError
+from ..flows.clone import clone_flow
+from ..flows.live import (
     AgentOptions,
     FlowReport,
     inspect_flow,
@@ -32,10 +31,13 @@ from .flows import (
     save_flow,
     wipe_flow,
 )
-from .memaccess import BACKENDS
-from .qmp import QMPSession
-from .region import parse_region_arg
-from .wipe import ON_INVALID
+from ..qemu.qmp import QMPSession
+from ..qemu.region import parse_region_arg
+from ..wipe.backends import BACKENDS
+from ..wipe.engine import ON_INVALID
+from . import libvirt as libvirt_cmds
+from . import scrub as scrub_cmds
+from . import setup as setup_cmds
 
 log = logging.getLogger("vmwipe")
 
@@ -430,6 +432,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     return err.exit_code
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,19 +16,33 @@ import asyncio
 import contextlib
 import logging
 import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
-from .errors import QMPFailure
-from .peercred import peer_pid
+from ..errors import QMPFailure
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 Event = dict[str, Any]
+_UCRED = struct.Struct("3i")
+
+
+def peer_pid(sock: socket.socket) -> int:
+    """PID of the process at the other end of a connected AF_UNIX socket (SO_PEERCRED).
+
+    The user names only the socket; the memory backends need the PID.  Peer
+    credentials come from the kernel, so they cannot be spoofed by a stale pidfile.
+    """
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, _uid, _gid = _UCRED.unpack(raw)
+    if pid <= 0:
+        raise OSError("SO_PEERCRED returned no PID for the QMP socket")
+    return int(pid)
 
 
 class QMPCommandError(QMPFailure):

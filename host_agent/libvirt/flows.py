@@ -31,12 +31,12 @@ from typing import Any, Protocol
 
 from vmwipe.protocol import Region
 
-from .errors import AgentError, QMPFailure, RegionError, VMStateError
-from .flows import PAUSED_STATES, AgentOptions
-from .memaccess import open_backend
-from .memmap import load_memory_map
-from .region import discover_region, option_values, read_cmdline, reset_guard_problem
-from .wipe import Phases, WipeReport, run_wipe
+from ..errors import AgentError, QMPFailure, RegionError, VMStateError
+from ..flows.live import PAUSED_STATES, AgentOptions
+from ..qemu.region import discover_region, option_values, read_cmdline, reset_guard_problem
+from ..wipe.backends import open_backend
+from ..wipe.engine import Phases, WipeReport, run_wipe
+from ..wipe.memmap import load_memory_map
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ def restore_file(conn: Any, path: str, opts: AgentOptions, do_resume: bool = Tru
     """restoreFlags(PAUSED), wipe through libvirt's monitor, then resume()."""
     import libvirt
 
-    from .libvirt_xml import domain_uuid, parse_domain
+    from .domain_xml import domain_uuid, parse_domain
 
     if not os.path.isfile(path):
         raise LibvirtFailure(f"save image {path} does not exist")

@@ -40,7 +40,7 @@ from vmwipe.protocol import (
     encode_host_fields,
 )
 
-from .errors import (
+from ..errors import (
     AgentError,
     InvalidTableError,
     MemoryAccessError,
@@ -48,7 +48,7 @@ from .errors import (
     UsageError,
     VerifyError,
 )
-from .memaccess import MemoryBackend
+from .backends import MemoryBackend
 from .memmap import GuestMemoryMap, RamRange
 
 log = logging.getLogger(__name__)

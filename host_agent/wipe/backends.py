@@ -36,8 +36,8 @@ from itertools import accumulate, repeat
 from operator import add
 from typing import Any, overload
 
+from ..errors import MemoryAccessError
 from . import _pages
-from .errors import MemoryAccessError
 from .memmap import GuestMemoryMap
 
 log = logging.getLogger(__name__)

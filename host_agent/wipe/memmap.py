@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
-from .errors import MemoryAccessError, QMPFailure
+from ..errors import MemoryAccessError, QMPFailure
 
 _RANGE_RE = re.compile(
     r"^\s+(?P<start>[0-9a-fA-F]+)-(?P<last>[0-9a-fA-F]+) "

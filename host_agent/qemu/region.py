@@ -31,7 +31,7 @@ from vmwipe.protocol import (
     validate_region,
 )
 
-from .errors import RegionError, UsageError
+from ..errors import RegionError, UsageError
 
 log = logging.getLogger(__name__)
 

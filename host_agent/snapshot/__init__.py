@@ -1,0 +1,9 @@
+"""Saved VM state on disk: reading, rewriting and scrubbing it.
+
+- `migstream`: walk and rewrite QEMU's migration stream (file or pipe);
+- `saveimage`: the libvirt save image header around a stream;
+- `machine`: guest-physical RAM layout of pc and q35 machines;
+- `sidecar`: `FILE.vmwipe.json`, the region and RAM map `vmwipe save` records;
+- `replace`: put a scrubbed copy in place of a file (atomically, owner kept);
+- `scrub`: plan and run `vmwipe scrub FILE`.
+"""
