@@ -23,8 +23,9 @@ from typing import Any
 
 import pytest
 
+from vmwipe.host_agent.errors import LaunchError
 from vmwipe.host_agent.flows.live import AgentOptions, Target, open_target
-from vmwipe.host_agent.qemu.launcher import LaunchError, QemuProcess, start_qemu
+from vmwipe.host_agent.qemu.launcher import QemuProcess, start_qemu
 from vmwipe.host_agent.qemu.qmp import QMPSession
 from vmwipe.lab import GuestImage, build_guest_image, default_kernel
 from vmwipe.lab.shell import missing_prerequisite

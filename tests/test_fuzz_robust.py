@@ -24,6 +24,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from vmwipe.host_agent import errors
 from vmwipe.host_agent.errors import AgentError
 from vmwipe.host_agent.snapshot import migstream as ms
 from vmwipe.host_agent.snapshot import saveimage
@@ -413,7 +414,7 @@ def _scrub_plan(blob: bytes) -> None:
 def test_fuzz_migstream_index(blob: bytes) -> None:
     try:
         idx = ms.index_stream(blob)
-    except ms.StreamError as e:
+    except errors.StreamError as e:
         assert "\n" not in str(e)
         return
     assert idx.end <= len(blob)
@@ -430,7 +431,7 @@ def test_fuzz_scrub_plan_on_arbitrary_files(blob: bytes) -> None:
 def test_fuzz_saveimage_arbitrary(data: bytes, size: int | None) -> None:
     try:
         hdr = saveimage.parse_header(data, size)
-    except ms.StreamError as e:
+    except errors.StreamError as e:
         assert "\n" not in str(e)
         return
     assert hdr.stream_offset >= saveimage.HEADER_SIZE
@@ -448,7 +449,7 @@ def test_fuzz_saveimage_forged_headers(data_len: int, fmt: int, cookie: int, ver
     blob = head + body + stream
     try:
         hdr = saveimage.parse_header(blob, len(blob))
-    except ms.StreamError:
+    except errors.StreamError:
         pass
     else:
         assert hdr.stream_offset + 8 <= len(blob)

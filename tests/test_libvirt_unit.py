@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from vmwipe.host_agent.errors import UsageError
+from vmwipe.host_agent.errors import ProtectError, UsageError
 from vmwipe.host_agent.libvirt.domain_xml import (
-    ProtectError,
     device_memory_base,
     protect_xml,
     qemu_commandline,

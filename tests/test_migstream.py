@@ -24,6 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vmwipe.host_agent import errors
 from vmwipe.host_agent.errors import QMPFailure
 from vmwipe.host_agent.qemu.qmp import QMPSession
 from vmwipe.host_agent.snapshot import migstream as ms
@@ -270,14 +271,14 @@ def small_stream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[bytes]:
 
 
 def _fails(data: bytes, match: str) -> None:
-    with pytest.raises(ms.StreamError, match=match):
+    with pytest.raises(errors.StreamError, match=match):
         ms.index_stream(data)
 
 
 def test_truncated_everywhere(small_stream: bytes) -> None:
     n = len(small_stream)
     for cut in (0, 3, 8, 40, 200, n // 3, n // 2, n - 5000, n - 100, n - 1):
-        with pytest.raises(ms.StreamError):
+        with pytest.raises(errors.StreamError):
             ms.index_stream(small_stream[:cut])
 
 
@@ -317,7 +318,7 @@ def test_refused_page_encodings(small_stream: bytes, flag: int, match: str) -> N
     (word,) = struct.unpack_from(">Q", small_stream, hdr)
     bad = small_stream[:hdr] + struct.pack(">Q", (word & ~ms.RAM_PAGE) | flag) + \
         small_stream[hdr + 8:]
-    with pytest.raises(ms.StreamError, match=match):
+    with pytest.raises(errors.StreamError, match=match):
         ms.index_stream(bad)
 
 
@@ -393,7 +394,7 @@ def test_fuzz_mutations(small_stream: bytes, data: st.DataObject) -> None:
         del blob[data.draw(st.integers(0, n - 1))]
     try:
         ms.index_stream(bytes(blob))
-    except ms.StreamError as e:
+    except errors.StreamError as e:
         assert "\n" not in str(e)
 
 

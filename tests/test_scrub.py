@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from test_migstream import QEMU10, QEMU72, Vm, have, needs_qemu, needs_qemu10, restore
 
+from vmwipe.host_agent import errors
 from vmwipe.host_agent.cli import main as vmwipe_main
 from vmwipe.host_agent.snapshot import migstream as ms
 from vmwipe.host_agent.snapshot.saveimage import build_header
@@ -316,7 +317,7 @@ def test_libvirt_image(tmp_path: Path, vms: list[Vm]) -> None:
     gz = tmp_path / "vm.gz.libvirt"
     gz.write_bytes(build_header(len(xml), fmt=1) + xml + b"\x1f\x8b" + bytes(100))
     digest = sha(gz)
-    with pytest.raises(ms.StreamError, match="gzip"):
+    with pytest.raises(errors.StreamError, match="gzip"):
         scrub_file(str(gz))
     assert sha(gz) == digest
 
@@ -582,21 +583,21 @@ def test_saveimage_header_variants() -> None:
     # an image written on a host of the other byte order is still understood
     swapped = raw[:16] + b"".join(raw[i:i + 4][::-1] for i in range(16, 92, 4)) + xml
     assert parse_header(swapped).endian != hdr.endian
-    with pytest.raises(ms.StreamError, match="incomplete"):
+    with pytest.raises(errors.StreamError, match="incomplete"):
         parse_header(MAGIC_PARTIAL + raw[16:])
-    with pytest.raises(ms.StreamError, match="truncated"):
+    with pytest.raises(errors.StreamError, match="truncated"):
         parse_header(raw[:50])
-    with pytest.raises(ms.StreamError, match="truncated"):
+    with pytest.raises(errors.StreamError, match="truncated"):
         parse_header(raw, 100)
-    with pytest.raises(ms.StreamError, match="version"):
+    with pytest.raises(errors.StreamError, match="version"):
         parse_header(raw[:16] + struct.pack("<I", 9) + raw[20:])
     for fmt, name in [(1, "gzip"), (2, "bzip2"), (3, "xz"), (4, "lzop"), (5, "zstd")]:
-        with pytest.raises(ms.UnsupportedStream, match=name):
+        with pytest.raises(errors.UnsupportedStream, match=name):
             parse_header(build_header(32, fmt=fmt) + xml)
 
 
 def test_sidecar_errors(tmp_path: Path) -> None:
-    from vmwipe.host_agent.snapshot.scrub import LayoutError
+    from vmwipe.host_agent.errors import LayoutError
 
     p = tmp_path / "x.vmwipe.json"
     p.write_text("{")

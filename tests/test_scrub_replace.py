@@ -25,9 +25,9 @@ from test_migstream import Vm, needs_qemu
 from test_scrub import PAGE, plant_and_save
 
 from vmwipe.host_agent.cli import main as vmwipe_main
+from vmwipe.host_agent.errors import ReplaceError, StreamError
 from vmwipe.host_agent.snapshot import scrub
-from vmwipe.host_agent.snapshot.migstream import StreamError
-from vmwipe.host_agent.snapshot.scrub import ReplaceError, scrub_file
+from vmwipe.host_agent.snapshot.scrub import scrub_file
 
 
 def sha(path: Path) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 from vmwipe.protocol import ProtocolError
 
-from ..errors import EXIT_CODES, AgentError, Interrupted, UsageError
+from ..errors import AgentError, Interrupted, UsageError, exit_code_help
 from ..flows.clone import clone_flow
 from ..flows.live import (
     AgentOptions,
@@ -40,10 +40,6 @@ from . import scrub as scrub_cmds
 from . import setup as setup_cmds
 
 log = logging.getLogger("vmwipe")
-
-
-def _exit_code_help() -> str:
-    return "exit codes:\n" + "\n".join(f"  {c:3d}  {t}" for c, t in sorted(EXIT_CODES.items()))
 
 
 def _common() -> argparse.ArgumentParser:
@@ -235,7 +231,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the agent's commands to the `vmwipe` parser."""
     common = _common()
     fmt = argparse.RawDescriptionHelpFormatter
-    epilog = _exit_code_help()
+    epilog = exit_code_help()
 
     p = sub.add_parser(
         "inspect",
@@ -363,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Zero the guest pages a vmwipe table lists before a restored or cloned VM "
         "runs. The VM is resumed only after a verified wipe.",
-        epilog=_exit_code_help(),
+        epilog=exit_code_help(),
     )
     parser.add_argument(
         "-v",

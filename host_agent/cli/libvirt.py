@@ -16,10 +16,10 @@ from typing import Any
 
 from vmwipe.protocol import parse_size
 
+from ..errors import LibvirtFailure
 from ..flows.live import AgentOptions
 from ..libvirt.flows import (
     DomainWipe,
-    LibvirtFailure,
     connect,
     lookup,
     one_line,
@@ -63,7 +63,8 @@ def _diff(old: str, new: str, name: str) -> str:
 
 
 def _cmd_protect(args: argparse.Namespace) -> int:
-    from ..libvirt.domain_xml import ProtectError, prepare_files, protect_xml, read_protection
+    from ..errors import ProtectError
+    from ..libvirt.domain_xml import prepare_files, protect_xml, read_protection
 
     conn = connect(args.connect)
     dom = lookup(conn, args.domain)

@@ -14,8 +14,12 @@ import json
 import sys
 from typing import Any
 
-from vmwipe.protocol import ProtocolError, parse_size, validate_region
-from vmwipe.protocol.table import Region
+from vmwipe.protocol import (
+    ProtocolError,
+    Region,
+    parse_size,
+    validate_region,
+)
 
 from ..errors import UsageError
 from ..flows.save_scrub import Monitor, SaveScrubReport, save_scrubbed

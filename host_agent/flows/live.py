@@ -23,13 +23,15 @@ from ..errors import (
     AgentError,
     MemoryAccessError,
     MigrationError,
+    QMPCommandError,
     QMPFailure,
     RegionError,
+    StreamError,
     VMStateError,
 )
-from ..qemu.qmp import QMPCommandError, QMPSession
+from ..qemu.qmp import QMPSession
 from ..qemu.region import discover_region, read_cmdline, reset_guard_problem
-from ..snapshot.migstream import StreamError, stream_capabilities
+from ..snapshot.migstream import stream_capabilities
 from ..snapshot.scrub import sidecar_path, write_sidecar
 from ..wipe.backends import MemoryBackend, ProcessVMBackend, SharedFileBackend, open_backend
 from ..wipe.engine import EarlyRegion, Phases, WipeReport, read_region, read_region_early, run_wipe

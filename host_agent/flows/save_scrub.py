@@ -41,10 +41,10 @@ from vmwipe.protocol import (
     PAGE_SIZE,
     WIPE_GENERATION_OFFSET,
     ProtocolError,
+    Region,
     decode_table,
     encode_host_fields,
 )
-from vmwipe.protocol.table import Region
 
 from ..errors import InvalidTableError, MigrationError, VMStateError
 from ..qemu.qmp import QMPSession

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from vmwipe.protocol import Region, validate_region
 
+from ..errors import ProtectError
 from ..qemu.vmconfig import DEFAULT_SIZE, choose_region
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -56,10 +57,6 @@ _UNITS = {
 
 ET.register_namespace("qemu", QEMU_NS)
 ET.register_namespace(META_PREFIX, META_NS)
-
-
-class ProtectError(ValueError):
-    """The domain XML cannot be protected as asked; the message says why."""
 
 
 def _q(tag: str) -> str:

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from vmwipe.protocol import Region
 
-from ..errors import AgentError, QMPFailure, RegionError, VMStateError
+from ..errors import AgentError, LibvirtFailure, QMPFailure, RegionError, VMStateError
 from ..flows.live import PAUSED_STATES, AgentOptions
 from ..qemu.region import discover_region, option_values, read_cmdline, reset_guard_problem
 from ..wipe.backends import open_backend
@@ -41,12 +41,6 @@ from ..wipe.memmap import load_memory_map
 log = logging.getLogger(__name__)
 
 LIBVIRT_RUN_DIR = "/var/run/libvirt/qemu"
-
-
-class LibvirtFailure(AgentError):
-    """libvirt refused an operation (connect, lookup, restore, revert, start, resume)."""
-
-    exit_code = 11
 
 
 class Monitor(Protocol):

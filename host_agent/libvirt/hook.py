@@ -149,7 +149,8 @@ def classify(state: str, migration: str, argv: Sequence[str]) -> Situation:
 
 def started(name: str, xml: str) -> int:
     """`NAME started begin`: wipe a protected, restored domain; 0 or 1 with one stderr line."""
-    from .domain_xml import ProtectError, read_protection
+    from ..errors import ProtectError
+    from .domain_xml import read_protection
 
     try:
         prot = read_protection(xml)

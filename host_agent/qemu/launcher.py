@@ -16,13 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import AgentError
-
-
-class LaunchError(AgentError):
-    """QEMU exited or never opened its QMP socket."""
-
-    exit_code = 10
+from ..errors import LaunchError
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
-from ..errors import QMPFailure
+from ..errors import QMPCommandError, QMPFailure, QMPTimeout
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,20 +43,6 @@ def peer_pid(sock: socket.socket) -> int:
     if pid <= 0:
         raise OSError("SO_PEERCRED returned no PID for the QMP socket")
     return int(pid)
-
-
-class QMPCommandError(QMPFailure):
-    """QEMU answered a command with an error; `error_class` is QEMU's class name."""
-
-    def __init__(self, command: str, error_class: str, desc: str) -> None:
-        self.command = command
-        self.error_class = error_class
-        self.desc = desc
-        super().__init__(f"QMP {command} failed: {desc}")
-
-
-class QMPTimeout(QMPFailure):
-    """QEMU did not answer (or the awaited event did not come) in time."""
 
 
 class QMPSession:

@@ -58,7 +58,7 @@ from itertools import compress, repeat
 from operator import lshift, or_, rshift
 from typing import Any, BinaryIO, Protocol
 
-from ..errors import AgentError
+from ..errors import StreamError, UnsupportedStream
 
 QEVM_MAGIC = b"QEVM"
 QEVM_VERSION = 3
@@ -126,18 +126,6 @@ MAX_ARRAY_LEN = 1 << 24
 
 KIND_PAGE = 1
 KIND_ZERO = 2
-
-
-class StreamError(AgentError):
-    """The file or pipe is not a migration stream we can rewrite safely; nothing was written."""
-
-    exit_code = 11
-
-
-class UnsupportedStream(StreamError):
-    """A valid stream that uses a feature we refuse (XBZRLE, compression, ...)."""
-
-    exit_code = 12
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import construct as cs
 
-from .migstream import StreamError, UnsupportedStream
+from ..errors import StreamError, UnsupportedStream
 
 MAGIC = b"LibvirtQemudSave"
 MAGIC_PARTIAL = b"LibvirtQemudPart"

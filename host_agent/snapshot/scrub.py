@@ -66,18 +66,25 @@ from vmwipe.protocol import (
     SLOT_VALID,
     WIPE_GENERATION_OFFSET,
     ProtocolError,
+    Region,
+    Table,
     decode_ssdt,
     decode_table,
     encode_host_fields,
 )
-from vmwipe.protocol.table import Region, Table
 
-from ..errors import AgentError, InvalidTableError, MemoryAccessError, UsageError
+from ..errors import (
+    InvalidTableError,
+    LayoutError,
+    MemoryAccessError,
+    ReplaceError,
+    StreamError,
+    UsageError,
+)
 from ..wipe.memmap import GuestMemoryMap, RamRange
 from .migstream import (
     KIND_PAGE,
     KIND_ZERO,
-    StreamError,
     StreamIndex,
     copies,
     index_stream,
@@ -98,10 +105,6 @@ PROGRESS_MIN_FILE = 256 << 20
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-
-
-class LayoutError(UsageError):
-    """The guest RAM layout cannot be determined, or disagrees with the stream."""
 
 
 # --------------------------------------------------------------------------------------
@@ -621,15 +624,6 @@ def plan_scrub(mm: mmap.mmap | bytes, *, path: str = "", machine: str | None = N
                             encode_host_fields(report.generation, report.pages)))
     report.seconds = time.monotonic() - t0
     return _Plan(idx, container, layout, source, region, table, writes, report, patches)
-
-
-class ReplaceError(AgentError):
-    """The scrubbed copy could not be made or put in place (space, ownership, I/O).
-
-    The original file is untouched and the temporary copy is removed.
-    """
-
-    exit_code = 13
 
 
 #: `.FILE` + this + 8 random characters (tempfile.mkstemp): the scrubbed copy being made.
