@@ -25,7 +25,7 @@ import os
 from array import array
 from collections.abc import Callable, Sequence
 
-from vmwipe.host_agent.flows.live import AgentOptions, open_target
+from vmwipe.host_agent.flows.target import AgentOptions, open_target
 from vmwipe.host_agent.qemu.qmp import QMPSession
 from vmwipe.host_agent.wipe import _pages
 from vmwipe.host_agent.wipe.backends import (
@@ -163,7 +163,7 @@ def run(quick: bool = False) -> list[Row]:
                     for kind, populate in (("shared", True), ("process_vm", False)):
                         opts = AgentOptions(region=REGION, reset_guard=False, backend=kind,
                                             populate=populate)
-                        backends.append(open_target(s, opts, guard=False).backend)
+                        backends.append(open_target(s, s.pid, opts, guard=False).backend)
                     backends.append(ProcMemBackend(backends[0].memmap, qp.pid))
                     for wl, spans in workloads.items():
                         # pc RAM below 4 GiB sits at block offset = GPA: same offsets here

@@ -20,7 +20,7 @@ from functools import partial
 from pathlib import Path
 
 from vmwipe.host_agent.flows.clone import clone_flow
-from vmwipe.host_agent.flows.live import AgentOptions
+from vmwipe.host_agent.flows.target import AgentOptions
 from vmwipe.host_agent.qemu.launcher import QemuProcess, start_qemu
 from vmwipe.host_agent.qemu.qmp import QMPSession
 

@@ -25,7 +25,8 @@ import sys
 import time
 from collections.abc import Callable
 
-from vmwipe.host_agent.flows.live import AgentOptions, restore_flow
+from vmwipe.host_agent.flows.live import restore_flow
+from vmwipe.host_agent.flows.target import AgentOptions
 from vmwipe.host_agent.qemu.qmp import QMPSession
 
 from .harness import Row, interleaved, timing, verdict

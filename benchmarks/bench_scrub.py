@@ -28,8 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-from vmwipe.host_agent.flows.live import AgentOptions, save_flow
+from vmwipe.host_agent.flows.live import save_flow
 from vmwipe.host_agent.flows.save_scrub import save_scrubbed
+from vmwipe.host_agent.flows.target import AgentOptions
 from vmwipe.host_agent.qemu.qmp import QMPSession
 
 from .harness import Row, timing, verdict

@@ -27,15 +27,14 @@ from pathlib import Path
 from types import TracebackType
 
 from vmwipe.host_agent.flows.live import (
-    AgentOptions,
     _migration_status,
     finish_incoming,
-    open_target,
     prepare_incoming,
     resume,
     save_flow,
     wait_incoming_done,
 )
+from vmwipe.host_agent.flows.target import AgentOptions, open_target
 from vmwipe.host_agent.qemu.launcher import QemuProcess, start_qemu
 from vmwipe.host_agent.qemu.qmp import QMPSession
 from vmwipe.protocol import PAGE_SIZE, Region, build_region, encode_ssdt
@@ -134,7 +133,7 @@ class Lab:
         try:
             with QMPSession(qp.qmp_path, timeout=60) as s:
                 opts = AgentOptions(region=REGION, reset_guard=False, backend="process_vm")
-                t = open_target(s, opts, guard=False)
+                t = open_target(s, s.pid, opts, guard=False)
                 try:
                     noise = os.urandom(FILL_CHUNK)
                     for gpa, size in fill:

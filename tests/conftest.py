@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from vmwipe.host_agent.errors import LaunchError
-from vmwipe.host_agent.flows.live import AgentOptions, Target, open_target
+from vmwipe.host_agent.flows.target import AgentOptions, Target, open_target
 from vmwipe.host_agent.qemu.launcher import QemuProcess, start_qemu
 from vmwipe.host_agent.qemu.qmp import QMPSession
 from vmwipe.lab import GuestImage, build_guest_image, default_kernel
@@ -187,7 +187,8 @@ class VM:
 
     def target(self, backend: str = "auto") -> Target:
         opts = AgentOptions(region=self.region, reset_guard=False, backend=backend)
-        return open_target(self.session(), opts, guard=False)
+        s = self.session()
+        return open_target(s, s.pid, opts, guard=False)
 
     def status(self) -> str:
         return self.session().status()

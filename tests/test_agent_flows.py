@@ -27,7 +27,8 @@ from conftest import (
 )
 
 from vmwipe.host_agent.errors import MemoryAccessError
-from vmwipe.host_agent.flows.live import AgentOptions, open_target, wipe_flow
+from vmwipe.host_agent.flows.live import wipe_flow
+from vmwipe.host_agent.flows.target import AgentOptions, open_target
 from vmwipe.host_agent.qemu.qmp import QMPSession
 from vmwipe.host_agent.wipe.memmap import parse_gpa2hva
 from vmwipe.protocol import PAGE_SIZE, build_region
@@ -342,7 +343,8 @@ def test_backends_identical(vms: list[VM], tmp_path: Path) -> None:
 def test_shared_backend_refused_on_private_ram(vms: list[VM], tmp_path: Path) -> None:
     vm = new_vm(vms, tmp_path)
     with pytest.raises(MemoryAccessError, match="'hi' is not shared"):
-        open_target(vm.session(), AgentOptions(backend="shared", region=REGION), guard=False)
+        s = vm.session()
+        open_target(s, s.pid, AgentOptions(backend="shared", region=REGION), guard=False)
     assert vm.target().backend.name == "process_vm"
 
 

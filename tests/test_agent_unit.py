@@ -82,20 +82,23 @@ def test_reset_guard(tmp_path: Path) -> None:
         {"driver": "loader", "file": str(zero), "addr": REGION.base, "force-raw": True})]
     assert reset_guard_problem(pid, as_json, REGION) is None
     missing = reset_guard_problem(pid, ["q"], REGION)
-    assert missing is not None and "stale table" in missing and "\n" not in missing
+    assert missing is not None and "stale table" in str(missing) and "\n" not in str(missing)
+    assert missing.base == REGION.base and missing.seen == ()
+    assert str(missing) == f"{missing.finding} ({missing.advice})"
     wrong = reset_guard_problem(
         pid, ["q", "-device", f"loader,file={zero},addr=0x1000000"], REGION)
-    assert wrong is not None and "loader at 0x1000000" in wrong
+    assert wrong is not None and "loader at 0x1000000" in str(wrong)
+    assert wrong.seen == ("loader at 0x1000000",)
     dirty = tmp_path / "dirty.bin"
     dirty.write_bytes(b"\1" + bytes(P - 1))
     bad = reset_guard_problem(
         pid, ["q", "-device", f"loader,file={dirty},addr={REGION.base:#x},force-raw=on"], REGION)
-    assert bad is not None and "not 4096 zero bytes" in bad
+    assert bad is not None and "not 4096 zero bytes" in str(bad)
     # QEMU tries a file without force-raw=on as ELF, U-Boot and HEX images first
     for raw in ("", ",force-raw=off"):
         unforced = reset_guard_problem(
             pid, ["q", "-device", f"loader,file={zero},addr={REGION.base:#x}{raw}"], REGION)
-        assert unforced is not None and "without force-raw=on" in unforced
+        assert unforced is not None and "without force-raw=on" in str(unforced)
 
 
 def test_parse_region_arg() -> None:

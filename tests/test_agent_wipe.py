@@ -25,7 +25,8 @@ from conftest import (
     start_vm,
 )
 
-from vmwipe.host_agent.flows.live import AgentOptions, wipe_flow
+from vmwipe.host_agent.flows.live import wipe_flow
+from vmwipe.host_agent.flows.target import AgentOptions
 from vmwipe.protocol import (
     HOST_FIELDS_SIZE,
     PAGE_SIZE,

@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 from conftest import VM, qemu_available, run_cli, start_vm
 
-from vmwipe.host_agent.flows.live import AgentOptions, restore_flow
+from vmwipe.host_agent.flows.live import restore_flow
+from vmwipe.host_agent.flows.target import AgentOptions
 from vmwipe.host_agent.qemu.launcher import QemuProcess, start_qemu
 from vmwipe.host_agent.qemu.qmp import QMPSession
 from vmwipe.protocol import HOST_FIELDS_SIZE, PAGE_SIZE, WIPE_GENERATION_OFFSET, Region

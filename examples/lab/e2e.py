@@ -56,7 +56,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmwipe.host_agent.flows.live import AgentOptions, open_target, prepare_incoming
+from vmwipe.host_agent.flows.live import prepare_incoming
+from vmwipe.host_agent.flows.target import AgentOptions, open_target
 from vmwipe.host_agent.qemu.launcher import QemuProcess, start_qemu
 from vmwipe.host_agent.qemu.qmp import QMPSession
 from vmwipe.protocol import HOST_FIELDS_SIZE, WIPE_GENERATION_OFFSET
@@ -461,7 +462,7 @@ def ram_digest(qmp_path: str, exclude: Sequence[tuple[int, int]]) -> str:
     """
     h = hashlib.sha256()
     with QMPSession(qmp_path) as s:
-        target = open_target(s, AgentOptions(), guard=False)
+        target = open_target(s, s.pid, AgentOptions(), guard=False)
         try:
             for r in target.memmap.ranges:
                 for off in range(0, r.size, HASH_CHUNK):
@@ -483,7 +484,7 @@ def find_in_ram(qmp_path: str, needle: bytes) -> list[int]:
     """Guest-physical addresses where `needle` occurs in guest RAM."""
     hits: list[int] = []
     with QMPSession(qmp_path) as s:
-        target = open_target(s, AgentOptions(), guard=False)
+        target = open_target(s, s.pid, AgentOptions(), guard=False)
         try:
             for r in target.memmap.ranges:
                 tail = b""
@@ -502,7 +503,7 @@ def find_in_ram(qmp_path: str, needle: bytes) -> list[int]:
 
 def read_gpa(qmp_path: str, gpa: int, size: int) -> bytes:
     with QMPSession(qmp_path) as s:
-        target = open_target(s, AgentOptions(), guard=False)
+        target = open_target(s, s.pid, AgentOptions(), guard=False)
         try:
             return target.backend.read(gpa, size)
         finally:

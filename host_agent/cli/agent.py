@@ -23,7 +23,6 @@ from vmwipe.protocol import ProtocolError
 from ..errors import AgentError, Interrupted, UsageError, exit_code_help
 from ..flows.clone import clone_flow
 from ..flows.live import (
-    AgentOptions,
     FlowReport,
     inspect_flow,
     loadvm_flow,
@@ -31,6 +30,7 @@ from ..flows.live import (
     save_flow,
     wipe_flow,
 )
+from ..flows.target import AgentOptions
 from ..qemu.qmp import QMPSession
 from ..qemu.region import parse_region_arg
 from ..wipe.backends import BACKENDS

@@ -17,7 +17,7 @@ from typing import Any
 from vmwipe.protocol import parse_size
 
 from ..errors import LibvirtFailure
-from ..flows.live import AgentOptions
+from ..flows.target import AgentOptions
 from ..libvirt.flows import (
     DomainWipe,
     connect,

@@ -22,7 +22,7 @@ from vmwipe.protocol import (
 )
 
 from ..errors import UsageError
-from ..flows.save_scrub import Monitor, SaveScrubReport, save_scrubbed
+from ..flows.save_scrub import SaveMonitor, SaveScrubReport, save_scrubbed
 from ..snapshot.scrub import ScrubReport, scrub_file, stderr_progress
 
 
@@ -151,7 +151,7 @@ def _human_save(rep: SaveScrubReport) -> str:
             f"{rep.timings_ms.get('done', 0):.0f} ms")
 
 
-def run_save_scrub(args: argparse.Namespace, session: Monitor) -> int:
+def run_save_scrub(args: argparse.Namespace, session: SaveMonitor) -> int:
     """The body of `vmwipe save --scrub`: args has to, region, resume, timeout, json."""
     rep = save_scrubbed(
         session, args.to, region=getattr(args, "region", None),

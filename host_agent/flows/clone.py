@@ -21,7 +21,8 @@ from typing import Any
 from ..errors import MigrationError, UsageError
 from ..qemu.launcher import QemuProcess, start_qemu
 from ..qemu.qmp import QMPSession
-from .live import AgentOptions, FlowReport, restore_flow
+from .live import FlowReport, restore_flow
+from .target import AgentOptions
 
 
 @dataclass

@@ -11,17 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from vmwipe.protocol import HeaderError, Region, SlotError, decode_table
+from vmwipe.protocol import HeaderError, SlotError, decode_table
 
 from ..errors import (
-    AgentError,
-    MemoryAccessError,
     MigrationError,
     QMPCommandError,
     QMPFailure,
@@ -30,181 +26,22 @@ from ..errors import (
     VMStateError,
 )
 from ..qemu.qmp import QMPSession
-from ..qemu.region import discover_region, read_cmdline, reset_guard_problem
 from ..snapshot.migstream import stream_capabilities
 from ..snapshot.scrub import sidecar_path, write_sidecar
-from ..wipe.backends import MemoryBackend, ProcessVMBackend, SharedFileBackend, open_backend
-from ..wipe.engine import EarlyRegion, Phases, WipeReport, read_region, read_region_early, run_wipe
-from ..wipe.memmap import GuestMemoryMap, load_memory_map
+from ..wipe.engine import Phases, WipeReport, read_region, run_wipe
+from ..wipe.memmap import load_memory_map
+from .target import (
+    PAUSED_STATES,
+    AgentOptions,
+    PreparedTarget,
+    locate_region,
+    open_target,
+    shared_blocks,
+)
 
 log = logging.getLogger(__name__)
 
-#: Run states in which the vCPUs are stopped and a wipe is meaningful.
-PAUSED_STATES = frozenset({"paused", "prelaunch", "postmigrate"})
 MAX_BANDWIDTH = 1 << 40  # bytes/s: effectively unlimited for a local save
-
-
-@dataclass
-class AgentOptions:
-    """Knobs shared by every wiping command (see `vmwipe wipe --help`)."""
-
-    region: Region | None = None
-    reset_guard: bool = True
-    backend: str = "auto"
-    on_invalid: str = "fail"
-    populate: bool = False
-    timeout: float = 600.0  # for waits on migrations
-
-
-@dataclass
-class Target:
-    """A VM the agent can read and write: PID, region, memory map, backend."""
-
-    pid: int
-    region: Region
-    region_source: str
-    memmap: GuestMemoryMap
-    backend: MemoryBackend
-    warnings: list[str] = field(default_factory=list)
-
-    def close(self) -> None:
-        self.backend.close()
-
-
-def locate_region(
-    session: QMPSession, opts: AgentOptions, guard: bool
-) -> tuple[Region, str, list[str]]:
-    """Region from --region or QEMU's cmdline, then the reset guard (refuse or warn)."""
-    argv = read_cmdline(session.pid)
-    if opts.region is not None:
-        region, source = opts.region, "--region"
-    else:
-        found = discover_region(session.pid, argv)
-        region, source = found.region, found.source
-    warnings: list[str] = []
-    problem = reset_guard_problem(session.pid, argv, region)
-    if problem is not None:
-        if guard and opts.reset_guard:
-            raise RegionError(problem)
-        warnings.append("reset guard: " + problem.split(" (add it")[0])
-        if guard:
-            log.warning("--no-reset-guard: %s", problem)
-    return region, source, warnings
-
-
-def _shared_blocks(session: QMPSession) -> dict[str, bool]:
-    """RAM block (memdev id) -> share=on, from query-memdev."""
-    return {str(m["id"]): bool(m.get("share", False)) for m in session.cmd("query-memdev")}
-
-
-class PreparedTarget:
-    """What a load cannot change, learned before it starts, so that the paused window
-    after it holds only what must be read then: the flat view of guest RAM.
-
-    Fixed for the life of a QEMU process: the region and reset guard (from its
-    command line), the memory backends and their `share=` flags, each RAM block's
-    host address (a block is allocated once; resizing keeps its reservation), and
-    whether this process may access QEMU's memory.  Not fixed: which guest-physical
-    ranges are RAM (SMRAM, PAM and TSEG follow the loaded device state), so
-    `open_target` reads `info mtree -f` again after the load.
-
-    With `--populate`, the shared mapping is also mapped and populated in a thread
-    while QEMU loads: populating costs about as much as the wipe it speeds up.
-    Otherwise a worker thread stands ready to read the region while the main
-    thread fetches the flat view after the load (`read_early`).
-    """
-
-    def __init__(self, session: QMPSession, opts: AgentOptions, guard: bool = True) -> None:
-        self.pid = session.pid
-        self.located = locate_region(session, opts, guard)
-        self.shared = _shared_blocks(session)
-        self.memmap = load_memory_map(session.hmp, set(self.shared))
-        self.backend: MemoryBackend | None = None
-        self.error: MemoryAccessError | None = None
-        self._thread: threading.Thread | None = None
-        if opts.populate and opts.backend != "process_vm":
-            self._thread = threading.Thread(
-                target=self._open_shared, args=(session.pid,), name="vmwipe-prefetch",
-                daemon=True,
-            )
-            self._thread.start()
-        else:  # refuse now, before anything is loaded, if guest RAM is out of reach
-            self.backend = open_backend(
-                opts.backend, self.memmap, session.pid, self.shared, opts.populate
-            )
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vmwipe-early")
-        self._pool.submit(lambda: None)  # start the worker now, outside the paused window
-
-    def _open_shared(self, pid: int) -> None:
-        try:
-            self.backend = SharedFileBackend(self.memmap, pid, self.shared, populate=True)
-        except MemoryAccessError as e:
-            self.error = e
-
-    def read_early(self) -> Future[EarlyRegion | None] | None:
-        """Start reading the region on the map from before the load.
-
-        Only with process_vm access (checked before the load): it needs nothing
-        but the PID, so the worker gets its own backend and shares no state.
-        """
-        if not isinstance(self.backend, ProcessVMBackend):
-            return None
-        try:
-            reader = ProcessVMBackend(self.memmap, self.pid)
-        except AgentError as e:
-            log.debug("early region read not started: %s", e)
-            return None
-        return self._pool.submit(_read_and_close, reader, self.located[0])
-
-    def take(self, memmap: GuestMemoryMap) -> MemoryBackend | None:
-        """The prepared backend, now on the loaded `memmap`; None if there is none or
-        the loaded RAM lies in a block it does not cover (then it is closed)."""
-        if self._thread is not None:
-            self._thread.join()
-        backend, self.backend = self.backend, None
-        if backend is None:
-            log.info("shared prefetch unavailable: %s", self.error)
-            return None
-        if not set(memmap.blocks()) <= set(self.memmap.blocks()):
-            log.info("RAM blocks changed while loading; not using the prepared backend")
-            backend.close()
-            return None
-        backend.memmap = memmap
-        return backend
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        if self._thread is not None:
-            self._thread.join()
-        if self.backend is not None:
-            self.backend.close()
-            self.backend = None
-
-
-def _read_and_close(reader: MemoryBackend, region: Region) -> EarlyRegion | None:
-    """The early read in the worker, which owns `reader` (and its process handle)."""
-    with reader:
-        return read_region_early(reader, region)
-
-
-def open_target(
-    session: QMPSession,
-    opts: AgentOptions,
-    guard: bool = True,
-    prepared: PreparedTarget | None = None,
-) -> Target:
-    """Everything needed to touch guest RAM; raises with a one-line reason otherwise."""
-    if prepared is None:
-        region, source, warnings = locate_region(session, opts, guard)
-        shared, bases = _shared_blocks(session), None
-    else:
-        region, source, warnings = prepared.located
-        shared, bases = prepared.shared, prepared.memmap.block_bases()
-    memmap = load_memory_map(session.hmp, set(shared), bases)
-    backend = prepared.take(memmap) if prepared is not None else None
-    if backend is None:
-        backend = open_backend(opts.backend, memmap, session.pid, shared, opts.populate)
-    return Target(session.pid, region, source, memmap, backend, list(warnings))
 
 
 def _write_save_sidecar(
@@ -217,11 +54,11 @@ def _write_save_sidecar(
     an offline scrub needs this map; a VM without a vmwipe region gets none.
     """
     try:
-        region, _source, _warn = locate_region(session, opts, guard=False)
+        region = locate_region(session.pid, opts, guard=False).region
     except RegionError as e:
         warnings.append(f"no sidecar written: {e}")
         return None
-    memmap = load_memory_map(session.hmp, set(_shared_blocks(session)))
+    memmap = load_memory_map(session.hmp, set(shared_blocks(session)))
     written = write_sidecar(
         sidecar_path(path), region=region, ram=memmap.ranges,
         qemu_version=session.version, stream=path, mapped_ram=mapped_ram,
@@ -330,7 +167,7 @@ def _wipe_and_maybe_resume(
     prepared: PreparedTarget | None = None,
 ) -> FlowReport:
     pending = prepared.read_early() if prepared is not None else None
-    target = open_target(session, opts, guard=True, prepared=prepared)
+    target = open_target(session, session.pid, opts, guard=True, prepared=prepared)
     try:
         rep.region_source = target.region_source
         rep.warnings += target.warnings
@@ -372,7 +209,7 @@ def inspect_flow(session: QMPSession, opts: AgentOptions) -> FlowReport:
     rep.state_before = rep.state_after = session.status()
     if rep.state_before == "running":
         rep.warnings.append("VM is running: the table may change while it is read")
-    target = open_target(session, opts, guard=False)
+    target = open_target(session, session.pid, opts, guard=False)
     try:
         rep.region_source = target.region_source
         rep.warnings += target.warnings
@@ -509,7 +346,7 @@ def restore_flow(
             f"(state {rep.state_before!r})"
         )
     # Region, reset guard, RAM blocks and memory access: all checked before loading.
-    prepared = PreparedTarget(session, opts)
+    prepared = PreparedTarget(session, session.pid, opts)
     try:
         session.cmd(
             "migrate-set-capabilities",
@@ -553,7 +390,7 @@ def loadvm_flow(
     rep.state_before = session.status()
     if rep.state_before == "inmigrate":
         raise VMStateError("QEMU is inmigrate; loadvm is not possible now")
-    prepared = PreparedTarget(session, opts)
+    prepared = PreparedTarget(session, session.pid, opts)
     try:
         # loadvm resumes a VM that was live before it, and QEMU >= 9 counts `suspended`
         # (S3) as live: stop anything that is not plainly paused, so the load ends paused.

@@ -47,7 +47,7 @@ from vmwipe.protocol import (
 )
 
 from ..errors import InvalidTableError, MigrationError, VMStateError
-from ..qemu.qmp import QMPSession
+from ..qemu.monitor import Monitor
 from ..qemu.region import discover_region, read_cmdline
 from ..snapshot.migstream import (
     KIND_PAGE,
@@ -72,12 +72,12 @@ REFUSED_CAPS = ("xbzrle", "compress", "multifd", "postcopy-ram", "mapped-ram",
 FD_NAME = "vmwipe-scrub-save"
 
 
-class Monitor(Protocol):
-    """The part of `qmp.QMPSession` this module uses; tests and other front ends adapt to it.
+class SaveMonitor(Monitor, Protocol):
+    """`qemu.monitor.Monitor` plus what a save through a pipe needs.
 
-    A monitor that can pass file descriptors provides ``send_fd(fd, name)``
-    (SCM_RIGHTS, then `getfd`); a `QMPSession` without it is driven through
-    its qemu.qmp client.
+    `QMPSession` is one; tests and other front ends adapt to it.  `send_fd`
+    passes the pipe (SCM_RIGHTS, then `getfd`); `cmd` takes a timeout, since a
+    `pmemsave` of a large region may take longer than the default.
     """
 
     pid: int
@@ -86,9 +86,7 @@ class Monitor(Protocol):
     def cmd(self, name: str, args: dict[str, Any] | None = None,
             timeout: float | None = None) -> Any: ...
 
-    def hmp(self, line: str, timeout: float | None = None) -> str: ...
-
-    def status(self) -> str: ...
+    def send_fd(self, fd: int, name: str) -> None: ...
 
 
 @dataclass
@@ -114,7 +112,7 @@ class SaveScrubReport:
         return asdict(self)
 
 
-def _read_guest(session: Monitor, gpa: int, size: int) -> bytes:
+def _read_guest(session: SaveMonitor, gpa: int, size: int) -> bytes:
     """Guest RAM via pmemsave into a private temp file (the region is table, not secrets)."""
     d = tempfile.mkdtemp(prefix="vmwipe-save-")
     path = os.path.join(d, "region.bin")
@@ -134,19 +132,6 @@ def _read_guest(session: Monitor, gpa: int, size: int) -> bytes:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         os.rmdir(d)
-
-
-def _send_fd(session: Monitor, fd: int, name: str) -> None:
-    """Hand `fd` to QEMU under `name` (SCM_RIGHTS, then `getfd`)."""
-    sender = getattr(session, "send_fd", None)
-    if callable(sender):
-        sender(fd, name)
-        return
-    client: Any = getattr(session, "_client", None)  # QMPSession's qemu.qmp QMPClient
-    if client is None or not hasattr(client, "send_fd_scm"):
-        raise MigrationError("this monitor cannot pass a file descriptor to QEMU")
-    client.send_fd_scm(fd)
-    session.cmd("getfd", {"fdname": name})
 
 
 def listed_pages(memmap: GuestMemoryMap, slots: Collection[tuple[int, int]]
@@ -210,7 +195,7 @@ def verify_scrubbed(path: str, pages: set[tuple[str, int]]) -> StreamIndex:
         os.close(fd)
 
 
-def save_scrubbed(session: QMPSession | Monitor, path: str, *, region: Region | None = None,
+def save_scrubbed(session: SaveMonitor, path: str, *, region: Region | None = None,
                   strict: bool = True, resume: bool = False, timeout: float = 600.0,
                   bump: bool = True,
                   progress: Callable[[int], None] | None = None) -> SaveScrubReport:
@@ -297,7 +282,7 @@ def save_scrubbed(session: QMPSession | Monitor, path: str, *, region: Region | 
     try:
         thread.start()
         try:
-            _send_fd(session, w, FD_NAME)
+            session.send_fd(w, FD_NAME)
         finally:
             os.close(w)  # QEMU holds its own copy; the reader sees EOF when QEMU closes it
         session.cmd("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})

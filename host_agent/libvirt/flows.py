@@ -2,7 +2,7 @@
 
 Two callers reach QEMU in two different ways, and both end in `wipe_paused`:
 
-- the hook (`libvirt_hook`) runs while libvirtd holds the domain's lock, so it
+- the hook (`hook`) runs while libvirtd holds the domain's lock, so it
   must never call libvirt for that domain; it talks to the domain's second QMP
   monitor (added by `vmwipe libvirt protect`) with `QMPSession`;
 - the API flows (`vmwipe libvirt restore|revert|start`) ask libvirt to leave
@@ -15,10 +15,8 @@ Two callers reach QEMU in two different ways, and both end in `wipe_paused`:
 In both cases the QEMU PID is needed for the direct memory backend (no QMP or
 HMP command writes guest RAM): SO_PEERCRED on the second monitor, or libvirt's
 PID file `/var/run/libvirt/qemu/NAME.pid` checked against /proc/PID/cmdline.
-The agent's `flows.open_target` wants a `QMPSession`; `wipe_paused` composes
-the same public pieces (region discovery, reset guard, memory map, backend,
-wipe engine) over any object with `cmd`/`hmp`/`status`, which is the thin
-adapter the libvirt monitor needs.
+Both monitors satisfy `qemu.monitor.Monitor`, so `wipe_paused` reaches the
+target through the same `flows.target.open_target` as the CLI flows.
 """
 
 from __future__ import annotations
@@ -27,31 +25,19 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any
 
 from vmwipe.protocol import Region
 
 from ..errors import AgentError, LibvirtFailure, QMPFailure, RegionError, VMStateError
-from ..flows.live import PAUSED_STATES, AgentOptions
-from ..qemu.region import discover_region, option_values, read_cmdline, reset_guard_problem
-from ..wipe.backends import open_backend
+from ..flows.target import PAUSED_STATES, AgentOptions, open_target
+from ..qemu.monitor import Monitor
+from ..qemu.region import option_values, read_cmdline
 from ..wipe.engine import Phases, WipeReport, run_wipe
-from ..wipe.memmap import load_memory_map
+from .paths import RUN_DIR
 
 log = logging.getLogger(__name__)
-
-LIBVIRT_RUN_DIR = "/var/run/libvirt/qemu"
-
-
-class Monitor(Protocol):
-    """What the wipe core needs from a monitor: QMP commands, HMP lines, the run state."""
-
-    def cmd(self, name: str, args: dict[str, Any] | None = None) -> Any: ...
-
-    def hmp(self, line: str) -> str: ...
-
-    def status(self) -> str: ...
-
 
 @dataclass
 class DomainWipe:
@@ -102,44 +88,24 @@ def wipe_paused(
 ) -> tuple[WipeReport, str, list[str]]:
     """Wipe a paused QEMU through `mon`; returns (report, region source, warnings).
 
-    The region comes from QEMU's own -acpitable (what the guest saw); when the
-    domain metadata says otherwise (`expect`), it refuses (fail closed).  The
-    reset guard is enforced unless opts say not.
+    The target comes from `flows.target.open_target`, the same path as the CLI's:
+    the region from QEMU's own -acpitable (what the guest saw; when the domain
+    metadata says otherwise, `expect`, it refuses: fail closed), the reset guard
+    enforced unless opts say not.
     """
     phases = phases or Phases()
     state = mon.status()
     if state not in PAUSED_STATES:
         raise VMStateError(f"QEMU pid {pid} is {state!r}, not paused; refusing to wipe")
-    argv = read_cmdline(pid)
-    warnings: list[str] = []
-    if opts.region is not None:
-        region, source = opts.region, "--region"
-    else:
-        found = discover_region(pid, argv)
-        region, source = found.region, found.source
-    if expect is not None and expect != region:
-        # Either one may be the guest's: reading the wrong one finds no magic, which
-        # reads as "nothing registered" and would resume an unwiped guest.
-        raise RegionError(f"domain metadata says region {expect.base:#x}+{expect.size:#x}, "
-                          f"QEMU's SSDT says {region.base:#x}+{region.size:#x}; refusing to "
-                          "guess which table the guest uses")
-    problem = reset_guard_problem(pid, argv, region)
-    if problem is not None:
-        if opts.reset_guard:
-            raise RegionError(problem)
-        warnings.append("reset guard: " + problem.split(" (add it")[0])
-    memdevs = mon.cmd("query-memdev")
-    shared = {str(m["id"]): bool(m.get("share", False)) for m in memdevs}
-    memmap = load_memory_map(mon.hmp, set(shared))
-    backend = open_backend(opts.backend, memmap, pid, shared, opts.populate)
+    target = open_target(mon, pid, opts, expect=expect)
     phases.mark("map")
     try:
-        report = run_wipe(backend, region, opts.on_invalid, phases)
+        report = run_wipe(target.backend, target.region, opts.on_invalid, phases)
     finally:
-        backend.close()
+        target.close()
     if mon.status() not in PAUSED_STATES:
         raise VMStateError("the VM left the paused state during the wipe")
-    return report, source, warnings
+    return report, target.region_source, target.warnings
 
 
 # --- libvirt's own monitor ---------------------------------------------------------------
@@ -184,9 +150,9 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def qemu_pid_of(name: str, run_dir: str = LIBVIRT_RUN_DIR) -> int:
+def qemu_pid_of(name: str, run_dir: Path = RUN_DIR) -> int:
     """The domain's QEMU PID from libvirt's PID file, checked against the process argv."""
-    path = os.path.join(run_dir, f"{name}.pid")
+    path = run_dir / f"{name}.pid"
     try:
         with open(path) as f:
             pid = int(f.read().strip())

@@ -172,7 +172,7 @@ def started(name: str, xml: str) -> int:
 
 def hook_wipe(name: str, monitor: str, expect: Region | None = None) -> str:
     """Connect the second monitor, classify, wipe when it is a restore; the log line."""
-    from ..flows.live import AgentOptions
+    from ..flows.target import AgentOptions
     from ..qemu.qmp import QMPSession
     from ..qemu.region import read_cmdline
     from ..wipe.engine import Phases

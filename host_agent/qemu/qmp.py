@@ -138,6 +138,14 @@ class QMPSession:
         """The run state from `query-status` (running, paused, prelaunch, inmigrate, ...)."""
         return str(self.cmd("query-status")["status"])
 
+    def send_fd(self, fd: int, name: str) -> None:
+        """Hand `fd` to QEMU under `name`: SCM_RIGHTS on the socket, then `getfd`.
+
+        QEMU then opens nothing itself (`migrate fd:NAME`), whatever user it runs as.
+        """
+        self._client.send_fd_scm(fd)
+        self.cmd("getfd", {"fdname": name})
+
     def at_least(self, major: int, minor: int) -> bool:
         return self.version[:2] >= (major, minor)
 

@@ -167,7 +167,32 @@ def discover_region(pid: int, argv: Sequence[str]) -> RegionSource:
     )
 
 
-def reset_guard_problem(pid: int, argv: Sequence[str], region: Region) -> str | None:
+@dataclass(frozen=True)
+class GuardProblem:
+    """Why the reset guard refuses a QEMU: no zero-page loader at `base` that counts.
+
+    `seen` lists the loaders found and why each does not count.  `finding` is the
+    problem alone (what a warning says when the guard is overridden); `str()` adds
+    the advice (what the refusal says).
+    """
+
+    base: int
+    seen: tuple[str, ...] = ()
+
+    advice = "add it, e.g. via `vmwipe qemu-args`, or pass --no-reset-guard"
+
+    @property
+    def finding(self) -> str:
+        detail = f" ({'; '.join(self.seen)})" if self.seen else ""
+        return (f"QEMU lacks -device loader,file=ZEROPAGE,addr={self.base:#x},force-raw=on"
+                f"{detail}: after a guest reboot a stale table could make the host wipe live "
+                "guest memory")
+
+    def __str__(self) -> str:
+        return f"{self.finding} ({self.advice})"
+
+
+def reset_guard_problem(pid: int, argv: Sequence[str], region: Region) -> GuardProblem | None:
     """None if a 4 KiB zero page is loaded at the region base on every reset, else why not."""
     seen: list[str] = []
     for value in option_values(argv, "device"):
@@ -197,9 +222,4 @@ def reset_guard_problem(pid: int, argv: Sequence[str], region: Region) -> str | 
             seen.append(f"loader file {opts['file']} is not 4096 zero bytes")
             continue
         return None
-    detail = f" ({'; '.join(seen)})" if seen else ""
-    return (
-        f"QEMU lacks -device loader,file=ZEROPAGE,addr={region.base:#x},force-raw=on{detail}: "
-        "after a guest reboot a stale table could make the host wipe live guest memory "
-        "(add it, e.g. via `vmwipe qemu-args`, or pass --no-reset-guard)"
-    )
+    return GuardProblem(region.base, tuple(seen))

@@ -138,6 +138,19 @@ class MemoryBackend(ABC):
     def __init__(self, memmap: GuestMemoryMap) -> None:
         self.memmap = memmap
 
+    def follow(self, memmap: GuestMemoryMap) -> bool:
+        """Use `memmap` (the flat view after a load) from now on, if this backend covers it.
+
+        What a backend holds on the host side is per RAM block: process_vm needs only
+        the PID, the shared backend mirrors QEMU's mappings of whole blocks, and a load
+        moves neither.  So a new view over the same blocks is all that changes; a view
+        naming a block this backend was not opened for gives False and changes nothing.
+        """
+        if not set(memmap.blocks()) <= set(self.memmap.blocks()):
+            return False
+        self.memmap = memmap
+        return True
+
     @abstractmethod
     def _read_pieces(self, pieces: Pieces, dst: int) -> None:
         """Copy the pieces, back to back, to local address `dst`."""
