@@ -27,13 +27,13 @@ from pathlib import Path
 from types import TracebackType
 
 from vmwipe.host_agent.flows.live import (
-    _migration_status,
     finish_incoming,
     prepare_incoming,
     resume,
     save_flow,
     wait_incoming_done,
 )
+from vmwipe.host_agent.flows.migration import migration_status
 from vmwipe.host_agent.flows.target import AgentOptions, open_target
 from vmwipe.host_agent.qemu.launcher import QemuProcess, start_qemu
 from vmwipe.host_agent.qemu.qmp import QMPSession
@@ -171,7 +171,7 @@ def plain_restore(session: QMPSession, path: str, do_resume: bool = True,
     session.cmd("migrate-incoming", {"uri": uri})
     state = wait_incoming_done(session, timeout)
     mig = session.wait_until(
-        lambda: s if (s := _migration_status(session)) not in ("active", "device") else None,
+        lambda: s if (s := migration_status(session)) not in ("active", "device") else None,
         10.0, "the incoming migration to report its end")
     if mig != "completed" or state == "running":
         raise RuntimeError(f"plain restore of {path} ended as {mig!r}, state {state!r}")

@@ -84,7 +84,7 @@ def test_replaced_keeps_metadata(work: Path, original: tuple[Path, list[bytes]])
     names = listing(work.parent)
     rep = scrub_file(str(work))
     assert rep.replaced and rep.old_copy_zeroed and rep.scrubbed_copies == 3
-    assert rep.as_dict()["replaced"] is True and rep.generation == 1
+    assert rep.to_dict()["replaced"] is True and rep.generation == 1
     after = os.stat(work)
     assert after.st_ino != before.st_ino
     assert (after.st_uid, after.st_gid, after.st_mode) == (before.st_uid, before.st_gid,

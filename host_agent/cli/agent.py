@@ -16,7 +16,6 @@ import signal
 import sys
 from collections.abc import Sequence
 from types import FrameType
-from typing import Any
 
 from vmwipe.protocol import ProtocolError
 
@@ -32,12 +31,12 @@ from ..flows.live import (
 )
 from ..flows.target import AgentOptions
 from ..qemu.qmp import QMPSession
-from ..qemu.region import parse_region_arg
 from ..wipe.backends import BACKENDS
 from ..wipe.engine import ON_INVALID
 from . import libvirt as libvirt_cmds
 from . import scrub as scrub_cmds
 from . import setup as setup_cmds
+from .options import region_type
 
 log = logging.getLogger("vmwipe")
 
@@ -70,7 +69,7 @@ def _vm(with_guard: bool = True, memory: bool = True) -> argparse.ArgumentParser
     p.add_argument(
         "--region",
         metavar="BASE:SIZE",
-        type=_region_type,
+        type=region_type,
         help="region override (default: decoded from QEMU's -acpitable SSDT)",
     )
     p.add_argument(
@@ -108,13 +107,6 @@ def _vm(with_guard: bool = True, memory: bool = True) -> argparse.ArgumentParser
             help="seconds to wait for migrations (default %(default)s)",
         )
     return p
-
-
-def _region_type(text: str) -> Any:
-    try:
-        return parse_region_arg(text)
-    except AgentError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _opts(args: argparse.Namespace) -> AgentOptions:
@@ -338,7 +330,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="QEMU binary (default: first QEMU-ARG if it is not an option, "
         "else qemu-system-x86_64)",
     )
-    p.add_argument("--region", metavar="BASE:SIZE", type=_region_type, help="region override")
+    p.add_argument("--region", metavar="BASE:SIZE", type=region_type, help="region override")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help="memory backend")
     p.add_argument("--no-reset-guard", action="store_true", help="see `vmwipe wipe --help`")
     p.add_argument(

@@ -27,6 +27,7 @@ from ..libvirt.flows import (
     revert_snapshot,
     start_domain,
 )
+from ..libvirt.paths import APPARMOR_LOCAL, HOOKS_DIR, STATE_DIR
 from ..wipe.backends import BACKENDS
 from ..wipe.engine import ON_INVALID
 
@@ -210,7 +211,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--reservation", choices=("auto", "memmap", "dimm"), default="auto",
                    help="how the region is kept from the guest OS (default: memmap with direct "
                    "kernel boot, else dimm)")
-    p.add_argument("--state-dir", default="/var/lib/vmwipe",
+    p.add_argument("--state-dir", default=str(STATE_DIR),
                    help="where SSDT, zero page and monitor sockets live (default %(default)s)")
     p.set_defaults(func=_cmd_protect)
 
@@ -219,10 +220,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=_cmd_unprotect)
 
     hooks = argparse.ArgumentParser(add_help=False)
-    hooks.add_argument("--hooks-dir", default="/etc/libvirt/hooks",
+    hooks.add_argument("--hooks-dir", default=str(HOOKS_DIR),
                        help="libvirt's hook directory (default %(default)s)")
     hooks.add_argument("--json", action="store_true", help="print a JSON report")
-    hooks.add_argument("--apparmor-file", default="/etc/apparmor.d/local/abstractions/libvirt-qemu",
+    hooks.add_argument("--apparmor-file", default=str(APPARMOR_LOCAL),
                        help="local AppArmor abstraction that receives the rules for the SSDT, "
                        "zero page and monitor socket, when it exists (default %(default)s)")
     hooks.add_argument("--no-apparmor", action="store_true",

@@ -15,26 +15,13 @@ import sys
 from typing import Any
 
 from vmwipe.protocol import (
-    ProtocolError,
-    Region,
     parse_size,
-    validate_region,
 )
 
 from ..errors import UsageError
 from ..flows.save_scrub import SaveMonitor, SaveScrubReport, save_scrubbed
 from ..snapshot.scrub import ScrubReport, scrub_file, stderr_progress
-
-
-def _region(text: str) -> Region:
-    try:
-        base_s, size_s = text.split(":", 1)
-        region = Region(parse_size(base_s), parse_size(size_s))
-        validate_region(region)
-    except (ValueError, ProtocolError) as e:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: {e} (expected BASE:SIZE, e.g. 0x1f000000:1M)") from None
-    return region
+from .options import region_type
 
 
 def _human(rep: ScrubReport) -> str:
@@ -81,7 +68,7 @@ def _cmd_scrub(args: argparse.Namespace) -> int:
         progress=stderr_progress if (verbose or sys.stderr.isatty()) else None,
     )
     if args.json:
-        d: dict[str, Any] = rep.as_dict()
+        d: dict[str, Any] = rep.to_dict()
         print(json.dumps(d, indent=2))
     else:
         print(_human(rep))
@@ -111,7 +98,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--machine", choices=["pc", "q35"], help="machine type of the saved VM")
     p.add_argument("--mem", metavar="SIZE", help="guest RAM as given to -m (e.g. 512M, 5G)")
     p.add_argument("--sidecar", metavar="FILE.vmwipe.json", help="layout written by vmwipe save")
-    p.add_argument("--region", metavar="BASE:SIZE", type=_region, help="region override")
+    p.add_argument("--region", metavar="BASE:SIZE", type=region_type, help="region override")
     p.add_argument("--on-invalid", choices=["fail", "skip"], default="fail",
                    help="invalid slots: fail (default, write nothing) or skip them and "
                    "scrub the valid ones")
@@ -161,7 +148,7 @@ def run_save_scrub(args: argparse.Namespace, session: SaveMonitor) -> int:
         bump=not getattr(args, "no_bump", False),
     )
     if getattr(args, "json", False):
-        print(json.dumps(rep.as_dict(), indent=2))
+        print(json.dumps(rep.to_dict(), indent=2))
     else:
         print(_human_save(rep))
     return 0

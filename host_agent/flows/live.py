@@ -28,8 +28,10 @@ from ..errors import (
 from ..qemu.qmp import QMPSession
 from ..snapshot.migstream import stream_capabilities
 from ..snapshot.scrub import sidecar_path, write_sidecar
-from ..wipe.engine import Phases, WipeReport, read_region, run_wipe
+from ..timing import Phases
+from ..wipe.engine import WipeReport, read_region, run_wipe
 from ..wipe.memmap import load_memory_map
+from .migration import error_desc, full_bandwidth, migration_status, wait_migration
 from .target import (
     PAUSED_STATES,
     AgentOptions,
@@ -40,9 +42,6 @@ from .target import (
 )
 
 log = logging.getLogger(__name__)
-
-MAX_BANDWIDTH = 1 << 40  # bytes/s: effectively unlimited for a local save
-
 
 def _write_save_sidecar(
     session: QMPSession, opts: AgentOptions, path: str, warnings: list[str],
@@ -69,10 +68,6 @@ def _write_save_sidecar(
 # --- run state -----------------------------------------------------------------------
 
 
-def _migration_status(session: QMPSession) -> str:
-    return str(session.cmd("query-migrate").get("status", "none"))
-
-
 def wait_incoming_done(session: QMPSession, timeout: float) -> str:
     """Wait while QEMU is `inmigrate`; return the run state after loading ended."""
     deadline = time.monotonic() + timeout
@@ -80,7 +75,7 @@ def wait_incoming_done(session: QMPSession, timeout: float) -> str:
         state = session.status()
         if state != "inmigrate":
             return state
-        mig = _migration_status(session)
+        mig = migration_status(session)
         if mig in ("failed", "cancelled"):
             raise MigrationError(f"incoming migration {mig}; the VM stays paused")
         left = deadline - time.monotonic()
@@ -340,7 +335,7 @@ def restore_flow(
     rep.state_before = session.status()
     if not os.path.isfile(path):
         raise MigrationError(f"saved state {path} does not exist")
-    if rep.state_before != "inmigrate" or _migration_status(session) not in ("none", ""):
+    if rep.state_before != "inmigrate" or migration_status(session) not in ("none", ""):
         raise VMStateError(
             f"QEMU must be started with -S -incoming defer and not be loading yet "
             f"(state {rep.state_before!r})"
@@ -348,10 +343,7 @@ def restore_flow(
     # Region, reset guard, RAM blocks and memory access: all checked before loading.
     prepared = PreparedTarget(session, session.pid, opts)
     try:
-        session.cmd(
-            "migrate-set-capabilities",
-            {"capabilities": [{"capability": "events", "state": True}]},
-        )
+        _set_capability(session, "events", True)
         session.clear_events()
         uri = prepare_incoming(session, path)
         # Without -S, QEMU starts the vCPUs as soon as a stream saved from a running VM
@@ -364,7 +356,7 @@ def restore_flow(
         # QEMU sets the run state and then "completed" in one bottom half; poll in case
         # a version ever lets a client see the gap.
         mig = session.wait_until(
-            lambda: s if (s := _migration_status(session)) not in ("active", "device") else None,
+            lambda: s if (s := migration_status(session)) not in ("active", "device") else None,
             10.0,
             "the incoming migration to report its end",
         )
@@ -410,6 +402,40 @@ def loadvm_flow(
         prepared.close()
 
 
+def _save_uri(session: QMPSession, path: str, mapped_ram: bool,
+              warnings: list[str]) -> tuple[str, bool, bool | None]:
+    """(URI, whether the save uses mapped-ram, the mapped-ram state to set back or None).
+
+    `file:` where QEMU has it (8.2+), else `exec:cat > FILE`; with mapped-ram
+    (9.0+, `file:` only) switched to what `mapped_ram` asks for.
+    """
+    uri = f"file:{path}" if session.at_least(8, 2) else f"exec:cat > {shlex.quote(path)}"
+    use_mapped, restore_cap = False, None
+    if mapped_ram_offered(session):
+        use_mapped = any(c.get("capability") == "mapped-ram" and c.get("state")
+                         for c in session.cmd("query-migrate-capabilities"))
+        if use_mapped != mapped_ram:
+            try:
+                _set_capability(session, "mapped-ram", mapped_ram)
+                restore_cap, use_mapped = use_mapped, mapped_ram
+            except QMPCommandError as e:  # e.g. it clashes with xbzrle or postcopy-ram
+                warnings.append(f"mapped-ram not {'en' if mapped_ram else 'dis'}abled: {e}")
+        if use_mapped:
+            uri = f"file:{path}"
+    return uri, use_mapped, restore_cap
+
+
+def _migrate_to_file(session: QMPSession, path: str, uri: str, timeout: float) -> None:
+    """Run the migration to `uri` at full bandwidth until it completed; MigrationError else."""
+    session.cmd("migrate", {"uri": uri})
+    status, timed_out = wait_migration(
+        session, timeout, lambda: session.wait_event("MIGRATION", 0.1))
+    if timed_out:
+        raise MigrationError(f"save to {path} did not finish in {timeout:g} s")
+    if status != "completed":
+        raise MigrationError(f"save to {path} {status}: {error_desc(session)}".rstrip(": "))
+
+
 def save_flow(
     session: QMPSession, opts: AgentOptions, path: str, do_resume: bool = False,
     mapped_ram: bool = True,
@@ -434,50 +460,18 @@ def save_flow(
     if rep.state_before == "running":
         session.cmd("stop")
     phases.mark("stop")
-    old = session.cmd("query-migrate-parameters").get("max-bandwidth")
-    session.cmd(
-        "migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]}
-    )
-    session.cmd("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
-    session.clear_events()
-    uri = f"file:{path}" if session.at_least(8, 2) else f"exec:cat > {shlex.quote(path)}"
-    use_mapped, restore_cap = False, None
-    if mapped_ram_offered(session):
-        use_mapped = any(c.get("capability") == "mapped-ram" and c.get("state")
-                         for c in session.cmd("query-migrate-capabilities"))
-        if use_mapped != mapped_ram:
-            try:
-                _set_capability(session, "mapped-ram", mapped_ram)
-                restore_cap, use_mapped = use_mapped, mapped_ram
-            except QMPCommandError as e:  # e.g. it clashes with xbzrle or postcopy-ram
-                rep.warnings.append(f"mapped-ram not {'en' if mapped_ram else 'dis'}abled: {e}")
-        if use_mapped:
-            uri = f"file:{path}"
-    try:
-        session.cmd("migrate", {"uri": uri})
-        deadline = time.monotonic() + opts.timeout
-        while True:
-            st = _migration_status(session)
-            if st == "completed":
-                break
-            if st in ("failed", "cancelled"):
-                err = session.cmd("query-migrate").get("error-desc", "")
-                raise MigrationError(f"save to {path} {st}: {err}".rstrip(": "))
-            if time.monotonic() > deadline:
-                session.cmd("migrate_cancel")
-                raise MigrationError(f"save to {path} did not finish in {opts.timeout:g} s")
-            session.wait_event("MIGRATION", 0.1)
-    finally:
-        if old is not None:
-            try:
-                session.cmd("migrate-set-parameters", {"max-bandwidth": old})
-            except QMPFailure as e:
-                log.warning("could not restore max-bandwidth: %s", e)
-        if restore_cap is not None:
-            try:
-                _set_capability(session, "mapped-ram", restore_cap)
-            except QMPFailure as e:
-                log.warning("could not set mapped-ram back to %s: %s", restore_cap, e)
+    with full_bandwidth(session):
+        _set_capability(session, "events", True)
+        session.clear_events()
+        uri, use_mapped, restore_cap = _save_uri(session, path, mapped_ram, rep.warnings)
+        try:
+            _migrate_to_file(session, path, uri, opts.timeout)
+        finally:
+            if restore_cap is not None:
+                try:
+                    _set_capability(session, "mapped-ram", restore_cap)
+                except QMPFailure as e:
+                    log.warning("could not set mapped-ram back to %s: %s", restore_cap, e)
     # "completed" can be reported while the run state is still finish-migrate
     session.wait_until(
         lambda: True if session.status() != "finish-migrate" else None,

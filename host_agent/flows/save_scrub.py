@@ -42,6 +42,7 @@ from vmwipe.protocol import (
     WIPE_GENERATION_OFFSET,
     ProtocolError,
     Region,
+    Table,
     decode_table,
     encode_host_fields,
 )
@@ -58,11 +59,12 @@ from ..snapshot.migstream import (
     open_mapped,
 )
 from ..snapshot.scrub import sidecar_path, write_sidecar
+from ..timing import Phases
 from ..wipe.memmap import GuestMemoryMap, load_memory_map
+from .migration import error_desc, full_bandwidth, wait_migration
 
 log = logging.getLogger(__name__)
 
-MAX_BANDWIDTH = 1 << 40
 #: The pipe QEMU migrates into: 1 MiB, the usual fs.pipe-max-size (more is refused, harmlessly).
 PIPE_SIZE = 1 << 20
 #: Capabilities whose streams the filter cannot rewrite (or that spread pages over
@@ -108,7 +110,7 @@ class SaveScrubReport:
     qemu_version: str
     timings_ms: dict[str, float] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -195,25 +197,21 @@ def verify_scrubbed(path: str, pages: set[tuple[str, int]]) -> StreamIndex:
         os.close(fd)
 
 
-def save_scrubbed(session: SaveMonitor, path: str, *, region: Region | None = None,
-                  strict: bool = True, resume: bool = False, timeout: float = 600.0,
-                  bump: bool = True,
-                  progress: Callable[[int], None] | None = None) -> SaveScrubReport:
-    """Stop the VM, read and validate its table, save it to `path` with listed pages zeroed.
+@dataclass
+class _Plan:
+    """What the filter needs, read while the VM is stopped: the table and its pages."""
 
-    `region` defaults to the VMWP0001 SSDT among QEMU's `-acpitable` files.
-    `strict=False` skips invalid slots (like `--on-invalid skip`); `bump=False`
-    leaves the header's wipe_generation as it was.  The VM is
-    left paused unless `resume` and it was running before.  Raises
-    MigrationError (and leaves no file at `path`) when anything fails.
-    """
-    t0 = time.monotonic()
-    marks: dict[str, float] = {}
+    region: Region
+    memmap: GuestMemoryMap
+    table: Table
+    pages: set[tuple[str, int]]  # (RAM block as the stream names it, byte offset)
+    blocks: dict[str, str]  # flat-view name of each listed RAM block -> its name in the stream
+    patches: dict[tuple[str, int], tuple[int, bytes]]
+    generation: int | None
 
-    def mark(name: str) -> None:
-        marks[name] = round((time.monotonic() - t0) * 1000, 1)
 
-    path = os.path.abspath(path)
+def _stop_for_save(session: SaveMonitor) -> str:
+    """Refuse what a filtered stream cannot carry, stop the VM; the state it was in."""
     state_before = session.status()
     if state_before in ("inmigrate", "postmigrate", "finish-migrate"):
         raise VMStateError(f"VM is {state_before}; cannot save it now")
@@ -225,9 +223,11 @@ def save_scrubbed(session: SaveMonitor, path: str, *, region: Region | None = No
                            "save needs a plain single-channel stream")
     if state_before == "running":
         session.cmd("stop")
-    mark("stop")
+    return state_before
 
-    # the table, while the VM cannot change it
+
+def _plan(session: SaveMonitor, region: Region | None, strict: bool, bump: bool) -> _Plan:
+    """Read and validate the table while the VM cannot change it; the pages to zero."""
     if region is None:
         region = discover_region(session.pid, read_cmdline(session.pid)).region
     memdevs = {str(m["id"]) for m in session.cmd("query-memdev")}
@@ -254,21 +254,26 @@ def save_scrubbed(session: SaveMonitor, path: str, *, region: Region | None = No
         generation = table.header.wipe_generation + 1
         ((hblock, hoff),) = header_page
         patches[(blocks[hblock], hoff)] = (WIPE_GENERATION_OFFSET,
-                                   encode_host_fields(generation, len(pages)))
-    mark("table")
+                                           encode_host_fields(generation, len(pages)))
+    return _Plan(region, memmap, table, pages, blocks, patches, generation)
 
+
+def _filtered_migration(session: SaveMonitor, path: str, plan: _Plan, timeout: float,
+                        progress: Callable[[int], None] | None, phases: Phases) -> StreamIndex:
+    """Migrate into a pipe, write the filtered stream to `path`.partial, verify, rename."""
     partial = path + ".partial"
     r, w = os.pipe()
     with contextlib.suppress(OSError):  # the default 64 KiB makes QEMU and us take turns
         fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     result: dict[str, Any] = {}
+    pages = plan.pages
 
     def reader() -> None:
         try:
             fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb", buffering=1 << 20) as sink:
                 result["index"] = filter_stream(
-                    r, sink, lambda block, off: (block, off) in pages, progress, patches)
+                    r, sink, lambda block, off: (block, off) in pages, progress, plan.patches)
                 sink.flush()
                 os.fsync(sink.fileno())
         except BaseException as e:  # reported by the main thread
@@ -277,72 +282,77 @@ def save_scrubbed(session: SaveMonitor, path: str, *, region: Region | None = No
             os.close(r)
 
     thread = threading.Thread(target=reader, name="vmwipe-save-filter", daemon=True)
-    old_bw = session.cmd("query-migrate-parameters").get("max-bandwidth")
     ok = False
     try:
-        thread.start()
-        try:
-            session.send_fd(w, FD_NAME)
-        finally:
-            os.close(w)  # QEMU holds its own copy; the reader sees EOF when QEMU closes it
-        session.cmd("migrate-set-parameters", {"max-bandwidth": MAX_BANDWIDTH})
-        session.cmd("migrate", {"uri": f"fd:{FD_NAME}"})
-        deadline = time.monotonic() + timeout
-        status = ""
-        cancelled = False
-        while True:
-            status = str(session.cmd("query-migrate").get("status", ""))
-            if status in ("completed", "failed", "cancelled"):
-                break
-            if not cancelled and ("error" in result or time.monotonic() > deadline):
-                session.cmd("migrate_cancel")
-                cancelled = True
-            time.sleep(0.02)
-        thread.join(timeout)
-        if "error" in result:
-            raise MigrationError(f"scrubbing save aborted: {result['error']}")
-        if status != "completed":
-            desc = session.cmd("query-migrate").get("error-desc", "")
-            raise MigrationError(f"save to {path} {status}: {desc}".rstrip(": "))
-        if thread.is_alive():
-            raise MigrationError("the stream did not end after QEMU completed")
-        mark("migrate")
-        idx: StreamIndex = result["index"]
-        verify_scrubbed(partial, pages)
-        mark("verify")
-        os.replace(partial, path)
-        dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-        ok = True
-    finally:
-        if old_bw is not None:
+        with full_bandwidth(session):
+            thread.start()
             try:
-                session.cmd("migrate-set-parameters", {"max-bandwidth": old_bw})
-            except Exception as e:
-                log.warning("could not restore max-bandwidth: %s", e)
+                session.send_fd(w, FD_NAME)
+            finally:
+                os.close(w)  # QEMU holds its own copy; the reader sees EOF when QEMU closes it
+            session.cmd("migrate", {"uri": f"fd:{FD_NAME}"})
+            status, _timed_out = wait_migration(session, timeout, lambda: time.sleep(0.02),
+                                                abort=lambda: "error" in result)
+            thread.join(timeout)
+            if "error" in result:
+                raise MigrationError(f"scrubbing save aborted: {result['error']}")
+            if status != "completed":
+                raise MigrationError(
+                    f"save to {path} {status}: {error_desc(session)}".rstrip(": "))
+            if thread.is_alive():
+                raise MigrationError("the stream did not end after QEMU completed")
+            phases.mark("migrate")
+            idx: StreamIndex = result["index"]
+            verify_scrubbed(partial, pages)
+            phases.mark("verify")
+            os.replace(partial, path)
+            dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            ok = True
+    finally:
         if not ok:
             thread.join(5)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(partial)
+    return idx
 
-    v = session.version
-    qemu_version = ".".join(str(x) for x in v)
-    summary = {"pages": len(pages), "copies": idx.zeroed_pages, "slots": len(table.slots),
-               "by": "vmwipe save --scrub"}
-    side = write_sidecar(sidecar_path(path), region=region, ram=memmap.ranges,
+
+def save_scrubbed(session: SaveMonitor, path: str, *, region: Region | None = None,
+                  strict: bool = True, resume: bool = False, timeout: float = 600.0,
+                  bump: bool = True,
+                  progress: Callable[[int], None] | None = None) -> SaveScrubReport:
+    """Stop the VM, read and validate its table, save it to `path` with listed pages zeroed.
+
+    `region` defaults to the VMWP0001 SSDT among QEMU's `-acpitable` files.
+    `strict=False` skips invalid slots (like `--on-invalid skip`); `bump=False`
+    leaves the header's wipe_generation as it was.  The VM is
+    left paused unless `resume` and it was running before.  Raises
+    MigrationError (and leaves no file at `path`) when anything fails.
+    """
+    phases = Phases()
+    path = os.path.abspath(path)
+    state_before = _stop_for_save(session)
+    phases.mark("stop")
+    plan = _plan(session, region, strict, bump)
+    phases.mark("table")
+    idx = _filtered_migration(session, path, plan, timeout, progress, phases)
+    qemu_version = ".".join(str(x) for x in session.version)
+    summary = {"pages": len(plan.pages), "copies": idx.zeroed_pages,
+               "slots": len(plan.table.slots), "by": "vmwipe save --scrub"}
+    side = write_sidecar(sidecar_path(path), region=plan.region, ram=plan.memmap.ranges,
                          qemu_version=qemu_version, machine=idx.machine, stream=path,
                          scrubbed=summary)
     if resume and state_before == "running":
         session.cmd("cont")
-    mark("done")
+    phases.mark("done")
     return SaveScrubReport(
         path=path, sidecar=str(side), bytes=os.path.getsize(path),
-        region={"base": region.base, "size": region.size},
-        table="absent" if table.header is None else "valid", slots=len(table.slots),
-        pages=len(pages), zeroed_copies=idx.zeroed_pages, blocks=blocks,
-        generation=generation if idx.patched_pages else None, state_before=state_before,
-        state_after=session.status(), qemu_version=qemu_version, timings_ms=marks,
+        region={"base": plan.region.base, "size": plan.region.size},
+        table="absent" if plan.table.header is None else "valid", slots=len(plan.table.slots),
+        pages=len(plan.pages), zeroed_copies=idx.zeroed_pages, blocks=plan.blocks,
+        generation=plan.generation if idx.patched_pages else None, state_before=state_before,
+        state_after=session.status(), qemu_version=qemu_version, timings_ms=phases.at_ms,
     )

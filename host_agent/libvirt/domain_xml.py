@@ -33,13 +33,12 @@ from vmwipe.protocol import Region, validate_region
 
 from ..errors import ProtectError
 from ..qemu.vmconfig import DEFAULT_SIZE, choose_region
+from .paths import META_NS, STATE_DIR
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
-META_NS = "urn:vmwipe:libvirt:1"
 META_PREFIX = "vmwipe"
 CHARDEV_ID = "vmwipe"
 
-STATE_DIR = Path("/var/lib/vmwipe")
 #: Socket path limit of AF_UNIX (sun_path is 108 bytes with the NUL).
 _SUN_PATH_MAX = 107
 

@@ -34,7 +34,8 @@ from ..errors import AgentError, LibvirtFailure, QMPFailure, RegionError, VMStat
 from ..flows.target import PAUSED_STATES, AgentOptions, open_target
 from ..qemu.monitor import Monitor
 from ..qemu.region import option_values, read_cmdline
-from ..wipe.engine import Phases, WipeReport, run_wipe
+from ..timing import Phases
+from ..wipe.engine import WipeReport, run_wipe
 from .paths import RUN_DIR
 
 log = logging.getLogger(__name__)

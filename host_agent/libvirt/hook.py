@@ -175,7 +175,7 @@ def hook_wipe(name: str, monitor: str, expect: Region | None = None) -> str:
     from ..flows.target import AgentOptions
     from ..qemu.qmp import QMPSession
     from ..qemu.region import read_cmdline
-    from ..wipe.engine import Phases
+    from ..timing import Phases
     from .flows import DomainWipe, wipe_paused
 
     phases = Phases()

@@ -130,9 +130,7 @@ def parse_region_arg(text: str) -> Region:
         region = Region(parse_size(base_s), parse_size(size_s))
         validate_region(region)
     except (ValueError, ProtocolError) as e:
-        raise UsageError(
-            f"--region {text!r}: {e} (expected BASE:SIZE, e.g. 0x1f000000:1M)"
-        ) from None
+        raise UsageError(f"{text!r}: {e} (expected BASE:SIZE, e.g. 0x1f000000:1M)") from None
     return region
 
 

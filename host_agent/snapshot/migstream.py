@@ -59,6 +59,9 @@ from operator import lshift, or_, rshift
 from typing import Any, BinaryIO, Protocol
 
 from ..errors import StreamError, UnsupportedStream
+from .saveimage import HEADER_SIZE as SAVE_IMAGE_HEADER_SIZE
+from .saveimage import MAGIC as SAVE_IMAGE_MAGIC
+from .saveimage import parse_header
 
 QEVM_MAGIC = b"QEVM"
 QEVM_VERSION = 3
@@ -1106,10 +1109,8 @@ def stream_capabilities(path: str) -> tuple[str, list[str]]:
     with open(path, "rb") as f:
         head = f.read(1 << 16)
     start = 0
-    if head[:16] == b"LibvirtQemudSave":
-        from .saveimage import parse_header  # saveimage imports this module
-
-        start = parse_header(head[:92]).stream_offset
+    if head[:len(SAVE_IMAGE_MAGIC)] == SAVE_IMAGE_MAGIC:
+        start = parse_header(head[:SAVE_IMAGE_HEADER_SIZE]).stream_offset
         with open(path, "rb") as f:
             f.seek(start)
             head = f.read(1 << 16)

@@ -313,7 +313,7 @@ class ScrubReport:
     def noop(self) -> bool:
         return self.bytes == 0
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["noop"] = self.noop
         return d

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import reduce
@@ -48,6 +47,7 @@ from ..errors import (
     UsageError,
     VerifyError,
 )
+from ..timing import Phases
 from .backends import MemoryBackend
 from .memmap import GuestMemoryMap, RamRange
 
@@ -55,19 +55,6 @@ log = logging.getLogger(__name__)
 
 ON_INVALID = ("fail", "skip")
 _U64 = 1 << 64
-
-
-@dataclass
-class Phases:
-    """Wall-clock time per phase, in milliseconds, in the order they ran."""
-
-    ms: dict[str, float] = field(default_factory=dict)
-    _t: float = field(default_factory=time.perf_counter, repr=False)
-
-    def mark(self, name: str) -> None:
-        now = time.perf_counter()
-        self.ms[name] = round(self.ms.get(name, 0.0) + (now - self._t) * 1000, 3)
-        self._t = now
 
 
 @dataclass

@@ -1,0 +1,18 @@
+"""Argument types the `vmwipe` subcommands share, so each is parsed one way."""
+
+from __future__ import annotations
+
+import argparse
+
+from vmwipe.protocol import Region
+
+from ..errors import AgentError
+from ..qemu.region import parse_region_arg
+
+
+def region_type(text: str) -> Region:
+    """argparse `type=` for `--region BASE:SIZE` (argparse names the option)."""
+    try:
+        return parse_region_arg(text)
+    except AgentError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
