@@ -3,15 +3,21 @@
 The agent talks to QEMU over QMP, learns the guest memory map from HMP, reads the
 untrusted v1 table out of guest RAM, zeroes the listed pages through a direct
 memory backend (QEMU has no command that writes guest RAM), verifies the result
-and only then lets the VM resume.  Every module here does one job:
+and only then lets the VM resume.
 
-- `qmp`: synchronous QMP/HMP session with typed errors and event waits.
-- `peercred`: the QEMU PID behind a QMP unix socket.
-- `memmap`: guest RAM ranges from `info mtree -f` and `gpa2hva`.
-- `memaccess`: process_vm and shared-file backends behind one interface.
-- `region`: region discovery from QEMU's command line and the reset guard.
-- `wipe`: the validate/zero/verify/commit engine.
-- `flows`: inspect, wipe, restore, loadvm, save.
-- `launcher` and `clone`: start QEMU processes and clone a saved state.
-- `cli`: the `vmwipe` command.
+Subpackages by layer; a module imports only its own subpackage and the layers
+below it (tests/test_layout.py checks this):
+
+- `errors`, `atomic`, `timing`: every error and exit code; atomic file
+  replacement; the phase timer;
+- `qemu`: the QMP session, the `Monitor` protocol, region and reset guard,
+  QEMU processes, the files and arguments a protected VM carries;
+- `wipe`: guest RAM map, memory backends, the validate/zero/verify/commit
+  engine (it knows no QMP; `qemu` and `wipe` do not import each other);
+- `snapshot`: migration streams, libvirt save images, sidecars, the scrub;
+- `flows`: the one path to a wipe target, and inspect, wipe, restore,
+  loadvm, save, save --scrub, clone;
+- `libvirt`: domain XML, the API-driven flows, the hook and its installer;
+- `cli`: the `vmwipe` command;
+- `libvirt_hook`: only the old import path of hooks installed before this layout.
 """

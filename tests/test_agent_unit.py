@@ -21,7 +21,7 @@ from vmwipe.host_agent.qemu.region import (
     reset_guard_problem,
     split_qemu_opts,
 )
-from vmwipe.host_agent.wipe import backends as memaccess
+from vmwipe.host_agent.wipe import backends
 from vmwipe.host_agent.wipe.backends import ProcessVMBackend, buffer_address, read_proc_maps
 from vmwipe.host_agent.wipe.engine import read_region_early, run_wipe
 from vmwipe.host_agent.wipe.memmap import GuestMemoryMap, RamRange
@@ -146,7 +146,7 @@ def test_process_vm_zero_and_read(own_memory: tuple[ProcessVMBackend, bytearray]
 def test_process_vm_batches_by_iov_max(own_memory: tuple[ProcessVMBackend, bytearray],
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     be, buf = own_memory
-    monkeypatch.setattr(memaccess, "IOV_MAX", 4)
+    monkeypatch.setattr(backends, "IOV_MAX", 4)
     be.calls = 0
     be.zero([(0x100000 + 2 * i * P, P) for i in range(10)])  # 10 scattered pages
     assert be.calls == 3
@@ -158,7 +158,7 @@ def test_process_vm_partial_transfers(own_memory: tuple[ProcessVMBackend, bytear
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A syscall that moves fewer bytes than asked (even mid-iovec) is resumed exactly."""
     be, buf = own_memory
-    real = memaccess._process_vm_writev
+    real = backends._process_vm_writev
     calls: list[int] = []
 
     def stingy(pid: int, local: Any, nl: int, remote: Any, nr: int, flags: int) -> int:
@@ -175,7 +175,7 @@ def test_process_vm_partial_transfers(own_memory: tuple[ProcessVMBackend, bytear
         calls.append(got)
         return got
 
-    monkeypatch.setattr(memaccess, "_process_vm_writev", stingy)
+    monkeypatch.setattr(backends, "_process_vm_writev", stingy)
     data = bytes(range(256)) * 40  # 10240 bytes
     be.write(0x100000 + 100, data)
     assert bytes(buf[100 : 100 + len(data)]) == data
@@ -187,7 +187,7 @@ def test_process_vm_partial_transfers(own_memory: tuple[ProcessVMBackend, bytear
 def test_process_vm_errors(own_memory: tuple[ProcessVMBackend, bytearray],
                            monkeypatch: pytest.MonkeyPatch) -> None:
     be, _ = own_memory
-    monkeypatch.setattr(memaccess, "_process_vm_writev", lambda *a: 0)
+    monkeypatch.setattr(backends, "_process_vm_writev", lambda *a: 0)
     with pytest.raises(MemoryAccessError, match="not mapped"):
         be.zero([(0x100000, P)])
 
@@ -195,7 +195,7 @@ def test_process_vm_errors(own_memory: tuple[ProcessVMBackend, bytearray],
         ctypes.set_errno(1)
         return -1
 
-    monkeypatch.setattr(memaccess, "_process_vm_writev", eperm)
+    monkeypatch.setattr(backends, "_process_vm_writev", eperm)
     with pytest.raises(MemoryAccessError, match="not permitted"):
         be.zero([(0x100000, P)])
     with pytest.raises(MemoryAccessError, match="not in guest RAM"):

@@ -1,6 +1,6 @@
 """The scrubbers killed mid-run: what each one claims about a kill, tested.
 
-`vmwipe scrub FILE` claims (scrub.py, `scrub --help`): everything is checked before
+`vmwipe scrub FILE` claims (snapshot/scrub.py, `scrub --help`): everything is checked before
 anything is written, and the pages are zeroed (and the header's wipe_generation
 bumped) in a copy `.FILE.vmwipe-scrub.XXXXXXXX` that is fsynced, read back and
 renamed over FILE.  So a kill at any moment leaves FILE either byte-for-byte the

@@ -93,7 +93,7 @@ def test_protect_memmap_round_trip(tmp_path: Path) -> None:
 
 
 def test_protect_refreshes_when_memory_changes(tmp_path: Path) -> None:
-    # 256 MiB places the region at 0xf000000, 1 GiB at 0x1f000000 (setup_cmds.choose_region)
+    # 256 MiB places the region at 0xf000000, 1 GiB at 0x1f000000 (qemu.vmconfig.choose_region)
     first = protect_xml(domain(mem_mib=256), tmp_path)
     grown = first.xml.replace(">262144<", ">1048576<")
     second = protect_xml(grown, tmp_path)

@@ -24,15 +24,10 @@ from test_migstream import QEMU10, QEMU72, Vm, have, needs_qemu, needs_qemu10, r
 from vmwipe.host_agent import errors
 from vmwipe.host_agent.cli import main as vmwipe_main
 from vmwipe.host_agent.snapshot import migstream as ms
+from vmwipe.host_agent.snapshot.machine import below_4g, machine_layout
 from vmwipe.host_agent.snapshot.saveimage import build_header
-from vmwipe.host_agent.snapshot.scrub import (
-    below_4g,
-    machine_layout,
-    read_sidecar,
-    scrub_file,
-    sidecar_path,
-    write_sidecar,
-)
+from vmwipe.host_agent.snapshot.scrub import scrub_file
+from vmwipe.host_agent.snapshot.sidecar import read_sidecar, sidecar_path, write_sidecar
 from vmwipe.host_agent.wipe.memmap import load_memory_map
 from vmwipe.protocol import (
     WIPE_GENERATION_OFFSET,

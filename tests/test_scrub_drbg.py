@@ -62,7 +62,7 @@ def drbg_guest(image: GuestImage) -> Iterator[tuple[Guest, int]]:
 
 
 class LabMonitor:
-    """`scrub_save.Monitor` over the lab guest's own QMP connection (QMP takes one client)."""
+    """`save_scrub.SaveMonitor` over the lab guest's own QMP connection (QMP takes one client)."""
 
     def __init__(self, g: Guest) -> None:
         self.g = g

@@ -26,7 +26,7 @@ from test_scrub import PAGE, plant_and_save
 
 from vmwipe.host_agent.cli import main as vmwipe_main
 from vmwipe.host_agent.errors import ReplaceError, StreamError
-from vmwipe.host_agent.snapshot import scrub
+from vmwipe.host_agent.snapshot import replace
 from vmwipe.host_agent.snapshot.scrub import scrub_file
 
 
@@ -152,29 +152,29 @@ def test_failure_halfway_leaves_file_and_no_copy(work: Path, monkeypatch: pytest
     if fail == "verify":
         def bad_verify(*a: object) -> int:
             raise StreamError("read-back after scrub is not zero (simulated)")
-        monkeypatch.setattr(scrub, "_write_and_verify", bad_verify)
+        monkeypatch.setattr(replace, "_write_and_verify", bad_verify)
         exc: type[BaseException] = StreamError
     elif fail == "metadata":
         def bad_meta(*a: object) -> None:
             raise OSError(5, "Input/output error")
-        monkeypatch.setattr(scrub, "_copy_metadata", bad_meta)
+        monkeypatch.setattr(replace, "_copy_metadata", bad_meta)
         exc = ReplaceError
     elif fail == "interrupt":
-        real_copy = scrub._copy_file
+        real_copy = replace._copy_file
 
         def copy_then_sigint(src: int, dst: int, size: int) -> None:
             real_copy(src, dst, size)
             assert temps(work)  # the copy exists at this point
             raise KeyboardInterrupt
-        monkeypatch.setattr(scrub, "_copy_file", copy_then_sigint)
+        monkeypatch.setattr(replace, "_copy_file", copy_then_sigint)
         exc = KeyboardInterrupt
     else:
-        real_copy = scrub._copy_file
+        real_copy = replace._copy_file
 
         def copy_and_touch(src: int, dst: int, size: int) -> None:
             real_copy(src, dst, size)
             os.utime(work, ns=(0, 1))  # someone changed FILE meanwhile
-        monkeypatch.setattr(scrub, "_copy_file", copy_and_touch)
+        monkeypatch.setattr(replace, "_copy_file", copy_and_touch)
         exc = StreamError
     with pytest.raises(exc):
         scrub_file(str(work))
@@ -224,7 +224,7 @@ def test_copy_keeps_holes(tmp_path: Path) -> None:
         f.truncate((160 << 20) + 7)  # ends in a hole
     dst = tmp_path / "copy"
     with open(src, "rb") as s, open(dst, "wb") as d:
-        scrub._copy_file(s.fileno(), d.fileno(), os.fstat(s.fileno()).st_size)
+        replace._copy_file(s.fileno(), d.fileno(), os.fstat(s.fileno()).st_size)
     assert sha(dst) == sha(src) and dst.stat().st_size == src.stat().st_size
     if src.stat().st_blocks * 512 < 8 << 20:  # the filesystem keeps holes at all
         assert dst.stat().st_blocks * 512 < 8 << 20
@@ -232,9 +232,9 @@ def test_copy_keeps_holes(tmp_path: Path) -> None:
 
 def test_remove_stale_temps_ignores_non_files(tmp_path: Path) -> None:
     target = tmp_path / "f.sav"
-    (tmp_path / f".f.sav{scrub.TEMP_TAG}dir_0001").mkdir()
-    (tmp_path / f".f.sav{scrub.TEMP_TAG}lnk_0001").symlink_to(target)
+    (tmp_path / f".f.sav{replace.TEMP_TAG}dir_0001").mkdir()
+    (tmp_path / f".f.sav{replace.TEMP_TAG}lnk_0001").symlink_to(target)
     with contextlib.suppress(FileNotFoundError):
         target.unlink()
-    assert scrub.remove_stale_temps(str(target)) == 0
+    assert replace.remove_stale_temps(str(target)) == 0
     assert len(list(tmp_path.iterdir())) == 2

@@ -18,7 +18,8 @@ from test_scrub import REGION, Saved, check_restored, plant_and_save, run_cli
 
 from vmwipe.host_agent.errors import InvalidTableError, MigrationError, VMStateError
 from vmwipe.host_agent.flows.save_scrub import save_scrubbed
-from vmwipe.host_agent.snapshot.scrub import read_sidecar, scrub_file, sidecar_path
+from vmwipe.host_agent.snapshot.scrub import scrub_file
+from vmwipe.host_agent.snapshot.sidecar import read_sidecar, sidecar_path
 
 
 @pytest.fixture

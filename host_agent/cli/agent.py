@@ -1,7 +1,8 @@
 """`vmwipe` command line: wipe secret guest pages before a paused VM runs.
 
-Subcommands register themselves on an argparse subparser (`register(sub)`);
-the foundation's `ssdt` and `qemu-args` live in `setup_cmds`.  Every report can
+Subcommands register themselves on an argparse subparser (`register(sub)`):
+the agent's own here, `ssdt` and `qemu-args` in `cli.setup`, `scrub` in
+`cli.scrub`, `libvirt ...` in `cli.libvirt`.  Every report can
 be printed as JSON, every error is one line on stderr, and the exit code says
 what went wrong (see `vmwipe --help`).  Whatever fails, the VM stays paused.
 """
@@ -219,11 +220,10 @@ def _cmd_clone(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the agent's commands to the `vmwipe` parser."""
-    common = _common()
+def _register_wipes(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                    common: argparse.ArgumentParser, epilog: str) -> None:
+    """inspect, wipe, restore, loadvm: the commands that wipe (or read) a live VM."""
     fmt = argparse.RawDescriptionHelpFormatter
-    epilog = exit_code_help()
 
     p = sub.add_parser(
         "inspect",
@@ -282,6 +282,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--no-resume", action="store_true", help="leave the VM paused after the wipe")
     p.set_defaults(func=_cmd_loadvm)
 
+
+def _register_save_clone(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+                         common: argparse.ArgumentParser, epilog: str) -> None:
+    """save and clone: the commands that write or start saved states."""
+    fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser(
         "save",
         parents=[common, _vm(with_guard=False, memory=False)],
@@ -343,6 +348,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="restore timeout")
     p.set_defaults(func=_cmd_clone)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the agent's commands to the `vmwipe` parser."""
+    common = _common()
+    epilog = exit_code_help()
+    _register_wipes(sub, common, epilog)
+    _register_save_clone(sub, common, epilog)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
 """`vmwipe libvirt ...`: protect domains, install the hook, and API-driven restores.
 
-The subcommands are thin: XML edits live in `libvirt_xml`, the hook in
-`libvirt_hook`, the wipe and the libvirt calls in `libvirt_flows`.  Every
+The subcommands are thin: XML edits live in `libvirt.domain_xml`, the hook
+in `libvirt.hook` and `libvirt.install`, the wipe and the libvirt calls in
+`libvirt.flows`.  Every
 command prints what it changed (or `--json`), and errors surface as the
 agent's one-line `vmwipe: error: ...` with a typed exit code.
 """

@@ -1,6 +1,6 @@
 """`vmwipe scrub FILE`: zero the guest's listed secret pages inside a saved VM file.
 
-Registered on the `vmwipe` parser with `scrub_cmds.register(sub)`.  The file
+Registered on the `vmwipe` parser with `cli.scrub.register(sub)`.  The file
 is a QEMU migration stream (`migrate exec:cat > FILE`, `vmwipe save`) or a raw
 libvirt save image (`virsh save`).  The command validates the whole file and
 the table first and writes nothing unless both are sound, so a truncated,

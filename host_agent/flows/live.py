@@ -27,7 +27,7 @@ from ..errors import (
 )
 from ..qemu.qmp import QMPSession
 from ..snapshot.migstream import stream_capabilities
-from ..snapshot.scrub import sidecar_path, write_sidecar
+from ..snapshot.sidecar import sidecar_path, write_sidecar
 from ..timing import Phases
 from ..wipe.engine import WipeReport, read_region, run_wipe
 from ..wipe.memmap import load_memory_map
@@ -178,7 +178,7 @@ def _wipe_and_maybe_resume(
         elif (state := session.status()) not in PAUSED_STATES:
             raise VMStateError(f"the VM left the paused state during the wipe (now {state!r})")
     finally:
-        # after cont: unmapping a large populated mapping takes tens of ms, off the pause
+        # after cont: unmapping a large populated mapping is slow; keep it off the pause
         target.close()
     rep.state_after = _state_after(session, rep)
     rep.timings_ms = dict(phases.ms)

@@ -58,7 +58,7 @@ from ..snapshot.migstream import (
     index_stream,
     open_mapped,
 )
-from ..snapshot.scrub import sidecar_path, write_sidecar
+from ..snapshot.sidecar import sidecar_path, write_sidecar
 from ..timing import Phases
 from ..wipe.memmap import GuestMemoryMap, load_memory_map
 from .migration import error_desc, full_bandwidth, wait_migration

@@ -115,7 +115,7 @@ class PreparedTarget:
     `open_target` reads `info mtree -f` again after the load.
 
     With `--populate`, the shared mapping is also mapped and populated in a thread
-    while QEMU loads: populating costs about as much as the wipe it speeds up.
+    while QEMU loads, so the faulting is paid before the pause instead of inside it.
     Otherwise a worker thread stands ready to read the region while the main
     thread fetches the flat view after the load (`read_early`).
     """

@@ -8,7 +8,7 @@ libvirt sends `cont` only after the hook exits.  So the wipe happens there, and
 a non-zero exit makes libvirt fail the operation and kill QEMU: the guest never
 runs with unwiped secrets.
 
-Rules this module keeps (see NOTES.md):
+Rules this module keeps:
 
 - it never calls libvirt: the domain is locked while the hook runs, and a call
   for it would block until the hook exits.  It talks to the domain's second
@@ -37,9 +37,8 @@ Rules this module keeps (see NOTES.md):
 - any failure exits 1 with a one-line reason on stderr (libvirt puts it into
   its error message) and logs to syslog and /var/log/vmwipe/hook.log.
 
-`install_hook` chains: an existing hook is moved to `qemu.vmwipe-chained` and
-the vmwipe hook runs it first with the same arguments and stdin, passing its
-stdout through, so XML rewriting hooks keep working.
+Installing and removing the hook (and chaining to a hook that was there before)
+is `install`'s job; the paths are in `paths`.
 """
 
 from __future__ import annotations

@@ -1063,15 +1063,6 @@ def copies(idx: StreamIndex, wanted: set[tuple[int, int]]) -> Iterator[tuple[int
         yield r.block[i], r.page[i], r.pos[i], r.kind[i]
 
 
-def last_copies(idx: StreamIndex, wanted: set[tuple[int, int]]
-                ) -> dict[tuple[int, int], tuple[int, int]]:
-    """For each wanted (block index, page number): (data offset, kind) of its last record."""
-    out: dict[tuple[int, int], tuple[int, int]] = {}
-    for b, p, pos, k in copies(idx, wanted):
-        out[(b, p)] = (pos, k)
-    return out
-
-
 def filter_stream(fd: int, sink: BinaryIO, zero_page: ZeroPredicate,
                   progress: Callable[[int], None] | None = None,
                   patches: dict[tuple[str, int], tuple[int, bytes]] | None = None

@@ -2,11 +2,11 @@
 /*
  * The wipe's two passes over a mapping of guest RAM, for the shared backend.
  *
- * From Python each page costs one ctypes call per pass, about 1 us: for a full
- * table (65,280 pages) that is more than memset and memcmp themselves take
- * (benchmarks/bench_backends.py, "zero+verify").  These loops take the page
- * list as two uint64 columns (addresses in this process, lengths), as
- * memaccess.Pieces holds them, and run without the GIL.
+ * From Python each page would cost one ctypes call per pass, and for a full
+ * table those calls cost more than memset and memcmp themselves
+ * (benchmarks/bench_backends.py, "zero+verify", measures it).  These loops
+ * take the page list as two uint64 columns (addresses in this process,
+ * lengths), as wipe.backends.Pieces holds them, and run without the GIL.
  *
  * The caller guarantees every (address, length) lies inside a live mapping of
  * its own; nothing here knows about guests.

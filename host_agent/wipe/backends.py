@@ -558,7 +558,7 @@ class SharedFileBackend(MemoryBackend):
 
     name = "shared"
     #: One memset per contiguous range: for large ones the C library then streams
-    #: past the cache, about twice as fast as 1 MiB pieces.
+    #: past the cache, faster than 1 MiB pieces (benchmarks/bench_backends.py).
     max_piece = 1 << 62
 
     def __init__(

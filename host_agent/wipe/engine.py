@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import reduce
 from operator import or_
@@ -48,7 +48,7 @@ from ..errors import (
     VerifyError,
 )
 from ..timing import Phases
-from .backends import MemoryBackend
+from .backends import MemoryBackend, Pieces
 from .memmap import GuestMemoryMap, RamRange
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,28 @@ def read_region_early(backend: MemoryBackend, region: Region) -> EarlyRegion | N
         return None
 
 
+def _pieces_to_zero(backend: MemoryBackend, region: Region, starts: Sequence[int],
+                    sizes: Sequence[int]) -> Pieces:
+    """The sorted, merged runs cut at RAM-range boundaries (and into zeroing chunks),
+    host addresses resolved once; refuses what no valid table and map can give."""
+    # belt and braces: decode_table already refuses both of these.  The runs are sorted
+    # and disjoint, so only the last one starting below the region's end can reach it.
+    last = bisect.bisect_left(starts, region.end) - 1
+    if last >= 0 and starts[last] + sizes[last] > region.base:
+        raise InvalidTableError(f"range {starts[last]:#x}+{sizes[last]:#x} overlaps the region")
+    if (reduce(or_, starts, 0) | reduce(or_, sizes, 0)) % PAGE_SIZE:
+        raise InvalidTableError("a range is not page aligned")
+    pieces = backend.pieces_of_sorted(starts, sizes, backend.max_piece)
+    if any(r.gpa % PAGE_SIZE or r.size % PAGE_SIZE for r in backend.memmap.ranges):
+        # QEMU maps RAM in whole pages; a sub-page RAM range means a misparsed map
+        for gpa, n, _hva in pieces:
+            if gpa % PAGE_SIZE or n % PAGE_SIZE:
+                raise MemoryAccessError(
+                    f"guest RAM map splits page {gpa & ~(PAGE_SIZE - 1):#x}; refusing to wipe"
+                )
+    return pieces
+
+
 def run_wipe(
     backend: MemoryBackend,
     region: Region,
@@ -163,22 +185,7 @@ def run_wipe(
     report.boot_id = hdr.boot_id.hex()
 
     starts, sizes = table.runs()
-    # belt and braces: decode_table already refuses both of these.  The runs are sorted
-    # and disjoint, so only the last one starting below the region's end can reach it.
-    last = bisect.bisect_left(starts, region.end) - 1
-    if last >= 0 and starts[last] + sizes[last] > region.base:
-        raise InvalidTableError(f"range {starts[last]:#x}+{sizes[last]:#x} overlaps the region")
-    if (reduce(or_, starts, 0) | reduce(or_, sizes, 0)) % PAGE_SIZE:
-        raise InvalidTableError("a range is not page aligned")
-    # split at RAM-range boundaries (and into zeroing chunks), host addresses resolved once
-    pieces = backend.pieces_of_sorted(starts, sizes, backend.max_piece)
-    if any(r.gpa % PAGE_SIZE or r.size % PAGE_SIZE for r in memmap.ranges):
-        # QEMU maps RAM in whole pages; a sub-page RAM range means a misparsed map
-        for gpa, n, _hva in pieces:
-            if gpa % PAGE_SIZE or n % PAGE_SIZE:
-                raise MemoryAccessError(
-                    f"guest RAM map splits page {gpa & ~(PAGE_SIZE - 1):#x}; refusing to wipe"
-                )
+    pieces = _pieces_to_zero(backend, region, starts, sizes)
     total = sum(sizes)  # the pieces partition the runs exactly
     report.spans, report.bytes, report.pages = len(starts), total, total // PAGE_SIZE
     phases.mark("plan")

@@ -233,7 +233,7 @@ def load_memory_map(
     offset into its block, so one `gpa2hva` per block (not per range) fixes
     every range's host address: `block_base + offset`.  Each call is a monitor
     round trip inside the paused window of a restore, so `known_bases` (from a
-    map read earlier in the same QEMU process; see `flows.PreparedTarget`) skips
+    map read earlier in the same QEMU process; see `flows.target.PreparedTarget`) skips
     the call for the blocks it names.
     """
     view = system_view(hmp("info mtree -f"))

@@ -1,0 +1,276 @@
+"""Put a scrubbed copy of a file in place of the file, so a kill never leaves half of it.
+
+The file itself is never written: a copy in the same directory is made
+(copy_file_range, holes kept), checked against the original (inode, size,
+mtime), zeroed and bumped, fsynced, read back, given the original's owner,
+group, mode and extended attributes, renamed over the original, and the
+directory fsynced.  Then the listed pages of the replaced inode are zeroed too
+(best effort), so that a filesystem that overwrites in place does not keep the
+secrets in freed blocks.  Any error removes the copy; one left by a SIGKILL is
+removed by the next run (`remove_stale_temps`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import re
+import stat
+import tempfile
+from collections.abc import Sequence
+
+from vmwipe.protocol import PAGE_SIZE
+
+from ..errors import ReplaceError, StreamError
+
+log = logging.getLogger(__name__)
+
+
+#: `.FILE` + this + 8 random characters (tempfile.mkstemp): the scrubbed copy being made.
+TEMP_TAG = ".vmwipe-scrub."
+_TEMP_RANDOM = re.compile(r"[a-z0-9_]{8}")
+
+
+def remove_stale_temps(path: str) -> int:
+    """Remove copies that killed scrubs of `path` left behind; returns how many.
+
+    A running scrub holds an exclusive flock on its copy until the rename, and the
+    kernel drops it when the process dies, SIGKILL included: a copy whose lock can be
+    taken is stale.  Only regular files of the exact name pattern are touched.  Such a
+    copy can hold the unscrubbed data, so it must not linger.
+    """
+    d, base = os.path.split(path)
+    prefix = f".{base}{TEMP_TAG}"
+    removed = 0
+    try:
+        names = os.listdir(d or ".")
+    except OSError:
+        return 0
+    for name in names:
+        if not name.startswith(prefix) or not _TEMP_RANDOM.fullmatch(name[len(prefix):]):
+            continue
+        full = os.path.join(d, name)
+        try:
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live scrub's copy
+            now = os.stat(full, follow_symlinks=False)
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                os.unlink(full)
+                removed += 1
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _copy_range(src: int, dst: int, off: int, n: int) -> None:
+    """Copy [off, off+n) from src to dst at the same offset, in the kernel."""
+    end = off + n
+    use_cfr = hasattr(os, "copy_file_range")
+    while off < end:
+        done = 0
+        if use_cfr:
+            try:
+                done = os.copy_file_range(src, dst, min(end - off, 1 << 30), off, off)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                use_cfr = False
+                continue
+        else:
+            os.lseek(dst, off, os.SEEK_SET)
+            done = os.sendfile(dst, src, off, min(end - off, 1 << 30))
+        if done <= 0:
+            raise StreamError("the file got shorter while it was copied; nothing replaced")
+        off += done
+
+
+def _copy_file(src: int, dst: int, size: int) -> None:
+    """Copy `size` bytes, keeping holes (a mapped-ram save is sparse)."""
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(src, pos, os.SEEK_DATA)
+            hole = os.lseek(src, data, os.SEEK_HOLE)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                break  # only a hole from pos to the end
+            data, hole = pos, size  # no SEEK_DATA on this filesystem: copy everything
+        hole = min(hole, size)
+        if hole <= data:
+            break
+        _copy_range(src, dst, data, hole - data)
+        pos = hole
+    os.ftruncate(dst, size)
+
+
+def _copy_metadata(src: int, dst: int, st: os.stat_result, path: str) -> None:
+    """Owner, group, mode and extended attributes (SELinux label, ACLs) of the original.
+
+    A libvirt save image belongs to root or to the QEMU user (libvirt-qemu, qemu) and
+    may carry an svirt label; the replacement must keep them or a restore cannot read
+    it.  The modification time is not kept: the content changed, and a backup tool that
+    trusts size and mtime must see that.
+    """
+    mine = os.fstat(dst)
+    if (mine.st_uid, mine.st_gid) != (st.st_uid, st.st_gid):
+        try:
+            os.fchown(dst, st.st_uid, st.st_gid)
+        except PermissionError:
+            raise ReplaceError(f"cannot give the scrubbed copy of {path} its owner "
+                               f"{st.st_uid}:{st.st_gid} (run as root or as the owner); "
+                               "nothing replaced") from None
+    os.fchmod(dst, stat.S_IMODE(st.st_mode))  # after fchown, which may clear set-id bits
+    try:
+        names = os.listxattr(src)
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.setxattr(dst, name, os.getxattr(src, name))
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.ENODATA,
+                               errno.EINVAL):
+                raise
+            log.warning("%s: extended attribute %s not copied to the scrubbed file: %s",
+                        path, name, e.strerror)
+
+
+def _same(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns) == (b.st_dev, b.st_ino, b.st_size,
+                                                              b.st_mtime_ns)
+
+
+def _write_and_verify(fd: int, writes: Sequence[tuple[int, int]],
+                      patches: Sequence[tuple[int, bytes]]) -> int:
+    zero = bytes(PAGE_SIZE)
+    total = 0
+    for pos, n in sorted(writes):
+        if os.pwrite(fd, zero[:n], pos) != n:
+            raise OSError(errno.EIO, f"short write at {pos:#x}")
+        total += n
+    for pos, data in patches:
+        if os.pwrite(fd, data, pos) != len(data):
+            raise OSError(errno.EIO, f"short write at {pos:#x}")
+        total += len(data)
+    os.fsync(fd)
+    for pos, n in writes:
+        if os.pread(fd, n, pos) != zero[:n]:
+            raise StreamError(f"read-back after scrub is not zero at offset {pos:#x}; "
+                              "nothing replaced")
+    for pos, data in patches:
+        if os.pread(fd, len(data), pos) != data:
+            raise StreamError(f"read-back of the header at offset {pos:#x} failed; "
+                              "nothing replaced")
+    return total
+
+
+def _check_room(path: str, before: os.stat_result, d: str) -> None:
+    """Refuse, before writing anything, a file with other names or a directory too full."""
+    if before.st_nlink > 1:
+        raise ReplaceError(f"{path} has {before.st_nlink} hard links: the other names would "
+                           "keep the unscrubbed data; nothing written")
+    need = before.st_blocks * 512  # what a copy that keeps the holes allocates
+    try:
+        vfs = os.statvfs(d)
+    except OSError as e:
+        raise ReplaceError(f"cannot check free space in {d}: {e.strerror}") from None
+    free = vfs.f_bavail * vfs.f_frsize
+    if free < need:
+        raise ReplaceError(f"not enough free space in {d} for the scrubbed copy of {path}: "
+                           f"needs {need >> 20} MiB, {free >> 20} MiB free; nothing written")
+
+
+def _zero_replaced(old: int, writes: Sequence[tuple[int, int]], path: str) -> bool:
+    """Zero the listed pages of the replaced inode, then close it; whether that worked.
+
+    The replaced inode has no name left but still holds the secrets in its blocks.
+    Zeroing them too means that on a filesystem that overwrites in place the freed
+    blocks do not keep them (best effort: nothing depends on it any more).
+    """
+    try:
+        zero = bytes(PAGE_SIZE)
+        for pos, n in sorted(writes):
+            os.pwrite(old, zero[:n], pos)
+        os.fdatasync(old)
+        return True
+    except OSError as e:
+        log.warning("%s: could not zero the replaced file's old copy: %s", path,
+                    e.strerror or e)
+        return False
+    finally:
+        os.close(old)
+
+
+def replace_scrubbed(path: str, src: int, before: os.stat_result,
+                     writes: Sequence[tuple[int, int]],
+                     patches: Sequence[tuple[int, bytes]]) -> tuple[int, bool]:
+    """Scrub a copy of `path` (open as `src`) and rename it over `path`.
+
+    Returns (bytes written into the copy, whether the replaced file's listed pages were
+    zeroed too).  Raises with the original untouched and the copy removed.
+    """
+    d = os.path.dirname(path) or "."
+    _check_room(path, before, d)
+    # the original again, writable if we may, to zero its listed pages once it is replaced
+    old: int | None = None
+    try:
+        old = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        old = None
+    tmp = ""
+    tfd = -1
+    renamed = synced = False
+    try:
+        if old is not None and not _same(os.fstat(old), before):
+            raise StreamError(f"{path} changed while it was being checked; nothing written")
+        if not _same(os.stat(path), before):
+            raise StreamError(f"{path} changed while it was being checked; nothing written")
+        tfd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}{TEMP_TAG}", dir=d)
+        fcntl.flock(tfd, fcntl.LOCK_EX)  # "in use" for remove_stale_temps of other runs
+        _copy_file(src, tfd, before.st_size)
+        if not _same(os.fstat(src), before):
+            raise StreamError(f"{path} changed while it was being copied; nothing replaced")
+        total = _write_and_verify(tfd, writes, patches)
+        _copy_metadata(src, tfd, before, path)
+        os.fsync(tfd)
+        if not _same(os.stat(path), before):
+            raise StreamError(f"{path} changed while it was being scrubbed; nothing replaced")
+        os.replace(tmp, path)
+        renamed = True
+        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        synced = True
+    except OSError as e:
+        why = e.strerror or str(e)
+        if renamed:
+            raise ReplaceError(f"{path} was replaced by its scrubbed copy, but syncing the "
+                               f"directory failed: {why}") from None
+        raise ReplaceError(f"cannot make the scrubbed copy of {path}: {why}; "
+                           "nothing replaced") from None
+    finally:
+        if tfd >= 0:
+            os.close(tfd)
+        if tmp and not renamed:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if not synced and old is not None:
+            os.close(old)
+    # here the rename and the sync succeeded, so `old` (if any) is still open
+    return total, (_zero_replaced(old, writes, path) if old is not None else False)
