@@ -1,4 +1,8 @@
-"""Replace a file in one step, so no reader (QEMU, libvirtd) ever sees half of it."""
+"""Replace a file in one step, so no reader (QEMU, libvirtd) ever sees half of it.
+
+`fsync_dir` is the last step of such a replacement when it must survive a crash:
+the rename itself is durable only once the directory is synced.
+"""
 
 from __future__ import annotations
 
@@ -25,3 +29,12 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def fsync_dir(directory: str) -> None:
+    """fsync a directory, so a rename into it survives a crash."""
+    dfd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

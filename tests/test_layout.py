@@ -215,3 +215,51 @@ def test_help_prints_the_table() -> None:
     assert exit_code_help() in help_text
     for code, meaning in EXIT_CODES.items():
         assert f"{code:3d}  {meaning}" in help_text
+
+
+# --- old import paths that live on outside this repository ----------------------------
+
+
+def test_hooks_installed_before_the_layout_still_import(tmp_path: Path) -> None:
+    """An installed hook runs `from vmwipe.host_agent.libvirt_hook import main`."""
+    import subprocess
+    import sys
+
+    from vmwipe.host_agent.libvirt import hook
+    from vmwipe.host_agent.libvirt.install import hook_script
+    from vmwipe.host_agent.libvirt_hook import main
+
+    assert main is hook.main
+    new = hook_script(tmp_path / "qemu.vmwipe-chained")
+    assert "from vmwipe.host_agent.libvirt.hook import main" in new
+    old = new.replace("vmwipe.host_agent.libvirt.hook", "vmwipe.host_agent.libvirt_hook")
+    script = tmp_path / "qemu"
+    script.write_text(old)
+    # XML that names the vmwipe URN: had the import failed, the script's fallback would
+    # refuse it ("cannot load the agent", exit 1); the agent itself finds no
+    # <vmwipe:protect> element in it and lets it run (exit 0)
+    r = subprocess.run([sys.executable, str(script), "dom", "started", "begin", "-"],
+                       input=b"<domain><description>urn:vmwipe:libvirt:1</description></domain>",
+                       capture_output=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"", b""), r.stderr
+    broken = old.replace("vmwipe.host_agent.libvirt_hook", "vmwipe.host_agent.no_such_module")
+    script.write_text(broken)
+    r = subprocess.run([sys.executable, str(script), "dom", "started", "begin", "-"],
+                       input=b"<domain><description>urn:vmwipe:libvirt:1</description></domain>",
+                       capture_output=True, timeout=60)
+    assert r.returncode == 1 and b"cannot load the agent" in r.stderr
+
+
+def test_console_script_and_module_entry_points() -> None:
+    import subprocess
+    import sys
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["vmwipe"] == "vmwipe.host_agent.cli:main"
+    from vmwipe.host_agent import cli
+
+    assert callable(cli.main)
+    r = subprocess.run([sys.executable, "-m", "vmwipe.host_agent.cli", "--help"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and exit_code_help() in r.stdout

@@ -144,9 +144,7 @@ class FlowReport:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["wipe"] = self.wipe.to_dict() if self.wipe else None
-        return d
+        return asdict(self)  # the nested WipeReport too
 
 
 def _new_report(command: str, session: QMPSession) -> FlowReport:

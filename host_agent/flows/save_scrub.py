@@ -47,6 +47,7 @@ from vmwipe.protocol import (
     encode_host_fields,
 )
 
+from ..atomic import fsync_dir
 from ..errors import InvalidTableError, MigrationError, VMStateError
 from ..qemu.monitor import Monitor
 from ..qemu.region import discover_region, read_cmdline
@@ -306,11 +307,7 @@ def _filtered_migration(session: SaveMonitor, path: str, plan: _Plan, timeout: f
             verify_scrubbed(partial, pages)
             phases.mark("verify")
             os.replace(partial, path)
-            dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(os.path.dirname(path))
             ok = True
     finally:
         if not ok:

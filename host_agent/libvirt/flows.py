@@ -58,9 +58,7 @@ class DomainWipe:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["wipe"] = self.wipe.to_dict() if self.wipe else None
-        return d
+        return asdict(self)  # the nested WipeReport too
 
     def summary(self) -> str:
         if self.wipe is None:

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 from vmwipe.protocol import PAGE_SIZE
 
+from ..atomic import fsync_dir
 from ..errors import ReplaceError, StreamError
 
 log = logging.getLogger(__name__)
@@ -251,11 +252,7 @@ def replace_scrubbed(path: str, src: int, before: os.stat_result,
             raise StreamError(f"{path} changed while it was being scrubbed; nothing replaced")
         os.replace(tmp, path)
         renamed = True
-        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(d)
         synced = True
     except OSError as e:
         why = e.strerror or str(e)

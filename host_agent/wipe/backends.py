@@ -241,7 +241,11 @@ class MemoryBackend(ABC):
             self._write_pieces(self.pieces([(gpa, len(data))]), buffer_address(view))
 
     def zero(self, spans: Sequence[Span]) -> None:
-        """Zero every byte of `spans` (guest-physical), in as few calls as the backend allows."""
+        """Zero every byte of `spans` (guest-physical), in as few calls as the backend allows.
+
+        The span-level API: the engine resolves pieces once for both passes
+        (`zero_pieces`), while tests and benchmarks drive a backend through this.
+        """
         self._zero_pieces(self.pieces(spans, self.max_piece))
 
     def zero_pieces(self, pieces: Pieces) -> None:
@@ -252,7 +256,8 @@ class MemoryBackend(ABC):
         """Guest address of the first non-zero byte in `spans`, or None if all zero.
 
         Reads in batches of up to READ_CHUNK bytes / IOV_MAX pieces and
-        compares with memcmp against a zero buffer.
+        compares with memcmp against a zero buffer.  Span-level, like `zero`:
+        the fault tests check a wipe's result through it.
         """
         return self.first_nonzero_pieces(self.pieces(spans, READ_CHUNK))
 
