@@ -448,7 +448,7 @@ def test_libvirt_wipe_refuses_metadata_ssdt_mismatch(vms: list[VM], tmp_path: Pa
     """The hook's wipe core must not pick one of two disagreeing regions: the wrong one
     reads as "nothing registered" and would let an unwiped guest run."""
     from vmwipe.host_agent.errors import RegionError
-    from vmwipe.host_agent.libvirt_flows import wipe_paused
+    from vmwipe.host_agent.libvirt.flows import wipe_paused
     from vmwipe.protocol import Region
 
     vm = new_vm(vms, tmp_path)
