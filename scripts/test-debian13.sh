@@ -297,7 +297,7 @@ phase_done "chroot configuration and mounts"
 mkdir -p "$root$work"
 chmod 755 "$root/work" "$root$work"
 # Files are copied over the previous run's copy, so that what `make setup` built there
-# (.venv, the in-place host_agent/_pages.*.so, build/) stays; files the previous run
+# (.venv, the in-place host_agent/wipe/_pages.*.so, build/) stays; files the previous run
 # copied that are gone from the tree now are deleted.
 list=$root/var/lib/vmwipe-test-debian13.files # what the previous run copied
 files=$(mktemp)

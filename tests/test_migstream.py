@@ -426,9 +426,10 @@ def test_nested_empty_arrays_are_walked_in_bounded_time(tmp_path: Path) -> None:
     assert len(data) < 2048
     path = tmp_path / "crafted.bin"
     path.write_bytes(data)
-    code = ("import sys; from vmwipe.host_agent import migstream as ms\n"
+    code = ("import sys; from vmwipe.host_agent.snapshot import migstream as ms\n"
+            "from vmwipe.host_agent.errors import StreamError\n"
             "try:\n    ms.index_stream(open(sys.argv[1], 'rb').read())\n"
-            "except ms.StreamError as e:\n    print('StreamError', e)\n")
+            "except StreamError as e:\n    print('StreamError', e)\n")
     r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
                        timeout=30, check=False)
     assert r.returncode == 0 and "StreamError" in r.stdout, r.stdout + r.stderr

@@ -4,7 +4,9 @@
   wipe, restore, loadvm, save, clone);
 - `setup`: `ssdt` and `qemu-args`;
 - `scrub`: `scrub` and the `save --scrub` option;
-- `libvirt`: `vmwipe libvirt ...`.
+- `libvirt`: `vmwipe libvirt ...`;
+- `options`: argument types the subcommands share (`--region`);
+- `__main__`: `python -m vmwipe.host_agent.cli`.
 
 `vmwipe = vmwipe.host_agent.cli:main` and `python -m vmwipe.host_agent.cli`
 both land in `agent.main`.

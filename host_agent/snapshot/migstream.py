@@ -654,7 +654,7 @@ class StreamWalker:
             if kind == EOF:
                 return True
             if kind == CONFIGURATION:
-                self._configuration()
+                self.configuration()
             elif kind in (SECTION_START, SECTION_FULL):
                 sid, name, inst, ver = self._full_header()
                 if self.stop_after_ram and self.idx.ram_done and name != RAM_SECTION:
@@ -714,7 +714,10 @@ class StreamWalker:
             raise StreamError(f"corrupt stream: footer of section {got} at offset {pos:#x} "
                               f"closes section {sid}")
 
-    def _configuration(self) -> None:
+    def configuration(self) -> None:
+        """The CONFIGURATION section (its type byte already read): machine type and, where
+        present, the capabilities the stream was saved with (`stream_capabilities` reads
+        only this)."""
         src = self.src
         (n,) = struct.unpack(">I", src.read(4, "machine name length"))
         if n > 256:
@@ -1112,5 +1115,5 @@ def stream_capabilities(path: str) -> tuple[str, list[str]]:
     if src.peek() == CONFIGURATION:
         src.read(1, "section type")
         with contextlib.suppress(UnsupportedStream):
-            walker._configuration()
+            walker.configuration()
     return idx.machine, idx.capabilities
