@@ -255,7 +255,8 @@ def test_hook_script_survives_a_broken_agent(tmp_path: Path) -> None:
 
 
 def test_monitor_path_is_the_apparmor_profile_name(tmp_path: Path) -> None:
-    from vmwipe.host_agent.libvirt.domain_xml import ProtectError, monitor_path
+    from vmwipe.host_agent.errors import ProtectError
+    from vmwipe.host_agent.libvirt.domain_xml import monitor_path
 
     assert monitor_path(tmp_path, UUID) == str(tmp_path / "mon" / f"libvirt-{UUID}.qmp")
     with pytest.raises(ProtectError, match="not a UUID"):
