@@ -32,6 +32,11 @@ class LayoutError(UsageError):
     """The guest RAM layout of a saved VM cannot be determined, or disagrees with the stream."""
 
 
+class TemplateError(UsageError):
+    """A VM template is missing, malformed, no longer what was made, or a clone
+    command line would corrupt or leak it (exit code 2, like any refused usage)."""
+
+
 class QMPFailure(AgentError):
     """QMP connection, protocol, timeout or command failure."""
 

@@ -4,6 +4,7 @@
   wipe, restore, loadvm, save, clone);
 - `setup`: `ssdt` and `qemu-args`;
 - `scrub`: `scrub` and the `save --scrub` option;
+- `template`: `template` and the `clone --template` options;
 - `libvirt`: `vmwipe libvirt ...`;
 - `options`: argument types the subcommands share (`--region`);
 - `__main__`: `python -m vmwipe.host_agent.cli`.

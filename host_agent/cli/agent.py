@@ -37,6 +37,7 @@ from ..wipe.engine import ON_INVALID
 from . import libvirt as libvirt_cmds
 from . import scrub as scrub_cmds
 from . import setup as setup_cmds
+from . import template as template_cmds
 from .options import region_type
 
 log = logging.getLogger("vmwipe")
@@ -200,7 +201,15 @@ def _cmd_save(args: argparse.Namespace) -> int:
                                      mapped_ram=not args.no_mapped_ram))
 
 
+def _cmd_template(args: argparse.Namespace) -> int:
+    return template_cmds.run_template(args, _opts(args))
+
+
 def _cmd_clone(args: argparse.Namespace) -> int:
+    if args.template:
+        return template_cmds.run_clone_template(args, _opts(args))
+    if not args.snapshot:
+        raise UsageError("clone needs SNAPSHOT or --template DIR")
     qemu = list(args.qemu_args)
     if not qemu:
         raise UsageError("clone needs the QEMU arguments after --")
@@ -319,14 +328,15 @@ def _register_save_clone(sub: argparse._SubParsersAction[argparse.ArgumentParser
         formatter_class=fmt,
         epilog=epilog,
         help="start N wiped clones of a saved state",
-        usage="vmwipe clone SNAPSHOT -n N [options] -- [QEMU] QEMU-ARGS...",
+        usage="vmwipe clone (SNAPSHOT | --template DIR) -n N [options] -- [QEMU] QEMU-ARGS...",
         description="Start N QEMU processes (-S -incoming defer, own QMP sockets in "
         "--dir), restore SNAPSHOT into each, wipe each before it runs, and print a "
         "table of PIDs, sockets and pages wiped. Progress goes to stderr. On any "
         "failure every QEMU started is killed. `{i}` in a QEMU argument becomes the clone "
         "index (per-clone serial sockets, logs, overlays).",
     )
-    p.add_argument("snapshot", help="saved migration stream")
+    p.add_argument("snapshot", nargs="?", help="saved migration stream")
+    template_cmds.add_clone_template_arguments(p)
     p.add_argument("-n", type=int, default=1, help="number of clones (default 1)")
     p.add_argument("--resume", action="store_true", help="cont each clone after its wipe")
     p.add_argument("--dir", help="directory for QMP sockets and logs (default: a new temp dir)")
@@ -356,6 +366,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     epilog = exit_code_help()
     _register_wipes(sub, common, epilog)
     _register_save_clone(sub, common, epilog)
+    template_cmds.register(sub, common, _vm())
+    sub.choices["template"].set_defaults(func=_cmd_template)
 
 
 def build_parser() -> argparse.ArgumentParser:

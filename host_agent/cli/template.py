@@ -1,0 +1,83 @@
+"""`vmwipe template` and `vmwipe clone --template`: scrubbed VM templates and their clones.
+
+The flows are in `flows.template` (make one) and `flows.template_clone` (start
+clones); this module only parses arguments and prints reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..errors import UsageError, exit_code_help
+from ..flows.target import AgentOptions
+from ..flows.template import make_template
+from ..flows.template_clone import clone_template_flow
+from ..qemu.qmp import QMPSession
+
+
+def run_template(args: argparse.Namespace, opts: AgentOptions) -> int:
+    with QMPSession(args.qmp, timeout=args.qmp_timeout) as s:
+        rep, manifest = make_template(s, opts, args.dir)
+    if args.json:
+        print(json.dumps({"report": rep.to_dict(), "manifest": manifest.to_dict()}, indent=2))
+    else:
+        w = rep.wipe
+        print(f"template {args.dir}: RAM file {manifest.ram_path} "
+              f"({manifest.ram_size >> 20} MiB, sha256 {manifest.ram_sha256[:16]}...), "
+              f"{w.pages if w else 0} listed pages scrubbed in the file "
+              f"({w.status if w else '?'}), template QEMU quit")
+    return 0
+
+
+def run_clone_template(args: argparse.Namespace, opts: AgentOptions) -> int:
+    qemu = list(args.qemu_args)
+    if not qemu:
+        raise UsageError("clone needs the QEMU arguments after --")
+    if args.snapshot:
+        raise UsageError("give either SNAPSHOT or --template, not both")
+    if args.qemu:
+        qemu.insert(0, args.qemu)
+    res = clone_template_flow(args.template, args.n, qemu, opts, directory=args.dir,
+                              do_resume=args.resume, check_digest=not args.skip_digest)
+    if args.json:
+        print(json.dumps(res.to_dict() | {"template": res.template,
+                                          "digest_checked": res.digest_checked}, indent=2))
+    else:
+        print(f"{'#':>3} {'pid':>8} {'pages':>8} {'state':<8} qmp")
+        for c in res.clones:
+            w = c.report.wipe
+            print(f"{c.index:>3} {c.pid:>8} {w.pages if w else 0:>8} "
+                  f"{c.report.state_after:<8} {c.qmp}")
+    return 0
+
+
+def add_clone_template_arguments(p: argparse.ArgumentParser) -> None:
+    """`--template DIR` and its options on the `clone` parser."""
+    p.add_argument("--template", metavar="DIR",
+                   help="clone the template DIR made by `vmwipe template` instead of loading "
+                   "SNAPSHOT: each clone maps the template's RAM file privately (copy-on-write) "
+                   "and loads only its device state; do not pass a memory backend for it")
+    p.add_argument("--skip-digest", action="store_true",
+                   help="with --template: check the RAM file's inode, size and times but not "
+                   "its SHA-256 (misses writes that change no timestamp, such as through a "
+                   "shared mapping of a tmpfs file)")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+             common: argparse.ArgumentParser, vm: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "template",
+        parents=[common, vm],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=exit_code_help(),
+        help="make a scrubbed clone template of a VM whose RAM is a share=on file",
+        description="The VM's RAM must be `-object memory-backend-file,id=ID,mem-path=FILE,"
+        "share=on -machine memory-backend=ID`. Stops it, zeroes and verifies the listed pages "
+        "in FILE itself (read back from the file), saves the device state with x-ignore-shared "
+        "to DIR/devstate, quits the template QEMU (it must never run again: it would write "
+        "into every clone's RAM), and writes DIR/manifest.json (QEMU version, machine, "
+        "backend, layout, region, SHA-256 and stat of FILE). Clone it with "
+        "`vmwipe clone --template DIR`.",
+    )
+    p.add_argument("--dir", required=True, help="template directory (created)")

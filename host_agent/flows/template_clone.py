@@ -1,0 +1,285 @@
+"""`vmwipe clone --template DIR`: N clones that map the template's RAM file copy-on-write.
+
+Each clone is started by us with the template's backend id on the same file
+but `share=off` (a private mapping: the clone's writes never reach the file or
+another clone; on QEMU >= 8.2 also `readonly=on,rom=off`, so QEMU opens the
+file read-only), `-S -incoming defer` and x-ignore-shared, and loads only the
+device state.  Before it runs, per clone:
+
+- before the load: the machine type, the backend (id, size, share=off, and a
+  private mapping of the template file's very inode in /proc/PID/maps), no
+  balloon (free-page reporting is a balloon feature), no virtio-mem, no
+  postcopy: all of them discard pages of a private file mapping, which then
+  read back from the file or as zeros;
+- after the load: the canary.  The clone's vmwipe region and a few random
+  non-zero pages of the file must read the same in the clone.  A clone whose
+  RAM is not the file (memory-backend-ram loads "completed" with all-zero RAM)
+  fails it;
+- the ordinary wipe: listed pages zeroed again and verified, header committed;
+- only then `cont` (with --resume).
+
+Any refusal kills every QEMU this command started, by PID, before any runs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shlex
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmwipe.protocol import PAGE_SIZE, Region
+
+from ..errors import MigrationError, QMPCommandError, TemplateError, UsageError
+from ..qemu.launcher import QemuProcess, start_qemu
+from ..qemu.qmp import QMPSession
+from ..timing import Phases
+from ..wipe.backends import MemoryBackend, read_proc_maps
+from ..wipe.engine import run_wipe
+from .clone import CloneResult, CloneSet
+from .live import FlowReport, _new_report, _set_capability, incoming_uri, resume, wait_incoming_done
+from .migration import migration_status
+from .target import AgentOptions, open_target
+from .template import machine_backend
+from .template_manifest import DEVSTATE, Manifest
+
+#: Devices that discard guest pages, which on a private file mapping makes them
+#: read back from the template file (stale secrets) or as zeros.
+FORBIDDEN_DEVICES = ("virtio-balloon", "virtio-mem")
+#: Pages of the file compared with the clone besides the region (chosen at random per clone).
+CANARY_PAGES = 8
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def qemu_version_of(binary: str) -> tuple[int, int]:
+    """(major, minor) from `QEMU --version`: the backend options differ from 8.2 on."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise UsageError(f"cannot run {binary} --version: {e}") from None
+    words = out.split()
+    i = words.index("version") if "version" in words else -1
+    major, minor = words[i + 1].split(".")[:2] if i >= 0 else ("0", "0")
+    return int(major), int(minor)
+
+
+def backend_args(manifest: Manifest, version: tuple[int, int]) -> list[str]:
+    """The clone's RAM: the template file, private; read-only open where QEMU can (>= 8.2)."""
+    opts = (f"memory-backend-file,id={manifest.backend_id},size={manifest.ram_size},"
+            f"mem-path={manifest.ram_path},share=off")
+    if version >= (8, 2):
+        opts += ",readonly=on,rom=off"
+    return ["-object", opts, "-machine", f"memory-backend={manifest.backend_id}"]
+
+
+def check_argv(argv: Sequence[str], manifest: Manifest) -> None:
+    """Refuse a clone command line that would leak into or out of the template (static)."""
+    for i, a in enumerate(argv):
+        nxt = argv[i + 1] if i + 1 < len(argv) else ""
+        if a in ("-incoming", "-S"):
+            raise TemplateError(f"do not pass {a}: the clone command adds it")
+        if a in ("-device", "-object"):
+            kind = nxt.split(",", 1)[0]
+            if any(kind.startswith(d) for d in FORBIDDEN_DEVICES):
+                raise TemplateError(f"{kind} discards pages of the private template mapping "
+                                    "(they would read back from the template or as zeros)")
+            if kind.startswith("memory-backend") and "share=on" in nxt.split(","):
+                # x-ignore-shared skips every share=on block: the template's would be
+                # written by all clones, any other would arrive empty
+                raise TemplateError("a share=on clone would write into the template file "
+                                    "and every other clone")
+        if a == "-mem-prealloc":
+            raise TemplateError("-mem-prealloc copies all of the template RAM into every clone")
+
+
+def check_before_load(session: QMPSession, manifest: Manifest) -> None:
+    """What QEMU itself says about the clone, before any state is loaded into it."""
+    machine, backend, size, _path = machine_backend(session)
+    if machine != manifest.machine:
+        raise TemplateError(f"clone machine {machine} != template machine {manifest.machine}")
+    if backend != manifest.backend_id or size != manifest.ram_size:
+        raise TemplateError(f"clone RAM {backend!r} ({size} bytes) != template "
+                            f"{manifest.backend_id!r} ({manifest.ram_size} bytes)")
+    for m in session.cmd("query-memdev"):
+        if m.get("id") == backend and m.get("share"):
+            raise TemplateError("the clone's RAM is share=on: it would write into the template")
+        if m.get("prealloc"):
+            raise TemplateError(f"memory backend {m.get('id')!r} is preallocated")
+    ident = manifest.ram_identity
+    maps = [mp for mp in read_proc_maps(session.pid) if ident.same_inode(
+        os.makedev(*mp.dev), mp.inode)]
+    if not maps or sum(mp.end - mp.start for mp in maps) < manifest.ram_size:
+        raise TemplateError("the clone's RAM is not a mapping of the template file "
+                            "(memory-backend-ram comes up all zeros)")
+    if any(not mp.perms.endswith("p") for mp in maps):
+        raise TemplateError("the clone maps the template file shared; it would write into it")
+    try:
+        session.cmd("query-balloon")
+        raise TemplateError("a balloon (or free-page reporting) would discard pages of the "
+                            "private template mapping")
+    except QMPCommandError:
+        pass
+    for dev in session.cmd("query-memory-devices"):
+        if "virtio-mem" in str(dev.get("type", "")):
+            raise TemplateError("virtio-mem would discard pages of the private template mapping")
+    caps = {c["capability"]: c["state"] for c in session.cmd("query-migrate-capabilities")}
+    if caps.get("postcopy-ram"):
+        raise TemplateError("postcopy discards pages of the private template mapping")
+
+
+def canary(backend: MemoryBackend, manifest: Manifest, region: Region, rng: random.Random) -> int:
+    """Compare the clone's region and random non-zero file pages with the file; pages checked.
+
+    Runs before the wipe writes anything, so every compared page must be identical.
+    """
+    layout = manifest.ram_layout
+    def file_offset(gpa: int) -> int:
+        for r in layout:
+            g, s, o = int(r["gpa"]), int(r["size"]), int(r["offset"])
+            if g <= gpa < g + s:
+                return o + gpa - g
+        raise TemplateError(f"guest address {gpa:#x} is not in the template layout")
+
+    checks = [(region.base, region.size)]
+    nonzero = 0
+    with open(manifest.ram_path, "rb", buffering=0) as f:
+        fd = f.fileno()
+        tries = 0
+        while len(checks) < 1 + CANARY_PAGES and tries < 64 * CANARY_PAGES:
+            tries += 1
+            r = rng.choice(layout)
+            gpa = int(r["gpa"]) + rng.randrange(int(r["size"]) // PAGE_SIZE) * PAGE_SIZE
+            if os.pread(fd, PAGE_SIZE, file_offset(gpa)).count(0) != PAGE_SIZE:
+                checks.append((gpa, PAGE_SIZE))
+        for gpa, size in checks:
+            want = os.pread(fd, size, file_offset(gpa))
+            if backend.read(gpa, size) != want:
+                raise TemplateError(f"canary: clone RAM at {gpa:#x} differs from the template "
+                                    "file; its RAM is not the template's")
+            nonzero += want.count(0) != len(want)
+    if nonzero == 0:
+        raise TemplateError("canary: no non-zero template page to compare; cannot prove the "
+                            "clone's RAM is the template's")
+    return len(checks)
+
+
+def prepare_clone(session: QMPSession, manifest: Manifest, directory: str, opts: AgentOptions,
+                  do_resume: bool, wipe: bool = True) -> FlowReport:
+    """Checks, device-state load, canary, wipe, and `cont` with `do_resume`, on one clone."""
+    phases = Phases()
+    rep = _new_report("clone-template", session)
+    rep.state_before = session.status()
+    if rep.state_before != "inmigrate" or migration_status(session) not in ("none", ""):
+        raise TemplateError("the clone QEMU must be started with -S -incoming defer")
+    check_before_load(session, manifest)
+    phases.mark("checks")
+    _set_capability(session, "events", True)
+    _set_capability(session, "x-ignore-shared", True)
+    session.clear_events()
+    session.cmd("stop")  # clears autostart in inmigrate: the load always ends paused
+    session.cmd("migrate-incoming", {"uri": incoming_uri(session, str(Path(directory) / DEVSTATE))})
+    state = wait_incoming_done(session, opts.timeout)
+    mig = migration_status(session)
+    if mig != "completed" or state == "running":
+        raise MigrationError(f"device state load ended as {mig!r}, state {state!r}")
+    phases.mark("load")
+    manifest.check_identity()
+    target = open_target(session, session.pid, opts, guard=True)
+    try:
+        rep.region_source, rep.warnings = target.region_source, list(target.warnings)
+        if (target.region.base, target.region.size) != tuple(manifest.region):
+            raise TemplateError(f"clone region {target.region} != template region "
+                                f"{manifest.region}")
+        layout = [{"gpa": r.gpa, "size": r.size, "block": r.block, "offset": r.offset}
+                  for r in target.memmap.ranges]
+        if layout != manifest.ram_layout:
+            raise TemplateError("the clone's guest RAM layout differs from the template's")
+        rep.extra["canary_pages"] = canary(target.backend, manifest, target.region,
+                                           random.Random(os.urandom(16)))
+        phases.mark("canary")
+        if wipe:
+            rep.wipe = run_wipe(target.backend, target.region, opts.on_invalid, phases)
+        if do_resume:
+            resume(session)
+            rep.resumed = True
+            phases.mark("resume")
+    finally:
+        target.close()
+    rep.state_after = "running" if rep.resumed else session.status()
+    rep.timings_ms = dict(phases.ms)
+    return rep
+
+
+@dataclass
+class TemplateCloneSet(CloneSet):
+    template: str = ""
+    digest_checked: bool = True
+    warnings: list[str] = field(default_factory=list)
+
+
+def clone_template_flow(
+    template: str,
+    count: int,
+    qemu_argv: Sequence[str],
+    opts: AgentOptions,
+    *,
+    directory: str | None = None,
+    do_resume: bool = False,
+    check_digest: bool = True,
+    wipe: bool = True,
+    progress: Callable[[str], None] = _stderr,
+    qmp_timeout: float = 10.0,
+) -> TemplateCloneSet:
+    """Start `count` clones of the template in `template`; on any failure kill all of them.
+
+    `wipe=False` exists only for the benchmark's "templated without vmwipe" row.
+    """
+    if count < 1:
+        raise UsageError("-n must be at least 1")
+    manifest = Manifest.load(template)
+    if check_digest:
+        manifest.check_digest(template)  # once per command: ~600 MB/s (template_manifest)
+    else:
+        manifest.check_identity()
+    argv = list(qemu_argv)
+    if not argv or argv[0].startswith("-"):
+        argv.insert(0, "qemu-system-x86_64")
+    check_argv(argv[1:], manifest)
+    argv += backend_args(manifest, qemu_version_of(argv[0]))
+    directory = directory or tempfile.mkdtemp(prefix="vmwipe-clone-")
+    os.makedirs(directory, exist_ok=True)
+    result = TemplateCloneSet(directory, template=os.path.abspath(template),
+                              digest_checked=check_digest)
+    started: list[QemuProcess] = []
+    try:
+        progress(f"starting {count} clone(s) of template {template}: "
+                 f"{shlex.join(argv[-4:])}")
+        for i in range(count):
+            started.append(start_qemu(
+                [a.replace("{i}", str(i)) for a in argv],
+                os.path.join(directory, f"clone-{i}.qmp"),
+                log_path=os.path.join(directory, f"clone-{i}.log"),
+                paused=True, incoming_defer=True, detach=True, wait=None))
+        for i, qp in enumerate(started):
+            qp.wait_for_qmp()
+            with QMPSession(qp.qmp_path, timeout=qmp_timeout) as session:
+                rep = prepare_clone(session, manifest, template, opts, do_resume, wipe)
+            pages = rep.wipe.pages if rep.wipe else 0
+            progress(f"clone {i + 1}/{count}: pid {qp.pid}, {pages} pages wiped, "
+                     f"{'running' if rep.resumed else 'paused'}")
+            result.clones.append(CloneResult(i, qp.pid, qp.qmp_path, qp.log_path or "", rep))
+    except BaseException:
+        for qp in started:
+            progress(f"cleanup: killing clone QEMU pid {qp.pid}")
+            qp.kill()
+        raise
+    return result

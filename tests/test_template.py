@@ -1,0 +1,212 @@
+"""`vmwipe template` and `vmwipe clone --template` on real QEMU (7.2 and, if built, 10), no guest.
+
+A `-S` template VM with its RAM in a share=on file gets a planted table whose
+listed pages hold a secret; `vmwipe template` must leave no trace of it in the
+file.  Clones then map the file privately: they start paused, wiped, with the
+template's other bytes, and one clone's writes reach neither another clone nor
+the file.  Every refusal leaves no clone QEMU behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import conftest
+import pytest
+from conftest import REGION, VM, qemu_available, region_args, run_cli, start_vm
+
+from vmwipe.host_agent.errors import TemplateError
+from vmwipe.host_agent.flows.target import AgentOptions
+from vmwipe.host_agent.flows.template_clone import prepare_clone
+from vmwipe.host_agent.flows.template_manifest import Manifest
+from vmwipe.host_agent.qemu.launcher import start_qemu
+from vmwipe.host_agent.qemu.qmp import QMPSession
+from vmwipe.host_agent.wipe.backends import ProcessVMBackend
+from vmwipe.host_agent.wipe.memmap import load_memory_map
+from vmwipe.protocol import PAGE_SIZE, WIPE_GENERATION_OFFSET
+
+P = PAGE_SIZE
+SIZE = 512 << 20
+SLOTS = [(0x0100_0000, 4), (0x0200_0000, 1)]
+SECRET = os.urandom(32)
+OTHER = 0x0300_0000  # a page outside the table, with template data that clones must see
+QEMU10 = Path(__file__).resolve().parent.parent / "build" / "qemu10" / "qemu10"
+BINARIES = ["qemu-system-x86_64", *([str(QEMU10)] if QEMU10.exists() else [])]
+
+
+def clone_args(qemu: str, d: Path) -> list[str]:
+    """A clone's command line without its RAM: the clone command adds the backend."""
+    return [qemu, "-nodefaults", "-display", "none", "-accel", "tcg", "-M", "pc",
+            "-m", "512M", *region_args(d)]
+
+
+@pytest.fixture(scope="module", params=BINARIES, ids=lambda q: Path(q).name)
+def template(request: pytest.FixtureRequest,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, bytes]]:
+    """(QEMU binary, template dir, the template's page at OTHER), made by `vmwipe template`."""
+    qemu: str = request.param
+    if not qemu_available():
+        pytest.skip("qemu-system-x86_64 not installed")
+    d = tmp_path_factory.mktemp("tpl")
+    ram = d / "ram"
+    with open(ram, "wb") as f:
+        f.truncate(SIZE)
+    old, conftest.QEMU = conftest.QEMU, qemu
+    try:
+        vm: VM = start_vm(d, ["-M", "pc", "-m", "512M", "-object",
+                              f"memory-backend-file,id=ram0,size=512M,mem-path={ram},share=on",
+                              "-machine", "memory-backend=ram0"])
+    finally:
+        conftest.QEMU = old
+    try:
+        vm.plant(SLOTS, pattern=SECRET)
+        other = os.urandom(P)
+        vm.write(OTHER, other)
+        vm.disconnect()
+        assert SECRET in ram.read_bytes()
+        r = run_cli("template", "--qmp", vm.qmp, "--dir", str(d / "t"), "--json")
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["report"]["wipe"]["pages"] == 5 and out["manifest"]["scrubbed_pages"] == 5
+        vm.qemu.proc.wait(10)  # the template QEMU quit by itself
+        yield qemu, d, other
+    finally:
+        vm.kill()
+
+
+def test_template_file_is_scrubbed(template: tuple[str, Path, bytes]) -> None:
+    _qemu, d, other = template
+    data = (d / "ram").read_bytes()
+    assert SECRET not in data
+    for gpa, n in SLOTS:
+        assert data[gpa:gpa + n * P] == bytes(n * P)
+    assert data[OTHER:OTHER + P] == other
+    m = Manifest.load(d / "t")
+    assert m.header_generation == 1 and m.backend_id == "ram0" and m.ram_size == SIZE
+
+
+def test_clones_wiped_and_private(template: tuple[str, Path, bytes]) -> None:
+    qemu, d, other = template
+    cd = d / "clones"
+    r = run_cli("clone", "--template", str(d / "t"), "-n", "2", "--dir", str(cd), "--json",
+                "--", *clone_args(qemu, d))
+    assert r.returncode == 0, r.stderr
+    clones = json.loads(r.stdout)["clones"]
+    sessions = [QMPSession(c["qmp"]).connect() for c in clones]
+    try:
+        for c, s in zip(clones, sessions, strict=True):
+            assert c["report"]["wipe"]["status"] == "wiped" and c["report"]["wipe"]["pages"] == 5
+            assert c["report"]["extra"]["canary_pages"] >= 1
+            assert s.status() in ("paused", "prelaunch")  # the -S template never ran
+            gen = pmem(s, d, REGION.base + WIPE_GENERATION_OFFSET, 8)
+            assert int.from_bytes(gen, "little") == 2  # template's commit, then the clone's
+            assert pmem(s, d, OTHER, P) == other
+        # clone 0 writes (it is a private copy); clone 1 and the file must not see it
+        mark = os.urandom(P)
+        path = d / "mark.bin"
+        path.write_bytes(mark)
+        s0 = sessions[0]
+        be = ProcessVMBackend(load_memory_map(s0.hmp, {"ram0"}), s0.pid)
+        try:
+            be.write(OTHER, mark)
+        finally:
+            be.close()
+        assert pmem(sessions[0], d, OTHER, P) == mark
+        assert pmem(sessions[1], d, OTHER, P) == other
+        assert (d / "ram").read_bytes()[OTHER:OTHER + P] == other
+        Manifest.load(d / "t").check_digest(d / "t")  # the file is still the template
+    finally:
+        for c, s in zip(clones, sessions, strict=True):
+            s.close()
+            os.kill(c["pid"], 9)
+
+
+def pmem(s: QMPSession, d: Path, gpa: int, size: int) -> bytes:
+    path = d / "pmem.bin"
+    s.cmd("pmemsave", {"val": gpa, "size": size, "filename": str(path)})
+    return path.read_bytes()
+
+
+def killed_pids(stderr: str) -> list[int]:
+    return [int(p) for p in re.findall(r"killing clone QEMU pid (\d+)", stderr)]
+
+
+def assert_gone(pids: list[int]) -> None:
+    for pid in pids:
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.mark.parametrize("extra, why", [
+    (["-device", "virtio-balloon-pci"], "discards pages"),
+    (["-object", "memory-backend-file,id=x,size=1M,mem-path=/dev/null,share=on"], "share=on"),
+])
+def test_static_refusals(template: tuple[str, Path, bytes], extra: list[str], why: str) -> None:
+    qemu, d, _ = template
+    r = run_cli("clone", "--template", str(d / "t"), "-n", "1", "--dir", str(d / "bad"),
+                "--", *clone_args(qemu, d), *extra)
+    assert r.returncode == 2 and why in r.stderr, r.stderr
+    assert not list((d / "bad").glob("clone-*.log")) if (d / "bad").exists() else True
+
+
+def test_mismatched_machine_refused_and_killed(template: tuple[str, Path, bytes]) -> None:
+    qemu, d, _ = template
+    args = [a if a != "pc" else "q35" for a in clone_args(qemu, d)]
+    r = run_cli("clone", "--template", str(d / "t"), "-n", "2", "--dir", str(d / "q35"),
+                "--", *args)
+    assert r.returncode == 2 and "machine" in r.stderr, r.stderr
+    pids = killed_pids(r.stderr)
+    assert len(pids) == 2
+    assert_gone(pids)
+
+
+def test_changed_template_refused(template: tuple[str, Path, bytes], tmp_path: Path) -> None:
+    qemu, d, _ = template
+    t2 = tmp_path / "t"
+    shutil.copytree(d / "t", t2)
+    ram = d / "ram"
+    # replace by rename: same bytes, another inode
+    m = Manifest.load(t2)
+    copy = tmp_path / "ram"
+    shutil.copyfile(ram, copy)
+    m.ram_path = str(copy)
+    m.write(t2)
+    r = run_cli("clone", "--template", str(t2), "-n", "1", "--", *clone_args(qemu, d))
+    assert r.returncode == 2 and "changed since" in r.stderr, r.stderr
+    # edited in place, timestamps put back: only the digest can tell
+    m.ram_identity = type(m.ram_identity).of(copy)
+    m.write(t2)
+    st = os.stat(copy)
+    with open(copy, "r+b") as f:
+        os.pwrite(f.fileno(), b"\x01", OTHER)
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    m.ram_identity = type(m.ram_identity).of(copy)  # even with a matching stat
+    m.write(t2)
+    r = run_cli("clone", "--template", str(t2), "-n", "1", "--", *clone_args(qemu, d))
+    assert r.returncode == 2 and "digest" in r.stderr, r.stderr
+    assert not killed_pids(r.stderr)  # refused before any clone started
+
+
+@pytest.mark.parametrize("ram, why", [
+    ("memory-backend-ram,id=ram0,size=512M", "not a memory-backend-file"),
+    ("memory-backend-file,id=ram0,size=512M,mem-path={ram},share=on", "share=on"),
+])
+def test_runtime_refusals(template: tuple[str, Path, bytes], tmp_path: Path, ram: str,
+                          why: str) -> None:
+    """What the static checks cannot see (a hand-made clone command line) QEMU itself shows."""
+    qemu, d, _ = template
+    argv = [*clone_args(qemu, d), "-object", ram.format(ram=d / "ram"),
+            "-machine", "memory-backend=ram0"]
+    qp = start_qemu(argv, str(tmp_path / "q.qmp"), paused=True, incoming_defer=True)
+    try:
+        with QMPSession(qp.qmp_path) as s, pytest.raises(TemplateError, match=why):
+            prepare_clone(s, Manifest.load(d / "t"), str(d / "t"), AgentOptions(), True)
+        with QMPSession(qp.qmp_path) as s:
+            assert s.status() == "inmigrate"  # never loaded, never ran
+    finally:
+        qp.kill()
