@@ -1,0 +1,172 @@
+"""Template clones of a real Linux guest running vmwipe.ko (one boot for the module).
+
+The lab guest boots with its RAM in a share=on file, maps 4 vmwipe pages plus a
+poller's page, and the test plants a secret in the 4 pages.  `vmwipe template`
+must leave the secret nowhere in the RAM file; `vmwipe clone --template -n 2
+--resume` clones must each wake with their page zeroed; a file written inside
+one clone must not show up in the other clone's RAM or in the template file;
+and a template file edited after it was made is refused before any clone starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+from conftest import run_cli
+from test_agent_guest import AgentGuest, attach_console
+
+from vmwipe.host_agent.qemu.qmp import QMPSession
+from vmwipe.host_agent.wipe.backends import ProcessVMBackend
+from vmwipe.host_agent.wipe.memmap import load_memory_map
+from vmwipe.lab import GuestConfig, GuestImage, build_guest_image
+from vmwipe.lab.build import default_kernel
+from vmwipe.lab.shell import missing_prerequisite, sh, wait_output
+
+pytestmark = pytest.mark.slow
+P = 4096
+SECRET = os.urandom(16).hex().encode()
+
+
+class Tpl(NamedTuple):
+    directory: Path
+    ram: Path
+    clone_argv: list[str]
+
+
+def without_ram(args: list[str]) -> list[str]:
+    """The lab's clone command line minus the template's memory backend (the clone adds its own)."""
+    out: list[str] = []
+    skip = False
+    for i, a in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        nxt = args[i + 1] if i + 1 < len(args) else ""
+        if (a == "-object" and nxt.startswith("memory-backend")) or (
+                a == "-machine" and nxt.startswith("memory-backend=")):
+            skip = True
+            continue
+        out.append(a)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tpl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tpl]:
+    """The guest's secret pages scrubbed into a template, and its clone command line."""
+    reason = missing_prerequisite()
+    if reason:
+        pytest.skip(reason)
+    kernel = default_kernel()
+    assert kernel is not None
+    image: GuestImage = build_guest_image(kernel)
+    shm = Path(tempfile.mkdtemp(prefix="vmwipe-tpl-", dir="/dev/shm"))
+    ram = shm / "ram"
+    with open(ram, "wb") as f:
+        f.truncate(512 << 20)
+    d = tmp_path_factory.mktemp("tplguest")
+    backend = ("-object", f"memory-backend-file,id=ram0,size=512M,mem-path={ram},share=on",
+               "-machine", "memory-backend=ram0")
+    g = AgentGuest(GuestConfig(image, accel="tcg", extra_args=backend))
+    try:
+        with g:
+            assert g.console is not None
+            sh(g.console, "insmod /vmwipe.ko")
+            sh(g.console, "vmwipe_test hold 4 > /tmp/hold.out 2>&1 &")
+            sh(g.console, "vmwipe_test poll 120000 > /tmp/poll.out 2>&1 &")
+            hold = wait_output(g.console, "hold", r"^HOLD READY$")
+            wait_output(g.console, "poll", r"^POLL WAIT gen=0$")
+            pfns = [int(m, 16) for m in re.findall(r"^PFN \d+ (0x[0-9a-f]+)$", hold, re.M)]
+            assert len(pfns) == 4
+            g.qmp("stop")
+            for pfn in pfns:
+                g.write_phys(pfn * P, SECRET * (P // len(SECRET)))
+            assert SECRET in ram.read_bytes()
+            r = run_cli("template", "--qmp", g.agent_qmp, "--dir", str(d / "t"), "--json")
+            assert r.returncode == 0, r.stderr
+            rep = json.loads(r.stdout)["report"]
+            assert rep["wipe"]["status"] == "wiped" and rep["wipe"]["pages"] == 5
+            yield Tpl(d, ram, without_ram(g.clone_args(str(d / "con-{i}.sock"))))
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+
+
+def test_secret_absent_from_template_file(tpl: Tpl) -> None:
+    ram = tpl.ram
+    assert SECRET not in ram.read_bytes()
+
+
+def guest_ram(qmp: str) -> bytes:
+    with QMPSession(qmp) as s:
+        be = ProcessVMBackend(load_memory_map(s.hmp, {"ram0"}), s.pid)
+        try:
+            return b"".join(be.read(r.gpa, r.size) for r in be.memmap.ranges)
+        finally:
+            be.close()
+
+
+def test_clones_start_wiped_and_stay_private(tpl: Tpl,
+                                             tmp_path: Path) -> None:
+    d, ram, argv = tpl
+    cd = d / "clones"
+    r = run_cli("clone", "--template", str(d / "t"), "-n", "2", "--dir", str(cd), "--resume",
+                "--json", "--", *argv, timeout=300)
+    assert r.returncode == 0, r.stderr
+    clones = json.loads(r.stdout)["clones"]
+    socks = []
+    try:
+        consoles = []
+        for c in clones:
+            assert c["report"]["wipe"]["pages"] == 5 and c["report"]["resumed"]
+            con, sock = attach_console(str(d / f"con-{c['index']}.sock"),
+                                       tmp_path / f"console-{c['index']}.log")
+            socks.append(sock)
+            consoles.append(con)
+            out = wait_output(con, "poll", r"^POLL (OK|FAIL)$", timeout=60)
+            assert "POLL OK" in out and re.search(r"POLL WOKE gen=\d+ zero=1", out), out
+        tag = os.urandom(8).hex()
+        sh(consoles[0], f"printf 'VMW%sMARK' {tag} > /tmp/mark")
+        mark = f"VMW{tag}MARK".encode()
+        with QMPSession(clones[0]["qmp"]) as s0, QMPSession(clones[1]["qmp"]) as s1:
+            s0.cmd("stop")
+            s1.cmd("stop")
+        assert mark in guest_ram(clones[0]["qmp"])  # the write is there to be found...
+        assert mark not in guest_ram(clones[1]["qmp"])  # ...but only in its own clone
+        assert mark not in ram.read_bytes()
+        assert SECRET not in guest_ram(clones[1]["qmp"])
+    finally:
+        for s in socks:
+            s.close()
+        for c in clones:
+            os.kill(c["pid"], signal.SIGKILL)
+
+
+def test_tampered_template_refused(tpl: Tpl, tmp_path: Path) -> None:
+    d, ram, argv = tpl
+    t2 = tmp_path / "t"
+    shutil.copytree(d / "t", t2)
+    manifest = json.loads((t2 / "manifest.json").read_text())
+    copy = ram.parent / "tampered"
+    shutil.copyfile(ram, copy)
+    st = os.stat(copy)
+    with open(copy, "r+b") as f:  # the secret put back into the first listed page
+        os.pwrite(f.fileno(), SECRET, 0x0100_0000)
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    st = os.stat(copy)
+    manifest["ram_path"] = str(copy)
+    manifest["ram_identity"] = {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size,
+                                "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
+    (t2 / "manifest.json").write_text(json.dumps(manifest))
+    r = run_cli("clone", "--template", str(t2), "-n", "1", "--dir", str(tmp_path / "c"),
+                "--resume", "--", *argv)
+    assert r.returncode == 2 and "digest" in r.stderr, r.stderr
+    assert "pid" not in r.stderr  # refused before any clone QEMU started
+    copy.unlink()
