@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import Row, render
 
-BENCHES = ["bench_decode", "bench_backends", "bench_pause", "bench_scrub", "bench_fleet"]
+BENCHES = ["bench_decode", "bench_backends", "bench_pause", "bench_scrub", "bench_fleet",
+           "bench_template"]
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 
 
