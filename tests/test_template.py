@@ -210,3 +210,43 @@ def test_runtime_refusals(template: tuple[str, Path, bytes], tmp_path: Path, ram
             assert s.status() == "inmigrate"  # never loaded, never ran
     finally:
         qp.kill()
+
+
+def test_template_from_saved_state(template: tuple[str, Path, bytes], tmp_path: Path) -> None:
+    """`vmwipe template --from STATE`: the state's secret never stays in the new RAM file."""
+    qemu, d, _ = template
+    old, conftest.QEMU = conftest.QEMU, qemu
+    try:
+        vm = start_vm(tmp_path / "src", ["-M", "pc", "-m", "512M"])
+    finally:
+        conftest.QEMU = old
+    try:
+        vm.plant(SLOTS, pattern=SECRET)
+        other = os.urandom(P)
+        vm.write(OTHER, other)
+        vm.disconnect()
+        r = run_cli("save", "--qmp", vm.qmp, "--to", str(tmp_path / "state"))
+        assert r.returncode == 0, r.stderr
+    finally:
+        vm.kill()
+    ram = tmp_path / "tpl.ram"
+    r = run_cli("template", "--from", str(tmp_path / "state"), "--ram", str(ram),
+                "--dir", str(tmp_path / "t"), "--json", "--", *clone_args(qemu, d))
+    assert r.returncode == 0, r.stderr
+    data = ram.read_bytes()
+    assert SECRET not in data and data[OTHER:OTHER + P] == other
+    r = run_cli("clone", "--template", str(tmp_path / "t"), "-n", "1", "--json",
+                "--dir", str(tmp_path / "c"), "--", *clone_args(qemu, d))
+    assert r.returncode == 0, r.stderr
+    c = json.loads(r.stdout)["clones"][0]
+    try:
+        assert c["report"]["wipe"]["pages"] == 5
+        with QMPSession(c["qmp"]) as s:
+            assert pmem(s, tmp_path, OTHER, P) == other
+            assert SECRET not in pmem(s, tmp_path, SLOTS[0][0], SLOTS[0][1] * P)
+    finally:
+        os.kill(c["pid"], 9)
+    # an existing RAM file is never reused
+    r = run_cli("template", "--from", str(tmp_path / "state"), "--ram", str(ram),
+                "--dir", str(tmp_path / "t2"), "--", *clone_args(qemu, d))
+    assert r.returncode != 0 and "exists" in r.stderr, r.stderr

@@ -407,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # For `clone`, everything after the first `--` belongs to QEMU; argparse must not see it.
     tail: list[str] = []
     command = next((a for a in argv if not a.startswith("-")), None)
-    if command == "clone" and "--" in argv:
+    if command in ("clone", "template") and "--" in argv:
         i = argv.index("--")
         argv, tail = argv[:i], argv[i + 1 :]
     args = parser.parse_args(argv)

@@ -13,12 +13,22 @@ from ..errors import UsageError, exit_code_help
 from ..flows.target import AgentOptions
 from ..flows.template import make_template
 from ..flows.template_clone import clone_template_flow
+from ..flows.template_load import template_from_state
 from ..qemu.qmp import QMPSession
 
 
 def run_template(args: argparse.Namespace, opts: AgentOptions) -> int:
-    with QMPSession(args.qmp, timeout=args.qmp_timeout) as s:
-        rep, manifest = make_template(s, opts, args.dir)
+    if (args.qmp is None) == (args.from_state is None):
+        raise UsageError("give either --qmp SOCK (a live VM) or --from STATE --ram FILE "
+                         "-- QEMU-ARGS")
+    if args.from_state is not None:
+        if not args.ram or not args.qemu_args:
+            raise UsageError("--from needs --ram FILE and the template QEMU's arguments after --")
+        _restored, rep, manifest = template_from_state(args.from_state, args.qemu_args,
+                                                       args.ram, args.dir, opts)
+    else:
+        with QMPSession(args.qmp, timeout=args.qmp_timeout) as s:
+            rep, manifest = make_template(s, opts, args.dir)
     if args.json:
         print(json.dumps({"report": rep.to_dict(), "manifest": manifest.to_dict()}, indent=2))
     else:
@@ -72,6 +82,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=exit_code_help(),
         help="make a scrubbed clone template of a VM whose RAM is a share=on file",
+        usage="vmwipe template (--qmp SOCK | --from STATE --ram FILE) --dir DIR [options] "
+        "[-- QEMU-ARGS]",
         description="The VM's RAM must be `-object memory-backend-file,id=ID,mem-path=FILE,"
         "share=on -machine memory-backend=ID`. Stops it, zeroes and verifies the listed pages "
         "in FILE itself (read back from the file), saves the device state with x-ignore-shared "
@@ -81,3 +93,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser],
         "`vmwipe clone --template DIR`.",
     )
     p.add_argument("--dir", required=True, help="template directory (created)")
+    p.add_argument("--from", dest="from_state", metavar="STATE",
+                   help="instead of --qmp: load this saved state into a new template QEMU "
+                   "(the QEMU arguments after --, without a memory backend) whose RAM is a "
+                   "share=on file created at --ram, then proceed as above")
+    p.add_argument("--ram", metavar="FILE",
+                   help="with --from: the template RAM file to create (must not exist; tmpfs "
+                   "recommended)")
+    # --qmp comes from the shared VM options, where it is required; here --from replaces it
+    for action in p._actions:
+        if action.dest == "qmp":
+            action.required = False
