@@ -193,7 +193,7 @@ def test_changed_template_refused(template: tuple[str, Path, bytes], tmp_path: P
 
 
 @pytest.mark.parametrize("ram, why", [
-    ("memory-backend-ram,id=ram0,size=512M", "not a memory-backend-file"),
+    ("memory-backend-ram,id=ram0,size=512M", "not a mapping of the template file"),
     ("memory-backend-file,id=ram0,size=512M,mem-path={ram},share=on", "share=on"),
 ])
 def test_runtime_refusals(template: tuple[str, Path, bytes], tmp_path: Path, ram: str,

@@ -47,7 +47,6 @@ from .clone import CloneResult, CloneSet
 from .live import FlowReport, _new_report, _set_capability, incoming_uri, resume, wait_incoming_done
 from .migration import migration_status
 from .target import AgentOptions, open_target
-from .template import machine_backend
 from .template_manifest import DEVSTATE, Manifest
 
 #: Devices that discard guest pages, which on a private file mapping makes them
@@ -118,18 +117,26 @@ def check_argv(argv: Sequence[str], manifest: Manifest) -> None:
 
 
 def check_before_load(session: QMPSession, manifest: Manifest) -> None:
-    """What QEMU itself says about the clone, before any state is loaded into it."""
-    machine, backend, size, _path = machine_backend(session)
+    """What QEMU itself says about the clone, before any state is loaded into it.
+
+    Each check is a monitor round trip in every clone's start-up, so there is one
+    of each; the file behind the RAM is proved by /proc/PID/maps (its inode), not
+    by the backend's mem-path, which could name a different file by then.
+    """
+    machine = str(session.cmd("qom-get", {"path": "/machine", "property": "type"}))
     if machine != manifest.machine:
         raise TemplateError(f"clone machine {machine} != template machine {manifest.machine}")
-    if backend != manifest.backend_id or size != manifest.ram_size:
-        raise TemplateError(f"clone RAM {backend!r} ({size} bytes) != template "
-                            f"{manifest.backend_id!r} ({manifest.ram_size} bytes)")
-    for m in session.cmd("query-memdev"):
-        if m.get("id") == backend and m.get("share"):
-            raise TemplateError("the clone's RAM is share=on: it would write into the template")
-        if m.get("prealloc"):
-            raise TemplateError(f"memory backend {m.get('id')!r} is preallocated")
+    backend = str(session.cmd("qom-get", {"path": "/machine", "property": "memory-backend"}))
+    backend = backend.rsplit("/", 1)[-1]
+    memdevs = {str(m.get("id", "")): m for m in session.cmd("query-memdev")}
+    dev = memdevs.get(backend)
+    if backend != manifest.backend_id or dev is None or int(dev["size"]) != manifest.ram_size:
+        raise TemplateError(f"clone RAM {backend!r} != template {manifest.backend_id!r} "
+                            f"({manifest.ram_size} bytes)")
+    if dev.get("share"):
+        raise TemplateError("the clone's RAM is share=on: it would write into the template")
+    if any(m.get("prealloc") for m in memdevs.values()):
+        raise TemplateError("a preallocated memory backend copies all of the template's RAM")
     ident = manifest.ram_identity
     maps = [mp for mp in read_proc_maps(session.pid) if ident.same_inode(
         os.makedev(*mp.dev), mp.inode)]
