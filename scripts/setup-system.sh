@@ -5,10 +5,11 @@ set -euo pipefail
 
 # apparmor: its parser compiles the rules `vmwipe libvirt install-hook` writes
 # (tests/test_libvirt_unit.py); nothing is loaded into a kernel.
+# xfsprogs: mkfs.xfs for the reflink scrub test (tests/test_scrub_reflink.py, a loop-mounted image).
 packages=(qemu-system-x86 qemu-utils linux-image-amd64 linux-headers-amd64 busybox-static
           libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc make cpio
           acpica-tools python3-venv python3-dev libc6-dev sparse
-          android-libboringssl apparmor)
+          android-libboringssl apparmor xfsprogs)
 
 missing=()
 for p in "${packages[@]}"; do

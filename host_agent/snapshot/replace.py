@@ -1,7 +1,9 @@
 """Put a scrubbed copy of a file in place of the file, so a kill never leaves half of it.
 
 The file itself is never written: a copy in the same directory is made
-(copy_file_range, holes kept), checked against the original (inode, size,
+(FICLONE on a reflink filesystem such as XFS or btrfs, so the copy shares every
+block and costs nothing until the listed pages are rewritten; else
+copy_file_range, holes kept), checked against the original (inode, size,
 mtime), zeroed and bumped, fsynced, read back, given the original's owner,
 group, mode and extended attributes, renamed over the original, and the
 directory fsynced.  Then the listed pages of the replaced inode are zeroed too
@@ -99,8 +101,32 @@ def _copy_range(src: int, dst: int, off: int, n: int) -> None:
         off += done
 
 
-def _copy_file(src: int, dst: int, size: int) -> None:
-    """Copy `size` bytes, keeping holes (a mapped-ram save is sparse)."""
+#: ioctl(dst, FICLONE, src): share all of src's blocks (linux/fs.h _IOW(0x94, 9, int)).
+FICLONE = 0x40049409
+
+
+def _reflink(src: int, dst: int) -> bool:
+    """Clone the whole file by sharing its blocks; False where the filesystem cannot.
+
+    Rewriting a listed page of the clone then allocates a new block for that page
+    only (copy-on-write), so the scrub's writes, not the file size, set its cost.
+    """
+    try:
+        fcntl.ioctl(dst, FICLONE, src)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS,
+                       errno.EPERM, errno.EBADF):
+            return False
+        raise
+
+
+def _copy_file(src: int, dst: int, size: int) -> bool:
+    """Copy `size` bytes, keeping holes (a mapped-ram save is sparse); True if reflinked."""
+    if _reflink(src, dst):
+        if os.fstat(dst).st_size != size:
+            raise StreamError("the file changed size while it was cloned; nothing replaced")
+        return True
     pos = 0
     while pos < size:
         try:
@@ -116,6 +142,7 @@ def _copy_file(src: int, dst: int, size: int) -> None:
         _copy_range(src, dst, data, hole - data)
         pos = hole
     os.ftruncate(dst, size)
+    return False
 
 
 def _copy_metadata(src: int, dst: int, st: os.stat_result, path: str) -> None:
@@ -218,11 +245,12 @@ def _zero_replaced(old: int, writes: Sequence[tuple[int, int]], path: str) -> bo
 
 def replace_scrubbed(path: str, src: int, before: os.stat_result,
                      writes: Sequence[tuple[int, int]],
-                     patches: Sequence[tuple[int, bytes]]) -> tuple[int, bool]:
+                     patches: Sequence[tuple[int, bytes]]) -> tuple[int, bool, bool]:
     """Scrub a copy of `path` (open as `src`) and rename it over `path`.
 
     Returns (bytes written into the copy, whether the replaced file's listed pages were
-    zeroed too).  Raises with the original untouched and the copy removed.
+    zeroed too, whether the copy was a reflink).  Raises with the original untouched
+    and the copy removed.
     """
     d = os.path.dirname(path) or "."
     _check_room(path, before, d)
@@ -242,7 +270,7 @@ def replace_scrubbed(path: str, src: int, before: os.stat_result,
             raise StreamError(f"{path} changed while it was being checked; nothing written")
         tfd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}{TEMP_TAG}", dir=d)
         fcntl.flock(tfd, fcntl.LOCK_EX)  # "in use" for remove_stale_temps of other runs
-        _copy_file(src, tfd, before.st_size)
+        reflinked = _copy_file(src, tfd, before.st_size)
         if not _same(os.fstat(src), before):
             raise StreamError(f"{path} changed while it was being copied; nothing replaced")
         total = _write_and_verify(tfd, writes, patches)
@@ -270,4 +298,5 @@ def replace_scrubbed(path: str, src: int, before: os.stat_result,
         if not synced and old is not None:
             os.close(old)
     # here the rename and the sync succeeded, so `old` (if any) is still open
-    return total, (_zero_replaced(old, writes, path) if old is not None else False)
+    return (total, _zero_replaced(old, writes, path) if old is not None else False,
+            reflinked)

@@ -111,6 +111,7 @@ class ScrubReport:
     stale_copies: int = 0  # older copies of pages listed only by older copies of the table
     replaced: bool = False  # a scrubbed copy was renamed over the file
     old_copy_zeroed: bool = False  # the replaced inode's listed pages were zeroed as well
+    reflinked: bool = False  # the copy shared the file's blocks (FICLONE): cost ~ listed pages
     stale_temps_removed: int = 0  # copies left by killed scrubs of this file, removed
 
     @property
@@ -501,8 +502,8 @@ def scrub_file(path: str, *, machine: str | None = None, mem: int | None = None,
         rep.dry_run = dry_run
         rep.stale_temps_removed = stale
         if plan.writes and not dry_run:
-            rep.bytes, rep.old_copy_zeroed = replace_scrubbed(target, fd, before, plan.writes,
-                                                              plan.patches)
+            rep.bytes, rep.old_copy_zeroed, rep.reflinked = replace_scrubbed(
+                target, fd, before, plan.writes, plan.patches)
             rep.replaced = True
     finally:
         os.close(fd)
