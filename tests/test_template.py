@@ -22,7 +22,8 @@ from conftest import REGION, VM, qemu_available, region_args, run_cli, start_vm
 
 from vmwipe.host_agent.errors import TemplateError
 from vmwipe.host_agent.flows.target import AgentOptions
-from vmwipe.host_agent.flows.template_clone import prepare_clone
+from vmwipe.host_agent.flows.template_clone import check_argv, prepare_clone
+from vmwipe.host_agent.flows.template_load import ram_size
 from vmwipe.host_agent.flows.template_manifest import Manifest
 from vmwipe.host_agent.qemu.launcher import start_qemu
 from vmwipe.host_agent.qemu.qmp import QMPSession
@@ -250,3 +251,21 @@ def test_template_from_saved_state(template: tuple[str, Path, bytes], tmp_path: 
     r = run_cli("template", "--from", str(tmp_path / "state"), "--ram", str(ram),
                 "--dir", str(tmp_path / "t2"), "--", *clone_args(qemu, d))
     assert r.returncode != 0 and "exists" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args, why", [
+    (["-device", "virtio-mem-pci,memdev=m"], "discards pages"),
+    (["-object", "memory-backend-memfd,id=m,size=1G,share=on"], "share=on"),
+    (["-mem-prealloc"], "copies all"),
+    (["-incoming", "defer"], "adds it"),
+])
+def test_check_argv(args: list[str], why: str) -> None:
+    with pytest.raises(TemplateError, match=why):
+        check_argv(["-M", "pc", *args])
+    check_argv(["-M", "pc", "-device", "virtio-net-pci"])  # anything else is the user's
+
+
+@pytest.mark.parametrize("m, size", [("512M", 512 << 20), ("512", 512 << 20), ("2G", 2 << 30),
+                                     ("size=1G,slots=2,maxmem=4G", 1 << 30)])
+def test_ram_size(m: str, size: int) -> None:
+    assert ram_size(["-M", "pc", "-m", m]) == size

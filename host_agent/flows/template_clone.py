@@ -96,7 +96,7 @@ def backend_args(manifest: Manifest, version: tuple[int, int]) -> list[str]:
     return ["-object", opts, "-machine", f"memory-backend={manifest.backend_id}"]
 
 
-def check_argv(argv: Sequence[str], manifest: Manifest) -> None:
+def check_argv(argv: Sequence[str]) -> None:
     """Refuse a clone command line that would leak into or out of the template (static)."""
     for i, a in enumerate(argv):
         nxt = argv[i + 1] if i + 1 < len(argv) else ""
@@ -276,7 +276,7 @@ def clone_template_flow(
     argv = list(qemu_argv)
     if not argv or argv[0].startswith("-"):
         argv.insert(0, "qemu-system-x86_64")
-    check_argv(argv[1:], manifest)
+    check_argv(argv[1:])
     argv += backend_args(manifest, qemu_version_of(argv[0]))
     directory = directory or tempfile.mkdtemp(prefix="vmwipe-clone-")
     os.makedirs(directory, exist_ok=True)
