@@ -1,4 +1,4 @@
-"""vmwipe wire protocol v1: table layout, validation, SSDT, and C header generation.
+"""vmwipe wire protocol v2 (and v1 tables): table layout, validation, SSDT, and C header generation.
 
 See SPEC.md in this folder; `layout` holds the construct definitions every other
 piece is derived from.
@@ -11,18 +11,22 @@ from .layout import (
     HEADER_SIZE,
     HOST_FIELDS_SIZE,
     MAGIC,
+    MAGIC_V1,
     MIN_REGION_SIZE,
     PAGE_SIZE,
+    SLOT_FILL,
     SLOT_SIZE,
     SLOT_VALID,
     SLOTS_OFFSET,
     VERSION,
+    VERSION_V1,
     WIPE_GENERATION_OFFSET,
     WIPE_PAGES_OFFSET,
 )
 from .sizes import parse_size
 from .ssdt import decode_ssdt, encode_ssdt
 from .table import (
+    Fill,
     Header,
     Region,
     Slot,
@@ -30,6 +34,7 @@ from .table import (
     build_region,
     decode_header,
     decode_table,
+    encode_fill,
     encode_header,
     encode_host_fields,
     encode_slot,
@@ -39,11 +44,11 @@ from .table import (
 )
 
 __all__ = [
-    "ACPI_HID", "HEADER_CRC_LEN", "HEADER_SIZE", "HOST_FIELDS_SIZE", "MAGIC", "MIN_REGION_SIZE",
-    "PAGE_SIZE", "SLOTS_OFFSET", "SLOT_SIZE", "SLOT_VALID", "VERSION", "WIPE_GENERATION_OFFSET",
-    "WIPE_PAGES_OFFSET", "Header", "HeaderError", "ProtocolError", "Region", "Slot", "SlotError",
-    "SsdtError", "Table", "build_region", "decode_header", "decode_ssdt", "decode_table",
+    "ACPI_HID", "HEADER_CRC_LEN", "HEADER_SIZE", "HOST_FIELDS_SIZE", "MAGIC", "MAGIC_V1",
+    "MIN_REGION_SIZE", "PAGE_SIZE", "SLOTS_OFFSET", "SLOT_FILL", "SLOT_SIZE", "SLOT_VALID",
+    "VERSION", "VERSION_V1", "WIPE_GENERATION_OFFSET", "WIPE_PAGES_OFFSET", "Fill", "Header",
+    "HeaderError", "ProtocolError", "Region", "Slot", "SlotError", "SsdtError", "Table",
+    "build_region", "decode_header", "decode_ssdt", "decode_table", "encode_fill",
     "encode_header", "encode_host_fields", "encode_slot", "encode_ssdt", "merge_ranges",
-    "parse_size",
-    "slot_count_for", "validate_region",
+    "parse_size", "slot_count_for", "validate_region",
 ]

@@ -1,4 +1,4 @@
-"""Wire protocol v1: the construct definitions are the single source of truth.
+"""Wire protocol v2: the construct definitions are the single source of truth.
 
 Everything else -- the Python decoder, the generated C header
 (`guest_kmod/vmwipe_abi.h`) and the spec's tables -- is derived from the
@@ -12,14 +12,21 @@ from typing import Final
 from construct import Bytes, Int32ul, Int64ul, Struct
 
 PAGE_SIZE: Final = 4096
-VERSION: Final = 1
-MAGIC: Final = b"VMWIPEv1"
+#: What the guest module writes.  A v1 reader refuses it at the magic.
+VERSION: Final = 2
+MAGIC: Final = b"VMWIPEv2"
+#: Still read by the host: a v1 table has zero ranges only (SPEC.md, "Versioning").
+VERSION_V1: Final = 1
+MAGIC_V1: Final = b"VMWIPEv1"
 HEADER_SIZE: Final = 4096
 SLOT_SIZE: Final = 16
 SLOTS_OFFSET: Final = 4096
 MIN_REGION_SIZE: Final = 8192
 SLOT_VALID: Final = 0x1
-SLOT_RESERVED_BITS: Final = 0xFFE  # bits 11..1 of `word`
+#: v2: the slot is a fill range (host writes fresh random bytes), not a zero range.
+SLOT_FILL: Final = 0x2
+SLOT_RESERVED_BITS_V1: Final = 0xFFE  # bits 11..1 of `word` in a v1 table
+SLOT_RESERVED_BITS: Final = 0xFFC  # bits 11..2 of `word` in a v2 table
 SLOT_ADDR_MASK: Final = ~0xFFF & 0xFFFF_FFFF_FFFF_FFFF
 ACPI_HID: Final = "VMWP0001"
 
@@ -39,8 +46,18 @@ HeaderStruct = Struct(
     "wipe_pages" / Int64ul,
 )
 
-#: One table entry.
+#: One table entry (v2).  A zero range: `word` = first page | VALID, `count` =
+#: pages, `offset` = 0 -- byte for byte a v1 slot.  A fill range: `word` = page |
+#: FILL | VALID, `count` = bytes (1..4096), `offset` = first byte within that page;
+#: offset + count <= 4096, so a fill range never leaves its page.
 SlotStruct = Struct(
+    "word" / Int64ul,
+    "count" / Int32ul,
+    "offset" / Int32ul,
+)
+
+#: The v1 names of the same 16 bytes (v1 has zero ranges only).
+SlotV1Struct = Struct(
     "word" / Int64ul,
     "npages" / Int32ul,
     "reserved" / Int32ul,
@@ -73,4 +90,4 @@ WIPE_PAGES_OFFSET: Final = _HEADER_FIELDS["wipe_pages"][0]
 HOST_FIELDS_SIZE: Final = HostFieldsStruct.sizeof()
 
 assert HEADER_CRC_LEN == 0x38 and WIPE_GENERATION_OFFSET == 0x40 and HEADER_USED_SIZE == 0x50
-assert SlotStruct.sizeof() == SLOT_SIZE
+assert SlotStruct.sizeof() == SlotV1Struct.sizeof() == SLOT_SIZE

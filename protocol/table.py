@@ -1,9 +1,10 @@
-"""Decode and validate a vmwipe v1 table read out of untrusted guest RAM.
+"""Decode and validate a vmwipe table (v2, or v1) read out of untrusted guest RAM.
 
-The host zeroes whatever this module returns, so it is deliberately strict:
-a header must match the configured region exactly, and every VALID slot must
-name whole pages of guest RAM outside the region, without overflow or
-overlap.  Decoding a full 1 MiB region (65,280 slots) stays in the
+The host writes whatever this module returns, so it is deliberately strict:
+a header must match the configured region exactly, every VALID zero range must
+name whole pages of guest RAM outside the region, and every fill range bytes
+of one page of guest RAM outside the region, without overflow or overlap
+between any two entries of either kind.  Decoding a full 1 MiB region (65,280 slots) stays in the
 low milliseconds because empty slots are skipped in bulk and the per-slot
 layout comes from the construct definition in `layout`.
 """
@@ -39,7 +40,7 @@ class Region(NamedTuple):
 
 @dataclass(frozen=True)
 class Header:
-    """The decoded, validated header of a live table."""
+    """The decoded, validated header of a live table (`version` 1 or 2)."""
 
     version: int
     header_size: int
@@ -66,6 +67,15 @@ class Slot:
         return self.npages * L.PAGE_SIZE
 
 
+@dataclass(frozen=True, slots=True)
+class Fill:
+    """A VALID fill range (v2) that passed every rule: `length` bytes at `gpa`."""
+
+    index: int
+    gpa: int
+    length: int
+
+
 @dataclass
 class Table:
     """A decoded region.  `header is None` means no module has published a table.
@@ -84,6 +94,12 @@ class Table:
     indices: Sequence[int] = field(default_factory=list)
     gpas: Sequence[int] = field(default_factory=list)
     npages: list[int] = field(default_factory=list)
+    #: Fill ranges (v2), in slot order; a table rarely holds more than a handful.
+    fills: list[Fill] = field(default_factory=list)
+
+    @property
+    def fill_bytes(self) -> int:
+        return sum(f.length for f in self.fills)
 
     @property
     def slots(self) -> list[Slot]:
@@ -149,13 +165,14 @@ def decode_header(page: bytes, region: Region) -> Header | None:
     if len(page) < L.HEADER_USED_SIZE:
         raise HeaderError("length", len(page), f">= {L.HEADER_USED_SIZE} bytes")
     magic = bytes(page[:8])
-    if magic != L.MAGIC:
+    versions = {L.MAGIC: L.VERSION, L.MAGIC_V1: L.VERSION_V1}
+    if magic not in versions:
         if magic == bytes(8):
             return None
-        raise HeaderError("magic", magic, L.MAGIC)
+        raise HeaderError("magic", magic, f"{L.MAGIC!r} or {L.MAGIC_V1!r}")
     raw = L.HeaderStruct.parse(bytes(page[: L.HEADER_USED_SIZE]))
     expected = {
-        "version": L.VERSION,
+        "version": versions[magic],
         "header_size": L.HEADER_SIZE,
         "region_size": region.size,
         "slot_size": L.SLOT_SIZE,
@@ -213,7 +230,7 @@ def decode_table(
     """Decode the whole region and validate every VALID slot (see SPEC.md, "host rules").
 
     With `strict`, the first bad slot raises `SlotError`; otherwise bad slots are
-    collected in `Table.errors` and left out of `Table.slots`.
+    collected in `Table.errors` and left out of `Table.slots` and `Table.fills`.
     """
     validate_region(region)
     if len(data) < region.size:
@@ -232,20 +249,30 @@ def decode_table(
         raise RuntimeError("array('Q') is not 64-bit on this platform")
     rams = _RamIndex(ram) if ram is not None else None
     word_col, tail_col = words[0::2], words[1::2]
+    v2 = header.version == L.VERSION
+    first_bytes = used_bytes[0 :: L.SLOT_SIZE]
     # one byte per slot, 0xFF where VALID: the column masks below are built from it
-    valid = used_bytes[0 :: L.SLOT_SIZE].translate(_VALID_MASK)
-    table = Table(header=header, used=_count_used(used_bytes, valid))
+    table = Table(header=header, used=_count_used(used_bytes, first_bytes.translate(_VALID_MASK)))
     if not table.used:
         return table
+    # v2: the zero ranges take the fast path below, the (few) fill ranges their own
+    valid = first_bytes.translate(_ZERO_KIND if v2 else _VALID_MASK)
     fast = _validate_fast(used_bytes, word_col, tail_col, valid, region, rams)
     if fast is None:
         # Something is wrong: take the slow path, which names the slot and the rule.
         columns = _validate_slow(
-            word_col.tolist(), tail_col.tolist(), region, rams, table.errors, strict
+            word_col.tolist(), tail_col.tolist(), region, rams, table.errors, strict, v2
         )
     else:
         columns, table.sorted_runs = fast
     table.indices, table.gpas, table.npages = columns
+    if v2:
+        fill_kind = first_bytes.translate(_FILL_KIND)
+        if fill_kind.count(0xFF):
+            table.fills = _validate_fills(
+                [(i, word_col[i], tail_col[i]) for i in compress(range(len(fill_kind)), fill_kind)],
+                region, rams, table.runs(), table.errors, strict,
+            )
     return table
 
 
@@ -278,8 +305,11 @@ def _byte_table(fn: Callable[[int], int]) -> bytes:
 
 
 _VALID_MASK = _byte_table(lambda b: 0xFF if b & L.SLOT_VALID else 0)
-_RESERVED_LOW = _byte_table(lambda b: b & L.SLOT_RESERVED_BITS & 0xFF)  # word bits 7..1
-_RESERVED_HIGH = _byte_table(lambda b: b & L.SLOT_RESERVED_BITS >> 8)  # word bits 11..8
+_KIND_BITS = L.SLOT_VALID | L.SLOT_FILL
+_ZERO_KIND = _byte_table(lambda b: 0xFF if b & _KIND_BITS == L.SLOT_VALID else 0)  # v2 zero range
+_FILL_KIND = _byte_table(lambda b: 0xFF if b & _KIND_BITS == _KIND_BITS else 0)  # v2 fill range
+_RESERVED_LOW = _byte_table(lambda b: b & L.SLOT_RESERVED_BITS_V1 & 0xFF)  # word bits 7..1
+_RESERVED_HIGH = _byte_table(lambda b: b & L.SLOT_RESERVED_BITS_V1 >> 8)  # word bits 11..8
 _NOT_ONE = _byte_table(lambda b: 0 if b == 1 else 0xFF)
 
 
@@ -424,28 +454,35 @@ def _merge_sorted(sorted_pfns: list[int], sorted_ends: list[int]) -> _Runs:
 
 def _validate_slow(
     word_col: list[int], tail_col: list[int], region: Region,
-    rams: _RamIndex | None, errors: list[SlotError], strict: bool,
+    rams: _RamIndex | None, errors: list[SlotError], strict: bool, v2: bool = False,
 ) -> _Columns:
-    """Apply the rules slot by slot, naming each failure (see SPEC.md, "host rules")."""
+    """Apply the zero-range rules slot by slot, naming each failure (SPEC.md, "host rules").
+
+    Errors name the fields as the table's version calls them (v1: npages,
+    reserved; v2: count, offset).  v2 fill ranges are `_validate_fills`'s."""
     good: list[Slot] = []
     page = L.PAGE_SIZE
     rbase, rend = region.base, region.end
+    reserved_bits, bits = (
+        (L.SLOT_RESERVED_BITS, "11..2") if v2 else (L.SLOT_RESERVED_BITS_V1, "11..1")
+    )
+    count_name, tail_name = ("count", "offset") if v2 else ("npages", "reserved")
     for i, (word, tail) in enumerate(zip(word_col, tail_col, strict=True)):
-        if not word & L.SLOT_VALID:
-            continue  # mid-publish or mid-unpublish: the guest has not handed it out
+        if not word & L.SLOT_VALID or (v2 and word & L.SLOT_FILL):
+            continue  # mid-publish or mid-unpublish, or a fill range
         npages = tail & 0xFFFF_FFFF
         gpa = word & L.SLOT_ADDR_MASK
         err: SlotError | None = None
-        if word & L.SLOT_RESERVED_BITS:
-            err = SlotError(i, "word", word, "bits 11..1 must be 0")
+        if word & reserved_bits:
+            err = SlotError(i, "word", word, f"bits {bits} must be 0")
         elif tail >> 32:
-            err = SlotError(i, "reserved", tail >> 32, "must be 0")
+            err = SlotError(i, tail_name, tail >> 32, "must be 0")
         elif npages == 0:
-            err = SlotError(i, "npages", 0, "must be >= 1")
+            err = SlotError(i, count_name, 0, "must be >= 1")
         else:
             end = gpa + npages * page
             if end > _U64:
-                err = SlotError(i, "npages", npages, f"range at {gpa:#x} overflows 2^64")
+                err = SlotError(i, count_name, npages, f"range at {gpa:#x} overflows 2^64")
             elif gpa < rend and rbase < end:
                 err = SlotError(
                     i, "word", gpa, f"overlaps the vmwipe region {rbase:#x}+{region.size:#x}"
@@ -484,6 +521,61 @@ def _drop_overlaps(slots: list[Slot], errors: list[SlotError], strict: bool) -> 
     return [s for s in slots if s.index not in bad]
 
 
+def _validate_fills(
+    candidates: list[tuple[int, int, int]], region: Region, rams: _RamIndex | None,
+    runs: _Runs, errors: list[SlotError], strict: bool,
+) -> list[Fill]:
+    """The fill-range rules (SPEC.md, "host rules") for (index, word, tail) of each
+    VALID|FILL slot of a v2 table, checked against each other and against `runs`,
+    the validated zero ranges.  A fill range stays inside one page, so it cannot
+    overflow 2^64."""
+    good: list[Fill] = []
+    starts, sizes = runs
+    rbase, rend = region.base, region.end
+    for i, word, tail in candidates:
+        length, offset = tail & 0xFFFF_FFFF, tail >> 32
+        gpa = (word & L.SLOT_ADDR_MASK) + offset
+        end = gpa + length
+        err: SlotError | None = None
+        if word & L.SLOT_RESERVED_BITS:
+            err = SlotError(i, "word", word, "bits 11..2 must be 0")
+        elif length == 0:
+            err = SlotError(i, "count", 0, "a fill range must be >= 1 byte")
+        elif offset + length > L.PAGE_SIZE:
+            err = SlotError(i, "offset", offset,
+                            f"+ count {length} crosses the end of its page")
+        elif gpa < rend and rbase < end:
+            err = SlotError(
+                i, "word", gpa, f"overlaps the vmwipe region {rbase:#x}+{region.size:#x}"
+            )
+        elif rams is not None and not rams.contains(gpa, end):
+            err = SlotError(i, "word", gpa, f"{length} bytes are not wholly in guest RAM")
+        else:
+            j = bisect.bisect_right(starts, gpa) - 1
+            if (j >= 0 and starts[j] + sizes[j] > gpa) or (
+                j + 1 < len(starts) and starts[j + 1] < end
+            ):
+                err = SlotError(i, "word", gpa, "overlaps a zero range")
+        if err is None:
+            good.append(Fill(i, gpa, length))
+        elif strict:
+            raise err
+        else:
+            errors.append(err)
+    bad: set[int] = set()
+    prev: Fill | None = None
+    for f in sorted(good, key=lambda f: f.gpa):
+        if prev is not None and f.gpa < prev.gpa + prev.length:
+            err = SlotError(f.index, "word", f.gpa, f"overlaps slot {prev.index}")
+            if strict:
+                raise err
+            errors.append(err)
+            bad.update((f.index, prev.index))
+        if prev is None or f.gpa + f.length > prev.gpa + prev.length:
+            prev = f
+    return [f for f in good if f.index not in bad]
+
+
 # --- encoders: used by tests, benchmarks and hosts that plant tables ------------------
 
 
@@ -492,11 +584,12 @@ def encode_header(
     boot_id: bytes = bytes(16),
     wipe_generation: int = 0,
     wipe_pages: int = 0,
+    version: int = L.VERSION,
 ) -> bytes:
-    """Build page 0 exactly as the guest module does, CRC included."""
+    """Build page 0 exactly as the guest module does, CRC included (`version` 1 or 2)."""
     fields = {
-        "magic": L.MAGIC,
-        "version": L.VERSION,
+        "magic": L.MAGIC if version == L.VERSION else L.MAGIC_V1,
+        "version": version,
         "header_size": L.HEADER_SIZE,
         "region_size": region_size,
         "slot_size": L.SLOT_SIZE,
@@ -517,11 +610,24 @@ def encode_header(
 def encode_slot(
     gpa: int, npages: int, *, valid: bool = True, low_bits: int = 0, reserved: int = 0
 ) -> bytes:
-    """Build one slot; the keyword arguments exist to forge invalid slots in tests."""
-    word = (gpa & L.SLOT_ADDR_MASK) | (low_bits & L.SLOT_RESERVED_BITS)
+    """Build one zero-range slot (v1 and v2 alike); the keyword arguments exist to forge
+    invalid slots in tests (`low_bits` may set FILL, `reserved` is v2's `offset`)."""
+    word = (gpa & L.SLOT_ADDR_MASK) | (low_bits & L.SLOT_RESERVED_BITS_V1)
     if valid:
         word |= L.SLOT_VALID
-    return bytes(L.SlotStruct.build({"word": word, "npages": npages, "reserved": reserved}))
+    return bytes(L.SlotStruct.build({"word": word, "count": npages, "offset": reserved}))
+
+
+def encode_fill(
+    gpa: int, length: int, *, valid: bool = True, low_bits: int = 0, offset: int | None = None
+) -> bytes:
+    """Build one v2 fill-range slot for `length` bytes at byte address `gpa`; `offset`
+    overrides the in-page offset (to forge invalid slots in tests)."""
+    word = (gpa & L.SLOT_ADDR_MASK) | L.SLOT_FILL | (low_bits & L.SLOT_RESERVED_BITS)
+    if valid:
+        word |= L.SLOT_VALID
+    off = gpa % L.PAGE_SIZE if offset is None else offset
+    return bytes(L.SlotStruct.build({"word": word, "count": length, "offset": off}))
 
 
 def encode_host_fields(wipe_generation: int, wipe_pages: int) -> bytes:
@@ -532,15 +638,18 @@ def encode_host_fields(wipe_generation: int, wipe_pages: int) -> bytes:
 
 
 def build_region(
-    region_size: int, slots: Iterable[tuple[int, int]], boot_id: bytes = bytes(16)
+    region_size: int, slots: Iterable[tuple[int, int]], boot_id: bytes = bytes(16),
+    fills: Iterable[tuple[int, int]] = (), version: int = L.VERSION,
 ) -> bytes:
-    """A whole region image holding `slots` in order, as a live guest would leave it."""
+    """A whole region image holding the zero ranges `slots` (gpa, npages), then the
+    fill ranges `fills` (gpa, bytes), as a live guest would leave it."""
     image = bytearray(region_size)
-    image[: L.HEADER_SIZE] = encode_header(region_size, boot_id)
+    image[: L.HEADER_SIZE] = encode_header(region_size, boot_id, version=version)
+    entries = [encode_slot(g, n) for g, n in slots] + [encode_fill(g, n) for g, n in fills]
+    if L.SLOTS_OFFSET + len(entries) * L.SLOT_SIZE > region_size:
+        raise ValueError(f"region of {region_size} bytes has no room for {len(entries)} slots")
     pos = L.SLOTS_OFFSET
-    for gpa, npages in slots:
-        if pos + L.SLOT_SIZE > region_size:
-            raise ValueError(f"region of {region_size} bytes has no room for more slots")
-        image[pos : pos + L.SLOT_SIZE] = encode_slot(gpa, npages)
+    for raw in entries:
+        image[pos : pos + L.SLOT_SIZE] = raw
         pos += L.SLOT_SIZE
     return bytes(image)

@@ -23,6 +23,7 @@ from vmwipe.protocol import (
     build_region,
     decode_ssdt,
     decode_table,
+    encode_fill,
     encode_slot,
     encode_ssdt,
     merge_ranges,
@@ -166,3 +167,43 @@ def test_mutated_ssdt(data: st.DataObject) -> None:
     except SsdtError:
         return
     assert region.base % PAGE_SIZE == 0 and region.size >= 2 * PAGE_SIZE
+
+
+#: v2 fill ranges: byte-granular, near page ends, the region, RAM edges and each other.
+fill_slots = st.builds(
+    encode_fill,
+    st.sampled_from([0x9F000, 0x100000, REGION.base - 4096, REGION.end, 1 << 32, 0x101000])
+    .flatmap(lambda a: st.integers(-64, PAGE_SIZE + 64).map(lambda k: a + k)),
+    st.sampled_from([8, 32, 1, 0, 4095, 4096, 4097, 1 << 31]),
+    valid=st.sampled_from([True] * 9 + [False]),
+    low_bits=st.sampled_from([0] * 30 + [4, 0x800]),
+    offset=st.sampled_from([None] * 12 + [4096, 0xFFFF_FFFF]),
+)
+v2_parts = st.lists(st.one_of(fill_slots, near_slots, slots), max_size=16)
+
+
+@PROFILE
+@given(v2_parts, st.booleans())
+def test_v2_written_set_is_disjoint_in_ram_outside_region(raw: list[bytes], strict: bool) -> None:
+    """Whatever a v2 table holds, the bytes the host writes (zero runs and fill ranges)
+    lie in RAM, outside the region, never overlap, and a fill range stays in its page."""
+    image = bytearray(build_region(REGION.size, []))
+    for i, slot in enumerate(raw):
+        image[SLOTS_OFFSET + 16 * i : SLOTS_OFFSET + 16 * (i + 1)] = slot
+    try:
+        table = decode_table(bytes(image), REGION, RAM, strict=strict)
+    except ProtocolError:
+        assert strict
+        return
+    spans = [(g, n) for g, n in zip(*table.runs(), strict=True)]
+    for f in table.fills:
+        assert f.length > 0 and f.gpa // PAGE_SIZE == (f.gpa + f.length - 1) // PAGE_SIZE
+        spans.append((f.gpa, f.length))
+    spans.sort()
+    for gpa, size in spans:
+        assert _inside_ram(gpa, size)
+        assert gpa + size <= REGION.base or gpa >= REGION.end
+    for (a, asize), (b, _) in itertools.pairwise(spans):
+        assert a + asize <= b, "overlapping entries reached the write set"
+    if strict:
+        assert not table.errors

@@ -34,8 +34,8 @@ RAM = [(0, 0xA0000), (0x10_0000, 0x1F00_0000 - 0x10_0000), (0x1F10_0000, 0xE0_00
        (1 << 32, 1 << 30)]
 
 
-def region_with(*slots: bytes) -> bytearray:
-    image = bytearray(build_region(REGION.size, []))
+def region_with(*slots: bytes, version: int = L.VERSION) -> bytearray:
+    image = bytearray(build_region(REGION.size, [], version=version))
     for i, raw in enumerate(slots):
         image[SLOTS_OFFSET + 16 * i : SLOTS_OFFSET + 16 * (i + 1)] = raw
     return image
@@ -83,7 +83,8 @@ def test_slot_without_valid_is_ignored() -> None:
 @pytest.mark.parametrize(
     ("field", "offset", "fmt", "value"),
     [
-        ("version", 0x08, "<I", 2),
+        ("version", 0x08, "<I", 1),  # a v2 magic with v1's version
+        ("version", 0x08, "<I", 3),
         ("header_size", 0x0C, "<I", 8192),
         ("region_size", 0x10, "<Q", 2 << 20),
         ("slot_size", 0x18, "<I", 32),
@@ -141,7 +142,8 @@ def test_region_must_match_configured_size() -> None:
     ],
 )
 def test_each_slot_rule_rejects_and_names_the_slot(slot: bytes, field: str, reason: str) -> None:
-    image = region_with(encode_slot(0x30_0000, 1), slot)
+    """The v1 rules, on a v1 table (bit 1 is reserved there; v2 makes it FILL)."""
+    image = region_with(encode_slot(0x30_0000, 1), slot, version=L.VERSION_V1)
     with pytest.raises(SlotError, match=reason) as err:
         decode_table(image, REGION, RAM)
     assert err.value.index == 1 and err.value.field == field
@@ -225,7 +227,9 @@ def test_layout_offsets_follow_the_spec() -> None:
     assert offsets["boot_id"] == (0x28, 16)
     assert offsets["header_crc32"] == (0x38, 4)
     assert offsets["wipe_pages"] == (0x48, 8)
-    assert L.field_offsets(L.SlotStruct) == {"word": (0, 8), "npages": (8, 4), "reserved": (12, 4)}
+    assert L.field_offsets(L.SlotV1Struct) == {"word": (0, 8), "npages": (8, 4),
+                                               "reserved": (12, 4)}
+    assert L.field_offsets(L.SlotStruct) == {"word": (0, 8), "count": (8, 4), "offset": (12, 4)}
 
 
 @pytest.mark.parametrize(("text", "value"), [("4096", 4096), ("1M", 1 << 20), ("512M", 512 << 20),
