@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-KMOD_SOURCES = ("Kbuild", "vmwipe.c", "vmwipe.h", "vmwipe_abi.h", "vmwipe_uapi.h",
+KMOD_SOURCES = ("Kbuild", "vmwipe_core.c", "crng.c", "crng.h", "vmwipe.h", "vmwipe_abi.h", "vmwipe_uapi.h",
                 "vmwipe_kapi_test.c")
 KMODS = ("vmwipe.ko", "vmwipe_kapi_test.ko")
 EXAMPLE_SOURCES = ("vmwipe.c", "vmwipe.h", "drbg.c", "drbg.h", "drbg_stream.c", "vmwipe_test.c",
@@ -97,7 +97,7 @@ def source_root() -> Path:
     """
     env = os.environ.get("VMWIPE_SRC")
     root = Path(env) if env else Path(__file__).resolve().parents[2]
-    if not (root / "guest_kmod" / "vmwipe.c").is_file():
+    if not (root / "guest_kmod" / "vmwipe_core.c").is_file():
         raise BuildError(f"no vmwipe checkout at {root} (set VMWIPE_SRC)")
     return root
 
