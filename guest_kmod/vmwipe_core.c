@@ -5,11 +5,13 @@
  *
  * The host describes a reserved range of guest RAM with an ACPI device
  * (_HID "VMWP0001", _CRS = the range). This driver writes a table there
- * (protocol v1, see vmwipe_abi.h) listing every page it hands out; before
- * resuming a restored image the host zeroes the listed pages and bumps
- * wipe_generation in the header.
+ * (protocol v2, see vmwipe_abi.h) listing every page it hands out; before
+ * resuming a restored image the host zeroes the listed pages (or, for fill
+ * ranges, writes fresh random bytes there) and bumps wipe_generation in the
+ * header. crng.c lists the kernel CRNG's state as fill ranges.
  *
- * Pages are handed out to user space through mmap() of /dev/vmwipe and to
+ * Pages are handed out to user space through mmap() of /dev/vmwipe (at
+ * offset VMWIPE_MMAP_FILL: pages the host refills instead of zeroing) and to
  * other modules through vmwipe_alloc_pages(); a process can also list pages
  * it already has with VMWIPE_IOC_REGISTER (see vmwipe_uapi.h and struct
  * vmwipe_reg). A read() of /dev/vmwipe
@@ -45,6 +47,7 @@
 #include <linux/workqueue.h>
 #include <linux/xarray.h>
 
+#include "crng.h"
 #include "vmwipe.h"
 #include "vmwipe_abi.h"
 #include "vmwipe_uapi.h"
@@ -129,6 +132,7 @@ struct vmwipe_mapping {
 	refcount_t refs;
 	struct vmwipe *vmw;
 	struct vmwipe_charge charge;
+	u64 kind;			/* 0 or VMWIPE_SLOT_FILL */
 	unsigned long npages;
 	struct page *pages[];
 };
@@ -162,19 +166,24 @@ static void vmwipe_put_slots(struct vmwipe *vmw, const u32 *slots, unsigned long
 /* Store one slot in the region: the host may read the table at any moment. */
 static void vmwipe_store_slot(struct vmwipe_slot *s, const struct vmwipe_slot *src)
 {
-	WRITE_ONCE(s->npages, src->npages);
-	/* npages must be in place before VALID is. */
+	WRITE_ONCE(s->count, src->count);
+	WRITE_ONCE(s->offset, src->offset);
+	/* count and offset must be in place before VALID is. */
 	smp_store_release(&s->word, src->word);
 }
 
-/* List @npages contiguous pages from @page in @slot. */
-static void vmwipe_list(struct vmwipe *vmw, u32 slot, struct page *page, u32 npages)
+/*
+ * List in @slot a zero range of @count pages from @phys (@kind 0), or a fill
+ * range of @count bytes at @phys, inside one page (@kind VMWIPE_SLOT_FILL).
+ */
+static void vmwipe_list(struct vmwipe *vmw, u32 slot, phys_addr_t phys, u32 count, u64 kind)
 {
 	struct vmwipe_slot *shadow = &vmw->shadow[slot];
 
 	spin_lock(&vmw->table_lock);
-	shadow->npages = cpu_to_le32(npages);
-	shadow->word = cpu_to_le64(page_to_phys(page) | VMWIPE_SLOT_VALID);
+	shadow->count = cpu_to_le32(count);
+	shadow->offset = cpu_to_le32(offset_in_page(phys));
+	shadow->word = cpu_to_le64((phys & PAGE_MASK) | kind | VMWIPE_SLOT_VALID);
 	vmwipe_store_slot(&vmw->slots[slot], shadow);
 	spin_unlock(&vmw->table_lock);
 }
@@ -190,7 +199,8 @@ static void vmwipe_unlist(struct vmwipe *vmw, u32 slot)
 
 	spin_lock(&vmw->table_lock);
 	smp_store_release(&s->word, 0);
-	WRITE_ONCE(s->npages, 0);
+	WRITE_ONCE(s->count, 0);
+	WRITE_ONCE(s->offset, 0);
 	memset(&vmw->shadow[slot], 0, sizeof(vmw->shadow[slot]));
 	spin_unlock(&vmw->table_lock);
 }
@@ -224,10 +234,14 @@ static void vmwipe_unclaim(struct vmwipe *vmw, struct page **pages, unsigned lon
 	spin_unlock(&vmw->lock);
 }
 
-/* The caller hands the page out only after this: no secret can predate it. */
-static void vmwipe_publish(struct vmwipe *vmw, struct page *page, u32 npages)
+/*
+ * The caller hands the page out only after this: no secret can predate it.
+ * A fill range covers one whole page.
+ */
+static void vmwipe_publish(struct vmwipe *vmw, struct page *page, u32 npages, u64 kind)
 {
-	vmwipe_list(vmw, page_private(page), page, npages);
+	vmwipe_list(vmw, page_private(page), page_to_phys(page),
+		    kind ? PAGE_SIZE : npages, kind);
 }
 
 static void vmwipe_unpublish(struct vmwipe *vmw, struct page *page, u32 npages)
@@ -260,10 +274,41 @@ struct page *vmwipe_alloc_pages(unsigned int order)
 		__free_pages(page, order);
 		return NULL;
 	}
-	vmwipe_publish(vmw, page, 1U << order);
+	vmwipe_publish(vmw, page, 1U << order, 0);
 	return page;
 }
 EXPORT_SYMBOL_GPL(vmwipe_alloc_pages);
+
+/*
+ * Never unlisted: the kernel memory outlives the table, which
+ * vmwipe_retire() clears as a whole.
+ */
+int vmwipe_list_kmem(struct vmwipe *vmw, const struct vmwipe_kmem *ranges, unsigned int n)
+{
+	u32 slots[8];
+	unsigned int i, k = 0, need = 0;
+	int ret;
+
+	for (i = 0; i < n; i++)
+		need += DIV_ROUND_UP(offset_in_page(ranges[i].addr) + ranges[i].len, PAGE_SIZE);
+	if (need > ARRAY_SIZE(slots))
+		return -E2BIG;
+	ret = vmwipe_take_slots(vmw, slots, need);
+	if (ret)
+		return ret;
+	for (i = 0; i < n; i++) {
+		const u8 *p = ranges[i].addr, *end = p + ranges[i].len;
+
+		while (p < end) {
+			u32 len = min_t(size_t, end - p, PAGE_SIZE - offset_in_page(p));
+
+			vmwipe_list(vmw, slots[k++], slow_virt_to_phys((void *)p), len,
+				    VMWIPE_SLOT_FILL);
+			p += len;
+		}
+	}
+	return 0;
+}
 
 /**
  * vmwipe_free_pages() - clear, unpublish and free pages
@@ -392,7 +437,8 @@ static int vmwipe_mmap(struct file *file, struct vm_area_struct *vma)
 	struct vmwipe_mapping *m;
 	int ret;
 
-	if (!(vma->vm_flags & VM_SHARED) || vma->vm_pgoff)
+	if (!(vma->vm_flags & VM_SHARED) ||
+	    (vma->vm_pgoff && vma->vm_pgoff != VMWIPE_MMAP_FILL >> PAGE_SHIFT))
 		return -EINVAL;
 	if (vma->vm_flags & VM_EXEC)
 		return -EPERM;
@@ -404,6 +450,7 @@ static int vmwipe_mmap(struct file *file, struct vm_area_struct *vma)
 		return -ENOMEM;
 	refcount_set(&m->refs, 1);
 	m->vmw = vmw;
+	m->kind = vma->vm_pgoff ? VMWIPE_SLOT_FILL : 0;
 	m->npages = n;
 	ret = vmwipe_charge(vmw, m->npages, &m->charge);
 	if (ret)
@@ -419,7 +466,7 @@ static int vmwipe_mmap(struct file *file, struct vm_area_struct *vma)
 	if (ret)
 		goto err;
 	for (i = 0; i < n; i++)
-		vmwipe_publish(vmw, m->pages[i], 1);
+		vmwipe_publish(vmw, m->pages[i], 1, m->kind);
 
 	/* Published, so they may now be mapped. */
 	for (i = 0; i < n; i++) {
@@ -869,7 +916,7 @@ static long vmwipe_register(struct vmwipe *vmw, const void __user *uarg)
 	 * before this point. From here on the host wipes them.
 	 */
 	for (i = 0; i < n; i++)
-		vmwipe_list(vmw, reg->slots[i], reg->pages[i], 1);
+		vmwipe_list(vmw, reg->slots[i], page_to_phys(reg->pages[i]), 1, 0);
 	__module_get(THIS_MODULE);
 	list_add(&reg->node, &vmw->regs);
 	reg->listed = true;
@@ -1023,6 +1070,7 @@ static struct attribute *vmwipe_attrs[] = {
 	&dev_attr_capacity.attr,
 	&dev_attr_used.attr,
 	&dev_attr_generation.attr,
+	&dev_attr_crng_refresh.attr,
 	NULL
 };
 ATTRIBUTE_GROUPS(vmwipe);
@@ -1039,6 +1087,7 @@ static void vmwipe_watch(struct work_struct *work)
 		char *envp[] = { env, NULL };
 
 		WRITE_ONCE(vmw->generation, gen);
+		vmwipe_crng_wiped();
 		wake_up_interruptible_poll(&vmw->wait, EPOLLPRI);
 		snprintf(env, sizeof(env), "VMWIPE_GENERATION=%llu", gen);
 		kobject_uevent_env(&vmw->misc.this_device->kobj, KOBJ_CHANGE, envp);
@@ -1256,6 +1305,8 @@ static int vmwipe_probe(struct platform_device *pdev)
 	ret = devm_add_action_or_reset(dev, vmwipe_retire, vmw);
 	if (ret)
 		return ret;
+	/* After the table exists, before the watch may ask for a reseed. */
+	vmwipe_crng_probe(dev, vmw);
 
 	/* Before the device exists, gone after it (devm unwinds in reverse). */
 	vmw->wq = alloc_workqueue(KBUILD_MODNAME, 0, 0);

@@ -19,6 +19,14 @@ struct vmwipe_range {
 #define VMWIPE_IOC_MAGIC	0xB7
 
 /*
+ * mmap() offset of /dev/vmwipe for fill pages: instead of zeroing them, the
+ * host writes fresh random bytes over each whole page before a restored
+ * image or a clone runs. A DRBG key kept there is re-keyed with host entropy,
+ * with no detection code. Offset 0 maps pages the host zeroes.
+ */
+#define VMWIPE_MMAP_FILL	0x1000
+
+/*
  * Pin the caller's existing private anonymous pages in the range and list
  * them in the table, so that the host zeroes them on restore or clone.
  * Errors: EINVAL (alignment, not private anonymous), ENOMEM (a hole),
