@@ -154,10 +154,10 @@ def _bad_crc() -> bytes:
 
 GOOD = encode_slot(0x400000, 2)
 INVALID_TABLES = {
-    "bad-magic": (forged(GOOD, header=b"VMWIPEv2"), "magic"),
+    "bad-magic": (forged(GOOD, header=b"VMWIPEv9"), "magic"),
     "bad-crc": (forged(GOOD, header=_bad_crc()), "header_crc32"),
     "wrong-region-size": (forged(GOOD, header=encode_header(2 * REGION.size)), "region_size"),
-    "low-bits": (forged(GOOD, encode_slot(0x500000, 1, low_bits=0x2)), "slot 1"),
+    "low-bits": (forged(GOOD, encode_slot(0x500000, 1, low_bits=0x4)), "slot 1"),
     "reserved": (forged(GOOD, encode_slot(0x500000, 1, reserved=1)), "slot 1"),
     "npages-0": (forged(GOOD, encode_slot(0x500000, 0)), "slot 1"),
     "in-legacy-rom": (forged(GOOD, encode_slot(0xC0000, 1)), "slot 1"),
@@ -235,7 +235,7 @@ def test_region_override_and_unreadable_region(vm: VM) -> None:
 def test_system_reset_clears_the_header(vm: VM, tmp_path: Path) -> None:
     """The reset guard's premise: -device loader rewrites the header page on reset."""
     vm.plant([(0x800000, 1)])
-    assert vm.pmemsave(REGION.base, 8) == b"VMWIPEv1"
+    assert vm.pmemsave(REGION.base, 8) == b"VMWIPEv2"
     vm.session().cmd("system_reset")
     assert vm.pmemsave(REGION.base, P).count(0) == P
     assert vm.status() == "prelaunch"

@@ -501,7 +501,7 @@ def test_fuzz_scrub_plan_on_damaged_real_save(real_stream: Blob, data: st.DataOb
         if kind == "flip":
             blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
         elif kind == "table":  # damage a copy of the vmwipe table inside the stream
-            at = blob.find(b"VMWIPEv1")
+            at = blob.find(b"VMWIPEv2")
             if at >= 0:
                 blob[at + data.draw(st.integers(0, 2 * P))] ^= data.draw(st.integers(1, 255))
         elif kind == "truncate":

@@ -24,6 +24,7 @@ from vmwipe.protocol import (
     SLOTS_OFFSET,
     Region,
     build_region,
+    encode_fill,
     encode_header,
     encode_slot,
 )
@@ -77,6 +78,8 @@ def image(*slots: bytes, header: bytes | None = None, at: int = 0) -> bytes:
 
 
 S = encode_slot
+F = encode_fill
+V1 = encode_header(REGION.size, version=1)
 INREG = ("slot 2", "overlaps the vmwipe region")
 LAST = (REGION.size - SLOTS_OFFSET) // 16 - 1  # 65,279 in a 1 MiB region
 
@@ -101,17 +104,39 @@ CASES: dict[str, tuple[bytes, tuple[str, ...]]] = {
     "reaches-into-region": (image(S(REGION.base - P, 2)), INREG),
     "spans-whole-region": (image(S(REGION.base - P, 258)), INREG),
     # the slot's own bits
-    "unaligned-bit1": (image(S(0x500000, 1, low_bits=0x2)), ("slot 2", "word", "bits 11..1")),
-    "unaligned-bit11": (image(S(0x500000, 1, low_bits=0x800)), ("slot 2", "word", "bits 11..1")),
+    "unaligned-bit2": (image(S(0x500000, 1, low_bits=0x4)), ("slot 2", "word", "bits 11..2")),
+    "unaligned-bit11": (image(S(0x500000, 1, low_bits=0x800)), ("slot 2", "word", "bits 11..2")),
     "unaligned-all": (image(S(0x500000, 1, low_bits=0xFFE)), ("slot 2", "word")),
-    "reserved-low": (image(S(0x500000, 1, reserved=1)), ("slot 2", "reserved")),
-    "reserved-high": (image(S(0x500000, 1, reserved=0x8000_0000)), ("slot 2", "reserved")),
-    "overflow": (image(S((1 << 64) - P, 2)), ("slot 2", "npages", "overflows")),
-    "overflow-max": (image(S((1 << 64) - P, 0xFFFF_FFFF)), ("slot 2", "npages", "overflows")),
-    "npages-0": (image(S(0x500000, 0)), ("slot 2", "npages", ">= 1")),
+    "offset-low": (image(S(0x500000, 1, reserved=1)), ("slot 2", "offset")),
+    "offset-high": (image(S(0x500000, 1, reserved=0x8000_0000)), ("slot 2", "offset")),
+    "overflow": (image(S((1 << 64) - P, 2)), ("slot 2", "count", "overflows")),
+    "overflow-max": (image(S((1 << 64) - P, 0xFFFF_FFFF)), ("slot 2", "count", "overflows")),
+    "npages-0": (image(S(0x500000, 0)), ("slot 2", "count", ">= 1")),
     "npages-max": (image(S(0x100000, 0xFFFF_FFFF)), ("slot 2", "word")),
     "npages-max-high": (image(S(HIGH, 0xFFFF_FFFF)), ("slot 2", "not wholly in guest RAM")),
     "bad-slot-is-the-last": (image(S(0xE0000000, 1), at=LAST), (f"slot {LAST}", "word")),
+    # v1 tables: bit 1 (FILL in v2) is reserved, the fields have their v1 names
+    "v1-bit1": (image(S(0x500000, 1, low_bits=0x2), header=V1), ("slot 2", "bits 11..1")),
+    "v1-fill-slot": (image(F(0x500008, 8), header=V1), ("slot 2", "word", "bits 11..1")),
+    "v1-reserved": (image(S(0x500000, 1, reserved=1), header=V1), ("slot 2", "reserved")),
+    # v2 fill ranges
+    "fill-crosses-page-end": (image(F(0x500FF8, 16)), ("slot 2", "offset", "crosses")),
+    "fill-one-past-page-end": (image(F(0x500001, 4096)), ("slot 2", "offset", "crosses")),
+    "fill-offset-past-page": (image(F(0x500000, 8, offset=4096)), ("slot 2", "offset")),
+    "fill-zero-length": (image(F(0x500000, 0)), ("slot 2", "count", ">= 1 byte")),
+    "fill-reserved-bits": (image(F(0x500000, 8, low_bits=0x4)), ("slot 2", "bits 11..2")),
+    "fill-in-region-header": (image(F(REGION.base + 0x40, 8)), INREG),
+    "fill-in-region-slots": (image(F(REGION.base + SLOTS_OFFSET, 32)), INREG),
+    "fill-in-rom": (image(F(0xC0008, 8)), ("slot 2", "word", "not wholly in guest RAM")),
+    "fill-in-mmio": (image(F(0xFEE00020, 4)), ("slot 2", "word", "not wholly in guest RAM")),
+    "fill-past-all-ram": (image(F(HIGH + (1 << 30), 32)), ("slot 2", "not wholly in guest RAM")),
+    "fill-at-top": (image(F((1 << 64) - 8, 8)), ("slot 2", "not wholly in guest RAM")),
+    "fill-in-zero-range": (image(F(0x401008, 32)), ("slot 2", "overlaps a zero range")),
+    "fill-covers-zero-range": (image(F(0x400000, 4096)), ("slot 2", "overlaps a zero range")),
+    "fill-duplicate": (image(F(0x500000, 8), F(0x500000, 8)), ("slot 3", "overlaps slot 2")),
+    "fill-overlap": (image(F(0x500000, 8), F(0x500004, 8)), ("slot 3", "overlaps slot 2")),
+    "zero-range-over-fill": (image(F(0x600010, 8), S(0x600000, 1)), ("slot 2",
+                                                                     "overlaps a zero range")),
     # slots against each other
     "duplicate": (image(S(0x400000, 2)), ("slot 2", "overlaps slot 0")),
     "duplicate-high": (image(S(HIGH + 0x10000, 1)), ("slot", "overlaps slot")),
@@ -119,8 +144,9 @@ CASES: dict[str, tuple[bytes, tuple[str, ...]]] = {
     "overlap-contains": (image(S(0x3FF000, 8)), ("slot", "overlaps slot")),
     # the header (CRC recomputed unless the CRC is the point)
     "bad-crc": (image(header=_bad_crc()), ("header_crc32",)),
-    "bad-magic": (image(header=_header(magic=b"VMWIPEv2")), ("magic",)),
-    "bad-version": (image(header=_header(version=2)), ("version",)),
+    "bad-magic": (image(header=_header(magic=b"VMWIPEv9")), ("magic",)),
+    "v2-magic-v1-version": (image(header=_header(version=1)), ("version",)),
+    "bad-version": (image(header=_header(version=3)), ("version",)),
     "bad-header-size": (image(header=_header(header_size=8192)), ("header_size",)),
     "region-size-larger": (image(header=_header(region_size=2 * M)), ("region_size",)),
     "region-size-smaller": (image(header=_header(region_size=64 * 1024)), ("region_size",)),
@@ -188,4 +214,31 @@ def test_sanity_good_table_is_wiped(vm: VM) -> None:
     for gpa, n in GOOD:
         assert vm.pmemsave(gpa, n * P) == bytes(n * P)
     assert vm.pmemsave(0x500000, P) == b"\xa5" * P
+    assert vm.status() == "prelaunch"
+
+
+def test_fill_ranges_get_fresh_random_bytes_verified_and_committed(vm: VM) -> None:
+    """A clean v2 table: zero ranges zeroed, fill ranges (8 and 32 bytes inside a page,
+    and one ending exactly at a page end) get random bytes that differ per wipe, the
+    bytes around them are untouched, and the generation is committed."""
+    fills = [(0x500008, 8), (0x500020, 32), (0x500FE0, 32)]
+    img = bytearray(image(*(F(g, n) for g, n in fills)))
+    plant(vm, bytes(img))
+    seen = []
+    for _ in range(2):
+        gen0 = struct.unpack("<Q", vm.pmemsave(REGION.base + 0x40, 8))[0]
+        vm.disconnect()
+        r = run_cli("wipe", "--qmp", vm.qmp, "--json")
+        assert r.returncode == 0, r.stderr
+        page = vm.pmemsave(0x500000, P)
+        got = b"".join(page[g - 0x500000 : g - 0x500000 + n] for g, n in fills)
+        assert got.count(0) < 8 and got not in seen
+        seen.append(got)
+        rest = bytearray(page)
+        for g, n in fills:
+            rest[g - 0x500000 : g - 0x500000 + n] = b"\xa5" * n
+        assert bytes(rest) == b"\xa5" * P, "bytes beside a fill range changed"
+        for gpa, n in GOOD:
+            assert vm.pmemsave(gpa, n * P) == bytes(n * P)
+        assert struct.unpack("<Q", vm.pmemsave(REGION.base + 0x40, 8))[0] == gen0 + 1
     assert vm.status() == "prelaunch"

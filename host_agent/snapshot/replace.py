@@ -201,8 +201,8 @@ def _write_and_verify(fd: int, writes: Sequence[tuple[int, int]],
                               "nothing replaced")
     for pos, data in patches:
         if os.pread(fd, len(data), pos) != data:
-            raise StreamError(f"read-back of the header at offset {pos:#x} failed; "
-                              "nothing replaced")
+            raise StreamError(f"read-back of the header or a fill range at offset {pos:#x} "
+                              "failed; nothing replaced")
     return total
 
 

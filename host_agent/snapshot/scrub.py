@@ -113,6 +113,7 @@ class ScrubReport:
     old_copy_zeroed: bool = False  # the replaced inode's listed pages were zeroed as well
     reflinked: bool = False  # the copy shared the file's blocks (FICLONE): cost ~ listed pages
     stale_temps_removed: int = 0  # copies left by killed scrubs of this file, removed
+    fill_ranges: int = 0  # v2 fill ranges given fresh random bytes (never zeros) by this run
 
     @property
     def noop(self) -> bool:
@@ -410,6 +411,26 @@ def _header_patch(idx: StreamIndex, layout: GuestMemoryMap, region: Region, tabl
              encode_host_fields(report.generation, report.pages))]
 
 
+def _fill_patches(idx: StreamIndex, layout: GuestMemoryMap,
+                  table: Table) -> list[tuple[int, bytes]]:
+    """Fresh random bytes for every copy of every fill range (SPEC.md, "Scrub"): never
+    zeros, which for the kernel CRNG key would be a key everyone knows.  Only in runs
+    that zero something, like the header bump, so that a second run stays a no-op.  A
+    page sent as a ZERO record has no bytes to patch; it loads as its fill byte."""
+    keys = {f.index: _locate(idx, layout, f.gpa - f.gpa % PAGE_SIZE, PAGE_SIZE)[0]
+            for f in table.fills}
+    found = {} if idx.mapped_ram else _collect(idx, set(keys.values()))
+    out: list[tuple[int, bytes]] = []
+    for f in table.fills:
+        if idx.mapped_ram:
+            pos = idx.mapped_pos(*keys[f.index])
+            positions = [] if pos is None else [pos]
+        else:
+            positions = [pos for pos, kind in found.get(keys[f.index], []) if kind == KIND_PAGE]
+        out += [(pos + f.gpa % PAGE_SIZE, os.urandom(f.length)) for pos in positions]
+    return out
+
+
 def plan_scrub(mm: mmap.mmap | bytes, *, path: str = "", machine: str | None = None,
                mem: int | None = None, sidecar: Sidecar | None = None,
                region: Region | None = None, strict: bool = True, bump: bool = True,
@@ -462,8 +483,11 @@ def plan_scrub(mm: mmap.mmap | bytes, *, path: str = "", machine: str | None = N
     _stale_writes(mm, listed_found, stale, report, writes)
     patches: list[tuple[int, bytes]] = []
     # Only when this run zeroes something, so a second run stays a no-op.
+    if final_writes and table.header is not None and table.fills:
+        patches += _fill_patches(idx, layout, table)
+        report.fill_ranges = len(table.fills)
     if final_writes and bump and table.header is not None:
-        patches = _header_patch(idx, layout, region, table, region_found, report)
+        patches += _header_patch(idx, layout, region, table, region_found, report)
     report.seconds = time.monotonic() - t0
     return _Plan(idx, container, layout, source, region, table, writes, report, patches)
 

@@ -9,10 +9,12 @@ Order matters and is the whole point:
    RAM-range boundaries (so each piece lies in one RAM block with one host
    address).
 3. Zero the pieces, then read them back and check every byte is zero.
+   Write fresh os.urandom bytes over every fill range (protocol v2), then
+   read them back and compare with what was written.
 4. Only then store `wipe_generation + 1` and `wipe_pages` in the header: the
    guest (and the operator) can trust the generation bump to mean "verified".
 
-The engine never writes outside the listed pages and those 16 header bytes.
+The engine never writes outside the listed ranges and those 16 header bytes.
 It does not resume the VM; the callers do that after it returns normally.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import reduce
@@ -70,6 +73,8 @@ class WipeReport:
     spans: int = 0
     pages: int = 0
     bytes: int = 0
+    fill_ranges: int = 0
+    fill_bytes: int = 0
     generation_before: int | None = None
     generation_after: int | None = None
     boot_id: str | None = None
@@ -146,6 +151,24 @@ def _pieces_to_zero(backend: MemoryBackend, region: Region, starts: Sequence[int
     return pieces
 
 
+def fill_ranges(backend: MemoryBackend, region: Region, table: Table, report: WipeReport) -> None:
+    """Write fresh CSPRNG bytes over every fill range and read them back (SPEC.md, "Wipe").
+
+    The bytes come from os.urandom for this wipe alone, so two clones of one image
+    never share them.  They are never zeros: a fill range holds state such as the
+    guest kernel's CRNG key, where zero is a known key, not an erased one."""
+    spans = [(f.gpa, f.length) for f in table.fills]
+    for gpa, n in spans:  # belt and braces: decode_table already refuses these
+        if gpa < region.end and region.base < gpa + n:
+            raise InvalidTableError(f"fill range {gpa:#x}+{n:#x} overlaps the region")
+    data = os.urandom(sum(n for _g, n in spans))
+    log.info("filling %d ranges (%d bytes) with fresh random bytes", len(spans), len(data))
+    backend.write_spans(spans, data)
+    if backend.read_spans(spans) != data:
+        raise VerifyError("a fill range did not read back as written; header not updated")
+    report.fill_ranges, report.fill_bytes = len(spans), len(data)
+
+
 def run_wipe(
     backend: MemoryBackend,
     region: Region,
@@ -154,7 +177,8 @@ def run_wipe(
     before_commit: Callable[[], None] | None = None,
     early: EarlyRegion | None = None,
 ) -> WipeReport:
-    """Validate, zero, verify, commit.  Raises on any problem; nothing is resumed here.
+    """Validate, zero, verify, fill and verify (v2), commit.  Raises on any problem;
+    nothing is resumed here.
 
     `before_commit` runs after verification and before the header write (the
     tests use it to kill the agent at the worst moment; flows could use it to
@@ -197,6 +221,9 @@ def run_wipe(
     if bad is not None:
         raise VerifyError(f"guest address {bad:#x} is not zero after the wipe; header not updated")
     phases.mark("verify")
+    if table.fills:
+        fill_ranges(backend, region, table, report)
+        phases.mark("fill")
 
     if before_commit is not None:
         before_commit()
