@@ -194,7 +194,7 @@ def _listed(raw: list[bytes], region: Region) -> list[tuple[int, int]]:
     out = []
     for s in raw:
         word, npages, _res = struct.unpack("<QII", s)
-        if word & 1:
+        if word & 3 == 1:  # a zero range (word & 2: a v2 fill range)
             out.append((word & ~0xFFF, npages * P))
     return out
 
@@ -233,10 +233,29 @@ def test_fuzz_engine_wipes_only_listed_ram_outside_region(
     assert merge_ranges(guest.zeroed) == merge_ranges(
         (gpa, size) for gpa, size in merge_ranges(_valid_spans(image, region, memmap, rep.invalid))
     )
-    # ...and the only other write is the host fields, after every zero
-    assert [(g, len(d)) for g, d in guest.written] == [host]
-    assert guest.events[-1] == "write" and guest.events.count("write") == 1
+    # ...the v2 fill ranges, each inside one page of RAM outside the region, with bytes
+    # that are not all zero, after every zero...
+    fills = _valid_fills(image, region, memmap)
+    written = [(g, len(d)) for g, d in guest.written[:-1]]
+    assert merge_ranges(written) == merge_ranges(fills)
+    for g, n in fills:
+        assert g // P == (g + n - 1) // P and any(a <= g and g + n <= a + s for a, s in ram)
+        assert g + n <= region.base or g >= region.end
+    filled = b"".join(d for _g, d in guest.written[:-1])
+    assert len(filled) < 8 or filled.count(0) < len(filled), "a fill range was zeroed"
+    assert "zero" not in guest.events[len(guest.events) - len(guest.written):]
+    # ...and the last write is the host fields (the commit)
+    assert (guest.written[-1][0], len(guest.written[-1][1])) == host
+    assert guest.events[-1] == "write"
     assert rep.pages == sum(n for _g, n in guest.zeroed) // P
+    assert (rep.fill_ranges, rep.fill_bytes) == (len(fills), sum(n for _g, n in fills))
+
+
+def _valid_fills(image: bytes, region: Region, memmap: GuestMemoryMap) -> list[tuple[int, int]]:
+    from vmwipe.protocol import decode_table
+
+    return [(f.gpa, f.length) for f in decode_table(image, region, memmap.pairs(),
+                                                    strict=False).fills]
 
 
 def _valid_spans(image: bytes, region: Region, memmap: GuestMemoryMap,

@@ -26,12 +26,13 @@ KMOD_SOURCES = ("Kbuild", "vmwipe_core.c", "crng.c", "crng.h", "vmwipe.h", "vmwi
 KMODS = ("vmwipe.ko", "vmwipe_kapi_test.ko")
 EXAMPLE_SOURCES = ("vmwipe.c", "vmwipe.h", "drbg.c", "drbg.h", "drbg_stream.c", "vmwipe_test.c",
                    "retrofit_test.c", "wof_probe.c", "bssl_stream.c", "preload/vmwipe_preload.c",
-                   "probe.h")
+                   "probe.h", "crng_stream.c")
 UAPI_HEADER = "vmwipe_uapi.h"  # in guest_kmod/, the ioctl ABI the programs use
 PROGRAMS: dict[str, tuple[str, ...]] = {
     "drbg_stream": ("drbg_stream.c", "drbg.c", "vmwipe.c"),
     "vmwipe_test": ("vmwipe_test.c", "vmwipe.c"),
     "retrofit_test": ("retrofit_test.c",),
+    "crng_stream": ("crng_stream.c", "vmwipe.c"),
 }
 # Linked dynamically, so that LD_PRELOAD works: /bin/NAME in the guest, with
 # the C library and the dynamic loader next to them.
