@@ -188,6 +188,7 @@ class GuestConfig:
     incoming: Path | None = None
     extra_args: tuple[str, ...] = ()  # appended to the QEMU command line
     cmdline: tuple[str, ...] = ()  # appended to the guest kernel's command line
+    vmgenid: bool = True  # -device vmgenid,guid=auto (a new GUID in every QEMU process)
 
 
 class Guest:
@@ -230,8 +231,9 @@ class Guest:
             "-kernel", str(cfg.image.kernel.image), "-initrd", str(cfg.image.initramfs),
             "-append", append,
             "-acpitable", f"file={tmp / 'ssdt.aml'}",
-            "-device", "vmgenid,guid=auto",
         ]
+        if cfg.vmgenid:
+            args += ["-device", "vmgenid,guid=auto"]
         if cfg.loader:
             args += ["-device", f"loader,file={tmp / 'zero.bin'},addr={self.region.base:#x},"
                      "force-raw=on"]

@@ -1,0 +1,298 @@
+"""The guest kernel's CRNG across clones (issue 15), measured with a real kernel and QEMU.
+
+One boot per setting of the vmgenid device (`-cpu qemu64`: no RDRAND, so nothing
+but the host can make clones diverge early).  In the guest, vmwipe.ko (which
+registers the kernel CRNG as fill ranges) and `crng_stream`: every 2 ms a
+getrandom() draw, a /proc/sys/kernel/random/uuid read and, on 6.11+, a vDSO
+getrandom() draw; a 32-byte getrandom() reseed key whenever its vmwipe page
+reads zero.  Its lines go to a second serial port whose socket is connected
+before `cont`, so everything a clone prints after resume is collected.
+
+`vmwipe save`, then N clones of that one file in each mode:
+
+- **v2**: `vmwipe clone -n N`: zero ranges zeroed, fill ranges (the kernel
+  CRNG) refilled with fresh host bytes, verified, committed, then `cont`;
+- **v1**: the same wipe without the fill ranges, which is what a v1 agent
+  does (zero ranges only);
+- **vmgenid**: no wipe, a plain restore with a new vmgenid GUID (only with
+  the device): the kernel reseeds itself some time after resume.
+
+A draw (a value of kind G, U, V or K) is *duplicated* when two clones printed
+it after resume.  The claim for v2: no K is duplicated and each clone has at
+most one duplicated draw per kind (one in flight when the VM stopped).  Every
+QEMU started here is killed by its PID before `close()` returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmwipe.host_agent import wipe as wipe_engine
+from vmwipe.host_agent.flows import AgentOptions, prepare_incoming, wipe_flow
+from vmwipe.host_agent.launcher import QemuProcess, start_qemu
+from vmwipe.host_agent.qmp import QMPSession
+
+from .build import GuestImage, build_guest_image, default_kernel
+from .e2e import Log, SerialTap, _kill_pid, _prctl, _wait_loaded, clone_argv, run_cli
+from .guest import Guest, GuestConfig, GuestError, default_accel
+
+CPU = "qemu64"
+LINE = re.compile(r"([GUVK]) (\d+) ([0-9a-f-]+)")
+KINDS = ("G", "U", "V", "K")
+KIND_NAMES = {"G": "getrandom()", "U": "random/uuid", "V": "vDSO getrandom()",
+              "K": "reseed key (getrandom(32) on a zeroed page)"}
+SYSFS = "/sys/class/misc/vmwipe"
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+@dataclass
+class ModeResult:
+    """One mode's N clones, compared with each other."""
+
+    mode: str
+    vmgenid: bool
+    clones: int
+    draws: dict[str, int] = field(default_factory=dict)  # kind -> lines after resume, all clones
+    duplicated: dict[str, int] = field(default_factory=dict)  # kind -> lines shared by >= 2
+    max_dup_per_clone: dict[str, int] = field(default_factory=dict)
+    window_ms: float | None = None  # last duplicated line after `cont`, max over the clones
+    collected_ms: float = 0.0  # how long the clones were collected after `cont`
+
+    @property
+    def ok_v2(self) -> bool:
+        """The v2 claim: no shared reseed key, at most one in-flight draw per clone and kind,
+        and every clone reseeded (printed a K)."""
+        return (self.duplicated.get("K", 0) == 0
+                and all(n <= 1 for n in self.max_dup_per_clone.values())
+                and self.draws.get("K", 0) >= self.clones)
+
+
+def analyse(mode: str, vmgenid: bool, clones: Sequence[Sequence[tuple[float, str]]],
+            conts: Sequence[float]) -> ModeResult:
+    """Pure: which values two or more clones printed after resume, and until when."""
+    res = ModeResult(mode, vmgenid, len(clones))
+    owners: dict[tuple[str, str], set[int]] = defaultdict(set)
+    parsed: list[list[tuple[float, str, str]]] = []
+    for i, lines in enumerate(clones):
+        mine = []
+        for t, line in lines:
+            m = LINE.fullmatch(line.strip())
+            if m:
+                mine.append((t, m[1], m[3]))
+                owners[(m[1], m[3])].add(i)
+        parsed.append(mine)
+    last_dup: list[float] = []
+    for i, mine in enumerate(parsed):
+        per_kind: dict[str, int] = defaultdict(int)
+        for t, kind, value in mine:
+            res.draws[kind] = res.draws.get(kind, 0) + 1
+            if len(owners[(kind, value)]) > 1:
+                per_kind[kind] += 1
+                res.duplicated[kind] = res.duplicated.get(kind, 0) + 1
+                last_dup.append((t - conts[i]) * 1000)
+        for kind in {k for _t, k, _v in mine}:
+            res.max_dup_per_clone[kind] = max(res.max_dup_per_clone.get(kind, 0),
+                                              per_kind.get(kind, 0))
+    if last_dup:
+        res.window_ms = round(max(last_dup), 1)
+    if parsed and any(parsed):
+        res.collected_ms = round(min((m[-1][0] - c) * 1000 for m, c in zip(parsed, conts,
+                                                                           strict=True) if m), 1)
+    return res
+
+
+@contextlib.contextmanager
+def v1_agent() -> Iterator[None]:
+    """What a v1 agent does: zero ranges only, fill ranges left as they were."""
+    saved = wipe_engine.fill_ranges
+    wipe_engine.fill_ranges = lambda *args: None
+    try:
+        yield
+    finally:
+        wipe_engine.fill_ranges = saved
+
+
+class CrngScenario:
+    """Boot once (`vmgenid` or not), save once, resume N clones per mode.  A context manager."""
+
+    def __init__(self, vmgenid: bool, clones: int = 4, draws: int = 150, *,
+                 log: Log | None = None, image: GuestImage | None = None,
+                 accel: str | None = None, crng_refresh: bool = True) -> None:
+        self.vmgenid = vmgenid
+        self.n = clones
+        self.k = draws
+        self.log: Log = log or (lambda msg: None)
+        self.dir = Path(tempfile.mkdtemp(prefix="vmwipe-crng."))
+        self.accel = accel or default_accel()
+        self.crng_refresh = crng_refresh
+        kernel = default_kernel()
+        if image is None:
+            if kernel is None:
+                raise GuestError("no installed kernel with headers")
+            image = build_guest_image(kernel)
+        self.image = image
+        self.guest: Guest | None = None
+        self.snapshot = self.dir / "snapshot.state"
+        self.sysfs_state = ""
+        self.dmesg = ""
+        self._partial = ""
+        self._pids: list[int] = []
+        self._procs: list[QemuProcess] = []
+        self._taps: list[SerialTap] = []
+        self._tap: SerialTap | None = None
+
+    def __enter__(self) -> CrngScenario:
+        _prctl(_PR_SET_CHILD_SUBREAPER, 1)  # `vmwipe clone`'s QEMUs become ours to reap
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _kill_clones(self) -> None:
+        for tap in self._taps:
+            tap.close()
+        self._taps.clear()
+        for pid in self._pids:
+            _kill_pid(pid)
+        self._pids.clear()
+        for qp in self._procs:
+            qp.kill()
+        self._procs.clear()
+
+    def close(self) -> None:
+        self._kill_clones()
+        if self._tap is not None:
+            self._tap.close()
+            self._tap = None
+        if self.guest is not None:
+            self.guest.close()
+            self.guest = None
+        _prctl(_PR_SET_CHILD_SUBREAPER, 0)
+        subprocess.run(["rm", "-rf", str(self.dir)], check=False)
+
+    def boot_and_save(self) -> None:
+        extra = ("-cpu", CPU,
+                 "-chardev", f"socket,id=drbg,path={self.dir}/drbg.sock,server=on,wait=off",
+                 "-serial", "chardev:drbg",
+                 "-qmp", f"unix:{self.dir}/agent.qmp,server=on,wait=off")
+        self.log(f"booting ({CPU}, {'with' if self.vmgenid else 'without'} vmgenid)")
+        g = Guest(GuestConfig(self.image, cpus=1, accel=self.accel, extra_args=extra,
+                              vmgenid=self.vmgenid))
+        self.guest = g.__enter__()
+        self._tap = SerialTap(f"{self.dir}/drbg.sock", log=self.dir / "original.ttyS1")
+        assert g.console is not None
+        param = "" if self.crng_refresh else " crng_refresh=0"
+        g.console.check(f"insmod /vmwipe.ko{param}")
+        self.sysfs_state = g.console.check(f"cat {SYSFS}/crng_refresh").strip()
+        self.dmesg = g.console.check("dmesg | grep 'kernel CRNG'").strip()
+        g.console.check("stty -F /dev/ttyS1 raw -echo")
+        g.console.check("crng_stream -i 2 > /dev/ttyS1 2>/tmp/crng.err &")
+        self._wait_lines(self._tap, 50, 60)
+        r = run_cli("save", "--qmp", f"{self.dir}/agent.qmp", "--to", str(self.snapshot),
+                    "--json")
+        if r.returncode != 0:
+            raise GuestError(f"vmwipe save failed: {r.stderr.strip()}")
+        time.sleep(0.3)
+        _lines, self._partial = self._tap.snapshot()
+        self.log(f"  saved; sysfs crng_refresh: {self.sysfs_state}")
+
+    @staticmethod
+    def _wait_lines(tap: SerialTap, n: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while sum(1 for _t, ln in tap.snapshot()[0] if ln.startswith("G ")) < n:
+            if time.monotonic() > deadline:
+                tail = "\n".join(ln for _t, ln in tap.snapshot()[0][-5:])
+                raise GuestError(f"fewer than {n} draws in {timeout} s; tail:\n{tail}")
+            time.sleep(0.1)
+
+    def _attach(self, d: Path, i: int) -> SerialTap:
+        tap = SerialTap(f"{d}/drbg-{i}.sock", prefix=self._partial, log=d / f"clone-{i}.ttyS1")
+        self._taps.append(tap)
+        return tap
+
+    def _clone_cli(self, d: Path, argv: list[str]) -> list[str]:
+        """`vmwipe clone -n N` as a user runs it; the clones' QMP sockets."""
+        r = run_cli("clone", str(self.snapshot), "-n", str(self.n), "--dir", str(d), "--json",
+                    "--", *argv, timeout=600)
+        if r.returncode != 0:
+            raise GuestError(f"vmwipe clone failed ({r.returncode}): {r.stderr[-500:]}")
+        clones = json.loads(r.stdout)["clones"]
+        self._pids += [int(c["pid"]) for c in clones]
+        return [str(c["qmp"]) for c in clones]
+
+    def _clone_inprocess(self, d: Path, argv_of: list[list[str]], wipe: bool) -> list[str]:
+        paths = []
+        for i, argv in enumerate(argv_of):
+            qp = start_qemu(argv, str(d / f"clone-{i}.qmp"), log_path=str(d / f"clone-{i}.log"),
+                            paused=True, incoming_defer=True)
+            self._procs.append(qp)
+            with QMPSession(qp.qmp_path) as s:
+                s.cmd("migrate-incoming", {"uri": prepare_incoming(s, str(self.snapshot))})
+                _wait_loaded(s)
+                if s.cmd("query-migrate").get("status") != "completed":
+                    raise GuestError(f"clone {i}: load failed: {qp.log_tail()}")
+                if wipe:
+                    with v1_agent():
+                        wipe_flow(s, AgentOptions(), do_resume=False)
+            paths.append(qp.qmp_path)
+        return paths
+
+    def run_mode(self, mode: str) -> ModeResult:
+        assert self.guest is not None
+        d = self.dir / mode
+        d.mkdir()
+        guid = "auto"
+        self.log(f"{mode}: {self.n} clones")
+        if mode == "v2":
+            qmps = self._clone_cli(d, clone_argv(self.guest.qemu_args(), d, guid))
+        else:
+            argvs = [clone_argv(self.guest.qemu_args(), d, guid, str(i)) for i in range(self.n)]
+            qmps = self._clone_inprocess(d, argvs, wipe=mode == "v1")
+        taps = [self._attach(d, i) for i in range(self.n)]
+        conts = []
+        for q in qmps:
+            with QMPSession(q) as s:
+                s.cmd("cont")
+                conts.append(time.monotonic())
+        for tap in taps:
+            self._wait_lines(tap, self.k, 120)
+        res = analyse(mode, self.vmgenid, [t.snapshot()[0] for t in taps], conts)
+        self._kill_clones()
+        self.log("  " + summary(res))
+        return res
+
+
+def summary(r: ModeResult) -> str:
+    parts = [f"{k} {r.duplicated.get(k, 0)}/{r.draws[k]} dup (max {r.max_dup_per_clone[k]}"
+             "/clone)" for k in KINDS if r.draws.get(k)]
+    window = "none" if r.window_ms is None else f"{r.window_ms} ms"
+    return (f"{r.mode:8} vmgenid={'on ' if r.vmgenid else 'off'} " + "; ".join(parts)
+            + f"; shared until {window} after cont (collected {r.collected_ms} ms)")
+
+
+def run(vmgenid_settings: Sequence[bool] = (False, True), clones: int = 4, draws: int = 150,
+        log: Log | None = None) -> list[dict[str, Any]]:
+    """Every mode for each vmgenid setting: v2 and v1 always, vmgenid where the device is."""
+    out: list[dict[str, Any]] = []
+    for vmgenid in vmgenid_settings:
+        with CrngScenario(vmgenid, clones, draws, log=log) as sc:
+            sc.boot_and_save()
+            for mode in ("v2", "v1", "vmgenid") if vmgenid else ("v2", "v1"):
+                res = sc.run_mode(mode)
+                out.append({**asdict(res), "ok_v2": res.ok_v2, "crng_refresh": sc.sysfs_state})
+    return out
+
+
+if __name__ == "__main__":  # python -m vmwipe.lab.crng
+    print(json.dumps(run(log=lambda m: print(m, file=sys.stderr)), indent=1))
