@@ -42,9 +42,11 @@ static int getrandom_all(void *buf, size_t len)
 }
 
 /*
- * The kernel reseeds its CRNG from vmgenid only when the ACPI notification is
- * handled, a moment after the clone resumes; RDRAND differs between clones at
- * once, so mix it in when the CPU offers it.
+ * With vmwipe.ko registering the kernel CRNG (sysfs crng_refresh "active"),
+ * getrandom() already differs between clones from their first instruction.
+ * Where it cannot (crng_refresh "unavailable"), the kernel reseeds only when
+ * vmgenid's notification is handled, a moment after resume; RDRAND differs
+ * between clones at once, so mix it in when the CPU offers it.
  */
 __attribute__((target("rdrnd")))
 static void mix_rdrand(uint32_t *key, unsigned int words)
@@ -125,6 +127,15 @@ int drbg_init(struct drbg *d)
 {
 	d->s = vmwipe_alloc(sizeof(*d->s));
 	return d->s ? 0 : -1;
+}
+
+int drbg_init_fill(struct drbg *d)
+{
+	d->s = vmwipe_alloc_fill(sizeof(*d->s));
+	if (!d->s)
+		return -1;
+	/* Seeded once here; after a clone the host's bytes are the new seed. */
+	return reseed(d->s);
 }
 
 void drbg_destroy(struct drbg *d)

@@ -1,11 +1,16 @@
 /* SPDX-License-Identifier: MIT */
 /*
- * A ChaCha20 DRBG whose key, counter and epoch live in a vmwipe page.
+ * A ChaCha20 DRBG whose key, counter and epoch live in a vmwipe page, in one
+ * of two styles:
  *
- * After the host wipes the page (a restored snapshot or a clone resumes),
- * the state reads as zero; the next call notices, reseeds from getrandom()
- * (mixed with RDRAND where the CPU has it) and picks a new random epoch, so
- * two clones never continue the same stream.
+ * - drbg_init(): a page the host zeroes. After a restore or a clone the state
+ *   reads as zero; the next call notices, reseeds from getrandom() (mixed with
+ *   RDRAND where the CPU has it) and picks a new random epoch.
+ * - drbg_init_fill(): a page the host fills with fresh random bytes (protocol
+ *   v2). The next call simply runs on with the host's key, counter and epoch:
+ *   no detection, no reseed, no syscall.
+ *
+ * Either way two clones never continue the same stream.
  */
 #ifndef VMWIPE_DRBG_H
 #define VMWIPE_DRBG_H
@@ -25,6 +30,7 @@ struct drbg_output {
 };
 
 int drbg_init(struct drbg *d);
+int drbg_init_fill(struct drbg *d);
 void drbg_destroy(struct drbg *d);
 
 /* Next output; reseeds first if the page was wiped. 0, or -1 and errno. */

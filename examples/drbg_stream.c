@@ -35,11 +35,14 @@ int main(int argc, char **argv)
 {
 	unsigned long long count = 0, emitted = 0;
 	long interval_ms = 100;
+	int opt, fill = 0;
 	struct drbg d;
-	int opt;
 
-	while ((opt = getopt(argc, argv, "n:i:")) != -1) {
+	while ((opt = getopt(argc, argv, "n:i:f")) != -1) {
 		switch (opt) {
+		case 'f':
+			fill = 1;
+			break;
 		case 'n':
 			count = strtoull(optarg, NULL, 0);
 			break;
@@ -47,11 +50,11 @@ int main(int argc, char **argv)
 			interval_ms = strtol(optarg, NULL, 0);
 			break;
 		default:
-			fprintf(stderr, "usage: %s [-n COUNT] [-i INTERVAL_MS]\n", argv[0]);
+			fprintf(stderr, "usage: %s [-f] [-n COUNT] [-i INTERVAL_MS]\n", argv[0]);
 			return 2;
 		}
 	}
-	if (drbg_init(&d)) {
+	if (fill ? drbg_init_fill(&d) : drbg_init(&d)) {
 		perror("drbg_stream: vmwipe_alloc");
 		return 1;
 	}

@@ -6,6 +6,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "vmwipe_uapi.h"
+
 static size_t round_to_pages(size_t size)
 {
 	size_t page = (size_t)sysconf(_SC_PAGESIZE);
@@ -13,7 +15,7 @@ static size_t round_to_pages(size_t size)
 	return (size + page - 1) & ~(page - 1);
 }
 
-void *vmwipe_alloc(size_t size)
+static void *vmwipe_map(size_t size, off_t offset)
 {
 	void *p;
 	int fd, err;
@@ -26,7 +28,7 @@ void *vmwipe_alloc(size_t size)
 	if (fd < 0)
 		return NULL;
 	/* Only MAP_SHARED is allowed; the mapping keeps the device open. */
-	p = mmap(NULL, round_to_pages(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	p = mmap(NULL, round_to_pages(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, offset);
 	err = errno;
 	close(fd);
 	if (p == MAP_FAILED) {
@@ -34,6 +36,16 @@ void *vmwipe_alloc(size_t size)
 		return NULL;
 	}
 	return p;
+}
+
+void *vmwipe_alloc(size_t size)
+{
+	return vmwipe_map(size, 0);
+}
+
+void *vmwipe_alloc_fill(size_t size)
+{
+	return vmwipe_map(size, VMWIPE_MMAP_FILL);
 }
 
 void vmwipe_free(void *p, size_t size)

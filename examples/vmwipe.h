@@ -17,7 +17,15 @@
 /* Zeroed, page-aligned memory of at least @size bytes; NULL and errno on error. */
 void *vmwipe_alloc(size_t size);
 
-/* Release memory from vmwipe_alloc(); @size as passed to it. */
+/*
+ * The same, but the host fills these pages with fresh random bytes instead of
+ * zeroing them (protocol v2 fill ranges): keep a DRBG key there and every
+ * restored image or clone runs on with a key of its own, with no detection
+ * code. Never use it for sentinels whose "wiped" signal is zero.
+ */
+void *vmwipe_alloc_fill(size_t size);
+
+/* Release memory from vmwipe_alloc() or vmwipe_alloc_fill(); @size as passed to it. */
 void vmwipe_free(void *p, size_t size);
 
 #endif

@@ -6,6 +6,8 @@
  *
  *   vmwipe_test hold N       map N pages, fill them, print their PFNs, then
  *                            SIGUSR1: munmap (prints UNMAPPED), SIGTERM: exit
+ *   vmwipe_test holdfill N   the same with fill pages (mmap at VMWIPE_MMAP_FILL);
+ *                            before the munmap it prints "DATA i HEX" (16 bytes)
  *   vmwipe_test fork         the child of fork() has no mapping
  *   vmwipe_test enospc       capacity gives ENOSPC, nothing half-published
  *   vmwipe_test cycles N     N map/unmap cycles leave used unchanged
@@ -36,6 +38,7 @@
 #include <unistd.h>
 
 #include "probe.h"
+#include "vmwipe_uapi.h"
 
 static long read_long(const char *path)
 {
@@ -85,9 +88,9 @@ static void on_usr1(int sig)
 	got_usr1 = 1;
 }
 
-static int cmd_hold(size_t n)
+static int cmd_hold(size_t n, off_t off)
 {
-	unsigned char *p = map_rw(n);
+	unsigned char *p = map(n, PROT_READ | PROT_WRITE, MAP_SHARED, off);
 	sigset_t block, old;
 	size_t i;
 
@@ -106,6 +109,14 @@ static int cmd_hold(size_t n)
 	fflush(stdout);
 	while (!got_usr1)
 		sigsuspend(&old);
+	for (i = 0; off && i < n; i++) {
+		size_t k;
+
+		printf("DATA %zu ", i);
+		for (k = 0; k < 16; k++)
+			printf("%02x", p[i * PAGE + k]);
+		printf("\n");
+	}
 	munmap(p, n * PAGE);
 	printf("UNMAPPED\n");
 	fflush(stdout);
@@ -356,7 +367,9 @@ int main(int argc, char **argv)
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	if (!strcmp(cmd, "hold") && arg > 0)
-		ret = cmd_hold((size_t)arg);
+		ret = cmd_hold((size_t)arg, 0);
+	else if (!strcmp(cmd, "holdfill") && arg > 0)
+		ret = cmd_hold((size_t)arg, VMWIPE_MMAP_FILL);
 	else if (!strcmp(cmd, "fork"))
 		ret = cmd_fork();
 	else if (!strcmp(cmd, "enospc"))

@@ -1,8 +1,8 @@
 """The guest kernel's CRNG across clones (issue 15), measured with a real kernel and QEMU.
 
-One boot per setting of the vmgenid device (`-cpu qemu64`: no RDRAND, so nothing
-but the host can make clones diverge early).  In the guest, vmwipe.ko (which
-registers the kernel CRNG as fill ranges) and `crng_stream`: every 2 ms a
+One boot per setting of the vmgenid device and of vmwipe.ko's `crng_refresh`
+(`-cpu qemu64`: no RDRAND, so nothing but the host can make clones diverge
+early).  In the guest, vmwipe.ko and `crng_stream`: every 2 ms a
 getrandom() draw, a /proc/sys/kernel/random/uuid read and, on 6.11+, a vDSO
 getrandom() draw; a 32-byte getrandom() reseed key whenever its vmwipe page
 reads zero.  Its lines go to a second serial port whose socket is connected
@@ -10,12 +10,14 @@ before `cont`, so everything a clone prints after resume is collected.
 
 `vmwipe save`, then N clones of that one file in each mode:
 
-- **v2**: `vmwipe clone -n N`: zero ranges zeroed, fill ranges (the kernel
-  CRNG) refilled with fresh host bytes, verified, committed, then `cont`;
-- **v1**: the same wipe without the fill ranges, which is what a v1 agent
-  does (zero ranges only);
+- **v2**: `vmwipe clone -n N` with `crng_refresh=1`: zero ranges zeroed, fill
+  ranges (the kernel CRNG) refilled with fresh host bytes, verified,
+  committed, then `cont`;
+- **v1**: the same with `crng_refresh=0`: the module registers no fill range
+  and forces no reseed, so the wipe is what v1 did (zero ranges only);
 - **vmgenid**: no wipe, a plain restore with a new vmgenid GUID (only with
-  the device): the kernel reseeds itself some time after resume.
+  the device and `crng_refresh=0`): the kernel reseeds itself some time after
+  resume.
 
 A draw (a value of kind G, U, V or K) is *duplicated* when two clones printed
 it after resume.  The claim for v2: no K is duplicated and each clone has at
@@ -25,7 +27,6 @@ QEMU started here is killed by its PID before `close()` returns.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import subprocess
@@ -33,13 +34,12 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmwipe.host_agent import wipe as wipe_engine
-from vmwipe.host_agent.flows import AgentOptions, prepare_incoming, wipe_flow
+from vmwipe.host_agent.flows import prepare_incoming
 from vmwipe.host_agent.launcher import QemuProcess, start_qemu
 from vmwipe.host_agent.qmp import QMPSession
 
@@ -112,17 +112,6 @@ def analyse(mode: str, vmgenid: bool, clones: Sequence[Sequence[tuple[float, str
     return res
 
 
-@contextlib.contextmanager
-def v1_agent() -> Iterator[None]:
-    """What a v1 agent does: zero ranges only, fill ranges left as they were."""
-    saved = wipe_engine.fill_ranges
-    wipe_engine.fill_ranges = lambda *args: None
-    try:
-        yield
-    finally:
-        wipe_engine.fill_ranges = saved
-
-
 class CrngScenario:
     """Boot once (`vmgenid` or not), save once, resume N clones per mode.  A context manager."""
 
@@ -186,7 +175,8 @@ class CrngScenario:
                  "-chardev", f"socket,id=drbg,path={self.dir}/drbg.sock,server=on,wait=off",
                  "-serial", "chardev:drbg",
                  "-qmp", f"unix:{self.dir}/agent.qmp,server=on,wait=off")
-        self.log(f"booting ({CPU}, {'with' if self.vmgenid else 'without'} vmgenid)")
+        self.log(f"booting ({CPU}, {'with' if self.vmgenid else 'without'} vmgenid, "
+                 f"crng_refresh={int(self.crng_refresh)})")
         g = Guest(GuestConfig(self.image, cpus=1, accel=self.accel, extra_args=extra,
                               vmgenid=self.vmgenid))
         self.guest = g.__enter__()
@@ -195,7 +185,7 @@ class CrngScenario:
         param = "" if self.crng_refresh else " crng_refresh=0"
         g.console.check(f"insmod /vmwipe.ko{param}")
         self.sysfs_state = g.console.check(f"cat {SYSFS}/crng_refresh").strip()
-        self.dmesg = g.console.check("dmesg | grep 'kernel CRNG'").strip()
+        self.dmesg = g.console.check("dmesg | grep 'kernel CRNG' || true").strip()
         g.console.check("stty -F /dev/ttyS1 raw -echo")
         g.console.check("crng_stream -i 2 > /dev/ttyS1 2>/tmp/crng.err &")
         self._wait_lines(self._tap, 50, 60)
@@ -231,7 +221,8 @@ class CrngScenario:
         self._pids += [int(c["pid"]) for c in clones]
         return [str(c["qmp"]) for c in clones]
 
-    def _clone_inprocess(self, d: Path, argv_of: list[list[str]], wipe: bool) -> list[str]:
+    def _restore_plain(self, d: Path, argv_of: list[list[str]]) -> list[str]:
+        """migrate-incoming and nothing else: what a hypervisor without vmwipe does."""
         paths = []
         for i, argv in enumerate(argv_of):
             qp = start_qemu(argv, str(d / f"clone-{i}.qmp"), log_path=str(d / f"clone-{i}.log"),
@@ -242,23 +233,27 @@ class CrngScenario:
                 _wait_loaded(s)
                 if s.cmd("query-migrate").get("status") != "completed":
                     raise GuestError(f"clone {i}: load failed: {qp.log_tail()}")
-                if wipe:
-                    with v1_agent():
-                        wipe_flow(s, AgentOptions(), do_resume=False)
             paths.append(qp.qmp_path)
         return paths
 
+    @property
+    def modes(self) -> tuple[str, ...]:
+        if self.crng_refresh:
+            return ("v2",)
+        return ("v1", "vmgenid") if self.vmgenid else ("v1",)
+
     def run_mode(self, mode: str) -> ModeResult:
-        assert self.guest is not None
+        """`v2` and `v1` are `vmwipe clone` (which one depends on crng_refresh at boot)."""
+        assert self.guest is not None and mode in self.modes
         d = self.dir / mode
         d.mkdir()
         guid = "auto"
         self.log(f"{mode}: {self.n} clones")
-        if mode == "v2":
+        if mode in ("v2", "v1"):
             qmps = self._clone_cli(d, clone_argv(self.guest.qemu_args(), d, guid))
         else:
             argvs = [clone_argv(self.guest.qemu_args(), d, guid, str(i)) for i in range(self.n)]
-            qmps = self._clone_inprocess(d, argvs, wipe=mode == "v1")
+            qmps = self._restore_plain(d, argvs)
         taps = [self._attach(d, i) for i in range(self.n)]
         conts = []
         for q in qmps:
@@ -281,14 +276,18 @@ def summary(r: ModeResult) -> str:
             + f"; shared until {window} after cont (collected {r.collected_ms} ms)")
 
 
-def run(vmgenid_settings: Sequence[bool] = (False, True), clones: int = 4, draws: int = 150,
+#: (vmgenid device, crng_refresh): the four boots that give every mode
+BOOTS = ((False, True), (False, False), (True, True), (True, False))
+
+
+def run(boots: Sequence[tuple[bool, bool]] = BOOTS, clones: int = 4, draws: int = 150,
         log: Log | None = None) -> list[dict[str, Any]]:
-    """Every mode for each vmgenid setting: v2 and v1 always, vmgenid where the device is."""
+    """Every mode of every boot: v2 and v1 with and without vmgenid, and vmgenid alone."""
     out: list[dict[str, Any]] = []
-    for vmgenid in vmgenid_settings:
-        with CrngScenario(vmgenid, clones, draws, log=log) as sc:
+    for vmgenid, refresh in boots:
+        with CrngScenario(vmgenid, clones, draws, log=log, crng_refresh=refresh) as sc:
             sc.boot_and_save()
-            for mode in ("v2", "v1", "vmgenid") if vmgenid else ("v2", "v1"):
+            for mode in sc.modes:
                 res = sc.run_mode(mode)
                 out.append({**asdict(res), "ok_v2": res.ok_v2, "crng_refresh": sc.sysfs_state})
     return out

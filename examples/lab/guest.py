@@ -401,10 +401,13 @@ class Guest:
         return gen
 
     def wipe(self) -> int:
-        """Zero every listed page and bump the generation (a restore's wipe, done live)."""
+        """Zero every listed page, fill every fill range with fresh random bytes, and bump
+        the generation (a restore's wipe, done live)."""
         table = self.table()
         pages = 0
         for gpa, size in table.ranges():
             self.write_phys(gpa, bytes(size))
             pages += size // 4096
+        for f in table.fills:
+            self.write_phys(f.gpa, os.urandom(f.length))
         return self.bump_generation(pages)

@@ -1,0 +1,113 @@
+"""vmwipe.ko's kernel-CRNG fill ranges and user-space fill pages, in a real guest.
+
+The module finds base_crng, input_pool and (6.11+) _vdso_rng_data, checks them
+with one forced reseed, and lists them as fill ranges.  The host proves the
+ranges are what they claim: it writes random bytes there (as a wipe does)
+and bumps the generation; the module then forces a reseed, which must turn the
+generation the host wrote into exactly that value + 1 and replace the key and
+the pool's chaining value.  One guest boot serves the whole file.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from vmwipe.lab import Guest, GuestConfig, GuestImage
+from vmwipe.lab.shell import sh, start, stop, wait_output
+from vmwipe.protocol import PAGE_SIZE, Table
+
+pytestmark = pytest.mark.slow
+
+SYSFS = "/sys/class/misc/vmwipe"
+
+
+@pytest.fixture(scope="module")
+def guest(image: GuestImage) -> Iterator[Guest]:
+    with Guest(GuestConfig(image, extra_args=("-cpu", "qemu64"))) as g:
+        assert g.console is not None
+        g.console.check("insmod /vmwipe.ko")
+        yield g
+
+
+def vdso(g: Guest) -> bool:
+    return "_vdso_rng_data" in sh(g, "grep -w _vdso_rng_data /proc/kallsyms || true")
+
+
+def crng_fills(g: Guest) -> Table:
+    table = g.table()
+    assert table.header is not None and table.header.version == 2
+    return table
+
+
+def test_registered_as_fill_ranges(guest: Guest) -> None:
+    g = guest
+    assert sh(g, f"cat {SYSFS}/crng_refresh").strip() == "active"
+    line = sh(g, "dmesg | grep 'kernel CRNG'")
+    assert "kernel CRNG registered: base_crng key+generation, input_pool" in line
+    table = crng_fills(g)
+    want = [32, 8, 32] + ([8] if vdso(g) else [])  # key, generation, pool h, vDSO generation
+    assert [f.length for f in table.fills] == want
+    key, gen = table.fills[0], table.fills[1]
+    assert gen.gpa - key.gpa in (32, 40)  # 6.1 keeps `birth` between them, 6.2+ does not
+    assert int(sh(g, f"cat {SYSFS}/used")) == len(table.fills) and table.ranges() == []
+
+
+def test_host_fill_then_module_reseed_hits_the_real_objects(guest: Guest) -> None:
+    """Write the fill ranges as a wipe does; the module's post-wipe reseed must act on
+    exactly those bytes: generation = what the host wrote + 1, new key, new pool h."""
+    g = guest
+    table = crng_fills(g)
+    g.wipe()
+    written = {f.index: g.read_phys(f.gpa, f.length) for f in table.fills}
+    key, gen, pool = table.fills[0], table.fills[1], table.fills[2]
+    host_gen = struct.unpack("<Q", written[gen.index])[0]
+    deadline = time.monotonic() + 10
+    while struct.unpack("<Q", g.read_phys(gen.gpa, 8))[0] == host_gen:
+        assert time.monotonic() < deadline, "the module did not reseed after the wipe"
+        time.sleep(0.05)
+    after = struct.unpack("<Q", g.read_phys(gen.gpa, 8))[0]
+    assert after == (host_gen + 1) % (1 << 64) or after == (host_gen + 2) % (1 << 64)
+    assert g.read_phys(key.gpa, 32) != written[key.index]
+    assert g.read_phys(pool.gpa, 32) != written[pool.index]
+    if len(table.fills) == 4:  # the vDSO generation follows base_crng's + 1
+        vgen = struct.unpack("<Q", g.read_phys(table.fills[3].gpa, 8))[0]
+        assert vgen == (after + 1) % (1 << 64)
+    # the guest's CRNG still works, and draws differ
+    a, b = (sh(g, "cat /proc/sys/kernel/random/uuid").strip() for _ in range(2))
+    assert a != b and re.fullmatch(r"[0-9a-f-]{36}", a)
+
+
+def test_user_fill_pages(guest: Guest) -> None:
+    """mmap at VMWIPE_MMAP_FILL: each page is one whole-page fill range; the host's bytes
+    are what the program reads, and unmapping unlists them."""
+    g = guest
+    before = len(crng_fills(g).fills)
+    start(g, "hf", "vmwipe_test holdfill 2")
+    out = wait_output(g, "hf", r"^HOLD READY$")
+    frames = [int(m, 16) for m in re.findall(r"^PFN \d+ (0x[0-9a-f]+)$", out, re.MULTILINE)]
+    table = crng_fills(g)
+    user = [f for f in table.fills if f.length == PAGE_SIZE]
+    assert sorted(f.gpa for f in user) == sorted(f << 12 for f in frames)
+    assert table.ranges() == []
+    g.wipe()
+    host = [g.read_phys(f << 12, 16).hex() for f in frames]
+    assert all(h != "5a" * 16 and h != "00" * 16 for h in host)
+    sh(g, "kill -USR1 $(cat /tmp/hf.pid)")
+    out = wait_output(g, "hf", r"^UNMAPPED$")
+    assert re.findall(r"^DATA \d+ ([0-9a-f]{32})$", out, re.MULTILINE) == host
+    assert len(crng_fills(g).fills) == before
+    stop(g, "hf")
+
+
+def test_parameter_turns_it_off(guest: Guest) -> None:
+    g = guest
+    sh(g, "rmmod vmwipe && insmod /vmwipe.ko crng_refresh=0")
+    assert sh(g, f"cat {SYSFS}/crng_refresh").strip() == "unavailable: disabled (crng_refresh=0)"
+    assert crng_fills(g).fills == [] and sh(g, f"cat {SYSFS}/used").strip() == "0"
+    sh(g, "rmmod vmwipe && insmod /vmwipe.ko")
+    assert sh(g, f"cat {SYSFS}/crng_refresh").strip() == "active"
