@@ -14,7 +14,7 @@ system-packages:
 $(STAMP): pyproject.toml host_agent/wipe/_pages.c
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,libvirt]'
+	$(BIN)/pip install -q -e '.[test,libvirt,chart]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

@@ -8,9 +8,16 @@ and resumed N times in three ways (see vmwipe.lab.e2e for the details):
   plain     migrate-incoming + cont, nothing tells the guest it was copied
   vmgenid   the same with a new vmgenid GUID: the kernel reseeds, userspace does not
 
-It prints what each step proves, a summary table, writes demo-out/result.json
-and demo-out/vmwipe-demo.png, and exits 0 only if every claim held.  Every
-QEMU it starts is killed by PID before it exits.
+Then the kernel-CRNG scenario (see vmwipe.lab.crng): a program draws
+getrandom(), /proc/sys/kernel/random/uuid and (6.11+) the vDSO getrandom(), and
+reseeds with getrandom(32) when its vmwipe page reads zero; N clones per mode,
+with protocol v2 (the host refills the kernel CRNG), v1 (zero ranges only) and
+vmgenid alone, with and without a vmgenid device.
+
+It prints what each step proves, summary tables, writes demo-out/result.json,
+demo-out/vmwipe-demo.png and demo-out/vmwipe-crng.png, and exits 0 only if
+every claim held.  The guest CPU is plain qemu64 (no RDRAND).  Every QEMU it
+starts is killed by PID before it exits.
 """
 
 from __future__ import annotations
@@ -23,8 +30,9 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
-from typing import TextIO
+from typing import Any, TextIO
 
+from vmwipe.lab import crng
 from vmwipe.lab.e2e import CPU, MODES, RESEED_MSG, Scenario, ScenarioResult
 from vmwipe.lab.shell import missing_prerequisite
 
@@ -124,6 +132,59 @@ def summary(res: ScenarioResult, out: TextIO) -> None:
     print("\ntimings (s): " + ", ".join(f"{k} {v}" for k, v in t.items()), file=out)
 
 
+CRNG_MODES = {"v2": "vmwipe v2 (kernel CRNG refilled)", "v1": "vmwipe v1 (zero ranges only)",
+              "vmgenid": "vmgenid alone (no wipe)"}
+
+
+def crng_summary(rows: list[dict[str, Any]], out: TextIO) -> None:
+    """The kernel-CRNG table: draws after resume that two or more clones printed."""
+    print("\nKernel CRNG across clones: values printed after resume by 2+ clones "
+          "(of all collected; max per clone)", file=out)
+    hdr = (f"{'mode':<33} {'vmgenid':<7} {'getrandom()':>13} {'random/uuid':>13} "
+           f"{'vDSO':>13} {'reseed key':>10} {'shared until':>24}")
+    print(hdr, file=out)
+    print("-" * len(hdr), file=out)
+    for r in rows:
+        cells = []
+        for kind in ("G", "U", "V", "K"):
+            n = r["draws"].get(kind, 0)
+            cells.append("-" if not n else
+                         f"{r['duplicated'].get(kind, 0)}/{n} ({r['max_dup_per_clone'][kind]})")
+        w = r["window_ms"]
+        until = "never shared" if w is None else f"{w} ms after cont"
+        if w is not None and w >= r["collected_ms"] - 50:
+            until = f">= {r['collected_ms']} ms (all)"
+        print(f"{CRNG_MODES[r['mode']]:<33} {'on' if r['vmgenid'] else 'off':<7} "
+              f"{cells[0]:>13} {cells[1]:>13} {cells[2]:>13} {cells[3]:>10} {until:>24}",
+              file=out)
+    print("(v2: at most one in-flight draw per clone may repeat, one computed before the "
+          "snapshot; a reseed key never may. 'shared until': host clock, `cont` to the last "
+          "shared line arriving.)", file=out)
+
+
+def crng_chart(rows: list[dict[str, Any]], path: Path) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no chart (pip install .[chart])"
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    labels = [f"{r['mode']}\nvmgenid {'on' if r['vmgenid'] else 'off'}" for r in rows]
+    shared = [sum(r["duplicated"].values()) for r in rows]
+    colors = {"v2": "tab:green", "v1": "tab:red", "vmgenid": "tab:orange"}
+    bars = ax.bar(labels, shared, color=[colors[r["mode"]] for r in rows])
+    ax.bar_label(bars)
+    ax.set_ylabel("draws printed by 2+ clones")
+    ax.set_title("kernel CRNG after resume: getrandom(), uuid, vDSO, reseed keys (-cpu qemu64)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"chart written to {path}"
+
+
 def chart(res: ScenarioResult, path: Path) -> str:
     """A PNG of the same figures (matplotlib); returns what happened, for the log."""
     try:
@@ -173,9 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true",
                    help="print the full result as JSON on stdout (progress goes to stderr)")
     p.add_argument("--cpu", default=CPU, metavar="MODEL",
-                   help="guest CPU model (default %(default)s). The DRBG reseeds from getrandom() "
-                   "mixed with RDRAND; without RDRAND (e.g. plain qemu64) clones that reseed "
-                   "before the kernel has handled vmgenid draw from the same duplicated CRNG")
+                   help="guest CPU model of the DRBG scenario (default %(default)s, no RDRAND: "
+                   "the DRBG reseeds from getrandom(), which the host refreshed)")
+    p.add_argument("--no-kernel-crng", action="store_true",
+                   help="skip the kernel-CRNG scenario (four more boots)")
     p.add_argument("--out-dir", default="demo-out", type=Path,
                    help="where result.json and the chart go (default demo-out/)")
     args = p.parse_args(argv)
@@ -195,10 +257,15 @@ def main(argv: list[str] | None = None) -> int:
     shm_before = set(os.listdir("/dev/shm"))
     old = signal.signal(signal.SIGTERM, _on_term)
     pids: list[int] = []
+    rows: list[dict[str, Any]] = []
     try:
         with Scenario(args.clones, args.outputs, log=log, cpu=args.cpu) as sc:
             res = sc.run()
             pids = [r.pid for runs in res.runs.values() for r in runs]
+        if not args.no_kernel_crng:
+            log("kernel CRNG: four boots (vmgenid off/on x crng_refresh 1/0), "
+                f"{args.clones} clones per mode")
+            rows = crng.run(clones=args.clones, log=log)
     except (_Terminated, KeyboardInterrupt):
         print("demo: interrupted; every QEMU it started was killed", file=sys.stderr)
         return 130
@@ -211,13 +278,22 @@ def main(argv: list[str] | None = None) -> int:
     new_shm = sorted(set(os.listdir("/dev/shm")) - shm_before)
     res.claims["cleanup: no clone QEMU left running"] = not alive
     res.claims["cleanup: nothing new in /dev/shm"] = not new_shm
+    for r in rows:
+        if r["mode"] == "v2":
+            res.claims[f"kernel CRNG, v2, vmgenid {'on' if r['vmgenid'] else 'off'}: no reseed "
+                       "key and no draw after resume shared beyond one in flight"] = r["ok_v2"]
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "result.json").write_text(json.dumps(res.to_dict(), indent=2) + "\n")
+    doc = {**res.to_dict(), "kernel_crng": rows}
+    (args.out_dir / "result.json").write_text(json.dumps(doc, indent=2) + "\n")
+    if rows:
+        crng_summary(rows, out)
     summary(res, out)
     log(chart(res, args.out_dir / "vmwipe-demo.png"))
+    if rows:
+        log(crng_chart(rows, args.out_dir / "vmwipe-crng.png"))
     log(f"full result in {args.out_dir / 'result.json'}")
     if args.json:
-        print(json.dumps(res.to_dict(), indent=2))
+        print(json.dumps(doc, indent=2))
     ok = res.ok()
     print(f"\ndemo: {'all claims held' if ok else 'SOME CLAIMS FAILED'}", file=out)
     return 0 if ok else 1

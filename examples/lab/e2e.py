@@ -22,12 +22,12 @@ resume is lost.  `analyse()` is pure (tested on synthetic data); `Scenario`
 drives QEMU.  Every QEMU started here is killed by its PID, and reaped, before
 `Scenario.close()` returns.
 
-Why `-cpu qemu64,+rdrand`: the guest kernel's CRNG is part of the snapshot,
-so until vmgenid has been handled every clone's `getrandom()` returns the same
-bytes.  The DRBG mixes RDRAND into its new seed, which differs per clone from
-the first instruction (real x86 CPUs all have it; TCG's default model lacks it).
-Measured with `cpu="qemu64"`: all four vmwipe clones reseeded to the same epoch
-and printed the same values, so the claims fail there, as they should.
+Why plain `-cpu qemu64` (no RDRAND) works: the guest kernel's CRNG is part of
+the snapshot, but vmwipe.ko registers it as protocol v2 fill ranges, so every
+clone's `getrandom()` differs from its first instruction (the host refilled the
+CRNG key and generation while it was paused).  Before v2 (or with
+`crng_refresh=0`) the DRBG needed RDRAND: all four vmwipe clones reseeded to
+the same epoch and printed the same values on plain qemu64.
 
 The integrity "before" image is the original, paused right after the save:
 the state every clone loads, except 16 bytes (the vmgenid GUID QEMU writes into
@@ -66,7 +66,7 @@ from .build import GuestImage, build_guest_image, default_kernel
 from .guest import Console, Guest, GuestConfig, GuestError, default_accel
 
 PAGE = 4096
-CPU = "qemu64,+rdrand"
+CPU = "qemu64"
 DRBG_INTERVAL_MS = 1  # paced so the UART drains between lines: at most one line in flight
 DRBG_LINE = re.compile(r"([0-9a-f]{16}) (\d+) ([0-9a-f]{16})")
 RESEED_MSG = "crng reseeded due to virtual machine fork"
