@@ -9,17 +9,19 @@ zero and everything else intact, and must come with a sidecar that a later
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_migstream import QEMU10, Vm, needs_qemu, needs_qemu10
-from test_scrub import REGION, Saved, check_restored, plant_and_save, run_cli
+from test_migstream import QEMU10, Vm, needs_qemu, needs_qemu10, restore
+from test_scrub import PAGE, REGION, Saved, check_restored, plant_and_save, run_cli
 
 from vmwipe.host_agent.errors import InvalidTableError, MigrationError, VMStateError
 from vmwipe.host_agent.flows.save_scrub import save_scrubbed
 from vmwipe.host_agent.snapshot.scrub import scrub_file
 from vmwipe.host_agent.snapshot.sidecar import read_sidecar, sidecar_path
+from vmwipe.protocol import build_region, encode_ssdt
 
 
 @pytest.fixture
@@ -173,3 +175,44 @@ def test_listed_block_missing_from_qemu_is_refused() -> None:
         stream_block_names({"hi"}, ["pc.ram"])
     with pytest.raises(MigrationError, match="matches 2"):
         stream_block_names({"m"}, ["a/m", "b/m"])
+
+
+@needs_qemu
+def test_fill_ranges_get_random_bytes_never_zeros(tmp_path: Path, vms: list[Vm]) -> None:
+    """Protocol v2: `vmwipe scrub` and `save --scrub` write fresh random bytes over every
+    fill range (8 and 32 bytes inside a page, as the kernel CRNG's), never zeros; the
+    rest of that page is kept, and two runs write different bytes."""
+    args = ["-M", "pc", "-m", "512M"]
+    ssdt = tmp_path / "vmwipe.aml"
+    ssdt.write_bytes(encode_ssdt(REGION.base, REGION.size))
+    full = [*args, "-acpitable", f"file={ssdt}"]
+    vm = Vm(tmp_path, full)
+    vms.append(vm)
+    page, fills = 0x600_0000, [(0x600_0008, 8), (0x600_0020, 32)]
+    vm.write(page, b"\xa5" * PAGE)
+    vm.write(0x200_0000, os.urandom(PAGE))
+    vm.write(REGION.base, build_region(REGION.size, [(0x200_0000, 1)], fills=fills))
+
+    def filled(path: Path) -> bytes:
+        got = restore(tmp_path, full, path)
+        vms.append(got)
+        data = got.read(page, PAGE)
+        rest = bytearray(data)
+        for g, n in fills:
+            rest[g - page : g - page + n] = b"\xa5" * n
+        assert bytes(rest) == b"\xa5" * PAGE, "bytes beside a fill range changed"
+        assert got.read(0x200_0000, PAGE) == bytes(PAGE)
+        out = b"".join(data[g - page : g - page + n] for g, n in fills)
+        assert out.count(0) < 8 and out.count(0xA5) < 8, "fill range zeroed or kept"
+        return out
+
+    plain = tmp_path / "plain.sav"
+    vm.save(plain)
+    rep = scrub_file(str(plain))
+    assert rep.fill_ranges == 2 and not rep.noop
+    first = filled(plain)
+    vm.qmp.cmd("cont")
+    out = tmp_path / "scrubbed.sav"
+    srep = save_scrubbed(vm.qmp, str(out))
+    assert srep.fill_ranges == 2
+    assert filled(out) != first

@@ -3,7 +3,9 @@
 Scrubbing after the fact (`vmwipe scrub`) still lets the secrets touch the
 disk, and a filesystem with snapshots, a copy-on-write layer or a backup run
 can keep them.  Here QEMU migrates into a pipe this process reads, and the
-listed pages are replaced by zeros on their way to the file.
+listed pages are replaced by zeros on their way to the file, and the bytes of
+every fill range (protocol v2: the kernel CRNG) by fresh random bytes, never
+zeros.  A fill range in a page the stream carries as a ZERO record stays zero.
 
 The table must be known before its pages go by, but in a single-pass stream
 the region may well come after the secret pages.  So the VM is stopped first
@@ -33,7 +35,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -46,6 +48,7 @@ from vmwipe.protocol import (
     decode_table,
     encode_host_fields,
 )
+from vmwipe.protocol.table import Fill
 
 from ..atomic import fsync_dir
 from ..errors import InvalidTableError, MigrationError, VMStateError
@@ -105,6 +108,7 @@ class SaveScrubReport:
     pages: int  # listed pages
     zeroed_copies: int  # PAGE records written as zeros
     blocks: dict[str, str]  # flat-view name of each listed RAM block -> its name in the stream
+    fill_ranges: int  # v2 fill ranges saved with fresh random bytes (never zeros)
     generation: int | None  # wipe_generation stored in the saved header (None: not bumped)
     state_before: str
     state_after: str
@@ -174,6 +178,17 @@ def ramblock_names(session: Monitor) -> list[str]:
     return [ln.split()[0] for ln in lines[1:] if ln.strip()]
 
 
+def fill_patches(memmap: GuestMemoryMap, fills: Iterable[Fill]
+                 ) -> dict[tuple[str, int], list[tuple[int, bytes]]]:
+    """Fresh random bytes over every fill range, as page patches of the saved stream
+    (SPEC.md, "Scrub": never zeros -- a zeroed CRNG key is a key everyone knows)."""
+    out: dict[tuple[str, int], list[tuple[int, bytes]]] = {}
+    for f in fills:
+        ((block, off),) = listed_pages(memmap, [(f.gpa - f.gpa % PAGE_SIZE, 1)])
+        out.setdefault((block, off), []).append((f.gpa % PAGE_SIZE, os.urandom(f.length)))
+    return out
+
+
 def verify_scrubbed(path: str, pages: set[tuple[str, int]]) -> StreamIndex:
     """Walk the written file completely and check every copy of a listed page is zero."""
     fd, mm = open_mapped(path)
@@ -207,7 +222,7 @@ class _Plan:
     table: Table
     pages: set[tuple[str, int]]  # (RAM block as the stream names it, byte offset)
     blocks: dict[str, str]  # flat-view name of each listed RAM block -> its name in the stream
-    patches: dict[tuple[str, int], tuple[int, bytes]]
+    patches: dict[tuple[str, int], list[tuple[int, bytes]]]
     generation: int | None
 
 
@@ -243,19 +258,20 @@ def _plan(session: SaveMonitor, region: Region | None, strict: bool, bump: bool)
         log.warning("skipping invalid slot: %s", err)
     flat_pages = listed_pages(memmap, [(s.gpa, s.npages) for s in table.slots])
     header_page = listed_pages(memmap, [(region.base, 1)])
-    blocks = stream_block_names({b for b, _off in flat_pages | header_page},
+    flat_fills = fill_patches(memmap, table.fills)
+    blocks = stream_block_names({b for b, _off in flat_pages | header_page | set(flat_fills)},
                                 ramblock_names(session))
     pages = {(blocks[b], off) for b, off in flat_pages}
     # The saved state is wiped state: as after a verified wipe at resume, its header
     # carries wipe_generation + 1 and wipe_pages, so the guest module notifies its
     # users after a plain restore too.  QEMU sends the header page like any other.
-    patches: dict[tuple[str, int], tuple[int, bytes]] = {}
+    patches = {(blocks[b], off): patch for (b, off), patch in flat_fills.items()}
     generation: int | None = None
     if bump and table.header is not None and pages:
         generation = table.header.wipe_generation + 1
         ((hblock, hoff),) = header_page
-        patches[(blocks[hblock], hoff)] = (WIPE_GENERATION_OFFSET,
-                                           encode_host_fields(generation, len(pages)))
+        patches[(blocks[hblock], hoff)] = [(WIPE_GENERATION_OFFSET,
+                                            encode_host_fields(generation, len(pages)))]
     return _Plan(region, memmap, table, pages, blocks, patches, generation)
 
 
@@ -350,6 +366,7 @@ def save_scrubbed(session: SaveMonitor, path: str, *, region: Region | None = No
         region={"base": plan.region.base, "size": plan.region.size},
         table="absent" if plan.table.header is None else "valid", slots=len(plan.table.slots),
         pages=len(plan.pages), zeroed_copies=idx.zeroed_pages, blocks=plan.blocks,
+        fill_ranges=len(plan.table.fills),
         generation=plan.generation if idx.patched_pages else None, state_before=state_before,
         state_after=session.status(), qemu_version=qemu_version, timings_ms=phases.at_ms,
     )

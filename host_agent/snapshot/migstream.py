@@ -242,7 +242,7 @@ class Source(Protocol):
 
     def page(self, n: int, zero: bool) -> None: ...
 
-    def page_patch(self, n: int, at: int, data: bytes) -> None: ...
+    def page_patch(self, n: int, patch: list[tuple[int, bytes]]) -> None: ...
 
     def peek(self) -> int | None: ...
 
@@ -281,7 +281,7 @@ class FileSource:
     def page(self, n: int, zero: bool) -> None:
         self.skip(n, "page data")
 
-    def page_patch(self, n: int, at: int, data: bytes) -> None:
+    def page_patch(self, n: int, patch: list[tuple[int, bytes]]) -> None:
         self.skip(n, "page data")
 
     def peek(self) -> int | None:
@@ -405,13 +405,14 @@ class PipeSource:
         else:
             self._off += n
 
-    def page_patch(self, n: int, at: int, data: bytes) -> None:
-        """Forward a page with `data` written over its bytes at `at`."""
+    def page_patch(self, n: int, patch: list[tuple[int, bytes]]) -> None:
+        """Forward a page with each `data` of `patch` written over its bytes at `at`."""
         if len(self._buf) - self._off < n:
             self._refill(n, "page data")
         self._flush()
         page = bytearray(self._buf[self._off:self._off + n])
-        page[at:at + len(data)] = data
+        for at, data in patch:
+            page[at:at + len(data)] = data
         self.sink.write(page)
         self._off += n
         self._sent = self._off
@@ -617,9 +618,9 @@ class StreamWalker:
     def __init__(self, src: Source, index: StreamIndex, *,
                  zero_page: ZeroPredicate | None = None, stop_after_ram: bool = False,
                  progress: Callable[[int], None] | None = None, record: bool = True,
-                 patches: dict[tuple[str, int], tuple[int, bytes]] | None = None) -> None:
+                 patches: dict[tuple[str, int], list[tuple[int, bytes]]] | None = None) -> None:
         self.src = src
-        self.patches = patches or {}  # (block, offset) -> (offset in page, bytes) (pipe mode)
+        self.patches = patches or {}  # (block, offset) -> [(offset in page, bytes)] (pipe)
         self.record = record  # keep every page record in the index (file mode)
         self.idx = index
         self.zero_page = zero_page
@@ -835,7 +836,7 @@ class StreamWalker:
                         idx.zeroed_pages += 1
                     patch = self.patches.get((block.name, offset)) if self.patches else None
                     if patch is not None and not zero:
-                        src.page_patch(DEFAULT_PAGE_SIZE, patch[0], patch[1])
+                        src.page_patch(DEFAULT_PAGE_SIZE, patch)
                         idx.patched_pages += 1
                     else:
                         src.page(DEFAULT_PAGE_SIZE, zero)
@@ -1068,14 +1069,14 @@ def copies(idx: StreamIndex, wanted: set[tuple[int, int]]) -> Iterator[tuple[int
 
 def filter_stream(fd: int, sink: BinaryIO, zero_page: ZeroPredicate,
                   progress: Callable[[int], None] | None = None,
-                  patches: dict[tuple[str, int], tuple[int, bytes]] | None = None
+                  patches: dict[tuple[str, int], list[tuple[int, bytes]]] | None = None
                   ) -> StreamIndex:
     """Copy a stream from `fd` to `sink`, writing listed pages as zeros.
 
     RAM records are parsed and rewritten; after the `ram` END section the
     remaining device state is copied verbatim (see the module docstring).
-    `patches` maps (block, page offset) to (offset in the page, bytes) written
-    over every copy of that page (the vmwipe header's host fields).
+    `patches` maps (block, page offset) to [(offset in the page, bytes)] written
+    over every copy of that page (the vmwipe header's host fields, fill ranges).
     """
     src = PipeSource(fd, sink, progress)
     idx = StreamIndex(start=0)
