@@ -138,7 +138,7 @@ CRNG_MODES = {"v2": "vmwipe v2 (kernel CRNG refilled)", "v1": "vmwipe v1 (zero r
 
 def crng_summary(rows: list[dict[str, Any]], out: TextIO) -> None:
     """The kernel-CRNG table: draws after resume that two or more clones printed."""
-    print("\nKernel CRNG across clones: values printed after resume by 2+ clones "
+    print("\nKernel CRNG across clones: values drawn after resume by 2+ clones "
           "(of all collected; max per clone)", file=out)
     hdr = (f"{'mode':<33} {'vmgenid':<7} {'getrandom()':>13} {'random/uuid':>13} "
            f"{'vDSO':>13} {'reseed key':>10} {'shared until':>24}")
@@ -157,9 +157,9 @@ def crng_summary(rows: list[dict[str, Any]], out: TextIO) -> None:
         print(f"{CRNG_MODES[r['mode']]:<33} {'on' if r['vmgenid'] else 'off':<7} "
               f"{cells[0]:>13} {cells[1]:>13} {cells[2]:>13} {cells[3]:>10} {until:>24}",
               file=out)
-    print("(v2: at most one in-flight draw per clone may repeat, one computed before the "
-          "snapshot; a reseed key never may. 'shared until': host clock, `cont` to the last "
-          "shared line arriving.)", file=out)
+    print("(draws made after resume: from the iteration that found the page wiped on; lines "
+          "drawn before the snapshot and printed after it are not counted. 'shared until': "
+          "host clock, `cont` to the last shared line arriving.)", file=out)
 
 
 def crng_chart(rows: list[dict[str, Any]], path: Path) -> str:
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if r["mode"] == "v2":
             res.claims[f"kernel CRNG, v2, vmgenid {'on' if r['vmgenid'] else 'off'}: no reseed "
-                       "key and no draw after resume shared beyond one in flight"] = r["ok_v2"]
+                       "key and no draw made after resume shared by two clones"] = r["ok_v2"]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     doc = {**res.to_dict(), "kernel_crng": rows}
     (args.out_dir / "result.json").write_text(json.dumps(doc, indent=2) + "\n")

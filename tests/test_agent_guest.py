@@ -89,7 +89,11 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentGuest
         r = run_cli("inspect", "--qmp", g.agent_qmp, "--json")
         assert r.returncode == 0, r.stderr
         info = json.loads(r.stdout)["extra"]
-        assert info["registered"] and info["slots_used"] == 5 and info["errors"] == []
+        # 4 held pages, the poll waiter's page, and the kernel CRNG's fill ranges
+        fills = info["fill_ranges"]
+        assert [f["length"] for f in fills][:3] == [32, 8, 32]
+        assert info["registered"] and info["slots_used"] == 5 + len(fills)
+        assert info["errors"] == []
         assert {p * P for p in pfns} <= {s["gpa"] for s in info["slots"]}
 
         snap = d / "guest.state"
@@ -122,6 +126,7 @@ def test_restore_real_guest(saved: tuple[AgentGuest, Path, list[int]], tmp_path:
         assert r.returncode == 0, r.stderr
         rep = json.loads(r.stdout)
         assert rep["wipe"]["status"] == "wiped" and rep["wipe"]["pages"] == 5
+        assert rep["wipe"]["fill_ranges"] >= 3  # the kernel CRNG, refilled
         assert rep["wipe"]["generation_after"] == 1 and rep["state_after"] == "paused"
         with QMPSession(qp.qmp_path) as s:
             for pfn in pfns:

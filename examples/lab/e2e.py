@@ -545,7 +545,8 @@ class Scenario:
         self._socks: list[socket.socket] = []
         self._cut = 0  # index of the first line the original printed after the snapshot
         self._partial = ""
-        self._table: list[tuple[int, int]] = []
+        self._table: list[tuple[int, int]] = []  # zero ranges
+        self._fills: list[tuple[int, int]] = []  # fill ranges (the kernel CRNG): host bytes
         self._guid = ""
         self._pre_epochs: set[str] = set()
         self._original_after: list[Output] = []
@@ -666,7 +667,9 @@ class Scenario:
         self._pre_epochs = {o.epoch for o in pre.outputs}
         self.result.save_ms = round(sum(rep["timings_ms"].values()), 1)
         self.result.snapshot_bytes = self.snapshot.stat().st_size
-        self._table = g.table().ranges()
+        table = g.table()
+        self._table = table.ranges()
+        self._fills = [(f.gpa, f.length) for f in table.fills]
         self.log(f"  saved {self.result.snapshot_bytes >> 20} MiB in {self.result.save_ms:.0f} ms "
                  f"after {len(pre.outputs)} outputs; last epoch {self.result.old_epoch}, counter "
                  f"{pre.outputs[-1].counter}; {sum(s for _g, s in self._table) // PAGE} pages "
@@ -757,9 +760,10 @@ class Scenario:
         """
         assert self.guest is not None
         base = self.guest.region.base
-        exclude = [*self._table, (base + WIPE_GENERATION_OFFSET, HOST_FIELDS_SIZE)]
-        self.log("integrity: hashing all guest RAM of each paused clone except the listed pages "
-                 "and the header's host fields, against the snapshot's")
+        exclude = [*self._table, *self._fills, (base + WIPE_GENERATION_OFFSET, HOST_FIELDS_SIZE)]
+        self.log("integrity: hashing all guest RAM of each paused clone except the listed pages, "
+                 f"the {len(self._fills)} fill ranges (the kernel CRNG, refilled) and the "
+                 "header's host fields, against the snapshot's")
         guids: list[bytes] = []
         for c in clones:
             with QMPSession(c["qmp"]) as s:

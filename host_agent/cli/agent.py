@@ -146,7 +146,7 @@ def _fmt_report(rep: FlowReport) -> str:
         for e in w.invalid:
             lines.append(f"skipped: {e}")
     for k, v in rep.extra.items():
-        if k in ("slots", "ram_ranges"):
+        if k in ("slots", "ram_ranges", "fill_ranges"):
             continue
         if isinstance(v, dict) and set(v) == {"base", "size"}:
             v = f"{v['base']:#x}+{v['size']:#x}"  # a region, as the other commands spell it
@@ -156,6 +156,8 @@ def _fmt_report(rep: FlowReport) -> str:
             lines.append(f"ram {r['gpa']:#x}+{r['size']:#x} {r['block']} @{r['offset']:#x}")
         for s in rep.extra.get("slots", [])[:50]:
             lines.append(f"slot {s['index']}: {s['gpa']:#x} x{s['npages']}")
+        for f in rep.extra.get("fill_ranges", [])[:50]:
+            lines.append(f"fill {f['index']}: {f['gpa']:#x} {f['length']} bytes")
     lines.append("resumed" if rep.resumed else "VM left paused" if rep.command != "inspect" else "")
     lines.append("timings (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in rep.timings_ms.items()))
     return "\n".join(x for x in lines if x)

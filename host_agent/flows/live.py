@@ -241,6 +241,9 @@ def inspect_flow(session: QMPSession, opts: AgentOptions) -> FlowReport:
                 info["slots"] = [
                     {"index": s.index, "gpa": s.gpa, "npages": s.npages} for s in table.slots[:1000]
                 ]
+                info["fill_ranges"] = [
+                    {"index": f.index, "gpa": f.gpa, "length": f.length} for f in table.fills[:1000]
+                ]
                 info["errors"] = [str(e) for e in table.errors]
         rep.extra = info
     finally:
