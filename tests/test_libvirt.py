@@ -483,7 +483,7 @@ def _forge_table(env: Env) -> None:
         for i in range(0, len(slots), SLOT_SIZE):
             word = int.from_bytes(slots[i : i + 8], "little")
             if word & SLOT_VALID:
-                be.write(region.base + SLOTS_OFFSET + i, (word | 0x2).to_bytes(8, "little"))
+                be.write(region.base + SLOTS_OFFSET + i, (word | 0x4).to_bytes(8, "little"))
                 return
     raise AssertionError("no VALID slot in the guest's table (is drbg_stream running?)")
 

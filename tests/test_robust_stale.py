@@ -44,7 +44,9 @@ P = 4096
 def register_then_crash_reboot(g: AgentGuest) -> list[int]:
     """insmod, map 3 pages, then reboot at once (no .shutdown); wait for the new boot."""
     assert g.console is not None
-    sh(g.console, "insmod /vmwipe.ko")
+    # crng_refresh=0: the stale zero ranges are the hazard shown here (a stale table's
+    # fill ranges would name the old kernel's CRNG: the same hazard, the same guard)
+    sh(g.console, "insmod /vmwipe.ko crng_refresh=0")
     sh(g.console, "vmwipe_test hold 3 > /tmp/hold.out 2>&1 &")
     hold = wait_output(g.console, "hold", r"^HOLD READY$")
     pfns = [int(m, 16) for m in re.findall(r"^PFN \d+ (0x[0-9a-f]+)$", hold, re.MULTILINE)]
