@@ -97,16 +97,19 @@ static int crng_reseed(void)
 	return vfs_ioctl(crng_urandom, RNDRESEEDCRNG, 0);
 }
 
-static unsigned long crng_lookup(const char *name)
+typedef unsigned long (*kallsyms_fn)(const char *name);
+
+/* kallsyms_lookup_name is not exported (5.7+): a kprobe on it gives its address. */
+static kallsyms_fn crng_kallsyms(void)
 {
-	unsigned long (*lookup)(const char *name);
 	struct kprobe kp = { .symbol_name = "kallsyms_lookup_name" };
+	kallsyms_fn fn;
 
 	if (register_kprobe(&kp))
-		return 0;
-	lookup = (void *)kp.addr;
+		return NULL;
+	fn = (kallsyms_fn)kp.addr;
 	unregister_kprobe(&kp);
-	return lookup(name);
+	return fn;
 }
 
 static void crng_snap(const struct crng_objs *o, struct crng_snap *s)
@@ -159,17 +162,21 @@ static const char *crng_find(struct device *dev, struct crng_objs *o)
 {
 	struct crng_snap before, after;
 	const char *why = NULL;
+	kallsyms_fn lookup;
 	int i;
 
 	/* Under IBT an indirect call to kallsyms_lookup_name (sealed) traps. */
 	if (cpu_feature_enabled(X86_FEATURE_IBT))
 		return "IBT is enabled, kallsyms_lookup_name cannot be called";
-	o->base = (void *)crng_lookup("base_crng");
-	o->pool = (void *)crng_lookup("input_pool");
+	lookup = crng_kallsyms();
+	if (!lookup)
+		return "no kprobe on kallsyms_lookup_name";
+	o->base = (void *)lookup("base_crng");
+	o->pool = (void *)lookup("input_pool");
 	if (!o->base || !o->pool)
 		return "base_crng or input_pool not found by kallsyms_lookup_name";
 	if (IS_ENABLED(CONFIG_VDSO_GETRANDOM)) {
-		o->vdso = (void *)crng_lookup("_vdso_rng_data");
+		o->vdso = (void *)lookup("_vdso_rng_data");
 		if (!o->vdso)
 			return "_vdso_rng_data not found by kallsyms_lookup_name";
 	}
@@ -181,20 +188,27 @@ static const char *crng_find(struct device *dev, struct crng_objs *o)
 		crng_urandom = NULL;
 		return "cannot open /dev/urandom";
 	}
-	if (devm_add_action_or_reset(dev, crng_close, NULL))
-		return "out of memory";
 
 	/* A reseed of the kernel's own may interleave: try three times. */
 	for (i = 0; i < 3; i++) {
 		crng_snap(o, &before);
-		if (crng_reseed())
-			return "RNDRESEEDCRNG failed";
+		why = crng_reseed() ? "RNDRESEEDCRNG failed" : NULL;
+		if (why)
+			break;
 		crng_snap(o, &after);
 		why = crng_check(o, &before, &after);
 		if (!why)
 			break;
 	}
-	return why;
+	if (why) {
+		fput(crng_urandom);
+		crng_urandom = NULL;
+		return why;
+	}
+	/* Kept open for the reseed after each wipe. */
+	if (devm_add_action_or_reset(dev, crng_close, NULL))
+		return "out of memory";
+	return NULL;
 }
 
 void vmwipe_crng_probe(struct device *dev, struct vmwipe *vmw)
