@@ -42,6 +42,8 @@ def _human(rep: ScrubReport) -> str:
         if rep.stale_copies:
             body += (f"; {rep.stale_copies} older copies of pages that older copies of the "
                      "table listed")
+        if rep.fill_ranges:
+            body += f"; {rep.fill_ranges} fill ranges given fresh random bytes"
         if rep.generation is not None:
             body += f"; saved header: wipe_generation {rep.generation}"
         if rep.replaced:
@@ -131,7 +133,7 @@ def _human_save(rep: SaveScrubReport) -> str:
     gen = f", saved header wipe_generation {rep.generation}" if rep.generation else ""
     table = ("no vmwipe table (nothing registered)" if rep.table == "absent" else
              f"table: {rep.slots} slots, {rep.pages} pages; {rep.zeroed_copies} page copies "
-             f"written as zeros{gen}")
+             f"written as zeros, {rep.fill_ranges} fill ranges as fresh random bytes{gen}")
     return (f"save --scrub: {rep.path} ({rep.bytes} bytes), QEMU {rep.qemu_version}, "
             f"region {rep.region['base']:#x}+{rep.region['size']:#x}\n{table}\n"
             f"sidecar {rep.sidecar}; state {rep.state_before} -> {rep.state_after}; "
