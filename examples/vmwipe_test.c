@@ -211,7 +211,8 @@ static int cmd_errors(void)
 	expect_errno(p == MAP_FAILED, EINVAL, "MAP_PRIVATE");
 	p = map(1, PROT_READ | PROT_EXEC, MAP_SHARED, 0);
 	expect_errno(p == MAP_FAILED, EPERM, "PROT_EXEC");
-	p = map(1, PROT_READ | PROT_WRITE, MAP_SHARED, PAGE);
+	/* Offsets 0 and VMWIPE_MMAP_FILL are the two kinds of page; any other is refused. */
+	p = map(1, PROT_READ | PROT_WRITE, MAP_SHARED, 2 * VMWIPE_MMAP_FILL);
 	expect_errno(p == MAP_FAILED, EINVAL, "offset");
 	check(sysfs_long("used") == used, "refused mmaps used slots");
 
