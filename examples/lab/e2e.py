@@ -794,8 +794,9 @@ class Scenario:
                      f"{'==' if digest == ref else '!='} snapshot {ref[:16]}…, listed pages "
                      f"{'zero' if zero else 'NOT ZERO'}, wipe_generation "
                      f"{run.integrity['wipe_generation']}")
-        self.log("  -> the wipe changed nothing but the listed pages and the 16 header bytes the "
-                 "host owns, and the secret pages are zero before a single guest instruction ran")
+        self.log("  -> the wipe changed nothing but the listed pages, the fill ranges and the 16 "
+                 "header bytes the host owns, and the secret pages are zero before a single "
+                 "guest instruction ran")
 
     def _check_clone(self, d: Path, run: CloneRun) -> None:
         """Inside the clone: the poll() waiter woke, sysfs generation moved, the guest is fine."""
