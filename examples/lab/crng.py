@@ -44,9 +44,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmwipe.host_agent.flows import prepare_incoming
-from vmwipe.host_agent.launcher import QemuProcess, start_qemu
-from vmwipe.host_agent.qmp import QMPSession
+from vmwipe.host_agent.flows.live import prepare_incoming
+from vmwipe.host_agent.qemu.launcher import QemuProcess, start_qemu
+from vmwipe.host_agent.qemu.qmp import QMPSession
 
 from .build import GuestImage, build_guest_image, default_kernel
 from .e2e import Log, SerialTap, _kill_pid, _prctl, _wait_loaded, clone_argv, run_cli
