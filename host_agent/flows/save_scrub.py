@@ -42,13 +42,13 @@ from typing import Any, Protocol
 from vmwipe.protocol import (
     PAGE_SIZE,
     WIPE_GENERATION_OFFSET,
+    Fill,
     ProtocolError,
     Region,
     Table,
     decode_table,
     encode_host_fields,
 )
-from vmwipe.protocol.table import Fill
 
 from ..atomic import fsync_dir
 from ..errors import InvalidTableError, MigrationError, VMStateError
