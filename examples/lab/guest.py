@@ -189,6 +189,7 @@ class GuestConfig:
     extra_args: tuple[str, ...] = ()  # appended to the QEMU command line
     cmdline: tuple[str, ...] = ()  # appended to the guest kernel's command line
     vmgenid: bool = True  # -device vmgenid,guid=auto (a new GUID in every QEMU process)
+    qemu: str = QEMU  # the binary (a wrapper such as build/qemu10/qemu10 works too)
 
 
 class Guest:
@@ -224,7 +225,7 @@ class Guest:
             append += f" memmap={RESERVE_SIZE:#x}${RESERVE_BASE:#x}"
         append = " ".join((append, *cfg.cmdline))
         args = [
-            QEMU, "-machine", "pc", "-accel", cfg.accel, "-m", f"{cfg.memory_mib}M",
+            cfg.qemu, "-machine", "pc", "-accel", cfg.accel, "-m", f"{cfg.memory_mib}M",
             "-smp", str(cfg.cpus), "-nodefaults", "-no-user-config", "-display", "none",
             "-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con",
             "-qmp", f"unix:{tmp / 'qmp.sock'},server=on,wait=off",
