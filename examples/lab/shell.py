@@ -64,7 +64,9 @@ def wait_output(g: Guest | Console, name: str, pattern: str, timeout: float = 60
     """Poll a background command's output until `pattern` shows up."""
     deadline = time.monotonic() + timeout
     while True:
-        out = sh(g, f"cat /tmp/{name}.out")
+        # The background job opens its output file itself: on a loaded machine the first
+        # look may come before it has run at all.
+        out = sh(g, f"cat /tmp/{name}.out 2>/dev/null || true")
         if re.search(pattern, out, re.MULTILINE):
             return out
         if time.monotonic() > deadline:
