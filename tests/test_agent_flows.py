@@ -36,6 +36,7 @@ from vmwipe.protocol import PAGE_SIZE, build_region
 P = PAGE_SIZE
 G = 1 << 30
 SLOTS = [(0x200000, 4), (0x1000000, 16), (HIGH + 0x3000, 2)]
+LOW_SLOTS = SLOTS[:2]  # for a machine without the pc-dimm above 4 GiB
 SPANS = [(g, n * P) for g, n in SLOTS]
 
 pytestmark = pytest.mark.skipif(not qemu_available(), reason=f"{QEMU} not installed")
@@ -179,8 +180,11 @@ def test_save_then_restore_wipes_before_running(vms: list[VM], tmp_path: Path) -
 def test_restore_into_qemu_without_S_never_autostarts(vms: list[VM], tmp_path: Path) -> None:
     """A stream saved from a running VM autostarts a `-incoming defer` QEMU that lacks -S as
     soon as it is loaded; the agent must keep it paused until the wipe is verified."""
-    src = new_vm(vms, tmp_path / "src")
-    plant_marked(src)
+    # one RAM block: QEMU 10.0's TCG trips an assertion (tlb_reset_dirty_range_all) when it
+    # live-migrates a running VM with a pc-dimm
+    machine = ["-M", "pc", "-m", "512M"]
+    src = new_vm(vms, tmp_path / "src", machine)
+    src.plant(LOW_SLOTS)
     s = src.session()
     s.cmd("cont")  # SeaBIOS runs
     snap = tmp_path / "running.bin"
@@ -190,11 +194,12 @@ def test_restore_into_qemu_without_S_never_autostarts(vms: list[VM], tmp_path: P
     while s.cmd("query-migrate").get("status") != "completed":
         assert time.monotonic() < deadline, s.cmd("query-migrate")
         time.sleep(0.05)
-    dst = new_vm(vms, tmp_path / "dst", incoming=True, paused=False)
+    dst = new_vm(vms, tmp_path / "dst", machine, incoming=True, paused=False)
     r = run_cli("restore", "--qmp", dst.qmp, "--from", str(snap), "--no-resume", "--json")
     assert r.returncode == 0, r.stderr
     assert dst.status() == "paused"
-    assert_wiped(dst)
+    for g, n in LOW_SLOTS:
+        assert dst.pmemsave(g, n * P).count(0) == n * P
 
 
 def test_wipe_waits_for_incoming_migration(vms: list[VM], tmp_path: Path) -> None:
