@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from vmwipe.host_agent.flows.live import save_flow
+from vmwipe.host_agent.flows.save import save_flow
 from vmwipe.host_agent.flows.save_scrub import save_scrubbed
 from vmwipe.host_agent.flows.target import AgentOptions
 from vmwipe.host_agent.qemu.qmp import QMPSession

@@ -26,14 +26,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from vmwipe.host_agent.flows.live import (
-    finish_incoming,
-    prepare_incoming,
-    resume,
-    save_flow,
-    wait_incoming_done,
-)
+from vmwipe.host_agent.flows.incoming import finish_incoming, prepare_incoming
 from vmwipe.host_agent.flows.migration import migration_status
+from vmwipe.host_agent.flows.runstate import resume, wait_incoming_done
+from vmwipe.host_agent.flows.save import save_flow
 from vmwipe.host_agent.flows.target import AgentOptions, open_target
 from vmwipe.host_agent.qemu.launcher import QemuProcess, start_qemu
 from vmwipe.host_agent.qemu.qmp import QMPSession

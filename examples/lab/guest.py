@@ -30,7 +30,7 @@ from typing import IO, Any
 
 from qemu.qmp import QMPClient
 
-from vmwipe.host_agent.flows.live import stream_uses_mapped_ram
+from vmwipe.host_agent.flows.incoming import stream_uses_mapped_ram
 from vmwipe.protocol import (
     WIPE_GENERATION_OFFSET,
     Region,

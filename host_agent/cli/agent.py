@@ -22,14 +22,9 @@ from vmwipe.protocol import ProtocolError
 
 from ..errors import AgentError, Interrupted, UsageError, exit_code_help
 from ..flows.clone import clone_flow
-from ..flows.live import (
-    FlowReport,
-    inspect_flow,
-    loadvm_flow,
-    restore_flow,
-    save_flow,
-    wipe_flow,
-)
+from ..flows.live import inspect_flow, loadvm_flow, restore_flow, wipe_flow
+from ..flows.report import FlowReport
+from ..flows.save import save_flow
 from ..flows.target import AgentOptions
 from ..qemu.qmp import QMPSession
 from ..wipe.backends import BACKENDS

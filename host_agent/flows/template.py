@@ -30,8 +30,10 @@ from ..qemu.qmp import QMPSession
 from ..timing import Phases
 from ..wipe.engine import read_region, run_wipe
 from ..wipe.memmap import GuestMemoryMap
-from .live import FlowReport, _migrate_to_file, _new_report, _save_uri, _set_capability
+from .incoming import set_capability
 from .migration import full_bandwidth
+from .report import FlowReport, new_report
+from .save import migrate_to_file, save_uri
 from .target import AgentOptions, open_target
 from .template_manifest import DEVSTATE, FileIdentity, Manifest, sha256_file
 
@@ -119,7 +121,7 @@ def make_template(session: QMPSession, opts: AgentOptions, directory: str) -> tu
     """Scrub the VM's RAM file, save its device state into `directory`, quit QEMU, write
     the manifest.  Raises on any problem; until `quit`, the VM is left paused."""
     phases = Phases()
-    rep = _new_report("template", session)
+    rep = new_report("template", session)
     rep.state_before = session.status()
     if rep.state_before not in ("paused", "prelaunch", "running"):
         raise VMStateError(f"cannot make a template of a VM in state {rep.state_before!r}")
@@ -159,11 +161,11 @@ def make_template(session: QMPSession, opts: AgentOptions, directory: str) -> tu
 
     devstate = str(out / DEVSTATE)
     with full_bandwidth(session):
-        _set_capability(session, "events", True)
-        _set_capability(session, "x-ignore-shared", True)
+        set_capability(session, "events", True)
+        set_capability(session, "x-ignore-shared", True)
         session.clear_events()
-        uri, _mapped, _restore = _save_uri(session, devstate, False, rep.warnings)
-        _migrate_to_file(session, devstate, uri, opts.timeout)
+        uri, _mapped, _restore = save_uri(session, devstate, False, rep.warnings)
+        migrate_to_file(session, devstate, uri, opts.timeout)
     phases.mark("devstate")
     pid = session.pid
     try:

@@ -29,7 +29,6 @@ import random
 import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,15 +36,16 @@ from pathlib import Path
 
 from vmwipe.protocol import PAGE_SIZE, Region
 
-from ..errors import MigrationError, QMPCommandError, TemplateError, UsageError
-from ..qemu.launcher import QemuProcess, start_qemu
+from ..errors import QMPCommandError, TemplateError, UsageError
 from ..qemu.qmp import QMPSession
 from ..timing import Phases
 from ..wipe.backends import MemoryBackend, read_proc_maps
 from ..wipe.engine import run_wipe
-from .clone import CloneResult, CloneSet
-from .live import FlowReport, _new_report, _set_capability, incoming_uri, resume, wait_incoming_done
+from .fleet import CloneSet, run_fleet, stderr_progress
+from .incoming import incoming_uri, load_incoming, set_capability
 from .migration import migration_status
+from .report import FlowReport, new_report
+from .runstate import resume
 from .target import AgentOptions, open_target
 from .template_manifest import DEVSTATE, Manifest
 
@@ -54,10 +54,6 @@ from .template_manifest import DEVSTATE, Manifest
 FORBIDDEN_DEVICES = ("virtio-balloon", "virtio-mem")
 #: Pages of the file compared with the clone besides the region (chosen at random per clone).
 CANARY_PAGES = 8
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def qemu_version_of(binary: str) -> tuple[int, int]:
@@ -199,21 +195,15 @@ def prepare_clone(session: QMPSession, manifest: Manifest, directory: str, opts:
                   do_resume: bool, wipe: bool = True) -> FlowReport:
     """Checks, device-state load, canary, wipe, and `cont` with `do_resume`, on one clone."""
     phases = Phases()
-    rep = _new_report("clone-template", session)
+    rep = new_report("clone-template", session)
     rep.state_before = session.status()
     if rep.state_before != "inmigrate" or migration_status(session) not in ("none", ""):
         raise TemplateError("the clone QEMU must be started with -S -incoming defer")
     check_before_load(session, manifest)
     phases.mark("checks")
-    _set_capability(session, "events", True)
-    _set_capability(session, "x-ignore-shared", True)
-    session.clear_events()
-    session.cmd("stop")  # clears autostart in inmigrate: the load always ends paused
-    session.cmd("migrate-incoming", {"uri": incoming_uri(session, str(Path(directory) / DEVSTATE))})
-    state = wait_incoming_done(session, opts.timeout)
-    mig = migration_status(session)
-    if mig != "completed" or state == "running":
-        raise MigrationError(f"device state load ended as {mig!r}, state {state!r}")
+    set_capability(session, "events", True)
+    set_capability(session, "x-ignore-shared", True)
+    load_incoming(session, incoming_uri(session, str(Path(directory) / DEVSTATE)), opts.timeout)
     phases.mark("load")
     manifest.check_identity()
     target = open_target(session, session.pid, opts, guard=True)
@@ -259,7 +249,7 @@ def clone_template_flow(
     do_resume: bool = False,
     check_digest: bool = True,
     wipe: bool = True,
-    progress: Callable[[str], None] = _stderr,
+    progress: Callable[[str], None] = stderr_progress,
     qmp_timeout: float = 10.0,
 ) -> TemplateCloneSet:
     """Start `count` clones of the template in `template`; on any failure kill all of them.
@@ -282,27 +272,14 @@ def clone_template_flow(
     os.makedirs(directory, exist_ok=True)
     result = TemplateCloneSet(directory, template=os.path.abspath(template),
                               digest_checked=check_digest)
-    started: list[QemuProcess] = []
-    try:
-        progress(f"starting {count} clone(s) of template {template}: "
-                 f"{shlex.join(argv[-4:])}")
-        for i in range(count):
-            started.append(start_qemu(
-                [a.replace("{i}", str(i)) for a in argv],
-                os.path.join(directory, f"clone-{i}.qmp"),
-                log_path=os.path.join(directory, f"clone-{i}.log"),
-                paused=True, incoming_defer=True, detach=True, wait=None))
-        for i, qp in enumerate(started):
-            qp.wait_for_qmp()
-            with QMPSession(qp.qmp_path, timeout=qmp_timeout) as session:
-                rep = prepare_clone(session, manifest, template, opts, do_resume, wipe)
-            pages = rep.wipe.pages if rep.wipe else 0
-            progress(f"clone {i + 1}/{count}: pid {qp.pid}, {pages} pages wiped, "
-                     f"{'running' if rep.resumed else 'paused'}")
-            result.clones.append(CloneResult(i, qp.pid, qp.qmp_path, qp.log_path or "", rep))
-    except BaseException:
-        for qp in started:
-            progress(f"cleanup: killing clone QEMU pid {qp.pid}")
-            qp.kill()
-        raise
+
+    def prepare(i: int, session: QMPSession) -> FlowReport:
+        rep = prepare_clone(session, manifest, template, opts, do_resume, wipe)
+        pages = rep.wipe.pages if rep.wipe else 0
+        progress(f"clone {i + 1}/{count}: pid {session.pid}, {pages} pages wiped, "
+                 f"{'running' if rep.resumed else 'paused'}")
+        return rep
+
+    progress(f"starting {count} clone(s) of template {template}: {shlex.join(argv[-4:])}")
+    run_fleet(result, argv, count, prepare, progress, qmp_timeout)
     return result

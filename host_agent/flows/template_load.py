@@ -22,7 +22,8 @@ from ..qemu.launcher import start_qemu
 from ..qemu.qmp import QMPSession
 from ..qemu.region import option_values
 from ..snapshot.sidecar import read_sidecar, sidecar_path
-from .live import FlowReport, restore_flow
+from .live import restore_flow
+from .report import FlowReport
 from .target import AgentOptions
 from .template import make_template
 from .template_manifest import Manifest

@@ -1,0 +1,112 @@
+"""Loading a saved state into a waiting QEMU: the URI, the capabilities, the load.
+
+Shared by `vmwipe restore`, `clone` and `clone --template`, so each load ends
+paused in the same way whatever stream it reads.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+from ..errors import MigrationError, QMPFailure, StreamError, VMStateError
+from ..qemu.qmp import QMPSession
+from ..snapshot.migstream import stream_capabilities
+from ..timing import Phases
+from .migration import migration_status
+from .runstate import wait_incoming_done
+
+
+def incoming_uri(session: QMPSession, path: str) -> str:
+    """`file:` where QEMU has it (8.2+), else `exec:cat FILE` (QEMU 7.2 rejects file:)."""
+    path = os.path.abspath(path)
+    if session.at_least(8, 2):
+        return f"file:{path}"
+    return f"exec:cat {shlex.quote(path)}"
+
+
+def mapped_ram_offered(session: QMPSession) -> bool:
+    """Whether this QEMU has the `mapped-ram` migration capability (9.0+)."""
+    if not session.at_least(9, 0):
+        return False
+    caps = session.cmd("query-migrate-capabilities")
+    return any(c.get("capability") == "mapped-ram" for c in caps)
+
+
+def set_capability(session: QMPSession, name: str, state: bool) -> None:
+    session.cmd(
+        "migrate-set-capabilities", {"capabilities": [{"capability": name, "state": state}]}
+    )
+
+
+def stream_uses_mapped_ram(path: str) -> bool:
+    """Whether a saved stream was written with `mapped-ram` (its CONFIGURATION says so).
+
+    A file that is not a readable stream gives False: QEMU's own load then says why.
+    """
+    try:
+        return "mapped-ram" in stream_capabilities(path)[1]
+    except (StreamError, OSError, ValueError):
+        return False
+
+
+def prepare_incoming(session: QMPSession, path: str) -> str:
+    """The migrate-incoming URI for FILE, after enabling what the stream needs.
+
+    A `mapped-ram` stream loads only with the capability on and through `file:`;
+    every other stream loads as before (`file:` on 8.2+, else `exec:cat`).
+    """
+    if stream_uses_mapped_ram(path):
+        if not mapped_ram_offered(session):
+            v = ".".join(map(str, session.version))
+            raise MigrationError(
+                f"{path} was saved with mapped-ram; QEMU {v} cannot load it (needs >= 9.0)"
+            )
+        set_capability(session, "mapped-ram", True)
+        return f"file:{os.path.abspath(path)}"
+    return incoming_uri(session, path)
+
+
+def finish_incoming(session: QMPSession, uri: str, path: str, warnings: list[str]) -> bool:
+    """After a completed load: switch mapped-ram off again if `prepare_incoming` set it.
+
+    Otherwise a later `vmwipe save --scrub` of the restored VM (a pipe) would be
+    refused.  Returns whether the stream was a mapped-ram one.
+    """
+    if not (uri.startswith("file:") and stream_uses_mapped_ram(path)):
+        return False
+    try:
+        set_capability(session, "mapped-ram", False)
+    except QMPFailure as e:
+        warnings.append(f"mapped-ram left enabled after the load: {e}")
+    return True
+
+
+def load_incoming(session: QMPSession, uri: str, timeout: float,
+                  phases: Phases | None = None) -> str:
+    """`migrate-incoming` from `uri` into an `-S -incoming defer` QEMU; returns the final
+    migration status, which is "completed" or this raised.
+
+    The caller sets the capabilities (events, mapped-ram, x-ignore-shared) first.
+    Without -S, QEMU starts the vCPUs as soon as a stream saved from a running VM
+    is loaded, before any wipe.  `stop` in the inmigrate state clears that
+    autostart (qmp_stop), so the load always ends paused.
+    """
+    session.clear_events()
+    session.cmd("stop")
+    session.cmd("migrate-incoming", {"uri": uri})
+    if phases is not None:
+        phases.mark("start")
+    state = wait_incoming_done(session, timeout)
+    # QEMU sets the run state and then "completed" in one bottom half; poll in case
+    # a version ever lets a client see the gap.
+    mig = session.wait_until(
+        lambda: s if (s := migration_status(session)) not in ("active", "device") else None,
+        10.0,
+        "the incoming migration to report its end",
+    )
+    if mig != "completed":
+        raise MigrationError(f"incoming migration ended as {mig!r}")
+    if state == "running":
+        raise VMStateError("the VM autostarted after loading (QEMU lacks -S); not wiped")
+    return str(mig)
