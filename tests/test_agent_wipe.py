@@ -27,6 +27,7 @@ from conftest import (
 
 from vmwipe.host_agent.flows.live import wipe_flow
 from vmwipe.host_agent.flows.target import AgentOptions
+from vmwipe.host_agent.wipe.engine import run_wipe
 from vmwipe.protocol import (
     HOST_FIELDS_SIZE,
     PAGE_SIZE,
@@ -112,6 +113,29 @@ def test_wipe_exact_pages(vm: VM) -> None:
     assert vm.ram_digest(exclude) == before
     assert vm.header_host_fields() == (gen0 + 1, pages)
     assert vm.status() == "prelaunch"
+
+
+def test_expect_zero_reads_first_and_writes_only_what_is_not_zero(vm: VM) -> None:
+    """A template clone's wipe (`expect_zero`): pages that read zero are not written; a
+    listed page that is not zero still gets the full zero-and-verify."""
+    plant_with_neighbours(vm, SLOTS)  # listed pages hold 0xa5
+    exclude = [*listed(SLOTS), host_fields_span()]
+    before = vm.ram_digest(exclude)
+    gen0, _ = vm.header_host_fields()
+    t = vm.target()
+    try:
+        first = run_wipe(t.backend, t.region, expect_zero=True)
+        assert first.status == "wiped" and not first.already_zero
+        assert "zero" in first.timings_ms
+        assert_zero(vm, listed(SLOTS))
+        second = run_wipe(t.backend, t.region, expect_zero=True)
+    finally:
+        t.close()
+    assert second.status == "wiped" and second.already_zero
+    assert "zero" not in second.timings_ms and "verify" in second.timings_ms
+    assert second.pages == first.pages == sum(n for _g, n in SLOTS)
+    assert vm.ram_digest(exclude) == before
+    assert vm.header_host_fields() == (gen0 + 2, first.pages)
 
 
 def test_generation_counts_up_and_empty_table(vm: VM) -> None:

@@ -102,6 +102,8 @@ def test_clones_wiped_and_private(template: tuple[str, Path, bytes]) -> None:
     try:
         for c, s in zip(clones, sessions, strict=True):
             assert c["report"]["wipe"]["status"] == "wiped" and c["report"]["wipe"]["pages"] == 5
+            # the template file's listed pages are zero: the clone reads them, writes none
+            assert c["report"]["wipe"]["already_zero"]
             assert c["report"]["extra"]["canary_pages"] >= 1
             assert s.status() in ("paused", "prelaunch")  # the -S template never ran
             gen = pmem(s, d, REGION.base + WIPE_GENERATION_OFFSET, 8)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import shlex
+from collections.abc import Sequence
 
-from ..errors import MigrationError, QMPFailure, StreamError, VMStateError
+from ..errors import MigrationError, QMPCommandError, QMPFailure, StreamError, VMStateError
 from ..qemu.qmp import QMPSession
 from ..snapshot.migstream import stream_capabilities
 from ..timing import Phases
@@ -82,18 +83,24 @@ def finish_incoming(session: QMPSession, uri: str, path: str, warnings: list[str
     return True
 
 
-def load_incoming(session: QMPSession, uri: str, timeout: float,
-                  phases: Phases | None = None) -> str:
-    """`migrate-incoming` from `uri` into an `-S -incoming defer` QEMU; returns the final
-    migration status, which is "completed" or this raised.
+def load_incoming(session: QMPSession, uri: str, timeout: float, phases: Phases | None = None,
+                  capabilities: Sequence[str] = ("events",)) -> None:
+    """`migrate-incoming` from `uri` into an `-S -incoming defer` QEMU; returns once the
+    load completed and QEMU is paused, raises otherwise.
 
-    The caller sets the capabilities (events, mapped-ram, x-ignore-shared) first.
-    Without -S, QEMU starts the vCPUs as soon as a stream saved from a running VM
-    is loaded, before any wipe.  `stop` in the inmigrate state clears that
-    autostart (qmp_stop), so the load always ends paused.
+    `capabilities` are switched on first (the caller sets any that depend on the
+    stream, such as mapped-ram).  Without -S, QEMU starts the vCPUs as soon as a
+    stream saved from a running VM is loaded, before any wipe; `stop` in the
+    inmigrate state clears that autostart (qmp_stop), so the load always ends
+    paused.  Capabilities and `stop` share one round trip; `migrate-incoming` waits
+    for both to have succeeded, so a refused `stop` never leads to a load.
     """
     session.clear_events()
-    session.cmd("stop")
+    caps = [{"capability": c, "state": True} for c in capabilities]
+    for answer in session.batch([("migrate-set-capabilities", {"capabilities": caps}),
+                                 ("stop", None)]):
+        if isinstance(answer, QMPCommandError):
+            raise answer
     session.cmd("migrate-incoming", {"uri": uri})
     if phases is not None:
         phases.mark("start")
@@ -109,4 +116,3 @@ def load_incoming(session: QMPSession, uri: str, timeout: float,
         raise MigrationError(f"incoming migration ended as {mig!r}")
     if state == "running":
         raise VMStateError("the VM autostarted after loading (QEMU lacks -S); not wiped")
-    return str(mig)

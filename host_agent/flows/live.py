@@ -19,7 +19,7 @@ from ..errors import MigrationError, VMStateError
 from ..qemu.qmp import QMPSession
 from ..timing import Phases
 from ..wipe.engine import read_region, run_wipe
-from .incoming import finish_incoming, load_incoming, prepare_incoming, set_capability
+from .incoming import finish_incoming, load_incoming, prepare_incoming
 from .migration import migration_status
 from .report import FlowReport, new_report, state_after
 from .runstate import require_paused, resume
@@ -162,7 +162,6 @@ def restore_flow(
         )
 
     def load() -> None:
-        set_capability(session, "events", True)
         uri = prepare_incoming(session, path)
         load_incoming(session, uri, opts.timeout, phases)
         rep.extra["uri"] = uri

@@ -33,6 +33,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from vmwipe.protocol import PAGE_SIZE, Region
 
@@ -40,13 +41,12 @@ from ..errors import QMPCommandError, TemplateError, UsageError
 from ..qemu.qmp import QMPSession
 from ..timing import Phases
 from ..wipe.backends import MemoryBackend, read_proc_maps
-from ..wipe.engine import run_wipe
+from ..wipe.engine import EarlyRegion, run_wipe
 from .fleet import CloneSet, run_fleet, stderr_progress
-from .incoming import incoming_uri, load_incoming, set_capability
-from .migration import migration_status
+from .incoming import incoming_uri, load_incoming
 from .report import FlowReport, new_report
 from .runstate import resume
-from .target import AgentOptions, open_target
+from .target import AgentOptions, PreparedTarget, open_target
 from .template_manifest import DEVSTATE, Manifest
 
 #: Devices that discard guest pages, which on a private file mapping makes them
@@ -112,19 +112,65 @@ def check_argv(argv: Sequence[str]) -> None:
             raise TemplateError("-mem-prealloc copies all of the template RAM into every clone")
 
 
-def check_before_load(session: QMPSession, manifest: Manifest) -> None:
+#: What QEMU says about a clone before any state is loaded into it, asked in one batch.
+PRELOAD_QUERIES: list[tuple[str, dict[str, Any] | None]] = [
+    ("query-status", None),
+    ("query-migrate", None),
+    ("qom-get", {"path": "/machine", "property": "type"}),
+    ("qom-get", {"path": "/machine", "property": "memory-backend"}),
+    ("query-memdev", None),
+    ("query-balloon", None),
+    ("query-memory-devices", None),
+    ("query-migrate-capabilities", None),
+    ("human-monitor-command", {"command-line": "info mtree -f"}),
+]
+
+
+class PrefetchedMonitor:
+    """A `Monitor` that answers from the pre-load batch where it can.
+
+    `PreparedTarget` asks for the memory backends and the flat view of guest RAM;
+    the batch already holds both, so those answers cost no second round trip.
+    Anything else goes to QEMU.
+    """
+
+    def __init__(self, session: QMPSession, answers: dict[str, Any]) -> None:
+        self.session = session
+        self.answers = answers
+
+    def cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
+        if args is None and name in self.answers:
+            return self.answers[name]
+        return self.session.cmd(name, args)
+
+    def hmp(self, line: str) -> str:
+        if line in self.answers:
+            return str(self.answers[line])
+        return self.session.hmp(line)
+
+    def status(self) -> str:
+        return self.session.status()
+
+
+def check_before_load(session: QMPSession, manifest: Manifest) -> PrefetchedMonitor:
     """What QEMU itself says about the clone, before any state is loaded into it.
 
-    Each check is a monitor round trip in every clone's start-up, so there is one
-    of each; the file behind the RAM is proved by /proc/PID/maps (its inode), not
-    by the backend's mem-path, which could name a different file by then.
+    Every question goes in one batch (each round trip is paid in every clone's
+    start-up); the file behind the RAM is proved by /proc/PID/maps (its inode), not
+    by the backend's mem-path, which could name a different file by then.  Returns
+    the answers the target preparation can reuse.
     """
-    machine = str(session.cmd("qom-get", {"path": "/machine", "property": "type"}))
-    if machine != manifest.machine:
+    (status, mig, machine, backend, memdev_list, balloon, memory_devices, cap_list,
+     mtree) = session.batch(PRELOAD_QUERIES)
+    for answer in (status, mig, machine, backend, memdev_list, memory_devices, cap_list, mtree):
+        if isinstance(answer, QMPCommandError):
+            raise answer
+    if status["status"] != "inmigrate" or mig.get("status", "none") not in ("none", ""):
+        raise TemplateError("the clone QEMU must be started with -S -incoming defer")
+    if str(machine) != manifest.machine:
         raise TemplateError(f"clone machine {machine} != template machine {manifest.machine}")
-    backend = str(session.cmd("qom-get", {"path": "/machine", "property": "memory-backend"}))
-    backend = backend.rsplit("/", 1)[-1]
-    memdevs = {str(m.get("id", "")): m for m in session.cmd("query-memdev")}
+    backend = str(backend).rsplit("/", 1)[-1]
+    memdevs = {str(m.get("id", "")): m for m in memdev_list}
     dev = memdevs.get(backend)
     if backend != manifest.backend_id or dev is None or int(dev["size"]) != manifest.ram_size:
         raise TemplateError(f"clone RAM {backend!r} != template {manifest.backend_id!r} "
@@ -141,22 +187,20 @@ def check_before_load(session: QMPSession, manifest: Manifest) -> None:
                             "(memory-backend-ram comes up all zeros)")
     if any(not mp.perms.endswith("p") for mp in maps):
         raise TemplateError("the clone maps the template file shared; it would write into it")
-    try:
-        session.cmd("query-balloon")
+    if not isinstance(balloon, QMPCommandError):  # query-balloon fails without a balloon
         raise TemplateError("a balloon (or free-page reporting) would discard pages of the "
                             "private template mapping")
-    except QMPCommandError:
-        pass
-    for dev in session.cmd("query-memory-devices"):
-        if "virtio-mem" in str(dev.get("type", "")):
-            raise TemplateError("virtio-mem would discard pages of the private template mapping")
-    caps = {c["capability"]: c["state"] for c in session.cmd("query-migrate-capabilities")}
-    if caps.get("postcopy-ram"):
+    if any("virtio-mem" in str(d.get("type", "")) for d in memory_devices):
+        raise TemplateError("virtio-mem would discard pages of the private template mapping")
+    if {c["capability"]: c["state"] for c in cap_list}.get("postcopy-ram"):
         raise TemplateError("postcopy discards pages of the private template mapping")
+    return PrefetchedMonitor(session, {"query-memdev": memdev_list, "info mtree -f": mtree})
 
 
-def canary(backend: MemoryBackend, manifest: Manifest, region: Region, rng: random.Random) -> int:
-    """Compare the clone's region and random non-zero file pages with the file; pages checked.
+def canary(backend: MemoryBackend, manifest: Manifest, region: Region,
+           rng: random.Random) -> tuple[int, bytes]:
+    """Compare the clone's region and random non-zero file pages with the file; returns the
+    pages checked and the region as read (the wipe then need not read it again).
 
     Runs before the wipe writes anything, so every compared page must be identical.
     """
@@ -179,34 +223,44 @@ def canary(backend: MemoryBackend, manifest: Manifest, region: Region, rng: rand
             gpa = int(r["gpa"]) + rng.randrange(int(r["size"]) // PAGE_SIZE) * PAGE_SIZE
             if os.pread(fd, PAGE_SIZE, file_offset(gpa)).count(0) != PAGE_SIZE:
                 checks.append((gpa, PAGE_SIZE))
+        region_bytes = b""
         for gpa, size in checks:
             want = os.pread(fd, size, file_offset(gpa))
-            if backend.read(gpa, size) != want:
+            got = backend.read(gpa, size)
+            region_bytes = region_bytes or got  # checks[0] is the region
+            if got != want:
                 raise TemplateError(f"canary: clone RAM at {gpa:#x} differs from the template "
                                     "file; its RAM is not the template's")
             nonzero += want.count(0) != len(want)
     if nonzero == 0:
         raise TemplateError("canary: no non-zero template page to compare; cannot prove the "
                             "clone's RAM is the template's")
-    return len(checks)
+    return len(checks), region_bytes
 
 
 def prepare_clone(session: QMPSession, manifest: Manifest, directory: str, opts: AgentOptions,
                   do_resume: bool, wipe: bool = True) -> FlowReport:
-    """Checks, device-state load, canary, wipe, and `cont` with `do_resume`, on one clone."""
+    """Checks, device-state load, canary, wipe, and `cont` with `do_resume`, on one clone.
+
+    The region, reset guard, RAM blocks and memory access are settled before the
+    load (`PreparedTarget`), so after it only the flat view of guest RAM is asked
+    again.  The wipe expects the listed pages to read zero (the template file was
+    scrubbed) and writes only if one does not.
+    """
     phases = Phases()
     rep = new_report("clone-template", session)
-    rep.state_before = session.status()
-    if rep.state_before != "inmigrate" or migration_status(session) not in ("none", ""):
-        raise TemplateError("the clone QEMU must be started with -S -incoming defer")
-    check_before_load(session, manifest)
-    phases.mark("checks")
-    set_capability(session, "events", True)
-    set_capability(session, "x-ignore-shared", True)
-    load_incoming(session, incoming_uri(session, str(Path(directory) / DEVSTATE)), opts.timeout)
-    phases.mark("load")
-    manifest.check_identity()
-    target = open_target(session, session.pid, opts, guard=True)
+    rep.state_before = "inmigrate"
+    prefetched = check_before_load(session, manifest)
+    prepared = PreparedTarget(prefetched, session.pid, opts, guard=True)
+    try:
+        phases.mark("checks")
+        load_incoming(session, incoming_uri(session, str(Path(directory) / DEVSTATE)),
+                      opts.timeout, capabilities=("events", "x-ignore-shared"))
+        phases.mark("load")
+        manifest.check_identity()
+        target = open_target(session, session.pid, opts, guard=True, prepared=prepared)
+    finally:
+        prepared.close()
     try:
         rep.region_source, rep.warnings = target.region_source, list(target.warnings)
         if (target.region.base, target.region.size) != tuple(manifest.region):
@@ -216,11 +270,13 @@ def prepare_clone(session: QMPSession, manifest: Manifest, directory: str, opts:
                   for r in target.memmap.ranges]
         if layout != manifest.ram_layout:
             raise TemplateError("the clone's guest RAM layout differs from the template's")
-        rep.extra["canary_pages"] = canary(target.backend, manifest, target.region,
-                                           random.Random(os.urandom(16)))
+        rep.extra["canary_pages"], region_bytes = canary(
+            target.backend, manifest, target.region, random.Random(os.urandom(16)))
         phases.mark("canary")
         if wipe:
-            rep.wipe = run_wipe(target.backend, target.region, opts.on_invalid, phases)
+            early = EarlyRegion(tuple(target.memmap.ranges), bytearray(region_bytes))
+            rep.wipe = run_wipe(target.backend, target.region, opts.on_invalid, phases,
+                                early=early, expect_zero=True)
         if do_resume:
             resume(session)
             rep.resumed = True

@@ -18,7 +18,7 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
@@ -128,6 +128,36 @@ class QMPSession:
         log.debug("QMP -> %s %s", name, args or "")
         res = self._run(self._client.execute(name, args), timeout, name)
         return res
+
+    def batch(
+        self, calls: Sequence[tuple[str, dict[str, Any] | None]], timeout: float | None = None
+    ) -> list[Any]:
+        """Send every command at once, then collect the answers: one round trip, not one
+        per command.
+
+        QEMU runs one monitor's commands in the order they arrive, so a batch is the
+        same sequence as a `cmd` per entry, minus the wait between them: worth it in a
+        clone's start-up, where a busy QEMU main loop makes every round trip slow.  A
+        command QEMU refuses leaves its `QMPCommandError` in its place (the others
+        still ran); a failed connection raises.
+        """
+        async def _all() -> list[Any]:
+            return await asyncio.gather(
+                *(self._client.execute(name, args) for name, args in calls),
+                return_exceptions=True)
+
+        what = "+".join(name for name, _args in calls)
+        log.debug("QMP -> batch %s", what)
+        out: list[Any] = []
+        for (name, _args), res in zip(calls, self._run(_all(), timeout, what), strict=True):
+            if isinstance(res, ExecuteError):
+                out.append(QMPCommandError(name, res.error_class, str(res)))
+            elif isinstance(res, BaseException):
+                detail = str(res) or type(res).__name__
+                raise QMPFailure(f"{name}: QMP connection to {self.path} failed: {detail}")
+            else:
+                out.append(res)
+        return out
 
     def hmp(self, line: str, timeout: float | None = None) -> str:
         """Run one HMP command through `human-monitor-command`; returns its text output."""
