@@ -26,7 +26,7 @@ from conftest import (
     start_vm,
 )
 
-from vmwipe.host_agent.errors import MemoryAccessError
+from vmwipe.host_agent.errors import MemoryAccessError, QMPCommandError
 from vmwipe.host_agent.flows.live import wipe_flow
 from vmwipe.host_agent.flows.target import AgentOptions, open_target
 from vmwipe.host_agent.qemu.qmp import QMPSession
@@ -499,3 +499,20 @@ def test_writes_stop_when_qemu_exits_and_its_pid_is_reused(vms: list[VM], tmp_pa
         other.kill()
         other.wait()
         target.close()
+
+
+def test_qmp_batch_answers_in_order_with_errors_in_place(vms: list[VM], tmp_path: Path) -> None:
+    """`QMPSession.batch`: one round trip, answers in the order asked, a refused command's
+    error in its place while the commands after it still ran."""
+    vm = new_vm(vms, tmp_path)
+    s = vm.session()
+    status, bad, name, again = s.batch([
+        ("query-status", None),
+        ("qom-get", {"path": "/machine", "property": "no-such-property"}),
+        ("query-name", None),
+        ("query-status", None),
+    ])
+    assert status["status"] == again["status"] == "prelaunch"
+    assert isinstance(bad, QMPCommandError) and bad.command == "qom-get"
+    assert name == {}
+    assert s.batch([]) == []
