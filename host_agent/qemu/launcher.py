@@ -60,7 +60,9 @@ class QemuProcess:
                     pass
                 finally:
                     s.close()
-            time.sleep(0.02)
+            # QEMU opens the socket ~30-50 ms after exec; a clone fleet's first clone
+            # waits for it, so poll finely (a stat and, once it exists, a connect)
+            time.sleep(0.002)
         raise LaunchError(f"QEMU pid {self.pid} did not open {self.qmp_path} within {timeout:g} s")
 
     def kill(self) -> None:
