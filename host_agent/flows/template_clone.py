@@ -15,7 +15,9 @@ device state.  Before it runs, per clone:
   non-zero pages of the file must read the same in the clone.  A clone whose
   RAM is not the file (memory-backend-ram loads "completed" with all-zero RAM)
   fails it;
-- the ordinary wipe: listed pages zeroed again and verified, header committed;
+- the ordinary wipe, with `expect_zero`: the listed pages (zero in the file) are
+  read and verified, written only if one is not zero; fill ranges get fresh
+  random bytes; header committed;
 - only then `cont` (with --resume).
 
 Any refusal kills every QEMU this command started, by PID, before any runs.
