@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,46 +21,13 @@ from conftest import run_cli
 
 from vmwipe.host_agent.qemu.launcher import QemuProcess, start_qemu
 from vmwipe.host_agent.qemu.qmp import QMPSession
-from vmwipe.lab import Console, Guest, GuestConfig, GuestImage, build_guest_image
+from vmwipe.lab import GuestConfig, GuestImage, build_guest_image
+from vmwipe.lab.agent import AgentGuest, attach_console, register_holder
 from vmwipe.lab.build import default_kernel
 from vmwipe.lab.shell import missing_prerequisite, sh, wait_output
 
 pytestmark = pytest.mark.slow
 P = 4096
-
-
-class AgentGuest(Guest):
-    """A lab guest with a second QMP monitor for the agent (the lab keeps the first)."""
-
-    @property
-    def agent_qmp(self) -> str:
-        return str(self._tmp / "agent.qmp")
-
-    def qemu_args(self) -> list[str]:
-        return [*super().qemu_args(), "-qmp", f"unix:{self.agent_qmp},server=on,wait=off"]
-
-    def clone_args(self, console_sock: str) -> list[str]:
-        """This guest's QEMU command line for a clone: serial on a socket, no lab monitors."""
-        args = Guest.qemu_args(self)
-        out: list[str] = []
-        i = 0
-        while i < len(args):
-            if args[i] == "-qmp":
-                i += 2
-                continue
-            if args[i] == "-chardev" and args[i + 1].startswith("stdio,id=con"):
-                out += ["-chardev", f"socket,id=con,path={console_sock},server=on,wait=off"]
-                i += 2
-                continue
-            out.append(args[i])
-            i += 1
-        return out
-
-
-def attach_console(path: str, log: Path) -> tuple[Console, socket.socket]:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(path)
-    return Console(s.makefile("rb"), s.makefile("wb"), log), s
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +43,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentGuest
     g = AgentGuest(GuestConfig(image, accel="tcg"))
     with g:
         assert g.console is not None
-        sh(g.console, "insmod /vmwipe.ko")
-        sh(g.console, "vmwipe_test hold 4 > /tmp/hold.out 2>&1 &")
-        sh(g.console, "vmwipe_test poll 120000 > /tmp/poll.out 2>&1 &")
-        hold = wait_output(g.console, "hold", r"^HOLD READY$")
-        wait_output(g.console, "poll", r"^POLL WAIT gen=0$")
-        pfns = [int(m, 16) for m in re.findall(r"^PFN \d+ (0x[0-9a-f]+)$", hold, re.MULTILINE)]
+        pfns = register_holder(g, 4)
         assert len(pfns) == 4
 
         r = run_cli("inspect", "--qmp", g.agent_qmp, "--json")

@@ -15,19 +15,18 @@ import os
 import re
 import shutil
 import signal
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 from conftest import run_cli
-from test_agent_guest import AgentGuest, attach_console
 
 from vmwipe.host_agent.qemu.qmp import QMPSession
 from vmwipe.host_agent.wipe.backends import ProcessVMBackend
 from vmwipe.host_agent.wipe.memmap import load_memory_map
 from vmwipe.lab import GuestConfig, GuestImage, build_guest_image
+from vmwipe.lab.agent import AgentGuest, attach_console, register_holder, shm_ram, without_ram
 from vmwipe.lab.build import default_kernel
 from vmwipe.lab.shell import missing_prerequisite, sh, wait_output
 
@@ -42,23 +41,6 @@ class Tpl(NamedTuple):
     clone_argv: list[str]
 
 
-def without_ram(args: list[str]) -> list[str]:
-    """The lab's clone command line minus the template's memory backend (the clone adds its own)."""
-    out: list[str] = []
-    skip = False
-    for i, a in enumerate(args):
-        if skip:
-            skip = False
-            continue
-        nxt = args[i + 1] if i + 1 < len(args) else ""
-        if (a == "-object" and nxt.startswith("memory-backend")) or (
-                a == "-machine" and nxt.startswith("memory-backend=")):
-            skip = True
-            continue
-        out.append(a)
-    return out
-
-
 @pytest.fixture(scope="module")
 def tpl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tpl]:
     """The guest's secret pages scrubbed into a template, and its clone command line."""
@@ -68,23 +50,12 @@ def tpl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tpl]:
     kernel = default_kernel()
     assert kernel is not None
     image: GuestImage = build_guest_image(kernel)
-    shm = Path(tempfile.mkdtemp(prefix="vmwipe-tpl-", dir="/dev/shm"))
-    ram = shm / "ram"
-    with open(ram, "wb") as f:
-        f.truncate(512 << 20)
     d = tmp_path_factory.mktemp("tplguest")
-    backend = ("-object", f"memory-backend-file,id=ram0,size=512M,mem-path={ram},share=on",
-               "-machine", "memory-backend=ram0")
-    g = AgentGuest(GuestConfig(image, accel="tcg", extra_args=backend))
-    try:
+    with shm_ram(512) as (ram, backend):
+        g = AgentGuest(GuestConfig(image, accel="tcg", extra_args=backend))
         with g:
             assert g.console is not None
-            sh(g.console, "insmod /vmwipe.ko")
-            sh(g.console, "vmwipe_test hold 4 > /tmp/hold.out 2>&1 &")
-            sh(g.console, "vmwipe_test poll 120000 > /tmp/poll.out 2>&1 &")
-            hold = wait_output(g.console, "hold", r"^HOLD READY$")
-            wait_output(g.console, "poll", r"^POLL WAIT gen=0$")
-            pfns = [int(m, 16) for m in re.findall(r"^PFN \d+ (0x[0-9a-f]+)$", hold, re.M)]
+            pfns = register_holder(g, 4)
             assert len(pfns) == 4
             g.qmp("stop")
             for pfn in pfns:
@@ -95,8 +66,6 @@ def tpl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tpl]:
             rep = json.loads(r.stdout)["report"]
             assert rep["wipe"]["status"] == "wiped" and rep["wipe"]["pages"] == 5
             yield Tpl(d, ram, without_ram(g.clone_args(str(d / "con-{i}.sock"))))
-    finally:
-        shutil.rmtree(shm, ignore_errors=True)
 
 
 def test_secret_absent_from_template_file(tpl: Tpl) -> None:
