@@ -154,8 +154,9 @@ def tc(image: GuestImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
             extra = (*backend, "-cpu", CPU,
                      "-chardev", f"socket,id=drbg,path={d}/drbg.sock,server=on,wait=off",
                      "-serial", "chardev:drbg")
-            with AgentGuest(GuestConfig(image, cpus=1, extra_args=extra, vmgenid=False,
-                                        boot_timeout=300)) as g:
+            g = AgentGuest(GuestConfig(image, cpus=1, extra_args=extra, vmgenid=False,
+                                       boot_timeout=300))
+            with g:
                 # the guest object stays open while clones run: its directory holds the
                 # SSDT and loader page the clone command line names
                 tap = SerialTap(f"{d}/drbg.sock", log=d / "original.ttyS1")

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from test_agent_guest import AgentGuest, attach_console
 
 from vmwipe.host_agent.qemu.launcher import QemuProcess, start_qemu
 from vmwipe.host_agent.qemu.qmp import QMPSession
 from vmwipe.host_agent.wipe.memmap import load_memory_map
 from vmwipe.lab import GuestConfig, GuestImage
+from vmwipe.lab.agent import AgentGuest, attach_console
 from vmwipe.lab.shell import sh, wait_output
 
 pytestmark = pytest.mark.slow
