@@ -98,7 +98,7 @@ class TemplateCrng:
 
     dir: Path
     ram: Path
-    argv: list[str]  # the clone command line ({i}: the clone's index), without RAM
+    argv: list[str]  # the clones' command line without RAM; {mode}, {i}: their sockets' names
     fills: list[Fill]
     before: list[bytes]  # each fill range's bytes in the paused guest, before `vmwipe template`
     report: dict[str, object]
@@ -172,6 +172,10 @@ def tc(image: GuestImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                     _lines, partial = tap.snapshot()
                     fills = list(g.table().fills)
                     before = [g.read_phys(f.gpa, f.length) for f in fills]
+                    # the file is the guest's RAM: the key is there to be found before...
+                    in_file_before = ram.read_bytes()
+                    assert before[0] in in_file_before and before[2] in in_file_before
+                    del in_file_before
                     r = run_cli("template", "--qmp", g.agent_qmp, "--dir", str(d / "t"),
                                 "--json", timeout=300)
                     assert r.returncode == 0, r.stderr
@@ -203,7 +207,8 @@ def test_template_file_holds_no_crng_state_of_the_guest(tc: TemplateCrng) -> Non
         assert now != bytes(f.length), f"fill range {f.gpa:#x} is zeros (a known key)"
     key, pool = tc.before[0], tc.before[2]
     assert key != bytes(32) and pool != bytes(32)
-    assert key not in data and pool not in data  # no other copy of them either
+    # ...and gone after (the fixture found both in the file before): no other copy either
+    assert key not in data and pool not in data
 
 
 def distinct(rows: list[list[bytes]]) -> bool:
