@@ -40,7 +40,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentGuest
     assert kernel is not None
     image: GuestImage = build_guest_image(kernel)
     d = tmp_path_factory.mktemp("guest")
-    g = AgentGuest(GuestConfig(image, accel="tcg"))
+    g = AgentGuest(GuestConfig(image))
     with g:
         assert g.console is not None
         pfns = register_holder(g, 4)

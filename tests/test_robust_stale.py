@@ -116,7 +116,7 @@ def qemus() -> Iterator[list[QemuProcess]]:
 
 def test_stale_table_after_reboot_wipes_nothing(image: GuestImage, tmp_path: Path,
                                                 qemus: list[QemuProcess]) -> None:
-    g = AgentGuest(GuestConfig(image, accel="tcg"))
+    g = AgentGuest(GuestConfig(image))
     with g:
         register_then_crash_reboot(g)
         r = run_cli("inspect", "--qmp", g.agent_qmp, "--json")
@@ -152,7 +152,7 @@ def test_stale_table_after_reboot_wipes_nothing(image: GuestImage, tmp_path: Pat
 
 def test_reset_guard_refuses_a_vm_without_the_zero_page(image: GuestImage, tmp_path: Path,
                                                         qemus: list[QemuProcess]) -> None:
-    g = AgentGuest(GuestConfig(image, accel="tcg", loader=False))
+    g = AgentGuest(GuestConfig(image, loader=False))
     with g:
         pfns = register_then_crash_reboot(g)
         # the previous boot's table survived the reset and looks live

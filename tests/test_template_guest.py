@@ -52,7 +52,7 @@ def tpl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tpl]:
     image: GuestImage = build_guest_image(kernel)
     d = tmp_path_factory.mktemp("tplguest")
     with shm_ram(512) as (ram, backend):
-        g = AgentGuest(GuestConfig(image, accel="tcg", extra_args=backend))
+        g = AgentGuest(GuestConfig(image, extra_args=backend))
         with g:
             assert g.console is not None
             pfns = register_holder(g, 4)
