@@ -134,6 +134,7 @@ struct vmwipe_mapping {
 	struct vmwipe_charge charge;
 	u64 kind;			/* 0 or VMWIPE_SLOT_FILL */
 	unsigned long npages;
+	u32 *slots;			/* the table slot of each page */
 	struct page *pages[];
 };
 
@@ -153,6 +154,7 @@ static int vmwipe_take_slots(struct vmwipe *vmw, u32 *slots, unsigned long n)
 	return 0;
 }
 
+/* Give back @n slots; the caller has unlisted them, so none still describes a page. */
 static void vmwipe_put_slots(struct vmwipe *vmw, const u32 *slots, unsigned long n)
 {
 	unsigned long i;
@@ -206,51 +208,22 @@ static void vmwipe_unlist(struct vmwipe *vmw, u32 slot)
 }
 
 /*
- * Pages the module allocates itself keep their slot in page_private.
- * Give every page a slot, all or none.
- */
-static int vmwipe_claim(struct vmwipe *vmw, struct page **pages, unsigned long n)
-{
-	unsigned long i;
-
-	spin_lock(&vmw->lock);
-	if (vmw->nfree < n) {
-		spin_unlock(&vmw->lock);
-		return -ENOSPC;
-	}
-	for (i = 0; i < n; i++)
-		set_page_private(pages[i], vmw->free[--vmw->nfree]);
-	spin_unlock(&vmw->lock);
-	return 0;
-}
-
-static void vmwipe_unclaim(struct vmwipe *vmw, struct page **pages, unsigned long n)
-{
-	unsigned long i;
-
-	spin_lock(&vmw->lock);
-	for (i = 0; i < n; i++)
-		vmw->free[vmw->nfree++] = page_private(pages[i]);
-	spin_unlock(&vmw->lock);
-}
-
-/*
  * The caller hands the page out only after this: no secret can predate it.
  * A fill range covers one whole page.
  */
-static void vmwipe_publish(struct vmwipe *vmw, struct page *page, u32 npages, u64 kind)
+static void vmwipe_publish(struct vmwipe *vmw, u32 slot, struct page *page, u32 npages,
+			   u64 kind)
 {
-	vmwipe_list(vmw, page_private(page), page_to_phys(page),
-		    kind ? PAGE_SIZE : npages, kind);
+	vmwipe_list(vmw, slot, page_to_phys(page), kind ? PAGE_SIZE : npages, kind);
 }
 
-static void vmwipe_unpublish(struct vmwipe *vmw, struct page *page, u32 npages)
+static void vmwipe_unpublish(struct vmwipe *vmw, u32 slot, struct page *page, u32 npages)
 {
 	u32 i;
 
 	for (i = 0; i < npages; i++)
 		clear_highpage(page + i);
-	vmwipe_unlist(vmw, page_private(page));
+	vmwipe_unlist(vmw, slot);
 }
 
 /**
@@ -264,17 +237,20 @@ struct page *vmwipe_alloc_pages(unsigned int order)
 {
 	struct vmwipe *vmw = READ_ONCE(vmwipe_instance);
 	struct page *page;
+	u32 slot;
 
 	if (!vmw)
 		return NULL;
 	page = alloc_pages(GFP_KERNEL | __GFP_ZERO, order);
 	if (!page)
 		return NULL;
-	if (vmwipe_claim(vmw, &page, 1)) {
+	if (vmwipe_take_slots(vmw, &slot, 1)) {
 		__free_pages(page, order);
 		return NULL;
 	}
-	vmwipe_publish(vmw, page, 1U << order, 0);
+	/* vmwipe_free_pages() is given only the page: keep the slot with it. */
+	set_page_private(page, slot);
+	vmwipe_publish(vmw, slot, page, 1U << order, 0);
 	return page;
 }
 EXPORT_SYMBOL_GPL(vmwipe_alloc_pages);
@@ -318,9 +294,10 @@ int vmwipe_list_kmem(struct vmwipe *vmw, const struct vmwipe_kmem *ranges, unsig
 void vmwipe_free_pages(struct page *page, unsigned int order)
 {
 	struct vmwipe *vmw = READ_ONCE(vmwipe_instance);
+	u32 slot = page_private(page);
 
-	vmwipe_unpublish(vmw, page, 1U << order);
-	vmwipe_unclaim(vmw, &page, 1);
+	vmwipe_unpublish(vmw, slot, page, 1U << order);
+	vmwipe_put_slots(vmw, &slot, 1);
 	__free_pages(page, order);
 }
 EXPORT_SYMBOL_GPL(vmwipe_free_pages);
@@ -385,9 +362,10 @@ static void vmwipe_mapping_free(struct vmwipe_mapping *m, bool published)
 
 	if (published) {
 		for (i = 0; i < m->npages; i++)
-			vmwipe_unpublish(m->vmw, m->pages[i], 1);
-		vmwipe_unclaim(m->vmw, m->pages, m->npages);
+			vmwipe_unpublish(m->vmw, m->slots[i], m->pages[i], 1);
+		vmwipe_put_slots(m->vmw, m->slots, m->npages);
 	}
+	kvfree(m->slots);
 	for (i = 0; i < m->npages && m->pages[i]; i++)
 		__free_page(m->pages[i]);
 	vmwipe_uncharge(&m->charge, m->npages);
@@ -455,6 +433,11 @@ static int vmwipe_mmap(struct file *file, struct vm_area_struct *vma)
 	ret = vmwipe_charge(vmw, m->npages, &m->charge);
 	if (ret)
 		goto err;
+	m->slots = kvmalloc_array(n, sizeof(*m->slots), GFP_KERNEL);
+	if (!m->slots) {
+		ret = -ENOMEM;
+		goto err;
+	}
 	for (i = 0; i < n; i++) {
 		m->pages[i] = alloc_page(GFP_KERNEL | __GFP_ZERO);
 		if (!m->pages[i]) {
@@ -462,11 +445,11 @@ static int vmwipe_mmap(struct file *file, struct vm_area_struct *vma)
 			goto err;
 		}
 	}
-	ret = vmwipe_claim(vmw, m->pages, n);
+	ret = vmwipe_take_slots(vmw, m->slots, n);
 	if (ret)
 		goto err;
 	for (i = 0; i < n; i++)
-		vmwipe_publish(vmw, m->pages[i], 1, m->kind);
+		vmwipe_publish(vmw, m->slots[i], m->pages[i], 1, m->kind);
 
 	/* Published, so they may now be mapped. */
 	for (i = 0; i < n; i++) {
