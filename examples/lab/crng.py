@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,12 +43,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmwipe.host_agent.flows.incoming import prepare_incoming
-from vmwipe.host_agent.qemu.launcher import QemuProcess, start_qemu
-from vmwipe.host_agent.qemu.qmp import QMPSession
-
 from .build import GuestImage, build_guest_image, default_kernel
-from .e2e import Log, SerialTap, _kill_pid, _prctl, _wait_loaded, clone_argv, run_cli
+from .e2e import CloneLab, Log, SerialTap, clone_argv, run_cli
 from .guest import Guest, GuestConfig, GuestError, default_accel
 
 CPU = "qemu64"
@@ -58,7 +53,6 @@ KINDS = ("G", "U", "V", "K")
 KIND_NAMES = {"G": "getrandom()", "U": "random/uuid", "V": "vDSO getrandom()",
               "K": "reseed key (getrandom(32) on a zeroed page)"}
 SYSFS = "/sys/class/misc/vmwipe"
-_PR_SET_CHILD_SUBREAPER = 36
 
 
 @dataclass
@@ -118,8 +112,11 @@ def analyse(mode: str, vmgenid: bool, clones: Sequence[Sequence[tuple[float, str
     return res
 
 
-class CrngScenario:
-    """Boot once (`vmgenid` or not), save once, resume N clones per mode.  A context manager."""
+class CrngScenario(CloneLab):
+    """Boot once (`vmgenid` or not), save once, resume N clones per mode.  A context manager.
+
+    The QEMU bookkeeping (clones killed by PID in `close()`) is `e2e.CloneLab`'s.
+    """
 
     def __init__(self, vmgenid: bool, clones: int = 4, draws: int = 150, *,
                  log: Log | None = None, image: GuestImage | None = None,
@@ -128,7 +125,7 @@ class CrngScenario:
         self.n = clones
         self.k = draws
         self.log: Log = log or (lambda msg: None)
-        self.dir = Path(tempfile.mkdtemp(prefix="vmwipe-crng."))
+        super().__init__(Path(tempfile.mkdtemp(prefix="vmwipe-crng.")), own_dir=True)
         self.accel = accel or default_accel()
         self.crng_refresh = crng_refresh
         kernel = default_kernel()
@@ -137,56 +134,17 @@ class CrngScenario:
                 raise GuestError("no installed kernel with headers")
             image = build_guest_image(kernel)
         self.image = image
-        self.guest: Guest | None = None
-        self.snapshot = self.dir / "snapshot.state"
         self.sysfs_state = ""
         self.dmesg = ""
-        self._partial = ""
-        self._pids: list[int] = []
-        self._procs: list[QemuProcess] = []
-        self._taps: list[SerialTap] = []
-        self._tap: SerialTap | None = None
-
-    def __enter__(self) -> CrngScenario:
-        _prctl(_PR_SET_CHILD_SUBREAPER, 1)  # `vmwipe clone`'s QEMUs become ours to reap
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _kill_clones(self) -> None:
-        for tap in self._taps:
-            tap.close()
-        self._taps.clear()
-        for pid in self._pids:
-            _kill_pid(pid)
-        self._pids.clear()
-        for qp in self._procs:
-            qp.kill()
-        self._procs.clear()
-
-    def close(self) -> None:
-        self._kill_clones()
-        if self._tap is not None:
-            self._tap.close()
-            self._tap = None
-        if self.guest is not None:
-            self.guest.close()
-            self.guest = None
-        _prctl(_PR_SET_CHILD_SUBREAPER, 0)
-        subprocess.run(["rm", "-rf", str(self.dir)], check=False)
 
     def boot_and_save(self) -> None:
-        extra = ("-cpu", CPU,
-                 "-chardev", f"socket,id=drbg,path={self.dir}/drbg.sock,server=on,wait=off",
-                 "-serial", "chardev:drbg",
-                 "-qmp", f"unix:{self.dir}/agent.qmp,server=on,wait=off")
+        extra = self._original_args(CPU)
         self.log(f"booting ({CPU}, {'with' if self.vmgenid else 'without'} vmgenid, "
                  f"crng_refresh={int(self.crng_refresh)})")
         g = Guest(GuestConfig(self.image, cpus=1, accel=self.accel, extra_args=extra,
                               vmgenid=self.vmgenid))
         self.guest = g.__enter__()
-        self._tap = SerialTap(f"{self.dir}/drbg.sock", log=self.dir / "original.ttyS1")
+        tap = self._tap_original()
         assert g.console is not None
         param = "" if self.crng_refresh else " crng_refresh=0"
         g.console.check(f"insmod /vmwipe.ko{param}")
@@ -194,13 +152,10 @@ class CrngScenario:
         self.dmesg = g.console.check("dmesg | grep 'kernel CRNG' || true").strip()
         g.console.check("stty -F /dev/ttyS1 raw -echo")
         g.console.check("crng_stream -i 2 > /dev/ttyS1 2>/tmp/crng.err &")
-        self._wait_lines(self._tap, 50, 60)
-        r = run_cli("save", "--qmp", f"{self.dir}/agent.qmp", "--to", str(self.snapshot),
-                    "--json")
-        if r.returncode != 0:
-            raise GuestError(f"vmwipe save failed: {r.stderr.strip()}")
+        self._wait_lines(tap, 50, 60)
+        self._save()
         time.sleep(0.3)
-        _lines, self._partial = self._tap.snapshot()
+        _lines, self._partial = tap.snapshot()
         self.log(f"  saved; sysfs crng_refresh: {self.sysfs_state}")
 
     @staticmethod
@@ -212,11 +167,6 @@ class CrngScenario:
                 raise GuestError(f"fewer than {n} draws in {timeout} s; tail:\n{tail}")
             time.sleep(0.1)
 
-    def _attach(self, d: Path, i: int) -> SerialTap:
-        tap = SerialTap(f"{d}/drbg-{i}.sock", prefix=self._partial, log=d / f"clone-{i}.ttyS1")
-        self._taps.append(tap)
-        return tap
-
     def _clone_cli(self, d: Path, argv: list[str]) -> list[str]:
         """`vmwipe clone -n N` as a user runs it; the clones' QMP sockets."""
         r = run_cli("clone", str(self.snapshot), "-n", str(self.n), "--dir", str(d), "--json",
@@ -226,21 +176,6 @@ class CrngScenario:
         clones = json.loads(r.stdout)["clones"]
         self._pids += [int(c["pid"]) for c in clones]
         return [str(c["qmp"]) for c in clones]
-
-    def _restore_plain(self, d: Path, argv_of: list[list[str]]) -> list[str]:
-        """migrate-incoming and nothing else: what a hypervisor without vmwipe does."""
-        paths = []
-        for i, argv in enumerate(argv_of):
-            qp = start_qemu(argv, str(d / f"clone-{i}.qmp"), log_path=str(d / f"clone-{i}.log"),
-                            paused=True, incoming_defer=True)
-            self._procs.append(qp)
-            with QMPSession(qp.qmp_path) as s:
-                s.cmd("migrate-incoming", {"uri": prepare_incoming(s, str(self.snapshot))})
-                _wait_loaded(s)
-                if s.cmd("query-migrate").get("status") != "completed":
-                    raise GuestError(f"clone {i}: load failed: {qp.log_tail()}")
-            paths.append(qp.qmp_path)
-        return paths
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -258,14 +193,12 @@ class CrngScenario:
         if mode in ("v2", "v1"):
             qmps = self._clone_cli(d, clone_argv(self.guest.qemu_args(), d, guid))
         else:
-            argvs = [clone_argv(self.guest.qemu_args(), d, guid, str(i)) for i in range(self.n)]
-            qmps = self._restore_plain(d, argvs)
+            qmps = []
+            for i in range(self.n):
+                argv = clone_argv(self.guest.qemu_args(), d, guid, str(i))
+                qmps.append(self._restore_plain(d, i, argv, f"clone {i}").qmp_path)
         taps = [self._attach(d, i) for i in range(self.n)]
-        conts = []
-        for q in qmps:
-            with QMPSession(q) as s:
-                s.cmd("cont")
-                conts.append(time.monotonic())
+        conts = self._cont(qmps)
         for tap in taps:
             self._wait_lines(tap, self.k, 120)
         res = analyse(mode, self.vmgenid, [t.snapshot()[0] for t in taps], conts)

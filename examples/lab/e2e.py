@@ -54,7 +54,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from vmwipe.host_agent.flows.incoming import prepare_incoming
 from vmwipe.host_agent.flows.target import AgentOptions, open_target
@@ -513,49 +513,28 @@ def read_gpa(qmp_path: str, gpa: int, size: int) -> bytes:
 # --- the scenario --------------------------------------------------------------------
 
 
-class Scenario:
-    """Boot once, snapshot once, then resume the snapshot in each mode.  A context manager.
+class CloneLab:
+    """An original guest, its snapshot and its clones' QEMUs, each owned until `close()`.
 
-    `log` gets one human-readable line per step, saying what it proves.
+    The part `Scenario` and `crng.CrngScenario` share, kept in one place so
+    that neither can leave a QEMU behind: each one is killed by its PID, and
+    reaped, before `close()` returns.  The original's serial port 1 (`tap`)
+    and QMP socket are laid out as `clone_argv` expects.  A context manager.
     """
 
-    def __init__(self, clones: int = 4, outputs: int = 1000, *, log: Log | None = None,
-                 workdir: Path | None = None, accel: str | None = None,
-                 cpu: str = CPU, collect_timeout: float = 180) -> None:
-        if clones < 2:
-            raise ValueError("at least 2 clones are needed to compare them")
-        if outputs < 1:
-            raise ValueError("outputs must be positive")
-        self.n = clones
-        self.k = outputs
-        self.log: Log = log or (lambda msg: None)
-        self._own_dir = workdir is None
-        self.dir = workdir or Path(tempfile.mkdtemp(prefix="vmwipe-e2e."))
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.accel = accel or default_accel()
-        self.cpu = cpu
-        self.collect_timeout = collect_timeout
+    def __init__(self, directory: Path, own_dir: bool) -> None:
+        self.dir = directory
+        self._own_dir = own_dir
         self.guest: Guest | None = None
         self.tap: SerialTap | None = None
-        self.image: GuestImage | None = None
         self.snapshot = self.dir / "snapshot.state"
         self._pids: list[int] = []  # clone QEMUs started by `vmwipe clone`
         self._procs: list[QemuProcess] = []
         self._taps: list[SerialTap] = []
         self._socks: list[socket.socket] = []
-        self._cut = 0  # index of the first line the original printed after the snapshot
-        self._partial = ""
-        self._table: list[tuple[int, int]] = []  # zero ranges
-        self._fills: list[tuple[int, int]] = []  # fill ranges (the kernel CRNG): host bytes
-        self._guid = ""
-        self._pre_epochs: set[str] = set()
-        self._original_after: list[Output] = []
-        kernel = default_kernel()
-        self.result = ScenarioResult(clones, outputs, self.accel,
-                                     kernel.release if kernel else "?", cpu)
+        self._partial = ""  # the line the snapshot cut in two, glued to each clone's first
 
-    # -- lifecycle ----------------------------------------------------------------------
-    def __enter__(self) -> Scenario:
+    def __enter__(self) -> Self:
         # `vmwipe clone` starts QEMUs in their own session and exits; as subreaper
         # they become our children, so we can kill *and reap* them by PID.
         _prctl(_PR_SET_CHILD_SUBREAPER, 1)
@@ -594,6 +573,89 @@ class Scenario:
             with contextlib.suppress(FileNotFoundError):
                 self.snapshot.unlink()
 
+    def _original_args(self, cpu: str) -> tuple[str, ...]:
+        """The original's extra QEMU arguments: serial port 1 and the agent's QMP socket."""
+        return ("-cpu", cpu,
+                "-chardev", f"socket,id=drbg,path={self.dir}/drbg.sock,server=on,wait=off",
+                "-serial", "chardev:drbg",
+                "-qmp", f"unix:{self.dir}/agent.qmp,server=on,wait=off")
+
+    def _tap_original(self) -> SerialTap:
+        self.tap = SerialTap(f"{self.dir}/drbg.sock", log=self.dir / "original.ttyS1")
+        return self.tap
+
+    def _save(self) -> dict[str, Any]:
+        """`vmwipe save` of the original, as a user runs it; its JSON report."""
+        r = run_cli("save", "--qmp", f"{self.dir}/agent.qmp", "--to", str(self.snapshot), "--json")
+        if r.returncode != 0:
+            raise GuestError(f"vmwipe save failed: {r.stderr.strip()}")
+        report: dict[str, Any] = json.loads(r.stdout)
+        return report
+
+    def _attach(self, directory: Path, i: int) -> SerialTap:
+        tap = SerialTap(f"{directory}/drbg-{i}.sock", prefix=self._partial,
+                        log=directory / f"clone-{i}.ttyS1")
+        self._taps.append(tap)
+        return tap
+
+    def _restore_plain(self, directory: Path, i: int, argv: list[str],
+                       what: str) -> QemuProcess:
+        """migrate-incoming and nothing else, left paused: what a hypervisor without vmwipe does."""
+        qp = start_qemu(argv, str(directory / f"clone-{i}.qmp"),
+                        log_path=str(directory / f"clone-{i}.log"),
+                        paused=True, incoming_defer=True)
+        self._procs.append(qp)
+        with QMPSession(qp.qmp_path) as s:
+            s.cmd("migrate-incoming", {"uri": prepare_incoming(s, str(self.snapshot))})
+            _wait_loaded(s)
+            if s.cmd("query-migrate").get("status") != "completed":
+                raise GuestError(f"{what}: load failed: {qp.log_tail()}")
+        return qp
+
+    @staticmethod
+    def _cont(qmp_paths: Iterable[str]) -> list[float]:
+        """`cont` each clone in turn; when each returned (host monotonic seconds)."""
+        conts: list[float] = []
+        for q in qmp_paths:
+            with QMPSession(q) as s:
+                s.cmd("cont")
+                conts.append(time.monotonic())
+        return conts
+
+
+class Scenario(CloneLab):
+    """Boot once, snapshot once, then resume the snapshot in each mode.  A context manager.
+
+    `log` gets one human-readable line per step, saying what it proves.
+    """
+
+    def __init__(self, clones: int = 4, outputs: int = 1000, *, log: Log | None = None,
+                 workdir: Path | None = None, accel: str | None = None,
+                 cpu: str = CPU, collect_timeout: float = 180) -> None:
+        if clones < 2:
+            raise ValueError("at least 2 clones are needed to compare them")
+        if outputs < 1:
+            raise ValueError("outputs must be positive")
+        self.n = clones
+        self.k = outputs
+        self.log: Log = log or (lambda msg: None)
+        super().__init__(workdir or Path(tempfile.mkdtemp(prefix="vmwipe-e2e.")),
+                         own_dir=workdir is None)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.accel = accel or default_accel()
+        self.cpu = cpu
+        self.collect_timeout = collect_timeout
+        self.image: GuestImage | None = None
+        self._cut = 0  # index of the first line the original printed after the snapshot
+        self._table: list[tuple[int, int]] = []  # zero ranges
+        self._fills: list[tuple[int, int]] = []  # fill ranges (the kernel CRNG): host bytes
+        self._guid = ""
+        self._pre_epochs: set[str] = set()
+        self._original_after: list[Output] = []
+        kernel = default_kernel()
+        self.result = ScenarioResult(clones, outputs, self.accel,
+                                     kernel.release if kernel else "?", cpu)
+
     # -- steps --------------------------------------------------------------------------
     def run(self, modes: Sequence[str] = MODES) -> ScenarioResult:
         """All steps; the result's claims are evaluated at the end."""
@@ -619,23 +681,20 @@ class Scenario:
             raise GuestError("no installed kernel with headers")
         self.log(f"building the guest image for {kernel.release} (cached after the first run)")
         self.image = build_guest_image(kernel)
-        extra = ("-cpu", self.cpu,
-                 "-chardev", f"socket,id=drbg,path={self.dir}/drbg.sock,server=on,wait=off",
-                 "-serial", "chardev:drbg",
-                 "-qmp", f"unix:{self.dir}/agent.qmp,server=on,wait=off")
+        extra = self._original_args(self.cpu)
         self.log(f"booting the guest: Debian {kernel.release}, 512 MiB, 1 vCPU ({self.cpu}), "
                  f"{self.accel}, "
                  "vmgenid, vmwipe SSDT + reset-time zero page")
         g = Guest(GuestConfig(self.image, cpus=1, accel=self.accel, extra_args=extra))
         self.guest = g.__enter__()
-        self.tap = SerialTap(f"{self.dir}/drbg.sock", log=self.dir / "original.ttyS1")
+        tap = self._tap_original()
         con = self._console(g)
         con.check("insmod /vmwipe.ko")
         con.check("stty -F /dev/ttyS1 raw -echo")
         con.check("cat /dev/kmsg > /dev/ttyS1 &")
         con.check("vmwipe_test poll 3600000 > /tmp/poll.out 2>&1 &")
         con.check(f"drbg_stream -i {DRBG_INTERVAL_MS} > /dev/ttyS1 2>/tmp/drbg.err &")
-        self.tap.wait_outputs(200, 60)
+        tap.wait_outputs(200, 60)
         self._guid = str(g.qmp("query-vm-generation-id")["guid"])
         self.result.timings_s["boot"] = round(time.monotonic() - t, 1)
         self.log("guest up: vmwipe.ko loaded, drbg_stream emitting (state in a vmwipe page), "
@@ -651,10 +710,7 @@ class Scenario:
         g = self.guest
         self.log("snapshot: `vmwipe save` stops the running guest and writes its state "
                  "(DRBG key, counter and epoch included)")
-        r = run_cli("save", "--qmp", f"{self.dir}/agent.qmp", "--to", str(self.snapshot), "--json")
-        if r.returncode != 0:
-            raise GuestError(f"vmwipe save failed: {r.stderr.strip()}")
-        rep = json.loads(r.stdout)
+        rep = self._save()
         time.sleep(0.3)  # let the tap drain what QEMU wrote before the stop
         lines, self._partial = self.tap.snapshot()
         self._cut = len(lines)
@@ -689,12 +745,6 @@ class Scenario:
                 t, before = st.reseeds[0]
                 r.reseed_ms = round((t - t_cont) * 1000, 1)
                 r.reseed_outputs = before
-
-    def _attach(self, directory: Path, i: int) -> SerialTap:
-        tap = SerialTap(f"{directory}/drbg-{i}.sock", prefix=self._partial,
-                        log=directory / f"clone-{i}.ttyS1")
-        self._taps.append(tap)
-        return tap
 
     def run_vmwipe(self) -> None:
         assert self.guest is not None
@@ -854,21 +904,10 @@ class Scenario:
         taps: list[SerialTap] = []
         for i in range(self.n):
             argv = clone_argv(self.guest.qemu_args(), d, guid, str(i))
-            qp = start_qemu(argv, str(d / f"clone-{i}.qmp"), log_path=str(d / f"clone-{i}.log"),
-                            paused=True, incoming_defer=True)
-            self._procs.append(qp)
-            with QMPSession(qp.qmp_path) as s:
-                s.cmd("migrate-incoming", {"uri": prepare_incoming(s, str(self.snapshot))})
-                _wait_loaded(s)
-                if s.cmd("query-migrate").get("status") != "completed":
-                    raise GuestError(f"{mode} clone {i}: load failed: {qp.log_tail()}")
+            qp = self._restore_plain(d, i, argv, f"{mode} clone {i}")
             runs.append(CloneRun(mode, i, qp.pid))
             taps.append(self._attach(d, i))
-        conts: list[float] = []
-        for qp in self._procs:
-            with QMPSession(qp.qmp_path) as s:
-                s.cmd("cont")
-                conts.append(time.monotonic())
+        conts = self._cont(qp.qmp_path for qp in self._procs)
         self.log(f"  continued all {self.n}; collecting {self.k} outputs from each")
         self._collect(runs, taps, [0] * len(runs), conts)
         self.result.runs[mode] = runs
