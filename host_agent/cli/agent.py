@@ -15,8 +15,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import TypeAlias
 
 from vmwipe.protocol import ProtocolError
 
@@ -226,41 +227,49 @@ def _cmd_clone(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_wipes(sub: argparse._SubParsersAction[argparse.ArgumentParser],
-                    common: argparse.ArgumentParser, epilog: str) -> None:
-    """inspect, wipe, restore, loadvm: the commands that wipe (or read) a live VM."""
-    fmt = argparse.RawDescriptionHelpFormatter
+# A string: argparse's class is generic only to the type checker, not at run time.
+_Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
+
+def _command(sub: _Subparsers, name: str, func: Callable[[argparse.Namespace], int],
+             parents: list[argparse.ArgumentParser], epilog: str, *, help: str,
+             description: str, usage: str | None = None) -> argparse.ArgumentParser:
+    """Add one of the agent's subcommands, all alike: `description` printed as written
+    (line breaks kept), the exit codes as `epilog`, and `func` for main() to call."""
     p = sub.add_parser(
-        "inspect",
-        parents=[common, _vm(with_guard=False)],
-        formatter_class=fmt,
-        help="show the guest's vmwipe table (read-only)",
+        name,
+        parents=parents,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=epilog,
+        help=help,
+        usage=usage,
+        description=description,
+    )
+    p.set_defaults(func=func)
+    return p
+
+
+def _register_wipes(sub: _Subparsers, common: argparse.ArgumentParser, epilog: str) -> None:
+    """inspect, wipe, restore, loadvm: the commands that wipe (or read) a live VM."""
+    _command(
+        sub, "inspect", _cmd_inspect, [common, _vm(with_guard=False)], epilog,
+        help="show the guest's vmwipe table (read-only)",
         description="Read the vmwipe region of a VM and show header fields, "
         "slots in use, pages, validity problems and the wipe generation. "
         "Writes nothing.",
     )
-    p.set_defaults(func=_cmd_inspect)
 
-    p = sub.add_parser(
-        "wipe",
-        parents=[common, _vm()],
-        formatter_class=fmt,
-        epilog=epilog,
+    p = _command(
+        sub, "wipe", _cmd_wipe, [common, _vm()], epilog,
         help="wipe a paused VM, optionally resume it",
         description="Wipe the pages a paused VM's table lists. Refuses a running "
         "VM; waits while QEMU is inmigrate. Resumes (cont) only with --resume and "
         "only after a verified wipe.",
     )
     p.add_argument("--resume", action="store_true", help="cont after a verified wipe")
-    p.set_defaults(func=_cmd_wipe)
 
-    p = sub.add_parser(
-        "restore",
-        parents=[common, _vm()],
-        formatter_class=fmt,
-        epilog=epilog,
+    p = _command(
+        sub, "restore", _cmd_restore, [common, _vm()], epilog,
         help="load a saved state into a -S -incoming defer QEMU, wipe, cont",
         description="For a QEMU started with -S -incoming defer: migrate-incoming "
         "from FILE (exec:cat, or file: on QEMU >= 8.2; a mapped-ram save gets the "
@@ -274,30 +283,20 @@ def _register_wipes(sub: argparse._SubParsersAction[argparse.ArgumentParser],
         help="saved migration stream (e.g. from `vmwipe save`)",
     )
     p.add_argument("--no-resume", action="store_true", help="leave the VM paused after the wipe")
-    p.set_defaults(func=_cmd_restore)
 
-    p = sub.add_parser(
-        "loadvm",
-        parents=[common, _vm()],
-        formatter_class=fmt,
-        epilog=epilog,
+    p = _command(
+        sub, "loadvm", _cmd_loadvm, [common, _vm()], epilog,
         help="stop, load an internal snapshot, wipe, cont",
         description="stop the VM, loadvm TAG (internal qcow2 snapshot), wipe, cont.",
     )
     p.add_argument("tag", help="snapshot tag")
     p.add_argument("--no-resume", action="store_true", help="leave the VM paused after the wipe")
-    p.set_defaults(func=_cmd_loadvm)
 
 
-def _register_save_clone(sub: argparse._SubParsersAction[argparse.ArgumentParser],
-                         common: argparse.ArgumentParser, epilog: str) -> None:
+def _register_save_clone(sub: _Subparsers, common: argparse.ArgumentParser, epilog: str) -> None:
     """save and clone: the commands that write or start saved states."""
-    fmt = argparse.RawDescriptionHelpFormatter
-    p = sub.add_parser(
-        "save",
-        parents=[common, _vm(with_guard=False, memory=False)],
-        formatter_class=fmt,
-        epilog=epilog,
+    p = _command(
+        sub, "save", _cmd_save, [common, _vm(with_guard=False, memory=False)], epilog,
         help="stop the VM and save its state to a file",
         description="stop, raise max-bandwidth, migrate to FILE (exec:cat > FILE, "
         "or file: on QEMU >= 8.2, with the mapped-ram capability where QEMU >= 9.0 "
@@ -317,13 +316,9 @@ def _register_save_clone(sub: argparse._SubParsersAction[argparse.ArgumentParser
         help="seconds to wait for the save (default %(default)s)",
     )
     scrub_cmds.add_save_scrub_arguments(p)
-    p.set_defaults(func=_cmd_save)
 
-    p = sub.add_parser(
-        "clone",
-        parents=[common],
-        formatter_class=fmt,
-        epilog=epilog,
+    p = _command(
+        sub, "clone", _cmd_clone, [common], epilog,
         help="start N wiped clones of a saved state",
         usage="vmwipe clone (SNAPSHOT | --template DIR) -n N [options] -- [QEMU] QEMU-ARGS...",
         description="Start N QEMU processes (-S -incoming defer, own QMP sockets in "
@@ -354,10 +349,9 @@ def _register_save_clone(sub: argparse._SubParsersAction[argparse.ArgumentParser
         help="pre-map shared guest RAM while each clone loads (see `vmwipe wipe --help`)",
     )
     p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="restore timeout")
-    p.set_defaults(func=_cmd_clone)
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register(sub: _Subparsers) -> None:
     """Add the agent's commands to the `vmwipe` parser."""
     common = _common()
     epilog = exit_code_help()
