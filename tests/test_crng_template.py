@@ -44,9 +44,9 @@ from vmwipe.host_agent.flows.target import AgentOptions
 from vmwipe.host_agent.flows.template_clone import clone_template_flow
 from vmwipe.host_agent.flows.template_manifest import Manifest
 from vmwipe.host_agent.qemu.qmp import QMPSession
-from vmwipe.lab import GuestConfig, GuestError, GuestImage
+from vmwipe.lab import GuestConfig, GuestImage
 from vmwipe.lab.agent import AgentGuest, shm_ram, without_ram
-from vmwipe.lab.crng import CPU, SYSFS, ModeResult, analyse, summary
+from vmwipe.lab.crng import CPU, SYSFS, ModeResult, analyse, summary, wait_draws
 from vmwipe.lab.e2e import SerialTap, _kill_pid, _prctl, clone_argv, read_gpa
 from vmwipe.lab.shell import sh
 from vmwipe.protocol import Fill
@@ -57,16 +57,6 @@ CLONES = 3
 DRAWS = 100  # per v2 clone, after resume: ~300 values per kind compared
 CONTROL_DRAWS = 20  # the control needs only the first iterations (the reseed key)
 _PR_SET_CHILD_SUBREAPER = 36
-
-
-def _wait_draws(tap: SerialTap, n: int, timeout: float) -> None:
-    """Until the tap has `n` getrandom() lines (TCG on a shared 2-core machine is slow)."""
-    deadline = time.monotonic() + timeout
-    while sum(1 for _t, ln in tap.snapshot()[0] if ln.startswith("G ")) < n:
-        if time.monotonic() > deadline:
-            tail = "\n".join(ln for _t, ln in tap.snapshot()[0][-5:])
-            raise GuestError(f"fewer than {n} draws in {timeout} s; tail:\n{tail}")
-        time.sleep(0.1)
 
 
 def file_offset(manifest: Manifest, gpa: int) -> int:
@@ -137,7 +127,7 @@ class TemplateCrng:
                 s.cmd("cont")
                 conts.append(time.monotonic())
         for tap in taps:
-            _wait_draws(tap, draws, 180)
+            wait_draws(tap, draws, 180)
         out.result = analyse(mode, False, [t.snapshot()[0] for t in taps], conts)
         print(summary(out.result))
         self.kill_clones()
@@ -166,7 +156,7 @@ def tc(image: GuestImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                     dmesg = sh(g, "dmesg | grep 'kernel CRNG' || true").strip()
                     sh(g, "stty -F /dev/ttyS1 raw -echo")
                     sh(g, "crng_stream -i 2 > /dev/ttyS1 2>/tmp/crng.err &")
-                    _wait_draws(tap, 50, 120)
+                    wait_draws(tap, 50, 120)
                     g.qmp("stop")
                     time.sleep(0.3)  # what was on the wire when it stopped has arrived
                     _lines, partial = tap.snapshot()

@@ -112,6 +112,16 @@ def analyse(mode: str, vmgenid: bool, clones: Sequence[Sequence[tuple[float, str
     return res
 
 
+def wait_draws(tap: SerialTap, n: int, timeout: float) -> None:
+    """Until the tap has `n` getrandom() lines (TCG on a shared 2-core machine is slow)."""
+    deadline = time.monotonic() + timeout
+    while sum(1 for _t, ln in tap.snapshot()[0] if ln.startswith("G ")) < n:
+        if time.monotonic() > deadline:
+            tail = "\n".join(ln for _t, ln in tap.snapshot()[0][-5:])
+            raise GuestError(f"fewer than {n} draws in {timeout} s; tail:\n{tail}")
+        time.sleep(0.1)
+
+
 class CrngScenario(CloneLab):
     """Boot once (`vmgenid` or not), save once, resume N clones per mode.  A context manager.
 
@@ -152,20 +162,11 @@ class CrngScenario(CloneLab):
         self.dmesg = g.console.check("dmesg | grep 'kernel CRNG' || true").strip()
         g.console.check("stty -F /dev/ttyS1 raw -echo")
         g.console.check("crng_stream -i 2 > /dev/ttyS1 2>/tmp/crng.err &")
-        self._wait_lines(tap, 50, 60)
+        wait_draws(tap, 50, 60)
         self._save()
         time.sleep(0.3)
         _lines, self._partial = tap.snapshot()
         self.log(f"  saved; sysfs crng_refresh: {self.sysfs_state}")
-
-    @staticmethod
-    def _wait_lines(tap: SerialTap, n: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while sum(1 for _t, ln in tap.snapshot()[0] if ln.startswith("G ")) < n:
-            if time.monotonic() > deadline:
-                tail = "\n".join(ln for _t, ln in tap.snapshot()[0][-5:])
-                raise GuestError(f"fewer than {n} draws in {timeout} s; tail:\n{tail}")
-            time.sleep(0.1)
 
     def _clone_cli(self, d: Path, argv: list[str]) -> list[str]:
         """`vmwipe clone -n N` as a user runs it; the clones' QMP sockets."""
@@ -200,7 +201,7 @@ class CrngScenario(CloneLab):
         taps = [self._attach(d, i) for i in range(self.n)]
         conts = self._cont(qmps)
         for tap in taps:
-            self._wait_lines(tap, self.k, 120)
+            wait_draws(tap, self.k, 120)
         res = analyse(mode, self.vmgenid, [t.snapshot()[0] for t in taps], conts)
         self._kill_clones()
         self.log("  " + summary(res))
