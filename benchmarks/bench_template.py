@@ -13,6 +13,10 @@ saved) and as an ordinary saved state (`vmwipe save`).  For N = 1, 4, 8, 32:
 - templated without vmwipe: start N QEMUs with the same private file mapping,
   x-ignore-shared, load the device state, cont.
 
+All three start every QEMU first and then prepare `default_jobs(N)` clones at a
+time (one per CPU) through the same fleet runner, so they differ only in what
+each clone's preparation does.
+
 The clock runs from the first QEMU started to the last `cont` returned; PSS is
 read from /proc/PID/smaps_rollup of every clone right after the last `cont`.
 Full loads at N=32 need ~17 GiB: the row runs when MemAvailable covers N
@@ -31,6 +35,8 @@ from functools import partial
 from pathlib import Path
 
 from vmwipe.host_agent.flows.clone import clone_flow
+from vmwipe.host_agent.flows.fleet import CloneSet, default_jobs, run_fleet
+from vmwipe.host_agent.flows.report import FlowReport, new_report
 from vmwipe.host_agent.flows.target import AgentOptions, open_target
 from vmwipe.host_agent.flows.template import make_template
 from vmwipe.host_agent.flows.template_clone import (
@@ -39,7 +45,6 @@ from vmwipe.host_agent.flows.template_clone import (
     qemu_version_of,
 )
 from vmwipe.host_agent.flows.template_manifest import DEVSTATE, Manifest
-from vmwipe.host_agent.qemu.launcher import QemuProcess, start_qemu
 from vmwipe.host_agent.qemu.qmp import QMPSession
 from vmwipe.protocol import build_region
 
@@ -119,25 +124,21 @@ def _phase_note(phases: list[dict[str, float]]) -> str:
 
 
 def _plain_templated(lab: Lab, tpl: Path, argv: list[str], n: int) -> Callable[[Path], list[int]]:
-    """The stock QEMU templating recipe, no checks and no wipe."""
+    """The stock QEMU templating recipe, no checks and no wipe, through the same fleet
+    runner (start all, prepare `default_jobs` at a time) as `vmwipe clone --template`."""
     full = [*argv, *backend_args(Manifest.load(tpl), qemu_version_of(argv[0]))]
+
+    def prepare(_i: int, s: QMPSession) -> FlowReport:
+        s.cmd("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": True}]})
+        plain_restore(s, str(tpl / DEVSTATE))
+        return new_report("plain-template", s)
 
     def start(d: Path) -> list[int]:
         d.mkdir()
-        started: list[QemuProcess] = []
-        for i in range(n):
-            started.append(start_qemu(full, str(d / f"c{i}.qmp"), paused=True,
-                                      incoming_defer=True, wait=None))
-        lab.started += started
-        for qp in started:
-            qp.wait_for_qmp()
-            with QMPSession(qp.qmp_path, timeout=60) as s:
-                s.cmd("migrate-set-capabilities", {"capabilities": [
-                    {"capability": "x-ignore-shared", "state": True}]})
-                plain_restore(s, str(tpl / DEVSTATE))
-        for qp in started:
-            lab.started.remove(qp)
-        return [qp.pid for qp in started]
+        fleet = CloneSet(str(d))
+        run_fleet(fleet, full, n, prepare, lambda _m: None, 60.0, default_jobs(n))
+        return [c.pid for c in fleet.clones]
     return start
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -516,3 +517,24 @@ def test_qmp_batch_answers_in_order_with_errors_in_place(vms: list[VM], tmp_path
     assert isinstance(bad, QMPCommandError) and bad.command == "qom-get"
     assert name == {}
     assert s.batch([]) == []
+
+
+def test_parallel_clone_failure_kills_every_clone(vms: list[VM], tmp_path: Path) -> None:
+    """`-j 2`: while clones 0 and 1 are being restored in two threads, clone 2's QEMU
+    cannot start (its log directory is missing); every clone is killed, none is left
+    running or paused, and the error says which clone failed."""
+    src = new_vm(vms, tmp_path / "src")
+    plant_marked(src)
+    snap = tmp_path / "vm.state"
+    save(src, snap)
+    d = tmp_path / "clones"
+    for i in (0, 1):
+        (tmp_path / f"serial{i}").mkdir()
+    argv = [*qemu_argv(src), "-serial", f"file:{tmp_path}/serial{{i}}/out"]
+    r = run_cli("clone", str(snap), "-n", "3", "-j", "2", "--resume", "--dir", str(d), "--",
+                *argv)
+    assert r.returncode == 10, r.stderr
+    assert re.search(r"clone 3/3 \(pid \d+\) failed: QEMU exited", r.stderr), r.stderr
+    assert len(re.findall(r"cleanup: killing clone QEMU pid", r.stderr)) == 3
+    time.sleep(0.2)
+    assert _qemu_pids_using(d) == []

@@ -34,7 +34,7 @@ from . import libvirt as libvirt_cmds
 from . import scrub as scrub_cmds
 from . import setup as setup_cmds
 from . import template as template_cmds
-from .options import region_type
+from .options import positive_int, region_type
 
 log = logging.getLogger("vmwipe")
 
@@ -214,7 +214,8 @@ def _cmd_clone(args: argparse.Namespace) -> int:
     if args.qemu:
         qemu.insert(0, args.qemu)
     res = clone_flow(
-        args.snapshot, args.n, qemu, _opts(args), directory=args.dir, do_resume=args.resume
+        args.snapshot, args.n, qemu, _opts(args), directory=args.dir, do_resume=args.resume,
+        jobs=args.jobs,
     )
     if args.json:
         print(json.dumps(res.to_dict(), indent=2))
@@ -331,6 +332,8 @@ def _register_save_clone(sub: _Subparsers, common: argparse.ArgumentParser, epil
     template_cmds.add_clone_template_arguments(p)
     p.add_argument("-n", type=int, default=1, help="number of clones (default 1)")
     p.add_argument("--resume", action="store_true", help="cont each clone after its wipe")
+    p.add_argument("-j", "--jobs", type=positive_int, metavar="J",
+                   help="clones prepared at a time (default: one per CPU, at most N)")
     p.add_argument("--dir", help="directory for QMP sockets and logs (default: a new temp dir)")
     p.add_argument(
         "--qemu",

@@ -49,7 +49,8 @@ def run_clone_template(args: argparse.Namespace, opts: AgentOptions) -> int:
     if args.qemu:
         qemu.insert(0, args.qemu)
     res = clone_template_flow(args.template, args.n, qemu, opts, directory=args.dir,
-                              do_resume=args.resume, check_digest=not args.skip_digest)
+                              do_resume=args.resume, check_digest=not args.skip_digest,
+                              jobs=args.jobs)
     if args.json:
         print(json.dumps(res.to_dict() | {"template": res.template,
                                           "digest_checked": res.digest_checked}, indent=2))

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 from ..errors import MigrationError, UsageError
 from ..qemu.qmp import QMPSession
-from .fleet import CloneSet, run_fleet, stderr_progress
+from .fleet import CloneSet, default_jobs, run_fleet, stderr_progress
 from .live import restore_flow
 from .report import FlowReport
 from .target import AgentOptions
@@ -33,8 +33,10 @@ def clone_flow(
     do_resume: bool = False,
     progress: Callable[[str], None] = stderr_progress,
     qmp_timeout: float = 10.0,
+    jobs: int | None = None,
 ) -> CloneSet:
-    """Start `count` clones of `snapshot`; on any failure kill all of them and re-raise."""
+    """Start `count` clones of `snapshot`, `jobs` restored at a time (default: one per
+    CPU); on any failure kill all of them and re-raise."""
     directory = directory or tempfile.mkdtemp(prefix="vmwipe-clone-")
     os.makedirs(directory, exist_ok=True)
     snapshot = os.path.abspath(snapshot)
@@ -58,5 +60,6 @@ def clone_flow(
         return rep
 
     progress(f"starting {count} QEMU process{'es' if count > 1 else ''} in {directory}")
-    run_fleet(result, argv, count, prepare, progress, qmp_timeout)
+    run_fleet(result, argv, count, prepare, progress, qmp_timeout,
+              default_jobs(count) if jobs is None else jobs)
     return result

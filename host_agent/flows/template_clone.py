@@ -44,11 +44,11 @@ from ..qemu.qmp import QMPSession
 from ..timing import Phases
 from ..wipe.backends import MemoryBackend, read_proc_maps
 from ..wipe.engine import EarlyRegion, run_wipe
-from .fleet import CloneSet, run_fleet, stderr_progress
+from .fleet import CloneSet, default_jobs, run_fleet, stderr_progress
 from .incoming import incoming_uri, load_incoming
 from .report import FlowReport, new_report
 from .runstate import resume
-from .target import AgentOptions, PreparedTarget, open_target
+from .target import AgentOptions, open_target
 from .template_manifest import DEVSTATE, Manifest
 
 #: Devices that discard guest pages, which on a private file mapping makes them
@@ -117,23 +117,20 @@ def check_argv(argv: Sequence[str]) -> None:
 #: What QEMU says about a clone before any state is loaded into it, asked in one batch.
 PRELOAD_QUERIES: list[tuple[str, dict[str, Any] | None]] = [
     ("query-status", None),
-    ("query-migrate", None),
     ("qom-get", {"path": "/machine", "property": "type"}),
     ("qom-get", {"path": "/machine", "property": "memory-backend"}),
     ("query-memdev", None),
     ("query-balloon", None),
     ("query-memory-devices", None),
     ("query-migrate-capabilities", None),
-    ("human-monitor-command", {"command-line": "info mtree -f"}),
 ]
 
 
 class PrefetchedMonitor:
     """A `Monitor` that answers from the pre-load batch where it can.
 
-    `PreparedTarget` asks for the memory backends and the flat view of guest RAM;
-    the batch already holds both, so those answers cost no second round trip.
-    Anything else goes to QEMU.
+    `open_target` asks for the memory backends, which the batch already holds, so
+    that answer costs no second command.  Anything else goes to QEMU.
     """
 
     def __init__(self, session: QMPSession, answers: dict[str, Any]) -> None:
@@ -162,12 +159,13 @@ def check_before_load(session: QMPSession, manifest: Manifest) -> PrefetchedMoni
     by the backend's mem-path, which could name a different file by then.  Returns
     the answers the target preparation can reuse.
     """
-    (status, mig, machine, backend, memdev_list, balloon, memory_devices, cap_list,
-     mtree) = session.batch(PRELOAD_QUERIES)
-    for answer in (status, mig, machine, backend, memdev_list, memory_devices, cap_list, mtree):
+    (status, machine, backend, memdev_list, balloon, memory_devices,
+     cap_list) = session.batch(PRELOAD_QUERIES)
+    for answer in (status, machine, backend, memdev_list, memory_devices, cap_list):
         if isinstance(answer, QMPCommandError):
             raise answer
-    if status["status"] != "inmigrate" or mig.get("status", "none") not in ("none", ""):
+    # (a load already under way makes QEMU refuse the migrate-incoming that follows)
+    if status["status"] != "inmigrate":
         raise TemplateError("the clone QEMU must be started with -S -incoming defer")
     if str(machine) != manifest.machine:
         raise TemplateError(f"clone machine {machine} != template machine {manifest.machine}")
@@ -182,7 +180,7 @@ def check_before_load(session: QMPSession, manifest: Manifest) -> PrefetchedMoni
     if any(m.get("prealloc") for m in memdevs.values()):
         raise TemplateError("a preallocated memory backend copies all of the template's RAM")
     ident = manifest.ram_identity
-    maps = [mp for mp in read_proc_maps(session.pid) if ident.same_inode(
+    maps = [mp for mp in read_proc_maps(session.pid, ident.ino) if ident.same_inode(
         os.makedev(*mp.dev), mp.inode)]
     if not maps or sum(mp.end - mp.start for mp in maps) < manifest.ram_size:
         raise TemplateError("the clone's RAM is not a mapping of the template file "
@@ -196,7 +194,7 @@ def check_before_load(session: QMPSession, manifest: Manifest) -> PrefetchedMoni
         raise TemplateError("virtio-mem would discard pages of the private template mapping")
     if {c["capability"]: c["state"] for c in cap_list}.get("postcopy-ram"):
         raise TemplateError("postcopy discards pages of the private template mapping")
-    return PrefetchedMonitor(session, {"query-memdev": memdev_list, "info mtree -f": mtree})
+    return PrefetchedMonitor(session, {"query-memdev": memdev_list})
 
 
 def canary(backend: MemoryBackend, manifest: Manifest, region: Region,
@@ -244,25 +242,19 @@ def prepare_clone(session: QMPSession, manifest: Manifest, directory: str, opts:
                   do_resume: bool, wipe: bool = True) -> FlowReport:
     """Checks, device-state load, canary, wipe, and `cont` with `do_resume`, on one clone.
 
-    The region, reset guard, RAM blocks and memory access are settled before the
-    load (`PreparedTarget`), so after it only the flat view of guest RAM is asked
-    again.  The wipe expects the listed pages to read zero (the template file was
+    The wipe expects the listed pages to read zero (the template file was
     scrubbed) and writes only if one does not.
     """
     phases = Phases()
     rep = new_report("clone-template", session)
     rep.state_before = "inmigrate"
     prefetched = check_before_load(session, manifest)
-    prepared = PreparedTarget(prefetched, session.pid, opts, guard=True)
-    try:
-        phases.mark("checks")
-        load_incoming(session, incoming_uri(session, str(Path(directory) / DEVSTATE)),
-                      opts.timeout, capabilities=("events", "x-ignore-shared"))
-        phases.mark("load")
-        manifest.check_identity()
-        target = open_target(session, session.pid, opts, guard=True, prepared=prepared)
-    finally:
-        prepared.close()
+    phases.mark("checks")
+    load_incoming(session, incoming_uri(session, str(Path(directory) / DEVSTATE)),
+                  opts.timeout, capabilities=("events", "x-ignore-shared"))
+    phases.mark("load")
+    manifest.check_identity()
+    target = open_target(prefetched, session.pid, opts, guard=True)
     try:
         rep.region_source, rep.warnings = target.region_source, list(target.warnings)
         if (target.region.base, target.region.size) != tuple(manifest.region):
@@ -309,10 +301,12 @@ def clone_template_flow(
     wipe: bool = True,
     progress: Callable[[str], None] = stderr_progress,
     qmp_timeout: float = 10.0,
+    jobs: int | None = None,
 ) -> TemplateCloneSet:
     """Start `count` clones of the template in `template`; on any failure kill all of them.
 
-    `wipe=False` exists only for the benchmark's "templated without vmwipe" row.
+    `jobs` clones are prepared at a time (default: one per CPU).  `wipe=False`
+    exists only for the test and benchmark controls ("templated without vmwipe").
     """
     if count < 1:
         raise UsageError("-n must be at least 1")
@@ -339,5 +333,6 @@ def clone_template_flow(
         return rep
 
     progress(f"starting {count} clone(s) of template {template}: {shlex.join(argv[-4:])}")
-    run_fleet(result, argv, count, prepare, progress, qmp_timeout)
+    run_fleet(result, argv, count, prepare, progress, qmp_timeout,
+              default_jobs(count) if jobs is None else jobs)
     return result

@@ -518,17 +518,24 @@ class ProcMapping:
     path: str
 
 
-def read_proc_maps(pid: int) -> list[ProcMapping]:
-    """Parse /proc/PID/maps; MemoryAccessError if it cannot be read."""
+def read_proc_maps(pid: int, inode: int | None = None) -> list[ProcMapping]:
+    """Parse /proc/PID/maps; MemoryAccessError if it cannot be read.
+
+    With `inode`, only the mappings of files with that inode number: QEMU has
+    hundreds of mappings, and a clone's start-up needs the one file's.
+    """
     try:
         with open(f"/proc/{pid}/maps") as f:
             text = f.read()
     except OSError as e:
         raise MemoryAccessError(f"cannot read /proc/{pid}/maps: {e.strerror}") from None
     out = []
+    needle = f" {inode} " if inode is not None else ""
     for line in text.splitlines():
+        if needle not in line:
+            continue
         m = _MAPS_RE.match(line)
-        if m:
+        if m and (inode is None or int(m["inode"]) == inode):
             major, minor = (int(x, 16) for x in m["dev"].split(":"))
             out.append(
                 ProcMapping(
