@@ -13,9 +13,9 @@ saved) and as an ordinary saved state (`vmwipe save`).  For N = 1, 4, 8, 32:
 - templated without vmwipe: start N QEMUs with the same private file mapping,
   x-ignore-shared, load the device state, cont.
 
-All three start every QEMU first and then prepare `default_jobs(N)` clones at a
-time (one per CPU) through the same fleet runner, so they differ only in what
-each clone's preparation does.
+All three go through the same fleet runner: start every QEMU, prepare
+`default_jobs(N)` clones at a time (one per CPU), and `cont` them all once every
+clone is ready; they differ only in what each clone's preparation does.
 
 The clock runs from the first QEMU started to the last `cont` returned; PSS is
 read from /proc/PID/smaps_rollup of every clone right after the last `cont`.
@@ -131,13 +131,13 @@ def _plain_templated(lab: Lab, tpl: Path, argv: list[str], n: int) -> Callable[[
     def prepare(_i: int, s: QMPSession) -> FlowReport:
         s.cmd("migrate-set-capabilities", {"capabilities": [
             {"capability": "x-ignore-shared", "state": True}]})
-        plain_restore(s, str(tpl / DEVSTATE))
+        plain_restore(s, str(tpl / DEVSTATE), do_resume=False)
         return new_report("plain-template", s)
 
     def start(d: Path) -> list[int]:
         d.mkdir()
         fleet = CloneSet(str(d))
-        run_fleet(fleet, full, n, prepare, lambda _m: None, 60.0, default_jobs(n))
+        run_fleet(fleet, full, n, prepare, lambda _m: None, 60.0, default_jobs(n), do_resume=True)
         return [c.pid for c in fleet.clones]
     return start
 

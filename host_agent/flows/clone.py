@@ -51,15 +51,15 @@ def clone_flow(
 
     def prepare(i: int, session: QMPSession) -> FlowReport:
         progress(f"clone {i + 1}/{count}: pid {session.pid}, restoring and wiping")
-        rep = restore_flow(session, opts, snapshot, do_resume=do_resume)
+        rep = restore_flow(session, opts, snapshot, do_resume=False)
         wiped = rep.wipe.pages if rep.wipe else 0
         progress(
             f"clone {i + 1}/{count}: {rep.wipe.status if rep.wipe else '?'}, "
-            f"{wiped} pages wiped{', running' if rep.resumed else ', paused'}"
+            f"{wiped} pages wiped, paused"
         )
         return rep
 
     progress(f"starting {count} QEMU process{'es' if count > 1 else ''} in {directory}")
     run_fleet(result, argv, count, prepare, progress, qmp_timeout,
-              default_jobs(count) if jobs is None else jobs)
+              default_jobs(count) if jobs is None else jobs, do_resume)
     return result

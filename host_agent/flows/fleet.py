@@ -21,6 +21,7 @@ from ..errors import AgentError
 from ..qemu.launcher import QemuProcess, start_qemu
 from ..qemu.qmp import QMPSession
 from .report import FlowReport
+from .runstate import resume
 
 
 def stderr_progress(msg: str) -> None:
@@ -72,23 +73,27 @@ def run_fleet(
     progress: Callable[[str], None],
     qmp_timeout: float,
     jobs: int = 1,
+    do_resume: bool = False,
 ) -> None:
-    """Start `count` QEMUs from `argv`, then `prepare` each (appending to `result` in
-    index order), `jobs` clones at a time.
+    """Start `count` QEMUs from `argv`, `prepare` each (`jobs` at a time), and only when
+    every clone is prepared, `cont` them all with `do_resume`; `result` gets the clones
+    in index order.
 
-    `prepare` gets the clone's index and an open session and returns its report.
-    Any exception from it (or from a start) kills every QEMU started here and
-    propagates: the QEMUs first, so that clones still being prepared in other
-    threads fail at once instead of finishing their loads.
+    `prepare` gets the clone's index and an open session, leaves the clone paused,
+    and returns its report.  Any exception from it, from a start or from a `cont`
+    kills every QEMU started here and propagates: the QEMUs first, so that clones
+    still being prepared in other threads fail at once instead of finishing their
+    loads.  So a refused clone means no clone ever ran, and no clone's guest
+    competes for the CPU while the others are checked and wiped.
     """
     started: list[QemuProcess] = []
+    sessions: list[QMPSession] = []
 
     def one(i: int) -> FlowReport:
         qp = started[i]
         try:
             qp.wait_for_qmp()
-            with QMPSession(qp.qmp_path, timeout=qmp_timeout) as session:
-                return prepare(i, session)
+            return prepare(i, sessions[i].connect())
         except AgentError as e:  # with several at work, say which clone it was
             progress(f"clone {i + 1}/{count} (pid {qp.pid}) failed: {e}")
             raise
@@ -101,11 +106,17 @@ def run_fleet(
                 os.path.join(result.directory, f"clone-{i}.qmp"),
                 log_path=os.path.join(result.directory, f"clone-{i}.log"),
                 paused=True, incoming_defer=True, detach=True, wait=None))
+            sessions.append(QMPSession(started[i].qmp_path, timeout=qmp_timeout))
         futures = [pool.submit(one, i) for i in range(count)]
         wait(futures, return_when=FIRST_EXCEPTION)
-        for i, (qp, fut) in enumerate(zip(started, futures, strict=True)):
-            result.clones.append(CloneResult(i, qp.pid, qp.qmp_path, qp.log_path or "",
-                                             fut.result()))
+        reports = [fut.result() for fut in futures]
+        if do_resume:
+            for rep, session in zip(reports, sessions, strict=True):
+                resume(session)
+                rep.resumed, rep.state_after = True, "running"
+            progress(f"resumed {count} clone(s)")
+        for i, (qp, rep) in enumerate(zip(started, reports, strict=True)):
+            result.clones.append(CloneResult(i, qp.pid, qp.qmp_path, qp.log_path or "", rep))
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         for qp in started:
@@ -114,3 +125,5 @@ def run_fleet(
         raise
     finally:
         pool.shutdown(wait=True)
+        for session in sessions:
+            session.close()

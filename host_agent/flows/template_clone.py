@@ -326,13 +326,12 @@ def clone_template_flow(
                               digest_checked=check_digest)
 
     def prepare(i: int, session: QMPSession) -> FlowReport:
-        rep = prepare_clone(session, manifest, template, opts, do_resume, wipe)
+        rep = prepare_clone(session, manifest, template, opts, False, wipe)
         pages = rep.wipe.pages if rep.wipe else 0
-        progress(f"clone {i + 1}/{count}: pid {session.pid}, {pages} pages wiped, "
-                 f"{'running' if rep.resumed else 'paused'}")
+        progress(f"clone {i + 1}/{count}: pid {session.pid}, {pages} pages wiped, paused")
         return rep
 
     progress(f"starting {count} clone(s) of template {template}: {shlex.join(argv[-4:])}")
     run_fleet(result, argv, count, prepare, progress, qmp_timeout,
-              default_jobs(count) if jobs is None else jobs)
+              default_jobs(count) if jobs is None else jobs, do_resume)
     return result
