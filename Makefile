@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml host_agent/wipe/_pages.c | cksum | cut -d" " -f1)
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml host_agent/wipe/_pages.c host_agent/snapshot/_ramwalk.c | cksum | cut -d" " -f1)
 
 .PHONY: setup system-packages test test-fast test-debian13 demo bench lint abi kmod kmod-check fuzz clean
 
@@ -11,7 +11,7 @@ setup: system-packages $(STAMP)
 system-packages:
 	@bash scripts/setup-system.sh
 
-$(STAMP): pyproject.toml host_agent/wipe/_pages.c
+$(STAMP): pyproject.toml host_agent/wipe/_pages.c host_agent/snapshot/_ramwalk.c
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test,libvirt,chart]'
@@ -59,4 +59,4 @@ clean:
 	$(MAKE) -C guest_kmod clean || true
 	@! findmnt -rn -o TARGET | grep -q '^$(CURDIR)/build/' || \
 	  { echo "make clean: mounts under build/ (a test-debian13 run?); not removing build/" >&2; exit 1; }
-	rm -rf --one-file-system build host_agent/wipe/_pages.*.so
+	rm -rf --one-file-system build host_agent/wipe/_pages.*.so host_agent/snapshot/_ramwalk.*.so

@@ -54,11 +54,12 @@ import struct
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import compress, repeat
-from operator import lshift, or_, rshift
+from itertools import repeat
+from operator import rshift
 from typing import Any, BinaryIO, Protocol
 
 from ..errors import StreamError, UnsupportedStream
+from . import _ramwalk
 from .saveimage import HEADER_SIZE as SAVE_IMAGE_HEADER_SIZE
 from .saveimage import MAGIC as SAVE_IMAGE_MAGIC
 from .saveimage import parse_header
@@ -465,12 +466,35 @@ class PipeSource:
 # the VM description
 
 
+#: First window `find_vmdesc` searches; it grows 8-fold up to VMDESC_SEARCH.
+_VMDESC_WINDOW = 1 << 20
+
+
 def find_vmdesc(mm: mmap.mmap | bytes, start: int, end: int) -> tuple[int, dict[str, Any]] | None:
     """Locate ``EOF, 0x06, be32 len, JSON`` ending exactly at `end`; (offset of 0x06, JSON).
 
     A stream with no description (machine property `suppress-vmdesc`) gives None.
+    The search starts in the last MiB and widens only while no candidate decided it:
+    copying the whole 64 MiB bound every time cost more than the rest of a
+    mapped-ram walk.  Candidates are tried from the end in every window, so the
+    answer is the one a single search of the whole bound gives.
     """
-    lo = max(start + 8, end - VMDESC_SEARCH)
+    floor = max(start + 8, end - VMDESC_SEARCH)
+    window = _VMDESC_WINDOW
+    while True:
+        lo = max(floor, end - window)
+        decided, got = _vmdesc_in(mm, lo, end)
+        if decided:
+            return got
+        if lo == floor:
+            return None
+        window *= 8
+
+
+def _vmdesc_in(mm: mmap.mmap | bytes, lo: int, end: int
+               ) -> tuple[bool, tuple[int, dict[str, Any]] | None]:
+    """`find_vmdesc` over mm[lo:end]: (True, its answer), or (False, None) when no
+    candidate there reached `end` (a wider window may hold the marker)."""
     tail = bytes(mm[lo:end])
     # The JSON is QEMU's compact output and holds no 0x06 byte; scan candidates from the
     # end so the first hit whose length reaches exactly `end` is the real marker.
@@ -478,17 +502,17 @@ def find_vmdesc(mm: mmap.mmap | bytes, start: int, end: int) -> tuple[int, dict[
     while True:
         i = tail.rfind(b"\x06", 0, i)
         if i < 1:
-            return None
+            return False, None
         if i + 5 <= len(tail) and tail[i - 1] == EOF:
             (n,) = struct.unpack_from(">I", tail, i + 1)
             if i + 5 + n == len(tail) and n > 0 and tail[i + 5:i + 6] == b"{":
                 try:
                     desc = json.loads(tail[i + 5:].decode("utf-8"))
                 except (UnicodeDecodeError, ValueError):
-                    return None
+                    return True, None
                 if isinstance(desc, dict) and isinstance(desc.get("devices"), list):
-                    return lo + i, desc
-                return None
+                    return True, (lo + i, desc)
+                return True, None
 
 
 def _device_desc(vmdesc: dict[str, Any] | None, name: str, instance: int) -> dict[str, Any] | None:
@@ -618,8 +642,14 @@ class StreamWalker:
     def __init__(self, src: Source, index: StreamIndex, *,
                  zero_page: ZeroPredicate | None = None, stop_after_ram: bool = False,
                  progress: Callable[[int], None] | None = None, record: bool = True,
-                 patches: dict[tuple[str, int], list[tuple[int, bytes]]] | None = None) -> None:
+                 patches: dict[tuple[str, int], list[tuple[int, bytes]]] | None = None,
+                 native: bool = True) -> None:
         self.src = src
+        # The C hop (`_hop`) only indexes: a pipe, or pages to zero or patch, need the
+        # record-by-record path that rewrites them.  `native=False` keeps the Python bulk
+        # path everywhere (tests compare the two).
+        self._native = (native and isinstance(src, FileSource) and record
+                        and zero_page is None and not patches)
         self.patches = patches or {}  # (block, offset) -> [(offset in page, bytes)] (pipe)
         self.record = record  # keep every page record in the index (file mode)
         self.idx = index
@@ -781,9 +811,12 @@ class StreamWalker:
         last_report = src.pos
         while True:
             if self._block >= 0:
-                self._zero_run()
-                if not idx.mapped_ram:  # (there, any page record is an error: see below)
-                    self._page_run()
+                if self._native and not idx.mapped_ram:
+                    self._hop()
+                else:
+                    self._zero_run()
+                    if not idx.mapped_ram:  # (there, any page record is an error: see below)
+                        self._page_run()
             rec_pos = src.pos
             (word,) = struct.unpack(">Q", src.read(8, "RAM record"))
             flags = word & mask
@@ -857,6 +890,25 @@ class StreamWalker:
             if progress is not None and src.pos - last_report >= (64 << 20):
                 last_report = src.pos
                 progress(src.pos)
+
+    def _hop(self) -> None:
+        """The C bulk path (file mode, indexing only): hop over the PAGE|CONTINUE and
+        zero-fill ZERO|CONTINUE records of the current block, reading only their 8-byte
+        headers.  It stops at the first record it does not accept (another kind, another
+        block, out of range, truncated), which the record-by-record code below then reads
+        and, if it is wrong, names."""
+        src = self.src
+        assert isinstance(src, FileSource)
+        end, pages, positions, kinds = _ramwalk.ram_run(
+            src.mm, src.pos, src.limit, self.idx.blocks[self._block].length)
+        if not kinds:
+            return
+        recs = self.idx.records
+        recs.block.extend(array("H", [self._block]) * len(kinds))
+        recs.page.frombytes(pages)
+        recs.pos.frombytes(positions)
+        recs.kind.frombytes(kinds)
+        src.pos = end
 
     def _zero_run(self) -> None:
         """The bulk path for runs of ZERO|CONTINUE records of the current block.
@@ -1051,19 +1103,16 @@ def copies(idx: StreamIndex, wanted: set[tuple[int, int]]) -> Iterator[tuple[int
     """(block index, page number, data offset, kind) of every record of a wanted page.
 
     A large save has millions of records and a table thousands of pages: each
-    record's (block, page) becomes one integer key and is looked up in bulk
-    (`map` over the set's `__contains__`), so Python only runs for the hits.
+    record's (block, page) becomes one integer key, looked up in C against the
+    sorted wanted keys (`_ramwalk.select`), so Python only runs for the hits.
     """
     r = idx.records
-    keys = {b << _KEY_SHIFT | p for b, p in wanted}
-    if not keys:
+    if not wanted or not len(r):
         return
-    records: Iterator[int]
-    if len(idx.blocks) > 1:
-        records = map(or_, map(lshift, r.block, repeat(_KEY_SHIFT)), r.page)
-    else:
-        records = iter(r.page)  # one block: block index 0, the key is the page number
-    for i in compress(range(len(r.pos)), map(keys.__contains__, records)):
+    keys = array("Q", sorted({b << _KEY_SHIFT | p for b, p in wanted}))
+    hits = array("Q")
+    hits.frombytes(_ramwalk.select(r.block, r.page, keys))
+    for i in hits:
         yield r.block[i], r.page[i], r.pos[i], r.kind[i]
 
 
