@@ -15,6 +15,7 @@ removed by the next run (`remove_stale_temps`).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
@@ -79,6 +80,27 @@ def remove_stale_temps(path: str) -> int:
     return removed
 
 
+#: The copy goes in pieces this big, each one's writeback started as soon as it is copied.
+COPY_PIECE = 32 << 20
+SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
+_libc = ctypes.CDLL(None, use_errno=True)
+_sync_file_range = getattr(_libc, "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+
+
+def _start_writeback(fd: int, off: int, n: int) -> None:
+    """Start writing [off, off+n) of `fd` to disk now, without waiting for it.
+
+    Copying first and fsyncing after (what `cp` plus fsync does) leaves the disk
+    idle during the copy and the CPU idle during the fsync; started piece by
+    piece, the writeback runs under the copy and the final fsync only waits for
+    the tail.  Best effort: that fsync is still what makes the copy durable.
+    """
+    if _sync_file_range is not None:
+        _sync_file_range(fd, off, n, SYNC_FILE_RANGE_WRITE)
+
+
 def _copy_range(src: int, dst: int, off: int, n: int) -> None:
     """Copy [off, off+n) from src to dst at the same offset, in the kernel."""
     end = off + n
@@ -87,7 +109,7 @@ def _copy_range(src: int, dst: int, off: int, n: int) -> None:
         done = 0
         if use_cfr:
             try:
-                done = os.copy_file_range(src, dst, min(end - off, 1 << 30), off, off)
+                done = os.copy_file_range(src, dst, min(end - off, COPY_PIECE), off, off)
             except OSError as e:
                 if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
                     raise
@@ -95,9 +117,10 @@ def _copy_range(src: int, dst: int, off: int, n: int) -> None:
                 continue
         else:
             os.lseek(dst, off, os.SEEK_SET)
-            done = os.sendfile(dst, src, off, min(end - off, 1 << 30))
+            done = os.sendfile(dst, src, off, min(end - off, COPY_PIECE))
         if done <= 0:
             raise StreamError("the file got shorter while it was copied; nothing replaced")
+        _start_writeback(dst, off, done)
         off += done
 
 
