@@ -130,10 +130,11 @@ static PyObject *ramwalk_ram_run(PyObject *Py_UNUSED(self), PyObject *args)
 		PyErr_NoMemory();
 		goto out;
 	}
+	/* y# turns a NULL pointer into None: an empty run is three empty bytes */
 	ret = Py_BuildValue("Ky#y#y#", (unsigned long long)end,
-			    (const char *)o.page, (Py_ssize_t)(o.n * sizeof(uint64_t)),
-			    (const char *)o.pos, (Py_ssize_t)(o.n * sizeof(uint64_t)),
-			    (const char *)o.kind, (Py_ssize_t)o.n);
+			    o.n ? (const char *)o.page : "", (Py_ssize_t)(o.n * sizeof(uint64_t)),
+			    o.n ? (const char *)o.pos : "", (Py_ssize_t)(o.n * sizeof(uint64_t)),
+			    o.n ? (const char *)o.kind : "", (Py_ssize_t)o.n);
 out:
 	free(o.page);
 	free(o.pos);

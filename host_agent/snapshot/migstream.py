@@ -1018,12 +1018,14 @@ class StreamWalker:
 
 def index_stream(mm: mmap.mmap | bytes, start: int = 0, end: int | None = None, *,
                  trailing_zeros_ok: bool = False,
-                 progress: Callable[[int], None] | None = None) -> StreamIndex:
+                 progress: Callable[[int], None] | None = None,
+                 native: bool = True) -> StreamIndex:
     """Walk the whole stream in `mm[start:end]`; every byte must be accounted for.
 
     `trailing_zeros_ok` accepts zero padding after the stream (libvirt pads
     images written with O_DIRECT).  Raises `StreamError` naming the offset of
-    the first thing that is wrong.
+    the first thing that is wrong.  `native=False` walks the RAM records in
+    Python only (tests check the C hop against it).
     """
     end = len(mm) if end is None else end
     if end - start < 8:
@@ -1032,7 +1034,7 @@ def index_stream(mm: mmap.mmap | bytes, start: int = 0, end: int | None = None, 
         raise StreamError(f"not a QEMU migration stream: magic {bytes(mm[start:start + 4])!r} "
                           f"at offset {start:#x} (expected b'QEVM')")
     try:
-        return _index_stream(mm, start, end, trailing_zeros_ok, progress)
+        return _index_stream(mm, start, end, trailing_zeros_ok, progress, native)
     except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError,
             struct.error) as e:
         # A description or record that parses but makes no sense (a forged or damaged
@@ -1054,7 +1056,7 @@ def _last_nonzero_end(mm: mmap.mmap | bytes, start: int, end: int) -> int:
 
 
 def _index_stream(mm: mmap.mmap | bytes, start: int, end: int, trailing_zeros_ok: bool,
-                  progress: Callable[[int], None] | None) -> StreamIndex:
+                  progress: Callable[[int], None] | None, native: bool = True) -> StreamIndex:
     idx = StreamIndex(start=start)
     stream_end = end
     found = find_vmdesc(mm, start, end)
@@ -1073,7 +1075,7 @@ def _index_stream(mm: mmap.mmap | bytes, start: int, end: int, trailing_zeros_ok
     idx.vmdesc_offset, idx.vmdesc = found
     # the EOF byte is the last thing before the description
     src = FileSource(mm, start, found[0])
-    walker = StreamWalker(src, idx, progress=progress)
+    walker = StreamWalker(src, idx, progress=progress, native=native)
     walker.walk_header()
     if not walker.walk():
         raise StreamError("internal: walk stopped early")  # pragma: no cover
