@@ -139,7 +139,7 @@ def test_crafted_records_same_verdict(streams: dict[str, bytes]) -> None:
     for blob in cases:
         assert _verdict(blob, True) == _verdict(blob, False)
     out_of_range = cases[0]
-    with pytest.raises(errors.StreamError, match="beyond the end of pc.ram"):
+    with pytest.raises(errors.StreamError, match=r"beyond the end of pc\.ram"):
         ms.index_stream(out_of_range)
 
 
