@@ -5,8 +5,8 @@ bytes a scrub would have to write if it could not share blocks, on disk.  The
 scrub itself is the CLI in a fresh process, as an operator runs it, and its
 in-process time (from its JSON report) is kept beside it.
 
-The XFS image lives in the benchmark's temp directory; the mount and the loop
-device are the ones made here, and both are undone in `finally`, as is the
+The XFS image lives in the benchmark's temp directory, behind a loop device with
+direct I/O (see `loop_xfs`); the mount and the loop device are the ones made here, and both are undone in `finally`, as is the
 image.  Without root, mkfs.xfs or a free loop device the XFS rows carry the
 reason instead of numbers, and the rest of the table is unaffected.
 """
@@ -54,7 +54,9 @@ def loop_xfs(workdir: Path) -> Iterator[Path]:
         r = _run("mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(img))
         if r.returncode:
             raise Unavailable(f"mkfs.xfs failed: {r.stderr.strip()}")
-        r = _run("losetup", "-f", "--show", str(img))
+        # direct I/O: an fsync on the XFS then means the disk, and no dirty pages of the
+        # image are left in the root filesystem to be written back under the ext4 rounds
+        r = _run("losetup", "-f", "--show", "--direct-io=on", str(img))
         if r.returncode:
             raise Unavailable(f"no loop device: {r.stderr.strip()}")
         loop = r.stdout.strip()

@@ -17,17 +17,11 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from types import FrameType
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 from vmwipe.protocol import ProtocolError
 
 from ..errors import AgentError, Interrupted, UsageError, exit_code_help
-from ..flows.clone import clone_flow
-from ..flows.live import inspect_flow, loadvm_flow, restore_flow, wipe_flow
-from ..flows.report import FlowReport
-from ..flows.save import save_flow
-from ..flows.target import AgentOptions
-from ..qemu.qmp import QMPSession
 from ..wipe.backends import BACKENDS
 from ..wipe.engine import ON_INVALID
 from . import libvirt as libvirt_cmds
@@ -35,6 +29,15 @@ from . import scrub as scrub_cmds
 from . import setup as setup_cmds
 from . import template as template_cmds
 from .options import positive_int, region_type
+
+if TYPE_CHECKING:
+    from ..flows.report import FlowReport
+    from ..flows.target import AgentOptions
+    from ..qemu.qmp import QMPSession
+
+# The flows and the QMP client are imported by the commands that use them: every
+# `vmwipe` run parses the whole command line, and `vmwipe scrub` (no VM) should not
+# pay ~80 ms for importing the live-VM machinery first.
 
 log = logging.getLogger("vmwipe")
 
@@ -108,6 +111,8 @@ def _vm(with_guard: bool = True, memory: bool = True) -> argparse.ArgumentParser
 
 
 def _opts(args: argparse.Namespace) -> AgentOptions:
+    from ..flows.target import AgentOptions
+
     return AgentOptions(
         region=getattr(args, "region", None),
         reset_guard=not getattr(args, "no_reset_guard", False),
@@ -168,30 +173,42 @@ def _emit(args: argparse.Namespace, rep: FlowReport) -> int:
 
 
 def _session(args: argparse.Namespace) -> QMPSession:
+    from ..qemu.qmp import QMPSession
+
     return QMPSession(args.qmp, timeout=args.qmp_timeout)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from ..flows.live import inspect_flow
+
     with _session(args) as s:
         return _emit(args, inspect_flow(s, _opts(args)))
 
 
 def _cmd_wipe(args: argparse.Namespace) -> int:
+    from ..flows.live import wipe_flow
+
     with _session(args) as s:
         return _emit(args, wipe_flow(s, _opts(args), args.resume))
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:
+    from ..flows.live import restore_flow
+
     with _session(args) as s:
         return _emit(args, restore_flow(s, _opts(args), args.from_file, not args.no_resume))
 
 
 def _cmd_loadvm(args: argparse.Namespace) -> int:
+    from ..flows.live import loadvm_flow
+
     with _session(args) as s:
         return _emit(args, loadvm_flow(s, _opts(args), args.tag, not args.no_resume))
 
 
 def _cmd_save(args: argparse.Namespace) -> int:
+    from ..flows.save import save_flow
+
     with _session(args) as s:
         if args.scrub:
             return scrub_cmds.run_save_scrub(args, s)
@@ -213,6 +230,8 @@ def _cmd_clone(args: argparse.Namespace) -> int:
         raise UsageError("clone needs the QEMU arguments after --")
     if args.qemu:
         qemu.insert(0, args.qemu)
+    from ..flows.clone import clone_flow
+
     res = clone_flow(
         args.snapshot, args.n, qemu, _opts(args), directory=args.dir, do_resume=args.resume,
         jobs=args.jobs,

@@ -13,12 +13,11 @@ import argparse
 import difflib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmwipe.protocol import parse_size
 
 from ..errors import LibvirtFailure
-from ..flows.target import AgentOptions
 from ..libvirt.flows import (
     DomainWipe,
     connect,
@@ -31,6 +30,9 @@ from ..libvirt.flows import (
 from ..libvirt.paths import APPARMOR_LOCAL, HOOKS_DIR, STATE_DIR
 from ..wipe.backends import BACKENDS
 from ..wipe.engine import ON_INVALID
+
+if TYPE_CHECKING:
+    from ..flows.target import AgentOptions
 
 
 def _inactive_xml(dom: Any) -> str:
@@ -153,6 +155,8 @@ def _cmd_uninstall_hook(args: argparse.Namespace) -> int:
 
 
 def _opts(args: argparse.Namespace) -> AgentOptions:
+    from ..flows.target import AgentOptions
+
     return AgentOptions(reset_guard=not args.no_reset_guard, backend=args.backend,
                         on_invalid=args.on_invalid)
 

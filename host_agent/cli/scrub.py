@@ -12,16 +12,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmwipe.protocol import (
     parse_size,
 )
 
 from ..errors import UsageError
-from ..flows.save_scrub import SaveMonitor, SaveScrubReport, save_scrubbed
 from ..snapshot.scrub import ScrubReport, scrub_file, stderr_progress
 from .options import region_type
+
+if TYPE_CHECKING:
+    from ..flows.save_scrub import SaveMonitor, SaveScrubReport
+
+# `save --scrub` imports its flow when it runs (see cli.agent for why).
 
 
 def _human(rep: ScrubReport) -> str:
@@ -142,6 +146,8 @@ def _human_save(rep: SaveScrubReport) -> str:
 
 def run_save_scrub(args: argparse.Namespace, session: SaveMonitor) -> int:
     """The body of `vmwipe save --scrub`: args has to, region, resume, timeout, json."""
+    from ..flows.save_scrub import save_scrubbed
+
     rep = save_scrubbed(
         session, args.to, region=getattr(args, "region", None),
         strict=getattr(args, "on_invalid", "fail") == "fail",

@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError, exit_code_help
-from ..flows.target import AgentOptions
-from ..flows.template import make_template
-from ..flows.template_clone import clone_template_flow
-from ..flows.template_load import template_from_state
-from ..qemu.qmp import QMPSession
+
+if TYPE_CHECKING:
+    from ..flows.target import AgentOptions
+
+# The flows are imported by the commands that run them (see cli.agent for why).
 
 
 def run_template(args: argparse.Namespace, opts: AgentOptions) -> int:
+    from ..flows.template import make_template
+    from ..flows.template_load import template_from_state
+    from ..qemu.qmp import QMPSession
+
     if (args.qmp is None) == (args.from_state is None):
         raise UsageError("give either --qmp SOCK (a live VM) or --from STATE --ram FILE "
                          "-- QEMU-ARGS")
@@ -41,6 +46,8 @@ def run_template(args: argparse.Namespace, opts: AgentOptions) -> int:
 
 
 def run_clone_template(args: argparse.Namespace, opts: AgentOptions) -> int:
+    from ..flows.template_clone import clone_template_flow
+
     qemu = list(args.qemu_args)
     if not qemu:
         raise UsageError("clone needs the QEMU arguments after --")
