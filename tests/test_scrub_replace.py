@@ -16,11 +16,14 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import random
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_migstream import Vm, needs_qemu
 from test_scrub import PAGE, plant_and_save
 
@@ -238,3 +241,35 @@ def test_remove_stale_temps_ignores_non_files(tmp_path: Path) -> None:
         target.unlink()
     assert replace.remove_stale_temps(str(target)) == 0
     assert len(list(tmp_path.iterdir())) == 2
+
+
+@settings(max_examples=80, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(size=st.integers(1, 40_000), data=st.data(), span=st.sampled_from([4096, 8192, 1 << 22]))
+def test_whole_block_writes_edit_exactly_the_listed_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int, data: st.DataObject,
+        span: int) -> None:
+    """`_write_blocks` rewrites whole blocks read from the original; the result must be
+    the original with the zero writes, then the patches, applied byte for byte, also
+    where edits share a block, overlap, or cross a SPAN_MAX cut."""
+    monkeypatch.setattr(replace, "SPAN_MAX", span)
+    orig = bytes(random.Random(size).randbytes(size))
+    edit = st.tuples(st.integers(0, size - 1), st.integers(1, 4200))
+    writes = [(p, min(n, size - p)) for p, n in data.draw(st.lists(edit, max_size=12))]
+    patches = [(p, bytes([7]) * min(n, size - p)) for p, n in data.draw(st.lists(edit,
+                                                                                 max_size=3))]
+    want = bytearray(orig)
+    for p, n in writes:
+        want[p:p + n] = bytes(n)
+    for p, d in patches:
+        want[p:p + len(d)] = d
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_bytes(orig)
+    dst.write_bytes(orig)
+    sfd, dfd = os.open(src, os.O_RDONLY), os.open(dst, os.O_RDWR)
+    try:
+        replace._write_blocks(sfd, dfd, size, writes, patches)
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+    assert dst.read_bytes() == bytes(want)

@@ -14,6 +14,7 @@ removed by the next run (`remove_stale_temps`).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import errno
@@ -205,18 +206,76 @@ def _same(a: os.stat_result, b: os.stat_result) -> bool:
                                                               b.st_mtime_ns)
 
 
-def _write_and_verify(fd: int, writes: Sequence[tuple[int, int]],
+#: Filesystem block size assumed for whole-block writes (4 KiB on ext4, XFS, btrfs here).
+BLOCK = 4096
+#: Largest buffer `_write_blocks` reads and writes at once.
+SPAN_MAX = 4 << 20
+#: Edited blocks this close together are written as one run, the unchanged blocks
+#: between them included: one sequential write costs less than many small ones
+#: (4,096 pages listed every other page: ~200 ms of scattered 4 KiB writes at the
+#: fsync, against ~20 ms for the 32 MiB they span).
+GAP_MERGE = 32 << 10
+
+
+def _block_spans(edits: Sequence[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """(start, end) runs of whole blocks covering the sorted (start, end) edits, merged
+    across gaps of up to GAP_MERGE bytes and cut into pieces of at most SPAN_MAX bytes
+    at block boundaries."""
+    spans: list[tuple[int, int]] = []
+    for pos, stop in edits:
+        lo, hi = pos - pos % BLOCK, min(size, -(-stop // BLOCK) * BLOCK)
+        if spans and lo <= spans[-1][1] + GAP_MERGE:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], hi))
+        else:
+            spans.append((lo, hi))
+    return [(c, min(c + SPAN_MAX, hi)) for lo, hi in spans for c in range(lo, hi, SPAN_MAX)]
+
+
+def _apply(buf: bytearray, lo: int, edits: Sequence[tuple[int, int, bytes | None]],
+           starts: Sequence[int], longest: int) -> None:
+    """Write the parts of `edits` (start, end, bytes or None for zeros; sorted by start,
+    `starts` their starts) that fall in buf, which holds the file from `lo`."""
+    hi = lo + len(buf)
+    for i in range(bisect.bisect_left(starts, lo - longest), bisect.bisect_left(starts, hi)):
+        pos, stop, data = edits[i]
+        a, b = max(pos, lo), min(stop, hi)
+        if a < b:
+            buf[a - lo:b - lo] = bytes(b - a) if data is None else data[a - pos:b - pos]
+
+
+def _write_blocks(src: int, dst: int, size: int, writes: Sequence[tuple[int, int]],
+                  patches: Sequence[tuple[int, bytes]]) -> None:
+    """Zero `writes`, then apply `patches`, in `dst` (a copy of `src`), in whole blocks.
+
+    A page record's data starts 8 or more bytes into a block, so writing just
+    those 4096 bytes touches two blocks partly, and on a reflinked copy the
+    filesystem must first read both from disk to copy them on write: two
+    synchronous reads per listed page.  Whole blocks, taken from the original's
+    page cache (the walk has just read them), edited here and written at once,
+    need no read, and neighbouring listed pages become one write.  `src` may be
+    `dst` (the replaced file, zeroed in place).
+    """
+    zeros: list[tuple[int, int, bytes | None]] = sorted((p, p + n, None) for p, n in writes)
+    data = sorted(((p, p + len(d), d) for p, d in patches), key=lambda e: e[0])
+    zstarts, dstarts = [e[0] for e in zeros], [e[0] for e in data]
+    zlong = max((e[1] - e[0] for e in zeros), default=0)
+    dlong = max((e[1] - e[0] for e in data), default=0)
+    for lo, hi in _block_spans(sorted((e[0], e[1]) for e in zeros + data), size):
+        buf = bytearray(os.pread(src, hi - lo, lo))
+        if len(buf) != hi - lo:
+            raise StreamError("the file got shorter while it was scrubbed; nothing replaced")
+        _apply(buf, lo, zeros, zstarts, zlong)
+        _apply(buf, lo, data, dstarts, dlong)  # after the zeros, as a patch wins
+        if os.pwrite(dst, buf, lo) != hi - lo:
+            raise OSError(errno.EIO, f"short write at {lo:#x}")
+
+
+def _write_and_verify(src: int, fd: int, size: int, writes: Sequence[tuple[int, int]],
                       patches: Sequence[tuple[int, bytes]]) -> int:
+    """Scrub the copy `fd` of `src`, fsync it and read every edit back; bytes edited."""
     zero = bytes(PAGE_SIZE)
-    total = 0
-    for pos, n in sorted(writes):
-        if os.pwrite(fd, zero[:n], pos) != n:
-            raise OSError(errno.EIO, f"short write at {pos:#x}")
-        total += n
-    for pos, data in patches:
-        if os.pwrite(fd, data, pos) != len(data):
-            raise OSError(errno.EIO, f"short write at {pos:#x}")
-        total += len(data)
+    _write_blocks(src, fd, size, writes, patches)
+    total = sum(n for _, n in writes) + sum(len(d) for _, d in patches)
     os.fsync(fd)
     for pos, n in writes:
         if os.pread(fd, n, pos) != zero[:n]:
@@ -253,9 +312,9 @@ def _zero_replaced(old: int, writes: Sequence[tuple[int, int]], path: str) -> bo
     blocks do not keep them (best effort: nothing depends on it any more).
     """
     try:
-        zero = bytes(PAGE_SIZE)
-        for pos, n in sorted(writes):
-            os.pwrite(old, zero[:n], pos)
+        # the same whole-block runs as in the copy, so that on a reflink filesystem they
+        # are the blocks the copy no longer shares: overwritten in place, not copied
+        _write_blocks(old, old, os.fstat(old).st_size, writes, ())
         os.fdatasync(old)
         return True
     except OSError as e:
@@ -296,7 +355,7 @@ def replace_scrubbed(path: str, src: int, before: os.stat_result,
         reflinked = _copy_file(src, tfd, before.st_size)
         if not _same(os.fstat(src), before):
             raise StreamError(f"{path} changed while it was being copied; nothing replaced")
-        total = _write_and_verify(tfd, writes, patches)
+        total = _write_and_verify(src, tfd, before.st_size, writes, patches)
         _copy_metadata(src, tfd, before, path)
         os.fsync(tfd)
         if not _same(os.stat(path), before):
