@@ -6,8 +6,8 @@ scrub itself is the CLI in a fresh process, as an operator runs it, and its
 in-process time (from its JSON report) is kept beside it.
 
 The XFS image lives in the benchmark's temp directory, behind a loop device with
-direct I/O (see `loop_xfs`); the mount and the loop device are the ones made here, and both are undone in `finally`, as is the
-image.  Without root, mkfs.xfs or a free loop device the XFS rows carry the
+direct I/O (see `loop_xfs`); the mount and the loop device are the ones made
+here, and both are undone in `finally`, as is the image.  Without root, mkfs.xfs or a free loop device the XFS rows carry the
 reason instead of numbers, and the rest of the table is unaffected.
 """
 
