@@ -7,8 +7,9 @@ in-process time (from its JSON report) is kept beside it.
 
 The XFS image lives in the benchmark's temp directory, behind a loop device with
 direct I/O (see `loop_xfs`); the mount and the loop device are the ones made
-here, and both are undone in `finally`, as is the image.  Without root, mkfs.xfs or a free loop device the XFS rows carry the
-reason instead of numbers, and the rest of the table is unaffected.
+here, and both are undone in `finally`, as is the image.  Without root,
+mkfs.xfs or a free loop device the XFS rows carry the reason instead of
+numbers, and the rest of the table is unaffected.
 """
 
 from __future__ import annotations
