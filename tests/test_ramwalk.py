@@ -86,6 +86,16 @@ def test_same_index_as_the_python_walker(streams: dict[str, bytes], name: str) -
     assert native.page_count >= 768 + 300 and len(native.records) > 10_000
 
 
+def test_hop_in_small_chunks(streams: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+                             ) -> None:
+    """Each call of the hop stops at a byte bound (256 MiB); the record the bound cuts is
+    read one by one.  With a bound of a few records the index must not change."""
+    data = _stream(streams, "72-pc")
+    want = ms.index_stream(data)
+    monkeypatch.setattr(ms, "_HOP_CHUNK", 3 * 4104 + 5)
+    _same_index(ms.index_stream(data), want)
+
+
 @pytest.mark.parametrize("name", [s[0] for s in STREAMS])
 def test_copies_match_a_plain_loop(streams: dict[str, bytes], name: str) -> None:
     data = _stream(streams, name)

@@ -125,6 +125,11 @@ _PAGE_RUN_MAX = 4096  # records per bulk step (16 MiB)
 _NOT_PAGE_CONTINUE_LOW = bytes(int(b != RAM_PAGE | RAM_CONTINUE) for b in range(256))  # bits 7..0
 _NOT_ZERO_NIBBLE = bytes(int(b & 0x0F != 0) for b in range(256))  # word bits 11..8
 
+#: Bytes of records one call of the C hop may consume: bounds its transient arrays
+#: (~17 bytes per record) and lets the walk report progress between calls.  A record
+#: cut by the bound is read by the record-by-record code, then the hop goes on.
+_HOP_CHUNK = 256 << 20
+
 #: Bound on a described array's length, so a forged description cannot spin the walk.
 MAX_ARRAY_LEN = 1 << 24
 
@@ -900,7 +905,8 @@ class StreamWalker:
         src = self.src
         assert isinstance(src, FileSource)
         end, pages, positions, kinds = _ramwalk.ram_run(
-            src.mm, src.pos, src.limit, self.idx.blocks[self._block].length)
+            src.mm, src.pos, min(src.limit, src.pos + _HOP_CHUNK),
+            self.idx.blocks[self._block].length)
         if not kinds:
             return
         recs = self.idx.records
