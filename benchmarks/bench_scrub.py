@@ -45,7 +45,8 @@ from .vmlib import REGION, Lab, free_disk_gib, scattered
 MEM_MIB = 1024
 FILL = [(1 << 20, REGION.base - (1 << 20)), (REGION.end, (MEM_MIB << 20) - REGION.end)]
 PAGES = 4096
-NEED_GIB = 9.0  # 6 on the root filesystem, 3 more for the XFS image's blocks
+NEED_GIB = 6.0  # on the root filesystem
+XFS_NEED_GIB = 3.0  # more, for the XFS image's blocks (else only its row is skipped)
 
 
 def _unlink(*paths: Path) -> None:
@@ -59,6 +60,9 @@ def _fs_rounds(workdir: Path, base: Path, repeat: int, ext4: FsSamples, xfs: FsS
     (the order flips every round); returns why XFS was not measured, or ""."""
     with contextlib.ExitStack() as stack:
         try:
+            # the XFS copies, plus the ext4 rounds' copy and its scrubbed copy (2 GiB)
+            if free_disk_gib(workdir) < XFS_NEED_GIB + 2:
+                raise Unavailable(f"less than {XFS_NEED_GIB + 2:g} GiB free in {workdir}")
             mnt = stack.enter_context(loop_xfs(workdir))
         except Unavailable as e:
             mnt, why = None, str(e)
