@@ -5,9 +5,9 @@ registered pages, saved with `vmwipe save` (no guest OS: a `-S` VM restores
 exactly like a booted one).  For N = 1, 4 and 8:
 
 - subject: `clone_flow(..., do_resume=True)`, i.e. `vmwipe clone -n N --resume`:
-  start N QEMUs, then restore, wipe and cont each;
-- baseline: the same shape without vmwipe: start N QEMUs, then restore and
-  cont each (`vmlib.plain_restore`).
+  start N QEMUs, restore and wipe each (one per CPU at a time), then cont all;
+- baseline: the same fleet runner without vmwipe: start N QEMUs, restore each
+  (`vmlib.plain_restore`), then cont all (`vmlib.bare_fleet`).
 
 The clock runs from the first QEMU started to the last `cont` returned.  The
 clones then run SeaBIOS; both sides kill them by PID straight after timing.
@@ -21,11 +21,9 @@ from pathlib import Path
 
 from vmwipe.host_agent.flows.clone import clone_flow
 from vmwipe.host_agent.flows.target import AgentOptions
-from vmwipe.host_agent.qemu.launcher import QemuProcess, start_qemu
-from vmwipe.host_agent.qemu.qmp import QMPSession
 
 from .harness import Row, interleaved, timing, verdict
-from .vmlib import DATA_BASE, Lab, plain_restore, scattered
+from .vmlib import DATA_BASE, Lab, bare_fleet, plain_restore, scattered
 
 MEM_MIB = 512
 FILL = [(DATA_BASE - (64 << 20), 64 << 20)]  # below the region: 0x1b000000..0x1f000000
@@ -34,23 +32,15 @@ SLOTS_BASE = DATA_BASE - (64 << 20)
 
 
 def _plain_fleet(lab: Lab, argv: list[str], snap: Path, n: int) -> float:
-    d = lab.dir / f"plain-{time.monotonic_ns()}"
-    d.mkdir()
-    started: list[QemuProcess] = []
+    pids: list[int] = []
     try:
         t = time.perf_counter()
-        for i in range(n):
-            started.append(start_qemu(argv, str(d / f"c{i}.qmp"), log_path=str(d / f"c{i}.log"),
-                                      paused=True, incoming_defer=True, wait=None))
-        lab.started += started
-        for qp in started:
-            qp.wait_for_qmp()
-            with QMPSession(qp.qmp_path, timeout=60) as s:
-                plain_restore(s, str(snap))
+        pids = bare_fleet(lab.dir / f"plain-{time.monotonic_ns()}", argv, n,
+                          lambda s: plain_restore(s, str(snap), do_resume=False))
         return time.perf_counter() - t
     finally:
-        for qp in started:
-            lab.kill(qp)
+        for pid in pids:
+            lab.kill_pid(pid)
 
 
 def _clone_fleet(lab: Lab, argv: list[str], snap: Path, n: int) -> float:

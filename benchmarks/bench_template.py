@@ -35,8 +35,6 @@ from functools import partial
 from pathlib import Path
 
 from vmwipe.host_agent.flows.clone import clone_flow
-from vmwipe.host_agent.flows.fleet import CloneSet, default_jobs, run_fleet
-from vmwipe.host_agent.flows.report import FlowReport, new_report
 from vmwipe.host_agent.flows.target import AgentOptions, open_target
 from vmwipe.host_agent.flows.template import make_template
 from vmwipe.host_agent.flows.template_clone import (
@@ -49,7 +47,7 @@ from vmwipe.host_agent.qemu.qmp import QMPSession
 from vmwipe.protocol import build_region
 
 from .harness import Row, interleaved, timing, verdict
-from .vmlib import REGION, Lab, plain_restore, scattered
+from .vmlib import REGION, Lab, bare_fleet, plain_restore, scattered
 
 MEM_MIB = 512
 PAGES = 1024
@@ -123,23 +121,16 @@ def _phase_note(phases: list[dict[str, float]]) -> str:
             f"wipe {med(WIPE_PHASES):.1f}, load {med(('load',)):.1f}")
 
 
-def _plain_templated(lab: Lab, tpl: Path, argv: list[str], n: int) -> Callable[[Path], list[int]]:
-    """The stock QEMU templating recipe, no checks and no wipe, through the same fleet
-    runner (start all, prepare `default_jobs` at a time) as `vmwipe clone --template`."""
+def _plain_templated(tpl: Path, argv: list[str], n: int) -> Callable[[Path], list[int]]:
+    """The stock QEMU templating recipe, no checks and no wipe."""
     full = [*argv, *backend_args(Manifest.load(tpl), qemu_version_of(argv[0]))]
 
-    def prepare(_i: int, s: QMPSession) -> FlowReport:
+    def load(s: QMPSession) -> None:
         s.cmd("migrate-set-capabilities", {"capabilities": [
             {"capability": "x-ignore-shared", "state": True}]})
         plain_restore(s, str(tpl / DEVSTATE), do_resume=False)
-        return new_report("plain-template", s)
 
-    def start(d: Path) -> list[int]:
-        d.mkdir()
-        fleet = CloneSet(str(d))
-        run_fleet(fleet, full, n, prepare, lambda _m: None, 60.0, default_jobs(n), do_resume=True)
-        return [c.pid for c in fleet.clones]
-    return start
+    return partial(bare_fleet, argv=full, n=n, load=load)
 
 
 def _full(snap: Path, argv: list[str], n: int) -> Callable[[Path], list[int]]:
@@ -195,7 +186,7 @@ def run(quick: bool = False) -> list[Row]:
                 phases: list[dict[str, float]] = []
                 runs: dict[str, Callable[[], float]] = {
                     "tw": partial(_fleet, lab, _templated(tpl, argv, n, True, phases), pss["tw"]),
-                    "tp": partial(_fleet, lab, _plain_templated(lab, tpl, argv, n), pss["tp"]),
+                    "tp": partial(_fleet, lab, _plain_templated(tpl, argv, n), pss["tp"]),
                 }
                 fits, skipped = full_load_fits(n)
                 if fits:

@@ -22,12 +22,14 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from vmwipe.host_agent.flows.fleet import CloneSet, default_jobs, run_fleet
 from vmwipe.host_agent.flows.incoming import finish_incoming, prepare_incoming
 from vmwipe.host_agent.flows.migration import migration_status
+from vmwipe.host_agent.flows.report import FlowReport, new_report
 from vmwipe.host_agent.flows.runstate import resume, wait_incoming_done
 from vmwipe.host_agent.flows.save import save_flow
 from vmwipe.host_agent.flows.target import AgentOptions, open_target
@@ -182,3 +184,21 @@ def plain_restore(session: QMPSession, path: str, do_resume: bool = True,
 def free_disk_gib(path: Path) -> float:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize / (1 << 30)
+
+
+def bare_fleet(directory: Path, argv: Sequence[str], n: int,
+               load: Callable[[QMPSession], object]) -> list[int]:
+    """N clones without vmwipe, through the same fleet runner as `vmwipe clone`: start all,
+    `load` each (`default_jobs(n)` at a time, left paused), `cont` all; returns the PIDs.
+
+    The baselines differ from the subjects only in what each clone's preparation does.
+    """
+    def prepare(_i: int, s: QMPSession) -> FlowReport:
+        load(s)
+        return new_report("bare", s)
+
+    directory.mkdir()
+    fleet = CloneSet(str(directory))
+    run_fleet(fleet, argv, n, prepare, lambda _m: None, 60.0, default_jobs(n), do_resume=True)
+    return [c.pid for c in fleet.clones]
+
