@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sysconfig
 from array import array
-from pathlib import Path
 
 import pytest
 
 from vmwipe.host_agent.wipe import _pages
 from vmwipe.host_agent.wipe.backends import buffer_address
-
-SOURCE = Path(__file__).resolve().parent.parent / "host_agent" / "wipe" / "_pages.c"
 
 
 def _columns(buf: bytearray, spans: list[tuple[int, int]]) -> tuple[array[int], array[int]]:
@@ -50,15 +44,3 @@ def test_columns_must_match() -> None:
     with pytest.raises(ValueError, match="uint64"):
         _pages.first_nonzero(array("B", b"1234567"), array("B", b"1234567"))
     assert buf == bytearray(8192)
-
-
-def test_builds_without_warnings() -> None:
-    cc = shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        pytest.skip("no C compiler (setup installs gcc)")
-    res = subprocess.run(
-        [cc, "-fsyntax-only", "-O2", "-Wall", "-Wextra", "-Werror",
-         f"-I{sysconfig.get_paths()['include']}", str(SOURCE)],
-        capture_output=True, text=True,
-    )
-    assert res.returncode == 0, res.stderr
