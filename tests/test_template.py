@@ -13,6 +13,9 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -271,3 +274,33 @@ def test_check_argv(args: list[str], why: str) -> None:
                                      ("size=1G,slots=2,maxmem=4G", 1 << 30)])
 def test_ram_size(m: str, size: int) -> None:
     assert ram_size(["-M", "pc", "-m", m]) == size
+
+
+def test_sigint_mid_fleet_kills_every_clone_none_ran(template: tuple[str, Path, bytes]) -> None:
+    """SIGINT while a 12-clone fleet is being prepared two at a time: exit 130, every clone
+    QEMU killed, and none was ever resumed (the fleet conts only once all are ready)."""
+    qemu, d, _ = template
+    cd = d / "sigint"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmwipe.host_agent.cli", "clone", "--template", str(d / "t"),
+         "-n", "12", "-j", "2", "--resume", "--dir", str(cd), "--", *clone_args(qemu, d)],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    assert proc.stderr is not None
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if re.match(r"clone \d+/12: pid \d+, \d+ pages wiped, paused", line):
+                proc.send_signal(signal.SIGINT)
+                break
+        _, rest = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = "".join(lines) + rest
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "resumed 12 clone" not in stderr
+    pids = killed_pids(stderr)
+    assert len(pids) == 12, stderr
+    assert_gone(pids)
