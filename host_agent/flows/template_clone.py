@@ -18,7 +18,8 @@ device state.  Before it runs, per clone:
 - the ordinary wipe, with `expect_zero`: the listed pages (zero in the file) are
   read and verified, written only if one is not zero; fill ranges get fresh
   random bytes; header committed;
-- only then `cont` (with --resume).
+- with --resume, `cont`, for every clone at once when all of them are ready
+  (`fleet.run_fleet`).
 
 Any refusal kills every QEMU this command started, by PID, before any runs.
 """
