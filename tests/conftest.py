@@ -280,10 +280,11 @@ def start_vm(
     extra: Sequence[str] = (),
     region: Region = REGION,
     name: str = "vm",
+    qemu: str | None = None,
 ) -> VM:
     directory.mkdir(parents=True, exist_ok=True)
     argv = [
-        QEMU, "-nodefaults", "-display", "none", "-accel", accel, *machine,
+        qemu or QEMU, "-nodefaults", "-display", "none", "-accel", accel, *machine,
         *region_args(directory, region, guard), *extra,
         "-qmp", f"unix:{directory / (name + '.test.qmp')},server=on,wait=off",
     ]

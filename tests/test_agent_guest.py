@@ -21,24 +21,18 @@ from conftest import run_cli
 
 from vmwipe.host_agent.qemu.launcher import QemuProcess, start_qemu
 from vmwipe.host_agent.qemu.qmp import QMPSession
-from vmwipe.lab import GuestConfig, GuestImage, build_guest_image
+from vmwipe.lab import GuestConfig, GuestImage
 from vmwipe.lab.agent import AgentGuest, attach_console, register_holder
-from vmwipe.lab.build import default_kernel
-from vmwipe.lab.shell import missing_prerequisite, sh, wait_output
+from vmwipe.lab.shell import sh, wait_output
 
 pytestmark = pytest.mark.slow
 P = 4096
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentGuest, Path, list[int]]]:
+def saved(image: GuestImage, tmp_path_factory: pytest.TempPathFactory
+          ) -> Iterator[tuple[AgentGuest, Path, list[int]]]:
     """A booted guest holding 4 pages plus a poller's page, saved by `vmwipe save`."""
-    reason = missing_prerequisite()
-    if reason:
-        pytest.skip(reason)
-    kernel = default_kernel()
-    assert kernel is not None
-    image: GuestImage = build_guest_image(kernel)
     d = tmp_path_factory.mktemp("guest")
     g = AgentGuest(GuestConfig(image))
     with g:

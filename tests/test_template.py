@@ -19,7 +19,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import conftest
 import pytest
 from conftest import REGION, VM, qemu_available, region_args, run_cli, start_vm
 
@@ -60,13 +59,9 @@ def template(request: pytest.FixtureRequest,
     ram = d / "ram"
     with open(ram, "wb") as f:
         f.truncate(SIZE)
-    old, conftest.QEMU = conftest.QEMU, qemu
-    try:
-        vm: VM = start_vm(d, ["-M", "pc", "-m", "512M", "-object",
-                              f"memory-backend-file,id=ram0,size=512M,mem-path={ram},share=on",
-                              "-machine", "memory-backend=ram0"])
-    finally:
-        conftest.QEMU = old
+    vm: VM = start_vm(d, ["-M", "pc", "-m", "512M", "-object",
+                          f"memory-backend-file,id=ram0,size=512M,mem-path={ram},share=on",
+                          "-machine", "memory-backend=ram0"], qemu=qemu)
     try:
         vm.plant(SLOTS, pattern=SECRET)
         other = os.urandom(P)
@@ -221,11 +216,7 @@ def test_runtime_refusals(template: tuple[str, Path, bytes], tmp_path: Path, ram
 def test_template_from_saved_state(template: tuple[str, Path, bytes], tmp_path: Path) -> None:
     """`vmwipe template --from STATE`: the state's secret never stays in the new RAM file."""
     qemu, d, _ = template
-    old, conftest.QEMU = conftest.QEMU, qemu
-    try:
-        vm = start_vm(tmp_path / "src", ["-M", "pc", "-m", "512M"])
-    finally:
-        conftest.QEMU = old
+    vm = start_vm(tmp_path / "src", ["-M", "pc", "-m", "512M"], qemu=qemu)
     try:
         vm.plant(SLOTS, pattern=SECRET)
         other = os.urandom(P)

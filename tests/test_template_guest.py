@@ -25,10 +25,9 @@ from conftest import run_cli
 from vmwipe.host_agent.qemu.qmp import QMPSession
 from vmwipe.host_agent.wipe.backends import ProcessVMBackend
 from vmwipe.host_agent.wipe.memmap import load_memory_map
-from vmwipe.lab import GuestConfig, GuestImage, build_guest_image
+from vmwipe.lab import GuestConfig, GuestImage
 from vmwipe.lab.agent import AgentGuest, attach_console, register_holder, shm_ram, without_ram
-from vmwipe.lab.build import default_kernel
-from vmwipe.lab.shell import missing_prerequisite, sh, wait_output
+from vmwipe.lab.shell import sh, wait_output
 
 pytestmark = pytest.mark.slow
 P = 4096
@@ -42,14 +41,8 @@ class Tpl(NamedTuple):
 
 
 @pytest.fixture(scope="module")
-def tpl(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tpl]:
+def tpl(image: GuestImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tpl]:
     """The guest's secret pages scrubbed into a template, and its clone command line."""
-    reason = missing_prerequisite()
-    if reason:
-        pytest.skip(reason)
-    kernel = default_kernel()
-    assert kernel is not None
-    image: GuestImage = build_guest_image(kernel)
     d = tmp_path_factory.mktemp("tplguest")
     with shm_ram(512) as (ram, backend):
         g = AgentGuest(GuestConfig(image, extra_args=backend))
