@@ -62,8 +62,14 @@ def test_host_fill_then_module_reseed_hits_the_real_objects(guest: Guest) -> Non
     exactly those bytes: generation = what the host wrote + 1, new key, new pool h."""
     g = guest
     table = crng_fills(g)
-    g.wipe()
-    written = {f.index: g.read_phys(f.gpa, f.length) for f in table.fills}
+    # paused, as a restore's wipe is: the module must not reseed before `written` is read
+    # (read after `cont`, a fast reseed would already have replaced the host's bytes)
+    g.qmp("stop")
+    try:
+        g.wipe()
+        written = {f.index: g.read_phys(f.gpa, f.length) for f in table.fills}
+    finally:
+        g.qmp("cont")
     key, gen, pool = table.fills[0], table.fills[1], table.fills[2]
     host_gen = struct.unpack("<Q", written[gen.index])[0]
     deadline = time.monotonic() + 10
