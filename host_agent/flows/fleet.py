@@ -17,7 +17,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import AgentError
+from ..errors import AgentError, QMPFailure
 from ..qemu.launcher import QemuProcess, start_qemu
 from ..qemu.qmp import QMPSession
 from .report import FlowReport
@@ -93,7 +93,15 @@ def run_fleet(
         qp = started[i]
         try:
             qp.wait_for_qmp()
-            return prepare(i, sessions[i].connect())
+            try:
+                session = sessions[i].connect()
+            except QMPFailure:
+                # QEMU 10 opens its monitor before it gives up on a bad option: one that
+                # dies while the session is set up failed to start, not the monitor
+                if (err := qp.exit_error(1.0)) is not None:
+                    raise err from None
+                raise
+            return prepare(i, session)
         except AgentError as e:  # with several at work, say which clone it was
             progress(f"clone {i + 1}/{count} (pid {qp.pid}) failed: {e}")
             raise

@@ -44,13 +44,22 @@ class QemuProcess:
         except OSError:
             return ""
 
+    def exit_error(self, grace: float) -> LaunchError | None:
+        """A LaunchError saying why, if QEMU has exited or exits within `grace` seconds;
+        None while it runs."""
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            return None
+        tail = self.log_tail() or "no output"
+        return LaunchError(f"QEMU exited with status {self.proc.returncode}: {tail}")
+
     def wait_for_qmp(self, timeout: float = 20.0) -> None:
         """Block until the QMP socket accepts connections; LaunchError if QEMU dies first."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self.alive():
-                tail = self.log_tail() or "no output"
-                raise LaunchError(f"QEMU exited with status {self.proc.returncode}: {tail}")
+            if (err := self.exit_error(0)) is not None:
+                raise err
             if os.path.exists(self.qmp_path):
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 try:
