@@ -12,13 +12,13 @@ def parse_size(text: str) -> int:
         try:
             return int(s, 16)
         except ValueError:
-            raise ValueError(f"not a size: {text!r}") from None
+            raise ValueError(f"not a size: {text}") from None
     unit = s[-1:] if s[-1:] in _UNITS else ""
     number = s[: len(s) - len(unit)]
     try:
         value = float(number) * _UNITS[unit]
     except ValueError:
-        raise ValueError(f"not a size: {text!r} (use e.g. 4096, 0x100000, 1M, 2G)") from None
+        raise ValueError(f"not a size: {text} (use e.g. 4096, 0x100000, 1M, 2G)") from None
     if value < 0 or value != int(value):
-        raise ValueError(f"not a whole number of bytes: {text!r}")
+        raise ValueError(f"not a whole number of bytes: {text}")
     return int(value)

@@ -290,6 +290,11 @@ def test_wrong_layout_refused(tmp_path: Path, vms: list[Vm],
     rc, _, err = run_cli("scrub", str(saved.path), "--machine", "q35", "--mem", "512M",
                          capsys=capsys)
     assert rc == 2 and "machine type" in err
+    # --mem is read as QEMU reads -m: a bare 512 is 512 MiB, the layout this stream has
+    rc, out, err = run_cli("scrub", str(saved.path), "--machine", "pc", "--mem", "512",
+                           "--dry-run", "--json", capsys=capsys)
+    assert rc == 0, err
+    assert json.loads(out)["layout_source"] == "--machine pc --mem 512M"
     assert sha(saved.path) == digest
 
 

@@ -34,8 +34,9 @@ def test_ssdt_writes_a_decodable_table(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["--base", "0x1f000001"], "region_base"),
-        (["--size", "4K"], "region_size"),
+        (["--base", "0x1f000001"], "--base/--size: the region base 0x1f000001 is not 4 KiB"),
+        (["--size", "4K"], "--base/--size: the region size 0x1000 is not a multiple of 4 KiB"),
+        (["--size", "3K"], "the region size 0xc00 is not"),
         (["--size", "lots"], "not a size"),
     ],
 )

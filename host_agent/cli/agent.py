@@ -28,7 +28,7 @@ from . import libvirt as libvirt_cmds
 from . import scrub as scrub_cmds
 from . import setup as setup_cmds
 from . import template as template_cmds
-from .options import positive_int, region_type
+from .options import Parser, common, positive_int, region_type
 
 if TYPE_CHECKING:
     from ..flows.report import FlowReport
@@ -40,19 +40,6 @@ if TYPE_CHECKING:
 # pay ~80 ms for importing the live-VM machinery first.
 
 log = logging.getLogger("vmwipe")
-
-
-def _common() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
-    p.add_argument(
-        "-v",
-        "--verbose",
-        action="count",
-        default=argparse.SUPPRESS,
-        help="log progress to stderr (-vv for QMP traffic)",
-    )
-    return p
 
 
 def _vm(with_guard: bool = True, memory: bool = True) -> argparse.ArgumentParser:
@@ -349,7 +336,7 @@ def _register_save_clone(sub: _Subparsers, common: argparse.ArgumentParser, epil
     )
     p.add_argument("snapshot", nargs="?", help="saved migration stream")
     template_cmds.add_clone_template_arguments(p)
-    p.add_argument("-n", type=int, default=1, help="number of clones (default 1)")
+    p.add_argument("-n", type=positive_int, default=1, help="number of clones (default 1)")
     p.add_argument("--resume", action="store_true", help="cont each clone after its wipe")
     p.add_argument("-j", "--jobs", type=positive_int, metavar="J",
                    help="clones prepared at a time (default: one per CPU, at most N)")
@@ -375,16 +362,16 @@ def _register_save_clone(sub: _Subparsers, common: argparse.ArgumentParser, epil
 
 def register(sub: _Subparsers) -> None:
     """Add the agent's commands to the `vmwipe` parser."""
-    common = _common()
+    shared = common()
     epilog = exit_code_help()
-    _register_wipes(sub, common, epilog)
-    _register_save_clone(sub, common, epilog)
-    template_cmds.register(sub, common, _vm())
+    _register_wipes(sub, shared, epilog)
+    _register_save_clone(sub, shared, epilog)
+    template_cmds.register(sub, shared, _vm())
     sub.choices["template"].set_defaults(func=_cmd_template)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = Parser(
         prog="vmwipe",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Zero the guest pages a vmwipe table lists before a restored or cloned VM "
@@ -398,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="log progress to stderr (-vv for QMP traffic)",
     )
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress output (the report and errors still print)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     register(sub)
     setup_cmds.register(sub)
@@ -426,6 +415,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.qemu_args = tail
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    if args.quiet and not args.verbose:
+        level = logging.ERROR
     logging.basicConfig(level=level, format="vmwipe: %(levelname)s: %(message)s")
     if args.verbose < 2:
         # above CRITICAL: qemu.qmp logs a multi-line traceback at CRITICAL when a peer

@@ -15,8 +15,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vmwipe.protocol import parse_size
-
 from ..errors import LibvirtFailure
 from ..libvirt.flows import (
     DomainWipe,
@@ -30,6 +28,7 @@ from ..libvirt.flows import (
 from ..libvirt.paths import APPARMOR_LOCAL, HOOKS_DIR, STATE_DIR
 from ..wipe.backends import BACKENDS
 from ..wipe.engine import ON_INVALID
+from .options import byte_size, common
 
 if TYPE_CHECKING:
     from ..flows.target import AgentOptions
@@ -76,7 +75,7 @@ def _cmd_protect(args: argparse.Namespace) -> int:
         raise LibvirtFailure(f"domain {dom.name()} is transient; define it first")
     old = _inactive_xml(dom)
     try:
-        edit = protect_xml(old, Path(args.state_dir), parse_size(args.size), args.reservation)
+        edit = protect_xml(old, Path(args.state_dir), args.size, args.reservation)
     except ProtectError as e:
         raise LibvirtFailure(f"cannot protect {dom.name()}: {e}") from None
     assert edit.protection is not None
@@ -197,10 +196,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                          "restore/revert/start domains with a wipe before they run.")
     lsub = top.add_subparsers(dest="libvirt_command", metavar="SUBCOMMAND", required=True)
 
-    conn = argparse.ArgumentParser(add_help=False)
+    shared = common()
+    conn = argparse.ArgumentParser(add_help=False, parents=[shared])
     conn.add_argument("--connect", "-c", metavar="URI", default=None,
                       help="libvirt URI (default: libvirt's default, e.g. qemu:///system)")
-    conn.add_argument("--json", action="store_true", help="print a JSON report")
 
     edit = argparse.ArgumentParser(add_help=False)
     edit.add_argument("domain", help="domain name or UUID")
@@ -212,7 +211,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         "namespace, -acpitable SSDT, second QMP monitor for the hook, reset-time "
                         "zero page, region reservation (memmap= for direct kernel boot, else a "
                         "2 MiB pc-dimm at the start of the hotplug area) and a <metadata> marker.")
-    p.add_argument("--size", default="1M", help="region size (default %(default)s)")
+    p.add_argument("--size", default="1M", type=byte_size,
+                   help="region size in bytes, K/M/G suffixes (default %(default)s)")
     p.add_argument("--reservation", choices=("auto", "memmap", "dimm"), default="auto",
                    help="how the region is kept from the guest OS (default: memmap with direct "
                    "kernel boot, else dimm)")
@@ -224,10 +224,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         description="Remove exactly what `protect` added.")
     p.set_defaults(func=_cmd_unprotect)
 
-    hooks = argparse.ArgumentParser(add_help=False)
+    hooks = argparse.ArgumentParser(add_help=False, parents=[shared])
     hooks.add_argument("--hooks-dir", default=str(HOOKS_DIR),
                        help="libvirt's hook directory (default %(default)s)")
-    hooks.add_argument("--json", action="store_true", help="print a JSON report")
     hooks.add_argument("--apparmor-file", default=str(APPARMOR_LOCAL),
                        help="local AppArmor abstraction that receives the rules for the SSDT, "
                        "zero page and monitor socket, when it exists (default %(default)s)")

@@ -14,13 +14,9 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from vmwipe.protocol import (
-    parse_size,
-)
-
 from ..errors import UsageError
 from ..snapshot.scrub import ScrubReport, scrub_file, stderr_progress
-from .options import region_type
+from .options import common, mem_size, region_type
 
 if TYPE_CHECKING:
     from ..flows.save_scrub import SaveMonitor, SaveScrubReport
@@ -66,7 +62,7 @@ def _cmd_scrub(args: argparse.Namespace) -> int:
         raise UsageError("--mem needs --machine (or neither: the stream says both)")
     if args.sidecar and (args.machine or args.mem):
         raise UsageError("give either --sidecar or --machine/--mem, not both")
-    mem = parse_size(args.mem) if args.mem else None
+    mem = args.mem
     verbose = getattr(args, "verbose", 0) or 0
     rep = scrub_file(
         args.file, machine=args.machine, mem=mem, sidecar=args.sidecar, region=args.region,
@@ -84,7 +80,7 @@ def _cmd_scrub(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `scrub` to the `vmwipe` command."""
     p = sub.add_parser(
-        "scrub", help="zero the guest's secret pages inside a saved VM file",
+        "scrub", parents=[common()], help="zero the guest's secret pages inside a saved VM file",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Zero every copy of every page the guest's vmwipe table lists in a saved "
         "VM: a QEMU migration stream or a raw libvirt save image. The table is read from the "
@@ -102,7 +98,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("file", help="saved VM: migration stream or libvirt save image")
     p.add_argument("--machine", choices=["pc", "q35"], help="machine type of the saved VM")
-    p.add_argument("--mem", metavar="SIZE", help="guest RAM as given to -m (e.g. 512M, 5G)")
+    p.add_argument("--mem", metavar="SIZE", type=mem_size,
+                   help="guest RAM as given to QEMU's -m: a bare number is MiB (512, 512M, 5G)")
     p.add_argument("--sidecar", metavar="FILE.vmwipe.json", help="layout written by vmwipe save")
     p.add_argument("--region", metavar="BASE:SIZE", type=region_type, help="region override")
     p.add_argument("--on-invalid", choices=["fail", "skip"], default="fail",
@@ -113,9 +110,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="do not store wipe_generation + 1 in the saved header (by default a "
                    "scrub that zeroes pages counts as a wipe, so the guest module notifies "
                    "its users after a plain restore)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
-    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
-                   help="progress on stderr")
     p.set_defaults(func=_cmd_scrub)
 
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 from vmwipe.protocol import (
     PAGE_SIZE,
-    ProtocolError,
     Region,
     SsdtError,
     decode_ssdt,
@@ -123,14 +122,34 @@ class RegionSource:
     source: str  # "acpitable:PATH" or "--region"
 
 
+def region_problem(region: Region) -> str | None:
+    """Why `region` cannot hold a table, in a user's words (None when it can).
+
+    The same rules as `validate_region`, phrased for a command-line flag rather
+    than as a header field.
+    """
+    if region.base % PAGE_SIZE:
+        return f"the region base {region.base:#x} is not 4 KiB aligned"
+    if region.size < 2 * PAGE_SIZE or region.size % PAGE_SIZE:
+        return (f"the region size {region.size:#x} is not a multiple of 4 KiB of at "
+                "least 8 KiB")
+    if region.base + region.size > 1 << 64:
+        return "the region does not end below 2^64"
+    return None
+
+
 def parse_region_arg(text: str) -> Region:
     """`BASE:SIZE` as given to --region, e.g. 0x1f000000:1M."""
+    base_s, sep, size_s = text.partition(":")
     try:
-        base_s, size_s = text.split(":", 1)
+        if not sep:
+            raise ValueError("no colon")
         region = Region(parse_size(base_s), parse_size(size_s))
-        validate_region(region)
-    except (ValueError, ProtocolError) as e:
-        raise UsageError(f"{text!r}: {e} (expected BASE:SIZE, e.g. 0x1f000000:1M)") from None
+    except ValueError:
+        raise UsageError(f"{text}: expected BASE:SIZE, e.g. 0x1f000000:1M") from None
+    if (problem := region_problem(region)) is not None:
+        raise UsageError(f"{text}: {problem}")
+    validate_region(region)  # the protocol's own rules, which region_problem mirrors
     return region
 
 
