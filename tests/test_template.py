@@ -29,6 +29,7 @@ from vmwipe.host_agent.flows.template_load import ram_size
 from vmwipe.host_agent.flows.template_manifest import Manifest
 from vmwipe.host_agent.qemu.launcher import start_qemu
 from vmwipe.host_agent.qemu.qmp import QMPSession
+from vmwipe.host_agent.snapshot.sidecar import sidecar_path, write_sidecar
 from vmwipe.host_agent.wipe.backends import ProcessVMBackend
 from vmwipe.host_agent.wipe.memmap import load_memory_map
 from vmwipe.protocol import PAGE_SIZE, WIPE_GENERATION_OFFSET
@@ -143,10 +144,33 @@ def assert_gone(pids: list[int]) -> None:
         assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
 
 
-@pytest.mark.parametrize("extra, why", [
+#: Every static refusal of a clone command line, in the spellings QEMU accepts
+#: (`driver=`, JSON, each boolean spelling), with why it is refused.
+STATIC_REFUSALS = [
     (["-device", "virtio-balloon-pci"], "discards pages"),
+    (["-device", "driver=virtio-balloon-pci"], "discards pages"),
+    (["-device", '{"driver": "virtio-balloon-pci", "id": "b0"}'], "discards pages"),
+    (["-device", "driver=virtio-mem-pci,memdev=m"], "discards pages"),
+    (["-device", "virtio-mem-pci,memdev=m"], "discards pages"),
+    (["-global", "migration.x-postcopy-ram=on"], "postcopy"),
+    (["-global", "driver=migration,property=x-postcopy-ram,value=yes"], "postcopy"),
     (["-object", "memory-backend-file,id=x,size=1M,mem-path=/dev/null,share=on"], "share=on"),
-])
+    (["-object", "memory-backend-memfd,id=m,size=1G,share=on"], "share=on"),
+    (["-object", "memory-backend-file,id=x,size=1M,mem-path=/dev/null,share=yes"], "share=on"),
+    (["-object", '{"qom-type": "memory-backend-memfd", "id": "m", "size": 1048576, '
+                 '"share": true}'], "share=on"),
+    (["-object", "memory-backend-ram,id=p,size=1M,prealloc=on"], "copies all"),
+    (["-object", "qom-type=memory-backend-ram,id=p,size=1M,prealloc=true"], "copies all"),
+    (["-mem-prealloc"], "copies all"),
+    (["-overcommit", "mem-lock=on"], "copies all"),
+    (["-chardev", "socket,id=c0,path=/run/vfs.sock",
+      "-device", "vhost-user-fs-pci,chardev=c0,tag=fs"], "vhost-user"),
+    (["-netdev", "vhost-user,id=n0,chardev=c0"], "vhost-user"),
+    (["-incoming", "defer"], "adds it"),
+]
+
+
+@pytest.mark.parametrize("extra, why", STATIC_REFUSALS[:4])
 def test_static_refusals(template: tuple[str, Path, bytes], extra: list[str], why: str) -> None:
     qemu, d, _ = template
     r = run_cli("clone", "--template", str(d / "t"), "-n", "1", "--dir", str(d / "bad"),
@@ -193,16 +217,26 @@ def test_changed_template_refused(template: tuple[str, Path, bytes], tmp_path: P
     assert not killed_pids(r.stderr)  # refused before any clone started
 
 
-@pytest.mark.parametrize("ram, why", [
-    ("memory-backend-ram,id=ram0,size=512M", "not a mapping of the template file"),
-    ("memory-backend-file,id=ram0,size=512M,mem-path={ram},share=on", "share=on"),
-])
+PRIVATE = "memory-backend-file,id=ram0,size=512M,mem-path={ram},share=off"
+
+
+@pytest.mark.parametrize("ram, extra, why", [
+    ("memory-backend-ram,id=ram0,size=512M", [], "not a mapping of the template file"),
+    ("memory-backend-file,id=ram0,size=512M,mem-path={ram},share=on", [], "share=on"),
+    (PRIVATE, ["-device", "virtio-balloon-pci"], "balloon"),
+    (PRIVATE, ["-object", "memory-backend-ram,id=vm0,size=128M",
+               "-device", "virtio-mem-pci,memdev=vm0"], "virtio-mem"),
+    (PRIVATE, ["-global", "migration.x-postcopy-ram=on"], "postcopy"),
+    (PRIVATE, ["-object", "memory-backend-ram,id=p0,size=1M,prealloc=on"], "preallocated"),
+], ids=["ram", "shared", "balloon", "virtio-mem", "postcopy", "prealloc"])
 def test_runtime_refusals(template: tuple[str, Path, bytes], tmp_path: Path, ram: str,
-                          why: str) -> None:
-    """What the static checks cannot see (a hand-made clone command line) QEMU itself shows."""
+                          extra: list[str], why: str) -> None:
+    """What the static checks cannot see (a hand-made clone command line) QEMU itself shows:
+    each case gets past `check_argv` here, and only its own runtime check stops it."""
     qemu, d, _ = template
-    argv = [*clone_args(qemu, d), "-object", ram.format(ram=d / "ram"),
-            "-machine", "memory-backend=ram0"]
+    args = [a if a != "512M" else "512M,maxmem=1G" for a in clone_args(qemu, d)]
+    argv = [*args, "-object", ram.format(ram=d / "ram"), "-machine", "memory-backend=ram0",
+            *extra]
     qp = start_qemu(argv, str(tmp_path / "q.qmp"), paused=True, incoming_defer=True)
     try:
         with QMPSession(qp.qmp_path) as s, pytest.raises(TemplateError, match=why):
@@ -226,7 +260,7 @@ def test_template_from_saved_state(template: tuple[str, Path, bytes], tmp_path: 
         assert r.returncode == 0, r.stderr
     finally:
         vm.kill()
-    ram = tmp_path / "tpl.ram"
+    ram = tmp_path / "tpl,ram"  # a comma in a path must not end QEMU's mem-path= option
     r = run_cli("template", "--from", str(tmp_path / "state"), "--ram", str(ram),
                 "--dir", str(tmp_path / "t"), "--json", "--", *clone_args(qemu, d))
     assert r.returncode == 0, r.stderr
@@ -249,16 +283,21 @@ def test_template_from_saved_state(template: tuple[str, Path, bytes], tmp_path: 
     assert r.returncode != 0 and "exists" in r.stderr, r.stderr
 
 
-@pytest.mark.parametrize("args, why", [
-    (["-device", "virtio-mem-pci,memdev=m"], "discards pages"),
-    (["-object", "memory-backend-memfd,id=m,size=1G,share=on"], "share=on"),
-    (["-mem-prealloc"], "copies all"),
-    (["-incoming", "defer"], "adds it"),
-])
+@pytest.mark.parametrize("args, why", STATIC_REFUSALS)
 def test_check_argv(args: list[str], why: str) -> None:
     with pytest.raises(TemplateError, match=why):
         check_argv(["-M", "pc", *args])
-    check_argv(["-M", "pc", "-device", "virtio-net-pci"])  # anything else is the user's
+
+
+@pytest.mark.parametrize("args", [
+    ["-device", "virtio-net-pci"],  # anything else is the user's
+    ["-object", "memory-backend-ram,id=m,size=1M,share=off,prealloc=no"],
+    ["-object", '{"qom-type": "memory-backend-memfd", "id": "m", "size": 1, "share": false}'],
+    ["-global", "migration.x-postcopy-ram=off"],
+    ["-overcommit", "mem-lock=off"],
+])
+def test_check_argv_lets_the_rest_through(args: list[str]) -> None:
+    check_argv(["-M", "pc", *args])
 
 
 @pytest.mark.parametrize("m, size", [("512M", 512 << 20), ("512", 512 << 20), ("2G", 2 << 30),
@@ -295,3 +334,26 @@ def test_sigint_mid_fleet_kills_every_clone_none_ran(template: tuple[str, Path, 
     pids = killed_pids(stderr)
     assert len(pids) == 12, stderr
     assert_gone(pids)
+
+
+def test_untrusted_names_never_reach_qemu(template: tuple[str, Path, bytes],
+                                          tmp_path: Path) -> None:
+    """A manifest's backend id and a sidecar's block name become QEMU ids: one that would
+    add options of its own is refused before any QEMU starts (exit 2, one line)."""
+    qemu, d, _ = template
+    t2 = tmp_path / "t"
+    shutil.copytree(d / "t", t2)
+    doc = json.loads((t2 / "manifest.json").read_text())
+    doc["backend_id"] = "pc.ram,prealloc=on,discard-data=on"
+    (t2 / "manifest.json").write_text(json.dumps(doc))
+    r = run_cli("clone", "--template", str(t2), "-n", "1", "--dir", str(tmp_path / "c"),
+                "--", *clone_args(qemu, d))
+    assert r.returncode == 2 and "not a valid QEMU id" in r.stderr, r.stderr
+    assert not killed_pids(r.stderr) and not (tmp_path / "c").exists()
+    state = tmp_path / "state"
+    state.write_bytes(b"QEVM")
+    write_sidecar(sidecar_path(state), region=REGION, ram=[(0, SIZE, "pc.ram,share=on", 0)])
+    r = run_cli("template", "--from", str(state), "--ram", str(tmp_path / "ram"),
+                "--dir", str(tmp_path / "t3"), "--", *clone_args(qemu, d))
+    assert r.returncode == 2 and "not a valid QEMU id" in r.stderr, r.stderr
+    assert not (tmp_path / "ram").exists()

@@ -41,7 +41,9 @@ from typing import Any
 from vmwipe.protocol import PAGE_SIZE, Region
 
 from ..errors import QMPCommandError, TemplateError, UsageError
+from ..qemu.opts import escape, is_on, is_true, option_dict
 from ..qemu.qmp import QMPSession
+from ..qemu.region import option_values, split_qemu_opts
 from ..timing import Phases
 from ..wipe.backends import MemoryBackend, read_proc_maps
 from ..wipe.engine import EarlyRegion, run_wipe
@@ -87,32 +89,71 @@ def _version_cached(binary: str, _size: int, _mtime: int) -> tuple[int, int]:
 
 
 def backend_args(manifest: Manifest, version: tuple[int, int]) -> list[str]:
-    """The clone's RAM: the template file, private; read-only open where QEMU can (>= 8.2)."""
+    """The clone's RAM: the template file, private; read-only open where QEMU can (>= 8.2).
+
+    The id and path come from the manifest (checked by `Manifest.load`); the path's
+    commas are escaped, so neither can add an option of its own.
+    """
     opts = (f"memory-backend-file,id={manifest.backend_id},size={manifest.ram_size},"
-            f"mem-path={manifest.ram_path},share=off")
+            f"mem-path={escape(manifest.ram_path)},share=off")
     if version >= (8, 2):
         opts += ",readonly=on,rom=off"
     return ["-object", opts, "-machine", f"memory-backend={manifest.backend_id}"]
 
 
+def _global_setting(value: str) -> tuple[str, str]:
+    """(`driver.property` lowercased, value) of a `-global` argument, in either syntax."""
+    opts = split_qemu_opts(value)
+    if "driver" in opts:
+        return f"{opts['driver']}.{opts.get('property', '')}".lower(), opts.get("value", "")
+    key, val = next(iter(opts.items()), ("", ""))
+    return key.lower(), val
+
+
 def check_argv(argv: Sequence[str]) -> None:
-    """Refuse a clone command line that would leak into or out of the template (static)."""
-    for i, a in enumerate(argv):
-        nxt = argv[i + 1] if i + 1 < len(argv) else ""
-        if a in ("-incoming", "-S"):
+    """Refuse a clone command line that would leak into or out of the template (static).
+
+    Each option is read as QEMU reads it (`driver=`, JSON, every boolean spelling);
+    `check_before_load` asks the clone QEMU itself again, for what a command line
+    can say in ways this misses.
+    """
+    for a in ("-incoming", "-S"):
+        if a in argv:
             raise TemplateError(f"do not pass {a}: the clone command adds it")
-        if a in ("-device", "-object"):
-            kind = nxt.split(",", 1)[0]
-            if any(kind.startswith(d) for d in FORBIDDEN_DEVICES):
-                raise TemplateError(f"{kind} discards pages of the private template mapping "
-                                    "(they would read back from the template or as zeros)")
-            if kind.startswith("memory-backend") and "share=on" in nxt.split(","):
-                # x-ignore-shared skips every share=on block: the template's would be
-                # written by all clones, any other would arrive empty
-                raise TemplateError("a share=on clone would write into the template file "
-                                    "and every other clone")
-        if a == "-mem-prealloc":
-            raise TemplateError("-mem-prealloc copies all of the template RAM into every clone")
+    for value in option_values(argv, "device"):
+        kind = option_dict(value).get("", "")
+        if kind.startswith(FORBIDDEN_DEVICES):
+            raise TemplateError(f"{kind} discards pages of the private template mapping "
+                                "(they would read back from the template or as zeros)")
+        if kind.startswith("vhost-user"):
+            raise TemplateError(f"{kind}: a vhost-user backend maps guest RAM, the template "
+                                "file, shared and writable in another process")
+    for value in option_values(argv, "netdev"):
+        if option_dict(value, "type").get("") == "vhost-user":
+            raise TemplateError("-netdev vhost-user: the backend maps guest RAM, the template "
+                                "file, shared and writable in another process")
+    for value in option_values(argv, "object"):
+        opts = option_dict(value, "qom-type")
+        if not opts.get("", "").startswith("memory-backend"):
+            continue
+        if is_on(opts, "share"):
+            # x-ignore-shared skips every share=on block: the template's would be
+            # written by all clones, any other would arrive empty
+            raise TemplateError("a share=on clone would write into the template file "
+                                "and every other clone")
+        if is_on(opts, "prealloc"):
+            raise TemplateError("a preallocated memory backend copies all of the template RAM "
+                                "into every clone")
+    for value in option_values(argv, "global"):
+        prop, val = _global_setting(value)
+        if prop == "migration.x-postcopy-ram" and is_true(val):
+            raise TemplateError("postcopy discards pages of the private template mapping")
+    if "-mem-prealloc" in argv:
+        raise TemplateError("-mem-prealloc copies all of the template RAM into every clone")
+    for value in option_values(argv, "overcommit"):
+        if is_on(split_qemu_opts(value), "mem-lock"):
+            raise TemplateError("-overcommit mem-lock=on copies all of the template RAM into "
+                                "every clone")
 
 
 #: What QEMU says about a clone before any state is loaded into it, asked in one batch.

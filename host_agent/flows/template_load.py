@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from ..errors import TemplateError
 from ..qemu.launcher import start_qemu
+from ..qemu.opts import escape, valid_id
 from ..qemu.qmp import QMPSession
 from ..qemu.region import option_values
 from ..snapshot.sidecar import read_sidecar, sidecar_path
@@ -57,7 +58,10 @@ def stream_block(state: str) -> str:
     if len(blocks) != 1:
         raise TemplateError(f"{state}: guest RAM is in {len(blocks)} RAM blocks "
                             f"({', '.join(sorted(blocks))}); a template holds one")
-    return blocks.pop()
+    block = blocks.pop()
+    if not valid_id(block):  # it becomes the backend's id on the template QEMU's command line
+        raise TemplateError(f"{side}: RAM block {block!r} is not a valid QEMU id")
+    return block
 
 
 def template_from_state(state: str, qemu_argv: Sequence[str], ram_path: str, directory: str,
@@ -80,7 +84,7 @@ def template_from_state(state: str, qemu_argv: Sequence[str], ram_path: str, dir
     finally:
         os.close(fd)
     argv += ["-object", f"memory-backend-file,id={block},size={size},"
-             f"mem-path={ram_path},share=on", "-machine", f"memory-backend={block}"]
+             f"mem-path={escape(ram_path)},share=on", "-machine", f"memory-backend={block}"]
     os.makedirs(directory, exist_ok=True)
     qp = start_qemu(argv, os.path.join(directory, "template.qmp"),
                     log_path=os.path.join(directory, "template.log"), incoming_defer=True)

@@ -30,6 +30,7 @@ from typing import Any
 
 from ..atomic import write_atomic
 from ..errors import TemplateError
+from ..qemu.opts import valid_id
 
 FORMAT = "vmwipe-template/1"
 MANIFEST = "manifest.json"
@@ -100,9 +101,23 @@ class Manifest:
         try:
             raw["ram_identity"] = FileIdentity(**raw["ram_identity"])
             raw["region"] = tuple(raw["region"])
-            return cls(**raw)
+            manifest = cls(**raw)
         except (TypeError, KeyError) as e:
             raise TemplateError(f"{path}: malformed manifest: {e}") from None
+        manifest.check_names(path)
+        return manifest
+
+    def check_names(self, path: Path) -> None:
+        """Refuse a backend id or RAM path that could not go onto a clone's QEMU command
+        line as exactly one value (the manifest is a file anyone with access may edit)."""
+        if not isinstance(self.backend_id, str) or not valid_id(self.backend_id):
+            raise TemplateError(f"{path}: backend_id {self.backend_id!r} is not a valid "
+                                "QEMU id")
+        if (not isinstance(self.ram_path, str) or not os.path.isabs(self.ram_path)
+                or "\0" in self.ram_path):
+            raise TemplateError(f"{path}: ram_path {self.ram_path!r} is not an absolute path")
+        if not isinstance(self.ram_size, int) or self.ram_size <= 0:
+            raise TemplateError(f"{path}: ram_size {self.ram_size!r} is not a size")
 
     def check_identity(self) -> None:
         """Refuse a RAM file that is not the one the template made (cheap: one stat)."""
