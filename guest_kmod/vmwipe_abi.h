@@ -16,20 +16,25 @@
 #include <linux/types.h>
 #endif
 
-#define VMWIPE_ABI_VERSION        2
-#define VMWIPE_ACPI_HID           "VMWP0001"
-#define VMWIPE_PAGE_SIZE          4096
-#define VMWIPE_MAGIC              "VMWIPEv2"
-#define VMWIPE_MAGIC_LEN          8
-#define VMWIPE_HEADER_SIZE        4096
-#define VMWIPE_HEADER_CRC_LEN     0x38
-#define VMWIPE_SLOT_SIZE          16
-#define VMWIPE_SLOTS_OFFSET       4096
-#define VMWIPE_MIN_REGION_SIZE    8192
-#define VMWIPE_SLOT_VALID         0x1ULL
-#define VMWIPE_SLOT_FILL          0x2ULL
-#define VMWIPE_SLOT_RESERVED_BITS 0xffcULL
-#define VMWIPE_SLOT_ADDR_MASK     0xfffffffffffff000ULL
+#define VMWIPE_ABI_VERSION              2
+#define VMWIPE_ACPI_HID                 "VMWP0001"
+#define VMWIPE_PAGE_SIZE                4096
+#define VMWIPE_MAGIC                    "VMWIPEv2"
+#define VMWIPE_MAGIC_LEN                8
+#define VMWIPE_HEADER_SIZE              4096
+#define VMWIPE_HEADER_CRC_LEN           0x38
+#define VMWIPE_SLOT_SIZE                16
+#define VMWIPE_SLOTS_OFFSET             4096
+#define VMWIPE_MIN_REGION_SIZE          8192
+#define VMWIPE_SLOT_VALID               0x1ULL
+#define VMWIPE_SLOT_FILL                0x2ULL
+#define VMWIPE_SLOT_RESERVED_BITS       0xffcULL
+#define VMWIPE_SLOT_ADDR_MASK           0xfffffffffffff000ULL
+#define VMWIPE_CRNG_REASON_LEN          64
+#define VMWIPE_CRNG_STATUS_NOT_REPORTED 0
+#define VMWIPE_CRNG_STATUS_ACTIVE       1
+#define VMWIPE_CRNG_STATUS_DISABLED     2
+#define VMWIPE_CRNG_STATUS_REFUSED      3
 
 struct vmwipe_header {
 	__u8 magic[8];
@@ -44,6 +49,9 @@ struct vmwipe_header {
 	__le32 reserved0;
 	__le64 wipe_generation;
 	__le64 wipe_pages;
+	__le32 crng_status;
+	__le32 crng_ranges;
+	__u8 crng_reason[64];
 };
 
 _Static_assert(offsetof(struct vmwipe_header, magic) == 0x0, "vmwipe_header.magic offset");
@@ -58,7 +66,10 @@ _Static_assert(offsetof(struct vmwipe_header, header_crc32) == 0x38, "vmwipe_hea
 _Static_assert(offsetof(struct vmwipe_header, reserved0) == 0x3c, "vmwipe_header.reserved0 offset");
 _Static_assert(offsetof(struct vmwipe_header, wipe_generation) == 0x40, "vmwipe_header.wipe_generation offset");
 _Static_assert(offsetof(struct vmwipe_header, wipe_pages) == 0x48, "vmwipe_header.wipe_pages offset");
-_Static_assert(sizeof(struct vmwipe_header) == 0x50, "vmwipe_header size");
+_Static_assert(offsetof(struct vmwipe_header, crng_status) == 0x50, "vmwipe_header.crng_status offset");
+_Static_assert(offsetof(struct vmwipe_header, crng_ranges) == 0x54, "vmwipe_header.crng_ranges offset");
+_Static_assert(offsetof(struct vmwipe_header, crng_reason) == 0x58, "vmwipe_header.crng_reason offset");
+_Static_assert(sizeof(struct vmwipe_header) == 0x98, "vmwipe_header size");
 
 struct vmwipe_slot {
 	__le64 word;

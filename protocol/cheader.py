@@ -60,6 +60,9 @@ def render() -> str:
         ("VMWIPE_SLOT_FILL", f"{L.SLOT_FILL:#x}ULL"),
         ("VMWIPE_SLOT_RESERVED_BITS", f"{L.SLOT_RESERVED_BITS:#x}ULL"),
         ("VMWIPE_SLOT_ADDR_MASK", f"{L.SLOT_ADDR_MASK:#x}ULL"),
+        ("VMWIPE_CRNG_REASON_LEN", str(L.CRNG_REASON_LEN)),
+        *((f"VMWIPE_CRNG_STATUS_{name.upper()}", str(value))
+          for value, name in L.CRNG_STATUS_NAMES.items()),
     ]
     out = [
         "/* SPDX-License-Identifier: GPL-2.0-only */",

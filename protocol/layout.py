@@ -30,7 +30,24 @@ SLOT_RESERVED_BITS: Final = 0xFFC  # bits 11..2 of `word` in a v2 table
 SLOT_ADDR_MASK: Final = ~0xFFF & 0xFFFF_FFFF_FFFF_FFFF
 ACPI_HID: Final = "VMWP0001"
 
-#: Page 0 of the region.  Only these 0x50 bytes carry meaning; the rest is reserved (0).
+#: `crng_status` (guest-written, outside the CRC): what the module decided about the
+#: kernel CRNG.  0 also reads a v2 table from before the field existed.
+CRNG_STATUS_NOT_REPORTED: Final = 0
+#: The module registered the kernel CRNG's state as `crng_ranges` fill slots.
+CRNG_STATUS_ACTIVE: Final = 1
+#: The guest turned the refresh off (module parameter crng_refresh=0).
+CRNG_STATUS_DISABLED: Final = 2
+#: The module looked and refused (layout or symbols not found); `crng_reason` says why.
+CRNG_STATUS_REFUSED: Final = 3
+CRNG_STATUS_NAMES: Final = {
+    CRNG_STATUS_NOT_REPORTED: "not_reported",
+    CRNG_STATUS_ACTIVE: "active",
+    CRNG_STATUS_DISABLED: "disabled",
+    CRNG_STATUS_REFUSED: "refused",
+}
+CRNG_REASON_LEN: Final = 64
+
+#: Page 0 of the region.  Only these 0x98 bytes carry meaning; the rest is reserved (0).
 HeaderStruct = Struct(
     "magic" / Bytes(8),
     "version" / Int32ul,
@@ -44,6 +61,17 @@ HeaderStruct = Struct(
     "reserved0" / Int32ul,
     "wipe_generation" / Int64ul,
     "wipe_pages" / Int64ul,
+    "crng_status" / Int32ul,
+    "crng_ranges" / Int32ul,
+    "crng_reason" / Bytes(CRNG_REASON_LEN),
+)
+
+#: The fields the guest writes after init, outside the CRC (SPEC.md 4.1): the kernel
+#: CRNG's registration.  A v2 table from before them holds zeros: "not reported".
+CrngFieldsStruct = Struct(
+    "crng_status" / Int32ul,
+    "crng_ranges" / Int32ul,
+    "crng_reason" / Bytes(CRNG_REASON_LEN),
 )
 
 #: One table entry (v2).  A zero range: `word` = first page | VALID, `count` =
@@ -88,6 +116,13 @@ HEADER_USED_SIZE: Final = HeaderStruct.sizeof()
 WIPE_GENERATION_OFFSET: Final = _HEADER_FIELDS["wipe_generation"][0]
 WIPE_PAGES_OFFSET: Final = _HEADER_FIELDS["wipe_pages"][0]
 HOST_FIELDS_SIZE: Final = HostFieldsStruct.sizeof()
+CRNG_FIELDS_OFFSET: Final = _HEADER_FIELDS["crng_status"][0]
+CRNG_FIELDS_SIZE: Final = CrngFieldsStruct.sizeof()
+#: Where v1 (and v2 before the CRNG fields) ended: bytes from here on were reserved (0).
+HEADER_USED_SIZE_V1: Final = CRNG_FIELDS_OFFSET
 
-assert HEADER_CRC_LEN == 0x38 and WIPE_GENERATION_OFFSET == 0x40 and HEADER_USED_SIZE == 0x50
+assert HEADER_CRC_LEN == 0x38 and WIPE_GENERATION_OFFSET == 0x40 and HEADER_USED_SIZE == 0x98
+assert CRNG_FIELDS_OFFSET == 0x50 and _HEADER_FIELDS["crng_ranges"][0] == 0x54
+assert _HEADER_FIELDS["crng_reason"] == (0x58, CRNG_REASON_LEN)
+assert CRNG_FIELDS_OFFSET + CRNG_FIELDS_SIZE == HEADER_USED_SIZE
 assert SlotStruct.sizeof() == SlotV1Struct.sizeof() == SLOT_SIZE

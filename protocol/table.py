@@ -52,6 +52,11 @@ class Header:
     header_crc32: int
     wipe_generation: int
     wipe_pages: int
+    #: Guest-written after init, outside the CRC (SPEC.md 4.1): the kernel CRNG's
+    #: registration.  All 0 / empty in a v1 table and in a v2 table from before them.
+    crng_status: int = L.CRNG_STATUS_NOT_REPORTED
+    crng_ranges: int = 0
+    crng_reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,9 +191,12 @@ def decode_header(page: bytes, region: Region) -> Header | None:
     crc = zlib.crc32(bytes(page[: L.HEADER_CRC_LEN]))
     if raw.header_crc32 != crc:
         raise HeaderError("header_crc32", raw.header_crc32, crc)
-    tail = bytes(page[L.HEADER_USED_SIZE : L.HEADER_SIZE])
+    # v1 never had the CRNG fields: for it they are reserved bytes like the rest
+    used = L.HEADER_USED_SIZE if raw.version == L.VERSION else L.HEADER_USED_SIZE_V1
+    tail = bytes(page[used : L.HEADER_SIZE])
     if tail.count(0) != len(tail):
-        raise HeaderError("reserved", "non-zero bytes after 0x50", "all zero")
+        raise HeaderError("reserved", f"non-zero bytes after {used:#x}", "all zero")
+    reason = _check_crng_fields(raw.crng_status, raw.crng_ranges, bytes(raw.crng_reason))
     return Header(
         version=raw.version,
         header_size=raw.header_size,
@@ -200,7 +208,29 @@ def decode_header(page: bytes, region: Region) -> Header | None:
         header_crc32=raw.header_crc32,
         wipe_generation=raw.wipe_generation,
         wipe_pages=raw.wipe_pages,
+        crng_status=raw.crng_status,
+        crng_ranges=raw.crng_ranges,
+        crng_reason=reason,
     )
+
+
+def _check_crng_fields(status: int, ranges: int, reason_raw: bytes) -> str:
+    """The header's own rules for the guest's CRNG report (SPEC.md 6); returns the reason.
+
+    The fields are outside the CRC and written by an untrusted guest, so anything
+    this spec does not define is an error naming the field, like any header field:
+    an unknown status is never read as "active" (nor silently as "refused").
+    `crng_ranges` against the fill slots is `decode_table`'s check."""
+    if status not in L.CRNG_STATUS_NAMES:
+        raise HeaderError("crng_status", status, f"one of {sorted(L.CRNG_STATUS_NAMES)}")
+    if ranges and status != L.CRNG_STATUS_ACTIVE:
+        raise HeaderError("crng_ranges", ranges, "0 unless crng_status is 1 (active)")
+    text, _nul, padding = reason_raw.partition(b"\0")
+    if padding.count(0) != len(padding) or not all(0x20 <= b <= 0x7E for b in text):
+        raise HeaderError("crng_reason", reason_raw.rstrip(b"\0"), "printable ASCII, NUL-padded")
+    if text and status == L.CRNG_STATUS_ACTIVE:
+        raise HeaderError("crng_reason", text, "empty when crng_status is 1 (active)")
+    return text.decode("ascii")
 
 
 class _RamIndex:
@@ -251,6 +281,11 @@ def decode_table(
     word_col, tail_col = words[0::2], words[1::2]
     v2 = header.version == L.VERSION
     first_bytes = used_bytes[0 :: L.SLOT_SIZE]
+    if header.crng_ranges:
+        fill_slots = first_bytes.translate(_FILL_KIND).count(0xFF) if v2 else 0
+        if header.crng_ranges > fill_slots:
+            raise HeaderError("crng_ranges", header.crng_ranges,
+                              f"<= {fill_slots} (the VALID fill slots of the table)")
     # one byte per slot, 0xFF where VALID: the column masks below are built from it
     table = Table(header=header, used=_count_used(used_bytes, first_bytes.translate(_VALID_MASK)))
     if not table.used:
@@ -585,8 +620,13 @@ def encode_header(
     wipe_generation: int = 0,
     wipe_pages: int = 0,
     version: int = L.VERSION,
+    crng_status: int = L.CRNG_STATUS_NOT_REPORTED,
+    crng_ranges: int = 0,
+    crng_reason: bytes = b"",
 ) -> bytes:
-    """Build page 0 exactly as the guest module does, CRC included (`version` 1 or 2)."""
+    """Build page 0 exactly as the guest module does, CRC included (`version` 1 or 2);
+    the CRNG fields as the module leaves them once it has decided (not checked here,
+    so tests can forge them)."""
     fields = {
         "magic": L.MAGIC if version == L.VERSION else L.MAGIC_V1,
         "version": version,
@@ -600,6 +640,9 @@ def encode_header(
         "reserved0": 0,
         "wipe_generation": wipe_generation,
         "wipe_pages": wipe_pages,
+        "crng_status": crng_status,
+        "crng_ranges": crng_ranges,
+        "crng_reason": crng_reason.ljust(L.CRNG_REASON_LEN, b"\0"),
     }
     raw = bytearray(L.HeaderStruct.build(fields))
     crc = zlib.crc32(raw[: L.HEADER_CRC_LEN])
@@ -637,14 +680,28 @@ def encode_host_fields(wipe_generation: int, wipe_pages: int) -> bytes:
     )
 
 
+def encode_crng_fields(status: int, ranges: int = 0, reason: bytes = b"") -> bytes:
+    """The 72 bytes a guest module stores at CRNG_FIELDS_OFFSET once it has decided
+    about the kernel CRNG (not checked here, so tests can forge them)."""
+    return bytes(L.CrngFieldsStruct.build({
+        "crng_status": status, "crng_ranges": ranges,
+        "crng_reason": reason.ljust(L.CRNG_REASON_LEN, b"\0"),
+    }))
+
+
 def build_region(
     region_size: int, slots: Iterable[tuple[int, int]], boot_id: bytes = bytes(16),
     fills: Iterable[tuple[int, int]] = (), version: int = L.VERSION,
+    crng: tuple[int, int, bytes] | None = None,
 ) -> bytes:
     """A whole region image holding the zero ranges `slots` (gpa, npages), then the
-    fill ranges `fills` (gpa, bytes), as a live guest would leave it."""
+    fill ranges `fills` (gpa, bytes), as a live guest would leave it; `crng` is
+    (status, ranges, reason) for the CRNG fields (default: not reported)."""
     image = bytearray(region_size)
     image[: L.HEADER_SIZE] = encode_header(region_size, boot_id, version=version)
+    if crng is not None:
+        start = L.CRNG_FIELDS_OFFSET
+        image[start : start + L.CRNG_FIELDS_SIZE] = encode_crng_fields(*crng)
     entries = [encode_slot(g, n) for g, n in slots] + [encode_fill(g, n) for g, n in fills]
     if L.SLOTS_OFFSET + len(entries) * L.SLOT_SIZE > region_size:
         raise ValueError(f"region of {region_size} bytes has no room for {len(entries)} slots")

@@ -14,8 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vmwipe.protocol import (
+    CRNG_FIELDS_OFFSET,
+    CRNG_FIELDS_SIZE,
+    CRNG_STATUS_ACTIVE,
+    CRNG_STATUS_NAMES,
     PAGE_SIZE,
     SLOTS_OFFSET,
+    HeaderError,
     ProtocolError,
     Region,
     SlotError,
@@ -23,6 +28,7 @@ from vmwipe.protocol import (
     build_region,
     decode_ssdt,
     decode_table,
+    encode_crng_fields,
     encode_fill,
     encode_slot,
     encode_ssdt,
@@ -207,3 +213,41 @@ def test_v2_written_set_is_disjoint_in_ram_outside_region(raw: list[bytes], stri
         assert a + asize <= b, "overlapping entries reached the write set"
     if strict:
         assert not table.errors
+
+
+#: The guest-written CRNG fields (SPEC.md 4.1): mostly legal, sometimes anything.
+crng_fields = st.one_of(
+    st.builds(encode_crng_fields, st.sampled_from([0, 1, 2, 3, 4, 0xFFFF_FFFF]),
+              st.sampled_from([0, 1, 2, 3, 0xFFFF_FFFF]),
+              st.one_of(st.sampled_from([b"", b"crng_refresh=0", b"x" * 64]),
+                        st.binary(max_size=64))),
+    st.binary(min_size=CRNG_FIELDS_SIZE, max_size=CRNG_FIELDS_SIZE),
+)
+
+
+@PROFILE
+@given(crng_fields, st.lists(st.one_of(fill_slots, near_slots), max_size=6), st.booleans())
+def test_crng_fields_decode_to_a_consistent_report_or_a_header_error(
+    crng: bytes, raw: list[bytes], strict: bool
+) -> None:
+    """Whatever the guest writes at 0x50..0x97, a decoded header holds a known status,
+    a printable reason and no more CRNG ranges than VALID fill slots; else the
+    error is a header error (never skipped, whatever `strict` says)."""
+    image = bytearray(build_region(REGION.size, []))
+    image[CRNG_FIELDS_OFFSET : CRNG_FIELDS_OFFSET + CRNG_FIELDS_SIZE] = crng
+    for i, slot in enumerate(raw):
+        image[SLOTS_OFFSET + 16 * i : SLOTS_OFFSET + 16 * (i + 1)] = slot
+    try:
+        table = decode_table(bytes(image), REGION, RAM, strict=strict)
+    except HeaderError as err:
+        assert err.field.startswith("crng_")
+        return
+    except SlotError:
+        assert strict
+        return
+    hdr = table.header
+    assert hdr is not None and hdr.crng_status in CRNG_STATUS_NAMES
+    assert hdr.crng_reason.isascii() and hdr.crng_reason.isprintable()
+    valid_fills = sum(1 for s in raw if s[0] & 3 == 3)
+    assert hdr.crng_ranges <= valid_fills
+    assert hdr.crng_ranges == 0 or hdr.crng_status == CRNG_STATUS_ACTIVE

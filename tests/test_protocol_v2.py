@@ -1,4 +1,4 @@
-"""Protocol v2: fill ranges beside zero ranges, and v1 tables still read (SPEC.md)."""
+"""Protocol v2: fill ranges beside zero ranges, v1 tables still read, the CRNG fields."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from vmwipe.protocol import (
     build_region,
     decode_header,
     decode_table,
+    encode_crng_fields,
     encode_fill,
     encode_header,
     encode_slot,
@@ -144,3 +145,103 @@ def test_full_region_of_fills_decodes() -> None:
     fills = [(0x100_0000 + 32 * i, 32) for i in range(n)]
     table = decode_table(build_region(REGION.size, [], fills=fills), REGION, RAM)
     assert len(table.fills) == n and table.fill_bytes == 32 * n
+
+
+# --- the kernel CRNG's registration: guest-written header fields outside the CRC ------
+
+
+def test_crng_fields_sit_at_their_spec_offsets() -> None:
+    offsets = L.field_offsets(L.HeaderStruct)
+    assert (offsets["crng_status"], offsets["crng_ranges"], offsets["crng_reason"]) == (
+        (0x50, 4), (0x54, 4), (0x58, 64))
+    assert L.HEADER_USED_SIZE == 0x98
+
+
+def test_v2_table_without_crng_fields_decodes_as_not_reported() -> None:
+    """A module from before the fields leaves them zero: the table still decodes."""
+    image = build_region(REGION.size, [(0x20_0000, 1)], fills=[(0x30_0008, 8)])
+    assert image[0x50:0x98] == bytes(0x48)
+    hdr = decode_table(image, REGION, RAM).header
+    assert hdr is not None
+    assert (hdr.crng_status, hdr.crng_ranges, hdr.crng_reason) == (
+        L.CRNG_STATUS_NOT_REPORTED, 0, "")
+
+
+@pytest.mark.parametrize(
+    ("crng", "fills", "want"),
+    [
+        ((L.CRNG_STATUS_ACTIVE, 2, b""), [(0x30_0008, 8), (0x30_0020, 32)], (1, 2, "")),
+        ((L.CRNG_STATUS_ACTIVE, 1, b""), [(0x30_0008, 8), (0x30_0020, 32)], (1, 1, "")),
+        ((L.CRNG_STATUS_DISABLED, 0, b"crng_refresh=0"), [], (2, 0, "crng_refresh=0")),
+        ((L.CRNG_STATUS_REFUSED, 0, b"x" * 64), [], (3, 0, "x" * 64)),
+        ((L.CRNG_STATUS_REFUSED, 0, b""), [], (3, 0, "")),
+    ],
+)
+def test_crng_fields_round_trip(crng: tuple[int, int, bytes], fills: list[tuple[int, int]],
+                                want: tuple[int, int, str]) -> None:
+    image = build_region(REGION.size, [], fills=fills, crng=crng)
+    hdr = decode_table(image, REGION, RAM).header
+    assert hdr is not None and (hdr.crng_status, hdr.crng_ranges, hdr.crng_reason) == want
+
+
+def test_crng_fields_lie_outside_the_crc() -> None:
+    """The guest writes them after init: changing them must not break the CRC."""
+    page = bytearray(encode_header(REGION.size))
+    page[L.CRNG_FIELDS_OFFSET : L.HEADER_USED_SIZE] = encode_crng_fields(
+        L.CRNG_STATUS_REFUSED, 0, b"IBT is enabled")
+    hdr = decode_header(bytes(page), REGION)
+    assert hdr is not None and hdr.crng_reason == "IBT is enabled"
+    assert hdr.header_crc32 == zlib.crc32(page[:0x38])
+
+
+@pytest.mark.parametrize(
+    ("crng", "fills", "field", "match"),
+    [
+        ((4, 0, b""), [], "crng_status", r"crng_status=0x4"),
+        ((0xFFFF_FFFF, 0, b""), [], "crng_status", "crng_status"),
+        ((L.CRNG_STATUS_REFUSED, 1, b"no"), [(0x30_0008, 8)], "crng_ranges", "0 unless"),
+        ((L.CRNG_STATUS_NOT_REPORTED, 1, b""), [(0x30_0008, 8)], "crng_ranges", "0 unless"),
+        ((L.CRNG_STATUS_ACTIVE, 3, b""), [(0x30_0008, 8), (0x30_0020, 8)], "crng_ranges",
+         r"<= 2 \(the VALID fill slots"),
+        ((L.CRNG_STATUS_ACTIVE, 1, b""), [], "crng_ranges", r"<= 0"),
+        ((L.CRNG_STATUS_REFUSED, 0, b"bad\nline"), [], "crng_reason", "printable ASCII"),
+        ((L.CRNG_STATUS_REFUSED, 0, b"caf\xc3\xa9"), [], "crng_reason", "printable ASCII"),
+        ((L.CRNG_STATUS_REFUSED, 0, b"ab\0cd"), [], "crng_reason", "NUL-padded"),
+        ((L.CRNG_STATUS_ACTIVE, 1, b"why"), [(0x30_0008, 8)], "crng_reason", "empty when"),
+    ],
+)
+def test_each_crng_rule_rejects_and_names_the_field(
+    crng: tuple[int, int, bytes], fills: list[tuple[int, int]], field: str, match: str
+) -> None:
+    image = build_region(REGION.size, [], fills=fills, crng=crng)
+    for strict in (True, False):  # a header error is never skipped, not even leniently
+        with pytest.raises(HeaderError, match=match) as err:
+            decode_table(image, REGION, RAM, strict=strict)
+        assert err.value.field == field
+
+
+def test_crng_ranges_count_valid_fill_slots_only() -> None:
+    """A fill slot without VALID (mid-publish) does not count, nor does a zero range."""
+    image = bytearray(region_with(encode_slot(0x20_0000, 1), encode_fill(0x30_0008, 8),
+                                  encode_fill(0x30_0020, 8, valid=False)))
+    image[L.CRNG_FIELDS_OFFSET : L.HEADER_USED_SIZE] = encode_crng_fields(L.CRNG_STATUS_ACTIVE, 2)
+    with pytest.raises(HeaderError, match="crng_ranges"):
+        decode_table(bytes(image), REGION, RAM)
+    image[L.CRNG_FIELDS_OFFSET : L.HEADER_USED_SIZE] = encode_crng_fields(L.CRNG_STATUS_ACTIVE, 1)
+    hdr = decode_table(bytes(image), REGION, RAM).header
+    assert hdr is not None and hdr.crng_ranges == 1
+
+
+def test_v1_table_keeps_the_crng_bytes_reserved() -> None:
+    """v1 never had the fields: non-zero bytes there are refused as reserved."""
+    image = bytearray(build_region(REGION.size, [], version=1))
+    image[L.CRNG_FIELDS_OFFSET : L.HEADER_USED_SIZE] = encode_crng_fields(L.CRNG_STATUS_DISABLED)
+    with pytest.raises(HeaderError, match="reserved"):
+        decode_table(bytes(image), REGION, RAM)
+
+
+def test_reserved_bytes_after_the_crng_fields_are_still_checked() -> None:
+    page = bytearray(encode_header(REGION.size))
+    page[L.HEADER_USED_SIZE] = 1
+    with pytest.raises(HeaderError, match=r"reserved=non-zero bytes after 0x98"):
+        decode_header(bytes(page), REGION)
