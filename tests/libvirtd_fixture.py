@@ -4,8 +4,10 @@
 PIDFILE` (or `virtqemud`, with VMWIPE_TEST_LIBVIRT_DAEMON=virtqemud) as root,
 after checking that no daemon we did not start owns the
 default sockets (then the tests skip: they must not disturb somebody else's
-libvirtd).  Before libvirtd starts, the vmwipe hook is installed through the
-real CLI, so libvirtd sees it (hooks are read only at startup); whatever was in
+libvirtd).  Before libvirtd starts, a stand-in for a site's own hook is written
+as /etc/libvirt/hooks/qemu and the vmwipe hook is installed through the real CLI
+(as qemu.d/50-vmwipe, which libvirtd runs after `qemu`), so libvirtd sees both
+(hooks are read only at startup); whatever was in
 /etc/libvirt/hooks is saved byte for byte and put back by `stop()`, which also
 destroys and undefines every domain the tests defined and kills, by PID only,
 the daemons and any QEMU of those domains that is still alive.
@@ -30,7 +32,9 @@ from typing import Any
 
 RUN_DIR = Path("/var/run/libvirt")
 HOOKS_DIR = Path("/etc/libvirt/hooks")
-HOOK_NAMES = ("qemu", "qemu.vmwipe-chained")
+HOOK_NAMES = ("qemu", "qemu.vmwipe-chained", "qemu.d/50-vmwipe")
+#: The vmwipe hook as `install-hook` installs it on libvirt >= 6.5.
+DROPIN = HOOKS_DIR / "qemu.d" / "50-vmwipe"
 #: install-hook adds rules here when AppArmor's libvirt abstraction is installed.
 APPARMOR_LOCAL = Path("/etc/apparmor.d/local/abstractions/libvirt-qemu")
 STATE_DIR = Path("/var/lib/vmwipe")
@@ -79,11 +83,12 @@ def unavailable_reason() -> str | None:
 @dataclass
 class _Saved:
     existed: bool
+    dropin_dir_existed: bool
     files: dict[Path, tuple[bytes, int] | None] = field(default_factory=dict)
 
 
 def _save_hooks() -> _Saved:
-    saved = _Saved(HOOKS_DIR.is_dir())
+    saved = _Saved(HOOKS_DIR.is_dir(), DROPIN.parent.is_dir())
     for p in (*(HOOKS_DIR / n for n in HOOK_NAMES), APPARMOR_LOCAL):
         if p.is_symlink():
             raise RuntimeError(f"{p} is a symlink; refusing to juggle it in a test")
@@ -98,8 +103,12 @@ def _restore_hooks(saved: _Saved) -> None:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
         else:
+            p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(content[0])
             os.chmod(p, content[1])
+    if not saved.dropin_dir_existed:
+        with contextlib.suppress(OSError):
+            DROPIN.parent.rmdir()
     if not saved.existed:
         with contextlib.suppress(OSError):
             HOOKS_DIR.rmdir()

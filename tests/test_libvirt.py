@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from libvirtd_fixture import HOOKS_DIR, STATE_DIR, URI, LibvirtLab, unavailable_reason
+from libvirtd_fixture import DROPIN, HOOKS_DIR, STATE_DIR, URI, LibvirtLab, unavailable_reason
 
 DOMAIN = f"vmwipe-test-{os.getpid()}"
 MEM_MIB = 512
@@ -243,14 +243,16 @@ def _timed(e: Env, key: str, t0: float) -> None:
 # --- hook install, protect/unprotect ------------------------------------------------------
 
 
-def test_install_hook_chained(env: Env) -> None:
+def test_install_hook_dropin(env: Env) -> None:
+    """libvirt 9 and 11 run qemu.d/: the hook goes there and the site's `qemu` stays as it is
+    (the restore tests below see libvirtd run both: the stand-in logs its calls)."""
     out = env.lab.install_output
-    assert "moved the existing hook" in out and "qemu.vmwipe-chained" in out, out
+    assert f"installed the vmwipe hook as {DROPIN}" in out, out
     assert "restart" in out, out
-    hook = HOOKS_DIR / "qemu"
-    assert "vmwipe-libvirt-hook" in hook.read_text()
-    assert os.access(hook, os.X_OK)
-    assert "stand-in for a site's own hook" in (HOOKS_DIR / "qemu.vmwipe-chained").read_text()
+    assert "vmwipe-libvirt-hook" in DROPIN.read_text()
+    assert os.access(DROPIN, os.X_OK)
+    assert "stand-in for a site's own hook" in (HOOKS_DIR / "qemu").read_text()
+    assert not (HOOKS_DIR / "qemu.vmwipe-chained").exists()
     from libvirtd_fixture import APPARMOR_LOCAL
 
     if APPARMOR_LOCAL.exists():
@@ -563,7 +565,7 @@ def test_hook_leaves_incoming_migration_alone(env: Env, tmp_path: Path) -> None:
 
                 with QMPSession(prot.monitor) as s:
                     s.cmd("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
-            p = subprocess.run([str(HOOKS_DIR / "qemu"), "mig-test", "started", "begin", "-"],
+            p = subprocess.run([str(DROPIN), "mig-test", "started", "begin", "-"],
                                input=xml, capture_output=True, text=True, timeout=60, check=False)
             assert p.returncode == 0 and p.stdout == "", p.stdout + p.stderr
         log = env.lab.hook_log()
@@ -576,7 +578,7 @@ def test_hook_leaves_incoming_migration_alone(env: Env, tmp_path: Path) -> None:
 
 def test_restore_begin_prints_nothing(env: Env) -> None:
     xml = env.dom.XMLDesc(0)
-    p = subprocess.run([str(HOOKS_DIR / "qemu"), env.name, "restore", "begin", "-"],
+    p = subprocess.run([str(DROPIN), env.name, "restore", "begin", "-"],
                        input=xml, capture_output=True, text=True, timeout=60, check=False)
     assert p.returncode == 0 and p.stdout == "", (p.stdout, p.stderr)
 

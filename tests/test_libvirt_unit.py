@@ -182,15 +182,15 @@ def test_install_chains_and_uninstall_restores(tmp_path: Path) -> None:
     original = _chained(hooks, 'echo "$*" >> "$(dirname "$0")/calls"; cat\n').read_bytes()
     aa = tmp_path / "libvirt-qemu"
     aa.write_text("  /srv/site/** r,\n")
-    done = install_hook(hooks, apparmor=aa)
+    done = install_hook(hooks, apparmor=aa, layout="chain")
     assert any("moved the existing hook" in d for d in done) and "restart" in done[-1]
     assert any("AppArmor" in d for d in done)
     assert (hooks / CHAINED_NAME).read_bytes() == original
     assert MARKER in (hooks / "qemu").read_text()
     rules = aa.read_text()
     assert rules.startswith("  /srv/site/** r,\n") and "/mon/@{profile_name}.qmp rw," in rules
-    assert install_hook(hooks, apparmor=aa) == [f"{hooks / 'qemu'} is already the vmwipe hook; "
-                                               "nothing changed"]
+    assert install_hook(hooks, apparmor=aa, layout="chain")[0] == (
+        f"{hooks / 'qemu'} is already the vmwipe hook; nothing changed")
     assert aa.read_text() == rules
 
     # restore begin: the chained hook's stdout (an XML rewrite) passes through; ours adds nothing
@@ -201,13 +201,75 @@ def test_install_chains_and_uninstall_restores(tmp_path: Path) -> None:
 
     with pytest.raises(UsageError):  # a foreign hook and a chained one: refuse to guess
         (hooks / "qemu").write_text("#!/bin/sh\n")
-        install_hook(hooks, apparmor=None)
+        install_hook(hooks, apparmor=None, layout="chain")
     (hooks / "qemu").write_text(f"#!/bin/sh\n{MARKER}\n")
     done = uninstall_hook(hooks, apparmor=aa)
     assert (hooks / "qemu").read_bytes() == original
     assert not (hooks / CHAINED_NAME).exists()
     assert aa.read_text() == "  /srv/site/** r,\n"
-    assert "not the vmwipe hook" in uninstall_hook(hooks, apparmor=aa)[0]
+    assert "nothing changed" in uninstall_hook(hooks, apparmor=aa)[0]
+
+
+def test_install_dropin_leaves_the_site_hook_alone(tmp_path: Path) -> None:
+    """qemu.d layout: the site's `qemu` is not touched; an earlier chain install is undone."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    original = _chained(hooks, 'echo "$*" >> "$(dirname "$0")/calls"; cat\n').read_bytes()
+    install_hook(hooks, apparmor=None, layout="chain")
+    done = install_hook(hooks, apparmor=None, layout="qemu.d")
+    dropin = hooks / "qemu.d" / "50-vmwipe"
+    assert (hooks / "qemu").read_bytes() == original and not (hooks / CHAINED_NAME).exists()
+    assert any("moved" in d and "back" in d for d in done), done
+    assert MARKER in dropin.read_text() and os.access(dropin, os.X_OK)
+    assert "CHAINED = ''" in dropin.read_text()
+    assert install_hook(hooks, apparmor=None, layout="qemu.d")[0].endswith("nothing changed")
+    # as libvirtd runs it: restore begin prints nothing (the XML stays), a plain domain runs
+    p = subprocess.run([str(dropin), "dom", "restore", "begin", "-"], input=b"<x/>",
+                       capture_output=True, check=False, timeout=60)
+    assert (p.returncode, p.stdout) == (0, b""), p.stderr
+    assert not (hooks / "calls").exists()  # ours does not run the site's hook: libvirtd does
+    (dropin.parent / "10-other").write_text("#!/bin/sh\n")
+    done = uninstall_hook(hooks, apparmor=None)
+    assert not dropin.exists() and (dropin.parent / "10-other").exists()
+    assert (hooks / "qemu").read_bytes() == original
+    foreign = dropin
+    foreign.write_text("#!/bin/sh\n")
+    with pytest.raises(UsageError, match="not the vmwipe hook"):
+        install_hook(hooks, apparmor=None, layout="qemu.d")
+
+
+def test_install_hook_refuses_a_temporary_or_build_interpreter(tmp_path: Path) -> None:
+    """libvirtd runs the hook long after install-hook: a venv in /tmp or a build tree, or an
+    interpreter that imports vmwipe only through this shell's PYTHONPATH, is refused."""
+    import tempfile
+    import venv
+
+    hooks = tmp_path / "hooks"
+    tmpvenv = Path(tempfile.mkdtemp()) / "venv"
+    venv.create(tmpvenv)
+    with pytest.raises(UsageError, match="temporary directory"):
+        install_hook(hooks, python=str(tmpvenv / "bin" / "python"), apparmor=None,
+                     layout="qemu.d")
+    proj = Path(tempfile.mkdtemp(dir="/var/lib", prefix="vmwipe-unit-"))
+    try:
+        (proj / "pyproject.toml").write_text("")
+        (proj / "build").mkdir()
+        os.symlink(sys.executable, proj / "build" / "python3")
+        with pytest.raises(UsageError, match="build tree"):
+            install_hook(hooks, python=str(proj / "build" / "python3"), apparmor=None,
+                         layout="qemu.d")
+        # a system interpreter without vmwipe: cannot import it by itself
+        bare = proj / "bare"
+        venv.create(bare)
+        with pytest.raises(UsageError, match="cannot import vmwipe"):
+            install_hook(hooks, python=str(bare / "bin" / "python"), apparmor=None,
+                         layout="qemu.d")
+    finally:
+        import shutil
+
+        shutil.rmtree(proj)
+        shutil.rmtree(tmpvenv.parent)
+    assert not hooks.exists()
 
 
 def test_chained_failure_propagates(tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes],
@@ -239,7 +301,7 @@ def test_hook_script_survives_a_broken_agent(tmp_path: Path) -> None:
     """If the agent cannot be imported, only protected domains are refused."""
     hooks = tmp_path / "hooks"
     hooks.mkdir()
-    install_hook(hooks, python=sys.executable, apparmor=None)
+    install_hook(hooks, python=sys.executable, apparmor=None, layout="chain")
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "shadow"))
     shadow = tmp_path / "shadow" / "vmwipe"
     shadow.mkdir(parents=True)

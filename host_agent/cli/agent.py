@@ -370,6 +370,17 @@ def register(sub: _Subparsers) -> None:
     sub.choices["template"].set_defaults(func=_cmd_template)
 
 
+def version() -> str:
+    """The installed distribution's version (one source: pyproject.toml's `version`)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("vmwipe")
+    except PackageNotFoundError:  # run from a bare source tree (PYTHONPATH)
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = Parser(
         prog="vmwipe",
@@ -387,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="no progress output (the report and errors still print)")
+    parser.add_argument("--version", action="version", version=f"vmwipe {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     register(sub)
     setup_cmds.register(sub)

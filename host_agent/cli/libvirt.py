@@ -139,7 +139,7 @@ def _cmd_install_hook(args: argparse.Namespace) -> int:
     from ..libvirt.install import install_hook
 
     done = install_hook(Path(args.hooks_dir), args.python,
-                        None if args.no_apparmor else Path(args.apparmor_file))
+                        None if args.no_apparmor else Path(args.apparmor_file), args.layout)
     print(json.dumps({"done": done}) if args.json else "\n".join(done))
     return 0
 
@@ -233,13 +233,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     hooks.add_argument("--no-apparmor", action="store_true",
                        help="leave the AppArmor abstraction alone")
     p = lsub.add_parser("install-hook", parents=[hooks], help="install the qemu hook",
-                        description="Install HOOKS_DIR/qemu. An existing hook is moved to "
-                        "qemu.vmwipe-chained and run first. libvirtd must be restarted.")
+                        description="Install the hook as HOOKS_DIR/qemu.d/50-vmwipe (libvirt "
+                        ">= 6.5 runs it after HOOKS_DIR/qemu), or, with --layout chain, as "
+                        "HOOKS_DIR/qemu, moving an existing hook to qemu.vmwipe-chained and "
+                        "running it first. libvirtd must be restarted.")
     p.add_argument("--python", default=None,
-                   help="interpreter for the hook (default: the one running this command)")
+                   help="interpreter for the hook (default: the one running this command, "
+                   "i.e. the installed vmwipe's; one in a temporary or build directory is "
+                   "refused)")
+    p.add_argument("--layout", choices=("auto", "qemu.d", "chain"), default="auto",
+                   help="qemu.d drop-in or chained HOOKS_DIR/qemu (default: qemu.d when the "
+                   "libvirt daemon is 6.5 or newer)")
     p.set_defaults(func=_cmd_install_hook)
     p = lsub.add_parser("uninstall-hook", parents=[hooks], help="remove the qemu hook",
-                        description="Remove the vmwipe hook and put a chained hook back.")
+                        description="Remove the vmwipe hook (qemu.d/50-vmwipe, or HOOKS_DIR/qemu "
+                        "with a chained hook put back).")
     p.set_defaults(func=_cmd_uninstall_hook)
 
     wipe = argparse.ArgumentParser(add_help=False)

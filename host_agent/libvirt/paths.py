@@ -11,7 +11,9 @@ from pathlib import Path
 
 #: libvirt's hook directory; libvirtd runs `HOOKS_DIR/qemu` for every QEMU domain.
 HOOKS_DIR = Path("/etc/libvirt/hooks")
-#: Where `install-hook` moves a hook that was there before (it runs first).
+#: The hook as a drop-in (libvirt >= 6.5 runs qemu.d/* in order after `qemu`).
+DROPIN_NAME = "qemu.d/50-vmwipe"
+#: Where `install-hook --layout chain` moves a hook that was there before (it runs first).
 CHAINED_NAME = "qemu.vmwipe-chained"
 #: libvirt's per-domain runtime files (NAME.pid).
 RUN_DIR = Path("/var/run/libvirt/qemu")
