@@ -2,16 +2,16 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml host_agent/wipe/_pages.c host_agent/snapshot/_ramwalk.c | cksum | cut -d" " -f1)
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml setup.py host_agent/wipe/_pages.c host_agent/snapshot/_ramwalk.c | cksum | cut -d" " -f1)
 
-.PHONY: setup system-packages test test-fast test-debian13 demo bench lint abi kmod kmod-check fuzz clean
+.PHONY: setup system-packages test test-fast test-debian13 test-packages deb demo bench lint abi kmod kmod-check fuzz clean
 
 setup: system-packages $(STAMP)
 
 system-packages:
 	@bash scripts/setup-system.sh
 
-$(STAMP): pyproject.toml host_agent/wipe/_pages.c host_agent/snapshot/_ramwalk.c
+$(STAMP): pyproject.toml setup.py host_agent/wipe/_pages.c host_agent/snapshot/_ramwalk.c
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test,libvirt,chart]'
@@ -30,6 +30,16 @@ test-fast: setup
 # see the script's header).  PYTEST_ARGS is passed through.
 test-debian13:
 	@bash scripts/test-debian13.sh
+
+# Debian packages for this host's release in build/deb/<codename>/ (docs/packaging.md);
+# `make deb SUITE=trixie` builds another release's in a cached chroot (root).
+deb:
+	@bash scripts/build-deb.sh $(SUITE)
+
+# The packages installed into clean Debian 12 and 13 roots (root; minutes, roots cached
+# under build/pkgroots): host package, guest package with DKMS and GRUB.
+test-packages: setup
+	VMWIPE_PACKAGE_TESTS=full $(BIN)/pytest tests/test_packages.py $(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/python examples/demo.py

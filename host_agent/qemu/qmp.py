@@ -21,9 +21,11 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
-
 from ..errors import QMPCommandError, QMPFailure, QMPTimeout
+from ._vendored import add_vendored_qmp
+
+add_vendored_qmp()
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError  # noqa: E402
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
