@@ -141,6 +141,16 @@ class LibvirtFailure(AgentError):
     meaning = "libvirt refused an operation (the domain is left paused or as it was)"
 
 
+class CrngNotRegisteredError(AgentError):
+    """`--require-crng`: the guest's table does not register its kernel CRNG (status not
+    active, no CRNG ranges, or its fill ranges missing); checked before anything is
+    written, so the VM is left paused (libvirt: killed) exactly as it was loaded."""
+
+    exit_code = 15
+    meaning = ("--require-crng: the guest does not register its kernel CRNG (nothing written, "
+               "VM left paused)")
+
+
 class Interrupted(AgentError):
     """SIGINT or SIGTERM arrived mid-way; the VM stays paused."""
 

@@ -101,6 +101,9 @@ class Table:
     npages: list[int] = field(default_factory=list)
     #: Fill ranges (v2), in slot order; a table rarely holds more than a handful.
     fills: list[Fill] = field(default_factory=list)
+    #: VALID fill slots, valid or not: more than `len(fills)` means some were refused
+    #: (`strict=False`), perhaps some of the kernel CRNG's.
+    fill_slots: int = 0
 
     @property
     def fill_bytes(self) -> int:
@@ -281,13 +284,13 @@ def decode_table(
     word_col, tail_col = words[0::2], words[1::2]
     v2 = header.version == L.VERSION
     first_bytes = used_bytes[0 :: L.SLOT_SIZE]
-    if header.crng_ranges:
-        fill_slots = first_bytes.translate(_FILL_KIND).count(0xFF) if v2 else 0
-        if header.crng_ranges > fill_slots:
-            raise HeaderError("crng_ranges", header.crng_ranges,
-                              f"<= {fill_slots} (the VALID fill slots of the table)")
+    fill_slots = first_bytes.translate(_FILL_KIND).count(0xFF) if v2 else 0
+    if header.crng_ranges > fill_slots:
+        raise HeaderError("crng_ranges", header.crng_ranges,
+                          f"<= {fill_slots} (the VALID fill slots of the table)")
     # one byte per slot, 0xFF where VALID: the column masks below are built from it
-    table = Table(header=header, used=_count_used(used_bytes, first_bytes.translate(_VALID_MASK)))
+    table = Table(header=header, used=_count_used(used_bytes, first_bytes.translate(_VALID_MASK)),
+                  fill_slots=fill_slots)
     if not table.used:
         return table
     # v2: the zero ranges take the fast path below, the (few) fill ranges their own

@@ -28,7 +28,7 @@ from . import libvirt as libvirt_cmds
 from . import scrub as scrub_cmds
 from . import setup as setup_cmds
 from . import template as template_cmds
-from .options import Parser, common, positive_int, region_type
+from .options import REQUIRE_CRNG_HELP, Parser, common, positive_int, region_type
 
 if TYPE_CHECKING:
     from ..flows.report import FlowReport
@@ -94,6 +94,7 @@ def _vm(with_guard: bool = True, memory: bool = True) -> argparse.ArgumentParser
             metavar="S",
             help="seconds to wait for migrations (default %(default)s)",
         )
+        p.add_argument("--require-crng", action="store_true", help=REQUIRE_CRNG_HELP)
     return p
 
 
@@ -107,6 +108,7 @@ def _opts(args: argparse.Namespace) -> AgentOptions:
         on_invalid=getattr(args, "on_invalid", "fail"),
         populate=getattr(args, "populate", False),
         timeout=getattr(args, "timeout", 600.0),
+        require_crng=getattr(args, "require_crng", False),
     )
 
 
@@ -133,7 +135,12 @@ def _fmt_report(rep: FlowReport) -> str:
             )
         for e in w.invalid:
             lines.append(f"skipped: {e}")
+        if w.crng is not None:
+            lines.append(w.crng.line())
     for k, v in rep.extra.items():
+        if k == "crng":
+            lines.append(f"kernel CRNG: {v['summary']}")
+            continue
         if k in ("slots", "ram_ranges", "fill_ranges"):
             continue
         if isinstance(v, dict) and set(v) == {"base", "size"}:
@@ -226,12 +233,9 @@ def _cmd_clone(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res.to_dict(), indent=2))
     else:
-        print(f"{'#':>3} {'pid':>8} {'pages':>8} {'state':<8} qmp")
-        for c in res.clones:
-            w = c.report.wipe
-            pages = w.pages if w else 0
-            print(f"{c.index:>3} {c.pid:>8} {pages:>8} {c.report.state_after:<8} {c.qmp}")
+        print(template_cmds.clone_table(res.clones))
     return 0
+
 
 
 # A string: argparse's class is generic only to the type checker, not at run time.
@@ -358,6 +362,7 @@ def _register_save_clone(sub: _Subparsers, common: argparse.ArgumentParser, epil
         help="pre-map shared guest RAM while each clone loads (see `vmwipe wipe --help`)",
     )
     p.add_argument("--timeout", type=float, default=600.0, metavar="S", help="restore timeout")
+    p.add_argument("--require-crng", action="store_true", help=REQUIRE_CRNG_HELP)
 
 
 def register(sub: _Subparsers) -> None:

@@ -28,7 +28,7 @@ from ..libvirt.flows import (
 from ..libvirt.paths import APPARMOR_LOCAL, HOOKS_DIR, STATE_DIR
 from ..wipe.backends import BACKENDS
 from ..wipe.engine import ON_INVALID
-from .options import byte_size, common
+from .options import REQUIRE_CRNG_HELP, byte_size, common
 
 if TYPE_CHECKING:
     from ..flows.target import AgentOptions
@@ -75,7 +75,8 @@ def _cmd_protect(args: argparse.Namespace) -> int:
         raise LibvirtFailure(f"domain {dom.name()} is transient; define it first")
     old = _inactive_xml(dom)
     try:
-        edit = protect_xml(old, Path(args.state_dir), args.size, args.reservation)
+        edit = protect_xml(old, Path(args.state_dir), args.size, args.reservation,
+                           args.require_crng)
     except ProtectError as e:
         raise LibvirtFailure(f"cannot protect {dom.name()}: {e}") from None
     assert edit.protection is not None
@@ -157,7 +158,7 @@ def _opts(args: argparse.Namespace) -> AgentOptions:
     from ..flows.target import AgentOptions
 
     return AgentOptions(reset_guard=not args.no_reset_guard, backend=args.backend,
-                        on_invalid=args.on_invalid)
+                        on_invalid=args.on_invalid, require_crng=args.require_crng)
 
 
 def _emit(args: argparse.Namespace, res: DomainWipe) -> int:
@@ -218,6 +219,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "kernel boot, else dimm)")
     p.add_argument("--state-dir", default=str(STATE_DIR),
                    help="where SSDT, zero page and monitor sockets live (default %(default)s)")
+    p.add_argument("--require-crng", action="store_true",
+                   help="store the --require-crng policy in the domain metadata: the hook then "
+                   "refuses a restored guest whose table does not register its kernel CRNG "
+                   "(libvirt kills it); protecting again without this flag removes it")
     p.set_defaults(func=_cmd_protect)
 
     p = lsub.add_parser("unprotect", parents=[conn, edit], help="remove vmwipe from a domain",
@@ -256,6 +261,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     wipe.add_argument("--on-invalid", choices=ON_INVALID, default="fail",
                       help="see `vmwipe wipe --help`")
     wipe.add_argument("--no-reset-guard", action="store_true", help="see `vmwipe wipe --help`")
+    wipe.add_argument("--require-crng", action="store_true", help=REQUIRE_CRNG_HELP)
 
     p = lsub.add_parser("restore", parents=[conn, wipe], help="restore a save image, wipe, resume",
                         description="virDomainRestoreFlags(FILE, PAUSED), wipe through libvirt's "

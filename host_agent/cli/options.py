@@ -12,10 +12,16 @@ from typing import NoReturn
 
 from vmwipe.protocol import Region, parse_size
 
-from ..errors import AgentError, UsageError
+from ..errors import AgentError, CrngNotRegisteredError, UsageError
 from ..qemu.region import parse_region_arg, region_problem
 
 _MIB = 1 << 20
+
+REQUIRE_CRNG_HELP = (
+    "refuse a guest whose vmwipe table does not register its kernel CRNG (module not "
+    "reporting, crng_refresh=0, or the module refused): checked before anything is written; "
+    "the VM is not resumed (clones: all killed) and the exit code is "
+    f"{CrngNotRegisteredError.exit_code}")
 
 
 class Parser(argparse.ArgumentParser):

@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING
 from ..errors import UsageError, exit_code_help
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ..flows.fleet import CloneResult
     from ..flows.target import AgentOptions
 
 # The flows are imported by the commands that run them (see cli.agent for why).
@@ -42,6 +45,8 @@ def run_template(args: argparse.Namespace, opts: AgentOptions) -> int:
               f"({manifest.ram_size >> 20} MiB, sha256 {manifest.ram_sha256[:16]}...), "
               f"{w.pages if w else 0} listed pages scrubbed in the file "
               f"({w.status if w else '?'}), template QEMU quit")
+        if w is not None and w.crng is not None:
+            print(w.crng.line())
     return 0
 
 
@@ -62,12 +67,19 @@ def run_clone_template(args: argparse.Namespace, opts: AgentOptions) -> int:
         print(json.dumps(res.to_dict() | {"template": res.template,
                                           "digest_checked": res.digest_checked}, indent=2))
     else:
-        print(f"{'#':>3} {'pid':>8} {'pages':>8} {'state':<8} qmp")
-        for c in res.clones:
-            w = c.report.wipe
-            print(f"{c.index:>3} {c.pid:>8} {w.pages if w else 0:>8} "
-                  f"{c.report.state_after:<8} {c.qmp}")
+        print(clone_table(res.clones))
     return 0
+
+
+def clone_table(clones: Sequence[CloneResult]) -> str:
+    """The text report of `clone` and `clone --template`: one row per clone."""
+    rows = [f"{'#':>3} {'pid':>8} {'pages':>8} {'state':<8} {'kernel CRNG':<24} qmp"]
+    for c in clones:
+        w = c.report.wipe
+        crng = w.crng.summary if w is not None and w.crng is not None else "-"
+        rows.append(f"{c.index:>3} {c.pid:>8} {w.pages if w else 0:>8} "
+                    f"{c.report.state_after:<8} {crng:<24} {c.qmp}")
+    return "\n".join(rows)
 
 
 def add_clone_template_arguments(p: argparse.ArgumentParser) -> None:

@@ -53,9 +53,10 @@ def clone_flow(
         progress(f"clone {i + 1}/{count}: pid {session.pid}, restoring and wiping")
         rep = restore_flow(session, opts, snapshot, do_resume=False)
         wiped = rep.wipe.pages if rep.wipe else 0
+        crng = f"{rep.wipe.crng.line()}, " if rep.wipe and rep.wipe.crng else ""
         progress(
             f"clone {i + 1}/{count}: {rep.wipe.status if rep.wipe else '?'}, "
-            f"{wiped} pages wiped, paused"
+            f"{wiped} pages wiped, {crng}paused"
         )
         return rep
 

@@ -18,6 +18,7 @@ from vmwipe.protocol import HeaderError, SlotError, decode_table
 from ..errors import MigrationError, VMStateError
 from ..qemu.qmp import QMPSession
 from ..timing import Phases
+from ..wipe.crng import crng_report
 from ..wipe.engine import read_region, run_wipe
 from .incoming import finish_incoming, load_incoming, prepare_incoming
 from .migration import migration_status
@@ -43,7 +44,8 @@ def _wipe_and_maybe_resume(
         rep.warnings += target.warnings
         phases.mark("map")
         early = pending.result() if pending is not None else None
-        rep.wipe = run_wipe(target.backend, target.region, opts.on_invalid, phases, early=early)
+        rep.wipe = run_wipe(target.backend, target.region, opts.on_invalid, phases, early=early,
+                            require_crng_refresh=opts.require_crng)
         # Someone else resumed it meanwhile: the wipe proves nothing.  `resume` makes
         # the same check before `cont`; one query-status less inside the paused window.
         if do_resume:
@@ -90,6 +92,7 @@ def inspect_flow(session: QMPSession, opts: AgentOptions) -> FlowReport:
             info["errors"] = [str(e)]
         else:
             info["registered"] = table.header is not None
+            info["crng"] = crng_report(table).to_dict()
             if table.header is not None:
                 h = table.header
                 info["header"] = {
@@ -99,6 +102,9 @@ def inspect_flow(session: QMPSession, opts: AgentOptions) -> FlowReport:
                     "boot_id": h.boot_id.hex(),
                     "wipe_generation": h.wipe_generation,
                     "wipe_pages": h.wipe_pages,
+                    "crng_status": h.crng_status,
+                    "crng_ranges": h.crng_ranges,
+                    "crng_reason": h.crng_reason,
                 }
                 info["slots_used"] = table.used
                 info["slots_valid"] = len(table.slots)

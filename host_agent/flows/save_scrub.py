@@ -64,6 +64,7 @@ from ..snapshot.migstream import (
 )
 from ..snapshot.sidecar import sidecar_path, write_sidecar
 from ..timing import Phases
+from ..wipe.crng import CrngReport, crng_report
 from ..wipe.memmap import GuestMemoryMap, load_memory_map
 from .migration import error_desc, full_bandwidth, wait_migration
 
@@ -113,6 +114,8 @@ class SaveScrubReport:
     state_before: str
     state_after: str
     qemu_version: str
+    #: Whether the saved table registers the guest's kernel CRNG (`wipe.crng`).
+    crng: CrngReport | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -368,5 +371,6 @@ def save_scrubbed(session: SaveMonitor, path: str, *, region: Region | None = No
         pages=len(plan.pages), zeroed_copies=idx.zeroed_pages, blocks=plan.blocks,
         fill_ranges=len(plan.table.fills),
         generation=plan.generation if idx.patched_pages else None, state_before=state_before,
-        state_after=session.status(), qemu_version=qemu_version, timings_ms=phases.at_ms,
+        state_after=session.status(), qemu_version=qemu_version,
+        crng=crng_report(plan.table), timings_ms=phases.at_ms,
     )

@@ -40,6 +40,8 @@ class AgentOptions:
     on_invalid: str = "fail"
     populate: bool = False
     timeout: float = 600.0  # for waits on migrations
+    #: --require-crng: refuse (never resume) a guest that does not register its kernel CRNG.
+    require_crng: bool = False
 
 
 @dataclass(frozen=True)

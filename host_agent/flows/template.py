@@ -145,7 +145,8 @@ def make_template(session: QMPSession, opts: AgentOptions, directory: str) -> tu
                                 f"{foreign[0].block!r}, outside the template file")
         rep.region_source = target.region_source
         rep.warnings += target.warnings
-        rep.wipe = run_wipe(target.backend, target.region, opts.on_invalid, phases)
+        rep.wipe = run_wipe(target.backend, target.region, opts.on_invalid, phases,
+                            require_crng_refresh=opts.require_crng)
         table = decode_table(read_region(target.backend, target.region), target.region,
                              target.memmap.pairs(), strict=False)
         starts, sizes = table.runs() if table.header is not None else ([], [])

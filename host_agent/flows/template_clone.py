@@ -312,7 +312,8 @@ def prepare_clone(session: QMPSession, manifest: Manifest, directory: str, opts:
         if wipe:
             early = EarlyRegion(tuple(target.memmap.ranges), bytearray(region_bytes))
             rep.wipe = run_wipe(target.backend, target.region, opts.on_invalid, phases,
-                                early=early, expect_zero=True)
+                                early=early, expect_zero=True,
+                                require_crng_refresh=opts.require_crng)
         if do_resume:
             resume(session)
             rep.resumed = True
@@ -370,7 +371,8 @@ def clone_template_flow(
     def prepare(i: int, session: QMPSession) -> FlowReport:
         rep = prepare_clone(session, manifest, template, opts, False, wipe)
         pages = rep.wipe.pages if rep.wipe else 0
-        progress(f"clone {i + 1}/{count}: pid {session.pid}, {pages} pages wiped, paused")
+        crng = f"{rep.wipe.crng.line()}, " if rep.wipe and rep.wipe.crng else ""
+        progress(f"clone {i + 1}/{count}: pid {session.pid}, {pages} pages wiped, {crng}paused")
         return rep
 
     progress(f"starting {count} clone(s) of template {template}: {shlex.join(argv[-4:])}")

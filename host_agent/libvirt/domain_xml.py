@@ -81,6 +81,10 @@ class Protection:
     dimm_kib: int = 0
     maxmemory_added: bool = False
     numa_added: bool = False
+    #: `protect --require-crng`: the hook refuses (kills) a restored guest whose table
+    #: does not register its kernel CRNG.  Stored as metadata version 2, which a hook
+    #: from before the policy refuses ("unsupported version") instead of ignoring it.
+    require_crng: bool = False
 
     @property
     def region(self) -> Region:
@@ -97,7 +101,7 @@ class Protection:
 
     def to_attrib(self) -> dict[str, str]:
         a = {
-            "version": "1",
+            "version": "2" if self.require_crng else "1",
             "base": f"{self.base:#x}",
             "size": f"{self.size:#x}",
             "reservation": self.reservation,
@@ -112,14 +116,20 @@ class Protection:
             a["dimm-kib"] = str(self.dimm_kib)
             a["maxmemory-added"] = "yes" if self.maxmemory_added else "no"
             a["numa-added"] = "yes" if self.numa_added else "no"
+        if self.require_crng:
+            a["require-crng"] = "yes"
         return a
 
     @classmethod
     def from_element(cls, el: ET.Element) -> Protection:
         """Parse `<vmwipe:protect>`; ProtectError names the bad attribute."""
         try:
-            if el.get("version") != "1":
+            if el.get("version") not in ("1", "2"):
                 raise ProtectError(f"unsupported vmwipe metadata version {el.get('version')!r}")
+            require = el.get("require-crng", "no")
+            if require not in ("yes", "no") or (require == "yes") != (el.get("version") == "2"):
+                raise ProtectError(f"vmwipe metadata: require-crng={require!r} does not fit "
+                                   f"version {el.get('version')!r}")
             prot = cls(
                 base=int(el.attrib["base"], 0),
                 size=int(el.attrib["size"], 0),
@@ -132,6 +142,7 @@ class Protection:
                 dimm_kib=int(el.get("dimm-kib", "0"), 0),
                 maxmemory_added=el.get("maxmemory-added") == "yes",
                 numa_added=el.get("numa-added") == "yes",
+                require_crng=require == "yes",
             )
         except KeyError as e:
             raise ProtectError(f"vmwipe metadata lacks attribute {e.args[0]!r}") from None
@@ -397,7 +408,8 @@ def _describe_meta(prot: Protection | None) -> str:
     if prot is None:
         return "metadata vmwipe:protect"
     return (f"metadata vmwipe:protect region {prot.base:#x}+{prot.size:#x} "
-            f"({prot.reservation}), monitor {prot.monitor}")
+            f"({prot.reservation}), monitor {prot.monitor}"
+            + (", require-crng" if prot.require_crng else ""))
 
 
 def _strip_dimm(root: ET.Element, prot: Protection) -> list[str]:
@@ -548,13 +560,16 @@ def protect_xml(
     state_dir: Path = STATE_DIR,
     size: int = DEFAULT_SIZE,
     reservation: str = "auto",
+    require_crng: bool = False,
 ) -> Edit:
-    """Add (or refresh) the vmwipe additions; unchanged XML text when already current."""
+    """Add (or refresh) the vmwipe additions; unchanged XML text when already current.
+
+    `require_crng` is set or cleared as given: protecting again without it drops it."""
     root = parse_domain(xml_text)
     before, old = _strip(root)
     if reservation == "auto" and old is not None:
         reservation = old.reservation
-    prot = plan_protection(root, state_dir, size, reservation)
+    prot = replace(plan_protection(root, state_dir, size, reservation), require_crng=require_crng)
     if prot.reservation == "dimm" and old is not None and old.reservation == "dimm":
         prot = replace(prot, maxmemory_added=old.maxmemory_added, numa_added=old.numa_added)
     after = _apply(root, prot)

@@ -69,6 +69,8 @@ class DomainWipe:
         else:
             what = (f"{w.pages} pages in {w.spans} spans wiped and verified, generation "
                     f"{w.generation_before} -> {w.generation_after}")
+        if w.crng is not None:
+            what += f"; {w.crng.line()}"
         t = ", ".join(f"{k} {v:.1f}" for k, v in self.timings_ms.items())
         return (f"{self.domain}: {self.reason}: QEMU pid {self.pid}, region "
                 f"{w.region[0]:#x}+{w.region[1]:#x}, backend {w.backend}: {what} "
@@ -99,7 +101,8 @@ def wipe_paused(
     target = open_target(mon, pid, opts, expect=expect)
     phases.mark("map")
     try:
-        report = run_wipe(target.backend, target.region, opts.on_invalid, phases)
+        report = run_wipe(target.backend, target.region, opts.on_invalid, phases,
+                          require_crng_refresh=opts.require_crng)
     finally:
         target.close()
     if mon.status() not in PAUSED_STATES:

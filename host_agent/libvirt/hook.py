@@ -159,7 +159,7 @@ def started(name: str, xml: str) -> int:
         return 0
     _setup_logging(LOG_DIR)
     try:
-        result = hook_wipe(name, prot.monitor, prot.region)
+        result = hook_wipe(name, prot.monitor, prot.region, prot.require_crng)
     except Exception as e:  # fail closed: any error keeps the guest from running
         from .flows import one_line
 
@@ -169,8 +169,12 @@ def started(name: str, xml: str) -> int:
     return 0
 
 
-def hook_wipe(name: str, monitor: str, expect: Region | None = None) -> str:
-    """Connect the second monitor, classify, wipe when it is a restore; the log line."""
+def hook_wipe(name: str, monitor: str, expect: Region | None = None,
+              require_crng: bool = False) -> str:
+    """Connect the second monitor, classify, wipe when it is a restore; the log line.
+
+    `require_crng` (the domain's `protect --require-crng`) refuses a guest whose table
+    does not register its kernel CRNG, like any refused wipe: libvirt kills it."""
     from ..flows.target import AgentOptions
     from ..qemu.qmp import QMPSession
     from ..qemu.region import read_cmdline
@@ -188,7 +192,7 @@ def hook_wipe(name: str, monitor: str, expect: Region | None = None) -> str:
         if not sit.wipe:
             return DomainWipe(name, pid, "skipped", sit.reason(), state, migration).summary()
         report, source, warnings = wipe_paused(
-            s, pid, AgentOptions(), expect, phases)
+            s, pid, AgentOptions(require_crng=require_crng), expect, phases)
     for w in warnings:
         log.warning("%s: %s", name, w)
     reason = sit.reason(registered=report.status != "nothing-registered")

@@ -63,6 +63,7 @@ from ..errors import (
     StreamError,
     UsageError,
 )
+from ..wipe.crng import CrngReport, crng_report
 from ..wipe.memmap import GuestMemoryMap
 from .machine import machine_kind, machine_layout, smram_candidates, without_holes
 from .migstream import (
@@ -114,6 +115,9 @@ class ScrubReport:
     reflinked: bool = False  # the copy shared the file's blocks (FICLONE): cost ~ listed pages
     stale_temps_removed: int = 0  # copies left by killed scrubs of this file, removed
     fill_ranges: int = 0  # v2 fill ranges given fresh random bytes (never zeros) by this run
+    #: Whether the saved table registers the guest's kernel CRNG (`wipe.crng`): a restore
+    #: through vmwipe refreshes it only then.
+    crng: CrngReport | None = None
 
     @property
     def noop(self) -> bool:
@@ -464,6 +468,7 @@ def plan_scrub(mm: mmap.mmap | bytes, *, path: str = "", machine: str | None = N
                                 f"is invalid, nothing written: {e}") from None
     writes: list[tuple[int, int]] = []
     wanted: set[tuple[int, int]] = set()
+    report.crng = crng_report(table)
     if table.header is not None:
         report.table = "valid"
         report.slots = len(table.slots)

@@ -4,7 +4,9 @@ Order matters and is the whole point:
 
 1. Read the region (header + slots) and validate it with `vmwipe.protocol`
    against the guest RAM ranges.  The table comes from the guest, so anything
-   off is an error that names the field or slot; nothing is written.
+   off is an error that names the field or slot; nothing is written.  With
+   `require_crng_refresh`, a table that does not register the kernel CRNG is refused
+   here too, before any write (`crng.require_crng`).
 2. Take the slot ranges sorted and merged (`Table.runs`), then split them at
    RAM-range boundaries (so each piece lies in one RAM block with one host
    address).
@@ -52,6 +54,7 @@ from ..errors import (
 )
 from ..timing import Phases
 from .backends import MemoryBackend, Pieces
+from .crng import CrngReport, crng_report, require_crng
 from .memmap import GuestMemoryMap, RamRange
 
 log = logging.getLogger(__name__)
@@ -81,6 +84,8 @@ class WipeReport:
     #: The listed pages read zero before anything was written (`expect_zero`), so the
     #: wipe wrote none of them: a template clone's pages, zeroed in the template file.
     already_zero: bool = False
+    #: Whether the table registers the guest's kernel CRNG (`crng.crng_report`).
+    crng: CrngReport | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,6 +185,7 @@ def run_wipe(
     before_commit: Callable[[], None] | None = None,
     early: EarlyRegion | None = None,
     expect_zero: bool = False,
+    require_crng_refresh: bool = False,
 ) -> WipeReport:
     """Validate, zero, verify, fill and verify (v2), commit.  Raises on any problem;
     nothing is resumed here.
@@ -192,6 +198,10 @@ def run_wipe(
     template file: they are read first, and written only if one is not zero.  The
     proof is the same read-back either way, and a clone that reads them keeps
     sharing the file's pages instead of copying 4 KiB per listed page.
+
+    `require_crng_refresh` (`--require-crng`) refuses, after validation and before
+    anything is written, a table that does not register the guest's kernel CRNG:
+    the VM stays exactly as loaded, and a rerun without it wipes as usual.
     """
     if on_invalid not in ON_INVALID:
         raise UsageError(f"--on-invalid must be one of {ON_INVALID}")
@@ -206,6 +216,10 @@ def run_wipe(
     phases.mark("read")
     table = decode(data, region, memmap, strict=(on_invalid == "fail"))
     phases.mark("validate")
+    report.crng = crng_report(table)
+    log.info("%s", report.crng.line())
+    if require_crng_refresh:
+        require_crng(report.crng)
     if table.header is None:
         log.info("no vmwipe magic in region %#x: nothing registered", region.base)
         report.timings_ms = dict(phases.ms)
