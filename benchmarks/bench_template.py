@@ -146,8 +146,9 @@ def _make_template(lab: Lab, shm: Path) -> Path:
     """A -S VM with its RAM in a share=on file, filled and planted as `Lab.make_snapshot`
     does, turned into a template by `make_template` (which quits it)."""
     ram = shm / "ram"
-    with open(ram, "wb") as f:
-        f.truncate(MEM_MIB << 20)
+    fd = os.open(ram, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)  # make_template wants it private
+    os.ftruncate(fd, MEM_MIB << 20)
+    os.close(fd)
     qp = lab.start([*lab.machine(MEM_MIB, shared=False), "-object",
                     f"memory-backend-file,id=ram0,size={MEM_MIB}M,mem-path={ram},share=on",
                     "-machine", "memory-backend=ram0"])

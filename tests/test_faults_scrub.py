@@ -11,7 +11,7 @@ next run removes it.  The test asserts, after a SIGKILL at random points:
 - FILE is exactly the original or exactly the reference (an uninterrupted scrub);
 - running the scrub again always ends at the reference, and leaves no copy behind.
 
-`vmwipe save --scrub --to PATH` claims write-then-rename (PATH.partial, fsync,
+`vmwipe save --scrub --to PATH` claims write-then-rename (.PATH.XXXXXXXX.partial, fsync,
 full re-read, rename): after a SIGKILL, PATH is either the previous file,
 untouched, or a complete scrubbed save, never anything in between.
 """
@@ -164,8 +164,8 @@ def test_save_scrub_killed_mid_run(saved: Saved) -> None:
     for i in range(6):
         _savable(vm)
         path.write_bytes(old)
-        partial = Path(str(path) + ".partial")
-        partial.unlink(missing_ok=True)
+        for stray in path.parent.glob(f".{path.name}.*.partial"):
+            stray.unlink()
         _kill_at(["save", "--qmp", vm.qmp, "--to", str(path), "--scrub"],
                  rng.uniform(0.1, took * 1.1))
         assert vm.status() != "running", f"kill {i}: a save left the VM running"
@@ -177,10 +177,10 @@ def test_save_scrub_killed_mid_run(saved: Saved) -> None:
 
             verify_scrubbed(str(path), listed)  # whole walk, every listed copy zero
             outcomes["complete scrubbed save"] += 1
-        if partial.exists():
+        for stray in path.parent.glob(f".{path.name}.*.partial"):
             strays += 1
-            partial.unlink()
+            stray.unlink()
         # let QEMU finish or fail the migration whose reader died before the next round
         _migration_settled(vm)
     print(f"save --scrub SIGKILLed 6 times ({took:.2f} s per run): {outcomes}; "
-          f"{strays} left a PATH.partial behind")
+          f"{strays} left a .PATH.XXXXXXXX.partial behind")

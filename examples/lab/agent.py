@@ -10,6 +10,7 @@ differ only in what they check.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import socket
@@ -86,8 +87,11 @@ def shm_ram(size_mib: int = 512,
     d = Path(tempfile.mkdtemp(prefix="vmwipe-tpl-", dir="/dev/shm"))
     ram = d / "ram"
     try:
-        with open(ram, "wb") as f:
-            f.truncate(size_mib << 20)
+        fd = os.open(ram, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)  # owner-only: guest RAM
+        try:
+            os.ftruncate(fd, size_mib << 20)
+        finally:
+            os.close(fd)
         yield ram, ("-object", f"memory-backend-file,id={backend_id},size={size_mib}M,"
                     f"mem-path={ram},share=on", "-machine", f"memory-backend={backend_id}")
     finally:

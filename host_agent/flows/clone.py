@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 
 from ..errors import MigrationError, UsageError
+from ..private import private_dir
 from ..qemu.qmp import QMPSession
 from .fleet import CloneSet, default_jobs, run_fleet, stderr_progress
 from .live import restore_flow
@@ -37,8 +38,6 @@ def clone_flow(
 ) -> CloneSet:
     """Start `count` clones of `snapshot`, `jobs` restored at a time (default: one per
     CPU); on any failure kill all of them and re-raise."""
-    directory = directory or tempfile.mkdtemp(prefix="vmwipe-clone-")
-    os.makedirs(directory, exist_ok=True)
     snapshot = os.path.abspath(snapshot)
     argv = list(qemu_argv)
     if not argv or argv[0].startswith("-"):
@@ -47,6 +46,8 @@ def clone_flow(
         raise UsageError("-n must be at least 1")
     if not os.path.isfile(snapshot):
         raise MigrationError(f"saved state {snapshot} does not exist")
+    directory = (str(private_dir(directory, "clone directory")) if directory
+                 else tempfile.mkdtemp(prefix="vmwipe-clone-"))
     result = CloneSet(directory)
 
     def prepare(i: int, session: QMPSession) -> FlowReport:

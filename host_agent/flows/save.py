@@ -11,6 +11,7 @@ import os
 import shlex
 
 from ..errors import MigrationError, QMPCommandError, QMPFailure, RegionError, VMStateError
+from ..private import private_output
 from ..qemu.qmp import QMPSession
 from ..snapshot.sidecar import sidecar_path, write_sidecar
 from ..timing import Phases
@@ -108,6 +109,7 @@ def save_flow(
         session.clear_events()
         uri, use_mapped, restore_cap = save_uri(session, path, mapped_ram, rep.warnings)
         try:
+            private_output(path, session.pid)  # QEMU's umask would make it 0644
             migrate_to_file(session, path, uri, opts.timeout)
         finally:
             if restore_cap is not None:

@@ -19,7 +19,8 @@ The saved header page carries wipe_generation + 1 and wipe_pages (written over
 its copy as it passes), as after a verified wipe at resume, so the guest
 module notifies its users after a plain restore too.
 
-The file is written as `PATH.partial` and renamed after it has been fsynced
+The file is written as `.NAME.XXXXXXXX.partial` beside it (a new name, mode 0600,
+created exclusively) and renamed after it has been fsynced
 and re-read completely (a full walk, device state included, and a check that
 no copy of a listed page holds a non-zero byte).  The sidecar
 `PATH.vmwipe.json` records the layout and what was scrubbed, for a later
@@ -52,6 +53,7 @@ from vmwipe.protocol import (
 
 from ..atomic import fsync_dir
 from ..errors import InvalidTableError, MigrationError, VMStateError
+from ..private import temp_beside
 from ..qemu.monitor import Monitor
 from ..qemu.region import discover_region, read_cmdline
 from ..snapshot.migstream import (
@@ -77,6 +79,8 @@ PIPE_SIZE = 1 << 20
 REFUSED_CAPS = ("xbzrle", "compress", "multifd", "postcopy-ram", "mapped-ram",
                 "x-ignore-shared", "rdma-pin-all")
 FD_NAME = "vmwipe-scrub-save"
+#: The save is written to `.NAME.XXXXXXXX.partial` beside NAME, then renamed over it.
+PARTIAL_SUFFIX = ".partial"
 
 
 class SaveMonitor(Monitor, Protocol):
@@ -280,8 +284,12 @@ def _plan(session: SaveMonitor, region: Region | None, strict: bool, bump: bool)
 
 def _filtered_migration(session: SaveMonitor, path: str, plan: _Plan, timeout: float,
                         progress: Callable[[int], None] | None, phases: Phases) -> StreamIndex:
-    """Migrate into a pipe, write the filtered stream to `path`.partial, verify, rename."""
-    partial = path + ".partial"
+    """Migrate into a pipe, write the filtered stream to a new `.NAME.XXXXXXXX.partial`
+    beside `path` (mode 0600, O_EXCL), verify, rename."""
+    try:
+        out_fd, partial = temp_beside(path, PARTIAL_SUFFIX)
+    except OSError as e:
+        raise MigrationError(f"cannot create the save beside {path}: {e.strerror}") from None
     r, w = os.pipe()
     with contextlib.suppress(OSError):  # the default 64 KiB makes QEMU and us take turns
         fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
@@ -290,8 +298,7 @@ def _filtered_migration(session: SaveMonitor, path: str, plan: _Plan, timeout: f
 
     def reader() -> None:
         try:
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb", buffering=1 << 20) as sink:
+            with os.fdopen(out_fd, "wb", buffering=1 << 20) as sink:
                 result["index"] = filter_stream(
                     r, sink, lambda block, off: (block, off) in pages, progress, plan.patches)
                 sink.flush()
@@ -330,6 +337,8 @@ def _filtered_migration(session: SaveMonitor, path: str, plan: _Plan, timeout: f
             ok = True
     finally:
         if not ok:
+            if thread.ident is None:  # never started: the file is still ours to close
+                os.close(out_fd)
             thread.join(5)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(partial)

@@ -5,8 +5,9 @@ privately and load only the device state, but every clone then starts from the
 template's secrets.  Here the secrets are removed from the file itself before
 anything else happens, so they never rest on disk or in tmpfs:
 
-1. stop the VM (or find it paused); refuse RAM that is not one `share=on`
-   `memory-backend-file` holding every guest RAM range;
+1. refuse RAM that is not one `share=on` `memory-backend-file` holding every
+   guest RAM range, or a RAM file group or others can read; stop the VM (or
+   find it paused);
 2. read and validate the vmwipe table, zero the listed pages through QEMU's
    shared mapping (that is the file), verify, commit the header (the ordinary
    wipe engine), then read the listed pages back *from the file* and fsync it;
@@ -20,12 +21,14 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from pathlib import Path
 
 from vmwipe.protocol import PAGE_SIZE, decode_table
 
 from ..errors import QMPCommandError, QMPFailure, TemplateError, VerifyError, VMStateError
+from ..private import private_dir, private_output
 from ..qemu.qmp import QMPSession
 from ..timing import Phases
 from ..wipe.engine import read_region, run_wipe
@@ -116,25 +119,46 @@ def _wait_gone(pid: int, timeout: float) -> bool:
     return False
 
 
-def make_template(session: QMPSession, opts: AgentOptions, directory: str) -> tuple[
-        FlowReport, Manifest]:
+def check_ram_file(ram_path: str) -> None:
+    """Refuse a RAM file that is not a regular file, or that group or others can read.
+
+    The file keeps the whole guest RAM (only the listed pages are scrubbed) for as
+    long as the template exists, and every clone starts from it: it is as secret as a
+    save.  Refused rather than warned about: a template is made once, a warning
+    scrolls by, and the fix is one `chmod go= FILE` before anything was touched.
+    """
+    try:
+        st = os.stat(ram_path)
+    except OSError as e:
+        raise TemplateError(f"mem-path {ram_path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise TemplateError(f"mem-path {ram_path} is not a regular file (a directory makes "
+                            "QEMU create and unlink a temporary file)")
+    if st.st_mode & 0o077:
+        raise TemplateError(f"template RAM file {ram_path} has mode "
+                            f"{stat.S_IMODE(st.st_mode):04o}: group or others could read the "
+                            "guest's RAM in it; make it owner-only (chmod go= FILE) first")
+
+
+def make_template(session: QMPSession, opts: AgentOptions, directory: str,
+                  created: bool = False) -> tuple[FlowReport, Manifest]:
     """Scrub the VM's RAM file, save its device state into `directory`, quit QEMU, write
-    the manifest.  Raises on any problem; until `quit`, the VM is left paused."""
+    the manifest.  Raises on any problem; until `quit`, the VM is left paused.
+
+    `directory` is created 0700 (`private.private_dir`) unless `created` says the
+    caller already did."""
     phases = Phases()
     rep = new_report("template", session)
     rep.state_before = session.status()
     if rep.state_before not in ("paused", "prelaunch", "running"):
         raise VMStateError(f"cannot make a template of a VM in state {rep.state_before!r}")
-    if rep.state_before == "running":
-        session.cmd("stop")
     machine, backend, size, ram_path = machine_backend(session)
     _check_shared(session, backend)
     ram_path = os.path.realpath(ram_path)
-    if not os.path.isfile(ram_path):
-        raise TemplateError(f"mem-path {ram_path} is not a regular file (a directory makes "
-                            "QEMU create and unlink a temporary file)")
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    check_ram_file(ram_path)
+    out = Path(directory) if created else private_dir(directory, "template directory")
+    if rep.state_before == "running":
+        session.cmd("stop")
     phases.mark("stop")
 
     target = open_target(session, session.pid, opts, guard=True)
@@ -166,6 +190,7 @@ def make_template(session: QMPSession, opts: AgentOptions, directory: str) -> tu
         set_capability(session, "x-ignore-shared", True)
         session.clear_events()
         uri, _mapped, _restore = save_uri(session, devstate, False, rep.warnings)
+        private_output(devstate, session.pid)
         migrate_to_file(session, devstate, uri, opts.timeout)
     phases.mark("devstate")
     pid = session.pid

@@ -41,6 +41,7 @@ from typing import Any
 from vmwipe.protocol import PAGE_SIZE, Region
 
 from ..errors import QMPCommandError, TemplateError, UsageError
+from ..private import private_dir
 from ..qemu.opts import escape, is_on, is_true, option_dict
 from ..qemu.qmp import QMPSession
 from ..qemu.region import option_values, split_qemu_opts
@@ -363,8 +364,8 @@ def clone_template_flow(
         argv.insert(0, "qemu-system-x86_64")
     check_argv(argv[1:])
     argv += backend_args(manifest, qemu_version_of(argv[0]))
-    directory = directory or tempfile.mkdtemp(prefix="vmwipe-clone-")
-    os.makedirs(directory, exist_ok=True)
+    directory = (str(private_dir(directory, "clone directory")) if directory
+                 else tempfile.mkdtemp(prefix="vmwipe-clone-"))
     result = TemplateCloneSet(directory, template=os.path.abspath(template),
                               digest_checked=check_digest)
 

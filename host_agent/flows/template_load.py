@@ -18,6 +18,7 @@ import re
 from collections.abc import Sequence
 
 from ..errors import TemplateError
+from ..private import private_dir
 from ..qemu.launcher import start_qemu
 from ..qemu.opts import escape, valid_id
 from ..qemu.qmp import QMPSession
@@ -75,6 +76,7 @@ def template_from_state(state: str, qemu_argv: Sequence[str], ram_path: str, dir
         raise TemplateError("do not pass a memory backend: the template QEMU gets its own")
     size = ram_size(argv)
     ram_path = os.path.abspath(ram_path)
+    private_dir(directory, "template directory")
     try:  # never reuse a file: it could be another template's, or hold anything
         fd = os.open(ram_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as e:
@@ -85,14 +87,13 @@ def template_from_state(state: str, qemu_argv: Sequence[str], ram_path: str, dir
         os.close(fd)
     argv += ["-object", f"memory-backend-file,id={block},size={size},"
              f"mem-path={escape(ram_path)},share=on", "-machine", f"memory-backend={block}"]
-    os.makedirs(directory, exist_ok=True)
     qp = start_qemu(argv, os.path.join(directory, "template.qmp"),
                     log_path=os.path.join(directory, "template.log"), incoming_defer=True)
     done = False
     try:
         with QMPSession(qp.qmp_path) as session:
             restored = restore_flow(session, opts, state, do_resume=False)
-            rep, manifest = make_template(session, opts, directory)
+            rep, manifest = make_template(session, opts, directory, created=True)
         done = True
         return restored, rep, manifest
     finally:

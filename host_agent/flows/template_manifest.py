@@ -86,7 +86,7 @@ class Manifest:
 
     def write(self, directory: Path) -> Path:
         path = directory / MANIFEST
-        write_atomic(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+        write_atomic(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode(), mode=0o600)
         return path
 
     @classmethod

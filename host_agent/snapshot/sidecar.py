@@ -17,6 +17,7 @@ from typing import Any
 from vmwipe.protocol import Region
 
 from ..errors import LayoutError
+from ..private import temp_beside
 from ..wipe.memmap import RamRange
 
 SIDECAR_SUFFIX = ".vmwipe.json"
@@ -80,13 +81,17 @@ def write_sidecar(path: str | os.PathLike[str], *, region: Region,
         "scrubbed": scrubbed,
     }
     out = Path(path)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
+    fd, tmp = temp_beside(out)  # 0600, O_EXCL: it says where the secrets sit in the save
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     return out
 
 
