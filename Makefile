@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml setup.py host_agent/wipe/_pages.c host_agent/snapshot/_ramwalk.c | cksum | cut -d" " -f1)
 
-.PHONY: setup system-packages test test-fast test-debian13 test-packages deb demo bench lint abi kmod kmod-check fuzz clean
+.PHONY: setup system-packages test test-fast test-debian13 test-packages kernel-matrix deb demo bench lint abi kmod kmod-check fuzz clean
 
 setup: system-packages $(STAMP)
 
@@ -40,6 +40,13 @@ deb:
 # under build/pkgroots): host package, guest package with DKMS and GRUB.
 test-packages: setup
 	VMWIPE_PACKAGE_TESTS=full $(BIN)/pytest tests/test_packages.py $(PYTEST_ARGS)
+
+# vmwipe.ko on every Debian kernel series (5.10 to 7.3): fetch, build with W=1, boot under
+# TCG, 3 clones (docs/kernel-matrix.md). Root (the Debian 13 root builds 6.19+ and +deb13).
+# Kernels are cached in $VMWIPE_KERNEL_CACHE (default build/kernels).
+# MATRIX_ARGS="--only 7.3.4+deb13-amd64 --no-boot", "--update-doc".
+kernel-matrix: setup
+	$(BIN)/python -m vmwipe.lab.matrix $(MATRIX_ARGS)
 
 demo: setup
 	$(BIN)/python examples/demo.py

@@ -73,17 +73,31 @@ class BuildError(RuntimeError):
 
 @dataclass(frozen=True)
 class Kernel:
-    """A packaged Debian kernel: the image to boot and the headers to build against."""
+    """A packaged Debian kernel: the image to boot and the headers to build against.
+
+    Installed on this host (`root` is /), or unpacked by scripts/fetch-kernel.sh
+    under another root (the kernel matrix), with the same layout below it.
+    """
 
     release: str
+    root: Path = Path("/")
 
     @property
     def image(self) -> Path:
-        return Path("/boot") / f"vmlinuz-{self.release}"
+        return self.root / "boot" / f"vmlinuz-{self.release}"
 
     @property
     def headers(self) -> Path:
-        return Path("/usr/src") / f"linux-headers-{self.release}"
+        return self.root / "usr/src" / f"linux-headers-{self.release}"
+
+    @property
+    def modules_dir(self) -> Path:
+        """lib/modules/RELEASE (usr/lib/modules/RELEASE in packages from 6.19 on)."""
+        for sub in ("lib/modules", "usr/lib/modules"):
+            path = self.root / sub / self.release
+            if (path / "modules.order").is_file():
+                return path
+        return self.root / "lib/modules" / self.release
 
     def missing(self) -> list[str]:
         """What is absent for booting and building (empty when usable)."""
@@ -157,6 +171,13 @@ def _publish(tmp: Path, final: Path) -> Path:
     return final
 
 
+def kbuild_command(kernel: Kernel, directory: Path) -> list[str]:
+    """make W=1 ... modules for the sources in `directory`, with the compiler the kernel's
+    headers ask for (scripts/kernel-make.sh: on this host, or in the Debian 13 root)."""
+    return ["bash", str(source_root() / "scripts" / "kernel-make.sh"), str(kernel.headers),
+            str(directory), "W=1", "CONFIG_VMWIPE_KAPI_TEST=m", "modules"]
+
+
 def build_module(kernel: Kernel) -> Path:
     """vmwipe.ko for `kernel`, built with W=1; a compiler warning is a build error.
 
@@ -171,8 +192,7 @@ def build_module(kernel: Kernel) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.", dir=out.parent))
     for f in KMOD_SOURCES:
         shutil.copy2(src / f, tmp / f)
-    log = _run(["make", "-C", str(kernel.headers), f"M={tmp}", "W=1",
-                "CONFIG_VMWIPE_KAPI_TEST=m", "modules"])
+    log = _run(kbuild_command(kernel, tmp))
     if "warning:" in log:
         raise BuildError(f"vmwipe.ko has compiler warnings for {kernel.release}:\n{log}")
     # Kbuild records the directory in .cmd files; only the .ko files travel.
@@ -288,6 +308,57 @@ def build_initramfs(module: Path, programs: dict[str, Path],
     return out
 
 
+def module_dependencies(kernel: Kernel, module: Path) -> list[Path]:
+    """The kernel's own modules that `module` needs, each after what it needs in turn.
+
+    From `modinfo -F depends` and the kernel's modules.dep. Empty when everything
+    the module uses is built in, as on every Debian kernel of the matrix so far.
+    """
+    needed = _run(["modinfo", "-F", "depends", str(module)]).strip()
+    if not needed:
+        return []
+    deps: dict[str, tuple[str, list[str]]] = {}
+    for line in (kernel.modules_dir / "modules.dep").read_text().splitlines():
+        path, _, rest = line.partition(":")
+        deps[_module_name(path)] = (path, [_module_name(p) for p in rest.split()])
+    order: list[Path] = []
+
+    def visit(name: str) -> None:
+        if name not in deps:
+            raise BuildError(f"{module.name} needs {name}, not in {kernel.modules_dir}")
+        path = kernel.modules_dir / deps[name][0]
+        if path in order:
+            return
+        for dep in deps[name][1]:
+            visit(dep)
+        order.append(path)
+
+    for name in needed.split(","):
+        visit(name.replace("-", "_"))
+    return order
+
+
+def _module_name(path: str) -> str:
+    name = Path(path).name
+    return name[:name.index(".ko")].replace("-", "_")
+
+
+def _plain_module(path: Path) -> Path:
+    """`path` uncompressed (busybox insmod takes plain .ko files), cached in build/lab."""
+    if path.suffix == ".ko":
+        return path
+    key = _digest([path.read_bytes()])
+    out = build_root() / "lab" / "deps" / f"{_module_name(path.name)}-{key}.ko"
+    if not out.is_file():
+        tool = {".xz": "xz", ".zst": "zstd", ".gz": "gzip"}[path.suffix]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        data = subprocess.run([tool, "-dc", str(path)], capture_output=True, check=True).stdout
+        tmp = out.with_name(f"{out.name}.{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, out)
+    return out
+
+
 @dataclass(frozen=True)
 class GuestImage:
     """Everything one boot needs, all built for the same kernel release."""
@@ -295,9 +366,22 @@ class GuestImage:
     kernel: Kernel
     module: Path
     initramfs: Path
+    #: the kernel's modules vmwipe.ko needs, as paths in the initramfs, in load order
+    preload: tuple[str, ...] = ()
+
+    def insmod_commands(self, args: str = "") -> list[str]:
+        """The guest commands that load vmwipe.ko (with `args`), its dependencies first."""
+        return [*(f"insmod /{p}" for p in self.preload), f"insmod /vmwipe.ko{args}".rstrip()]
 
 
-def build_guest_image(kernel: Kernel) -> GuestImage:
-    module = build_module(kernel)
-    return GuestImage(kernel, module,
-                      build_initramfs(module, build_programs(), build_dynamic()))
+def build_guest_image(kernel: Kernel, module: Path | None = None) -> GuestImage:
+    """vmwipe.ko (built here unless given), the programs and the modules it needs."""
+    module = module or build_module(kernel)
+    extra = build_dynamic()
+    preload = []
+    for dep in module_dependencies(kernel, module):
+        name = f"lib/modules/{_module_name(dep.name)}.ko"
+        extra[name] = _plain_module(dep)
+        preload.append(name)
+    return GuestImage(kernel, module, build_initramfs(module, build_programs(), extra),
+                      tuple(preload))

@@ -157,7 +157,8 @@ class CrngScenario(CloneLab):
         tap = self._tap_original()
         assert g.console is not None
         param = "" if self.crng_refresh else " crng_refresh=0"
-        g.console.check(f"insmod /vmwipe.ko{param}")
+        for cmd in self.image.insmod_commands(param):
+            g.console.check(cmd)
         self.sysfs_state = g.console.check(f"cat {SYSFS}/crng_refresh").strip()
         self.dmesg = g.console.check("dmesg | grep 'kernel CRNG' || true").strip()
         g.console.check("stty -F /dev/ttyS1 raw -echo")
