@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,8 +28,10 @@ from conftest import (
     start_vm,
 )
 
-from vmwipe.host_agent.errors import MemoryAccessError, QMPCommandError
+from vmwipe.host_agent.errors import MemoryAccessError, MigrationError, QMPCommandError, QMPFailure
+from vmwipe.host_agent.flows.fleet import CloneSet, run_fleet
 from vmwipe.host_agent.flows.live import wipe_flow
+from vmwipe.host_agent.flows.report import FlowReport
 from vmwipe.host_agent.flows.target import AgentOptions, open_target
 from vmwipe.host_agent.qemu.qmp import QMPSession
 from vmwipe.host_agent.wipe.memmap import parse_gpa2hva
@@ -538,3 +541,32 @@ def test_parallel_clone_failure_kills_every_clone(vms: list[VM], tmp_path: Path)
     assert len(re.findall(r"cleanup: killing clone QEMU pid", r.stderr)) == 3
     time.sleep(0.2)
     assert _qemu_pids_using(d) == []
+
+
+def test_fleet_kills_at_the_first_failure_without_waiting_for_earlier_clones(
+        tmp_path: Path) -> None:
+    """Clone 1 fails while clone 0 is still being prepared: every QEMU is killed at once,
+    so clone 0's preparation sees its QEMU die instead of the fleet waiting for it."""
+    started = threading.Event()
+    seen: dict[str, bool] = {}
+
+    def prepare(i: int, session: QMPSession) -> FlowReport:
+        if i == 1:
+            assert started.wait(30)
+            raise MigrationError("clone 1 failed")
+        started.set()
+        deadline = time.monotonic() + 30  # old behaviour: nobody kills it; give up then
+        while time.monotonic() < deadline:
+            try:
+                session.status()
+            except QMPFailure:
+                seen["killed while loading"] = True
+                break
+            time.sleep(0.05)
+        raise MigrationError("clone 0 gave up")
+
+    argv = [QEMU, "-nodefaults", "-display", "none", "-M", "pc", "-m", "64M"]
+    result = CloneSet(str(tmp_path))
+    with pytest.raises(MigrationError, match="clone 1 failed"):
+        run_fleet(result, argv, 2, prepare, lambda _m: None, 10.0, jobs=2)
+    assert seen.get("killed while loading"), "the fleet waited for clone 0 before killing"

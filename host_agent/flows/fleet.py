@@ -117,6 +117,10 @@ def run_fleet(
             sessions.append(QMPSession(started[i].qmp_path, timeout=qmp_timeout))
         futures = [pool.submit(one, i) for i in range(count)]
         wait(futures, return_when=FIRST_EXCEPTION)
+        # the failure first: result() on an earlier clone still loading would wait for it
+        for fut in futures:
+            if fut.done() and fut.exception() is not None:
+                fut.result()
         reports = [fut.result() for fut in futures]
         if do_resume:
             for rep, session in zip(reports, sessions, strict=True):
