@@ -9,7 +9,8 @@ zeros.  A fill range in a page the stream carries as a ZERO record stays zero.
 
 The table must be known before its pages go by, but in a single-pass stream
 the region may well come after the secret pages.  So the VM is stopped first
-(a stopped VM's RAM cannot change), the region is read out of guest RAM with
+(a stopped VM's RAM cannot change; a VM suspended to RAM is stopped too, since
+it can wake), the region is read out of guest RAM with
 `pmemsave` and validated as at resume, and only then does the migration start;
 every PAGE record of a listed page is written out as zeros.  QEMU gets the
 pipe's write end through SCM_RIGHTS (`getfd` + `migrate fd:`), so it needs no
@@ -244,8 +245,17 @@ def _stop_for_save(session: SaveMonitor) -> str:
     if bad:
         raise VMStateError(f"migration capabilities {', '.join(bad)} are on; the scrubbing "
                            "save needs a plain single-channel stream")
-    if state_before == "running":
+    if state_before in ("running", "suspended"):
+        # A suspended (S3) guest wakes on its RTC alarm or an input event: left as it
+        # is, it could run after the table was read and list pages the save then
+        # carries unscrubbed.  QEMU >= 9 stops it (and `cont` puts it back to sleep);
+        # older QEMU ignores `stop` there.
         session.cmd("stop")
+        if state_before == "suspended" and (now := session.status()) != "paused":
+            raise VMStateError(f"the VM is suspended (S3) and QEMU {session.version[0]}."
+                               f"{session.version[1]} does not stop it (still {now!r}): it "
+                               "could wake and run during the save; not saving (QEMU >= 9 "
+                               "can, or wake the guest first)")
     return state_before
 
 
