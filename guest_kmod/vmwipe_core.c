@@ -20,6 +20,7 @@
  */
 
 #include <linux/crc32.h>
+#include <linux/cred.h>
 #include <linux/delay.h>
 #include <linux/device.h>
 #include <linux/highmem.h>
@@ -42,11 +43,11 @@
 #include <linux/sched/user.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
-#include <linux/version.h>
 #include <linux/wait.h>
 #include <linux/workqueue.h>
 #include <linux/xarray.h>
 
+#include "compat.h"
 #include "crng.h"
 #include "vmwipe.h"
 #include "vmwipe_abi.h"
@@ -124,6 +125,7 @@ struct vmwipe_file {
 /* Who pays for listed pages; both NULL for a caller with CAP_IPC_LOCK. */
 struct vmwipe_charge {
 	struct user_struct *user;	/* RLIMIT_MEMLOCK, per user */
+	const struct cred *cred;	/* holds @user (free_uid is not exported everywhere) */
 	struct mm_struct *mm;		/* pinned_vm: the process's share of the table */
 };
 
@@ -283,7 +285,26 @@ int vmwipe_list_kmem(struct vmwipe *vmw, const struct vmwipe_kmem *ranges, unsig
 			p += len;
 		}
 	}
-	return 0;
+	return need;
+}
+
+/*
+ * Tell the host what became of the kernel CRNG (header fields outside the
+ * CRC). Kept in vmw->header as well, so that a rebuilt table says it again.
+ */
+void vmwipe_crng_status(struct vmwipe *vmw, u32 status, u32 ranges, const char *reason)
+{
+	struct vmwipe_header *h = &vmw->header;
+
+	spin_lock(&vmw->table_lock);
+	h->crng_status = cpu_to_le32(status);
+	h->crng_ranges = cpu_to_le32(ranges);
+	strscpy_pad((char *)h->crng_reason, reason, sizeof(h->crng_reason));
+	WRITE_ONCE(vmw->hdr->crng_ranges, h->crng_ranges);
+	memcpy(vmw->hdr->crng_reason, h->crng_reason, sizeof(h->crng_reason));
+	/* The status last: a host that sees it sees the ranges and reason it vouches for. */
+	smp_store_release(&vmw->hdr->crng_status, h->crng_status);
+	spin_unlock(&vmw->table_lock);
 }
 
 /**
@@ -333,7 +354,8 @@ static int vmwipe_charge(struct vmwipe *vmw, unsigned long npages, struct vmwipe
 			return -EAGAIN;
 		}
 	} while (!atomic_long_try_cmpxchg(&user->locked_vm, &cur, cur + npages));
-	c->user = get_uid(user);
+	c->cred = get_current_cred();
+	c->user = c->cred->user;
 	mmgrab(mm);
 	c->mm = mm;
 	return 0;
@@ -351,7 +373,7 @@ static void vmwipe_uncharge(struct vmwipe_charge *c, unsigned long npages)
 static void vmwipe_charge_put(struct vmwipe_charge *c)
 {
 	if (c->user) {
-		free_uid(c->user);
+		put_cred(c->cred);
 		mmdrop(c->mm);
 	}
 }
@@ -403,7 +425,7 @@ static int vmwipe_vm_mremap(struct vm_area_struct *vma)
 static const struct vm_operations_struct vmwipe_vm_ops = {
 	.open = vmwipe_vm_open,
 	.close = vmwipe_vm_close,
-	.may_split = vmwipe_vm_may_split,
+	.VMWIPE_VM_SPLIT = vmwipe_vm_may_split,
 	.mremap = vmwipe_vm_mremap,
 };
 
@@ -467,12 +489,7 @@ static int vmwipe_mmap(struct file *file, struct vm_area_struct *vma)
 	 * VM_DONTCOPY, and keeps get_user_pages() (O_DIRECT, vmsplice,
 	 * /proc/PID/mem) away from the pages.
 	 */
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 3, 0)
-	vm_flags_mod(vma, VM_DONTCOPY | VM_DONTDUMP | VM_DONTEXPAND | VM_IO, VM_MAYEXEC);
-#else
-	vma->vm_flags |= VM_DONTCOPY | VM_DONTDUMP | VM_DONTEXPAND | VM_IO;
-	vma->vm_flags &= ~VM_MAYEXEC;
-#endif
+	vmwipe_vm_flags_mod(vma, VM_DONTCOPY | VM_DONTDUMP | VM_DONTEXPAND | VM_IO, VM_MAYEXEC);
 	vma->vm_ops = &vmwipe_vm_ops;
 	vma->vm_private_data = m;
 	return 0;
@@ -528,7 +545,7 @@ struct vmwipe_reg {
  */
 static bool vmwipe_page_mapped(struct page *page)
 {
-#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 12, 0)
+#ifdef VMWIPE_HAVE_PAGE_MAPCOUNT
 	return page_mapcount(page) > 0;
 #else
 	/* page_mapcount() is gone; the per-page mapcount is still kept. */
@@ -745,11 +762,8 @@ static int vmwipe_pin_range(unsigned long start, unsigned long n, unsigned int f
 	long got;
 
 	while (done < n) {
-		got = pin_user_pages(start + (done << PAGE_SHIFT), n - done, flags, pages + done
-#if LINUX_VERSION_CODE < KERNEL_VERSION(6, 5, 0)
-				     , NULL		/* vmas, gone in 6.5 */
-#endif
-				     );
+		got = vmwipe_pin_user_pages(start + (done << PAGE_SHIFT), n - done, flags,
+					    pages + done);
 		if (got <= 0) {
 			unpin_user_pages(pages, done);
 			return got ? got : -EFAULT;
@@ -782,7 +796,7 @@ static int vmwipe_pin(unsigned long start, unsigned long n, struct page **pages)
 	if (ret)
 		goto out;
 	for (i = 0; i < n; i++) {
-		if (!folio_is_longterm_pinnable(page_folio(probe[i]))) {
+		if (!vmwipe_longterm_pinnable(probe[i])) {
 			ret = -EXDEV;
 			goto unpin;
 		}

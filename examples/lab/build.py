@@ -21,8 +21,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-KMOD_SOURCES = ("Kbuild", "vmwipe_core.c", "crng.c", "crng.h", "vmwipe.h", "vmwipe_abi.h",
-                "vmwipe_uapi.h", "vmwipe_kapi_test.c")
+KMOD_SOURCES = ("Kbuild", "compat-probes.sh", "compat.h", "vmwipe_core.c", "crng.c", "crng.h",
+                "vmwipe.h", "vmwipe_abi.h", "vmwipe_uapi.h", "vmwipe_kapi_test.c")
 KMODS = ("vmwipe.ko", "vmwipe_kapi_test.ko")
 EXAMPLE_SOURCES = ("vmwipe.c", "vmwipe.h", "drbg.c", "drbg.h", "drbg_stream.c", "vmwipe_test.c",
                    "retrofit_test.c", "wof_probe.c", "bssl_stream.c", "preload/vmwipe_preload.c",
