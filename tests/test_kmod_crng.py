@@ -1,7 +1,8 @@
 """vmwipe.ko's kernel-CRNG fill ranges and user-space fill pages, in a real guest.
 
-The module finds base_crng, input_pool and (6.11+) _vdso_rng_data, checks them
-with one forced reseed, and lists them as fill ranges.  The host proves the
+The module finds base_crng, input_pool and (6.11+) the vDSO RNG data, checks
+them with one forced reseed, and lists them as fill ranges, with a seed buffer of
+its own that it mixes into the pool before each post-wipe reseed.  The host proves the
 ranges are what they claim: it writes random bytes there (as a wipe does)
 and bumps the generation; the module then forces a reseed, which must turn the
 generation the host wrote into exactly that value + 1 and replace the key and
@@ -50,8 +51,12 @@ def test_registered_as_fill_ranges(guest: Guest) -> None:
     line = sh(g, "dmesg | grep 'kernel CRNG'")
     assert "kernel CRNG registered: base_crng key+generation, input_pool" in line
     table = crng_fills(g)
-    want = [32, 8, 32] + ([8] if vdso(g) else [])  # key, generation, pool h, vDSO generation
+    # key, generation, pool h, vDSO generation, the module's seed
+    want = [32, 8, 32] + ([8] if vdso(g) else []) + [32]
     assert [f.length for f in table.fills] == want
+    hdr = table.header
+    assert hdr is not None and (hdr.crng_status, hdr.crng_ranges, hdr.crng_reason) == (
+        1, len(table.fills), "")  # active, one slot each (none crosses a page)
     key, gen = table.fills[0], table.fills[1]
     assert gen.gpa - key.gpa in (32, 40)  # 6.1 keeps `birth` between them, 6.2+ does not
     assert int(sh(g, f"cat {SYSFS}/used")) == len(table.fills) and table.ranges() == []
@@ -70,7 +75,7 @@ def test_host_fill_then_module_reseed_hits_the_real_objects(guest: Guest) -> Non
         written = {f.index: g.read_phys(f.gpa, f.length) for f in table.fills}
     finally:
         g.qmp("cont")
-    key, gen, pool = table.fills[0], table.fills[1], table.fills[2]
+    key, gen, pool, seed = table.fills[0], table.fills[1], table.fills[2], table.fills[-1]
     host_gen = struct.unpack("<Q", written[gen.index])[0]
     deadline = time.monotonic() + 10
     while struct.unpack("<Q", g.read_phys(gen.gpa, 8))[0] == host_gen:
@@ -80,9 +85,16 @@ def test_host_fill_then_module_reseed_hits_the_real_objects(guest: Guest) -> Non
     assert after == (host_gen + 1) % (1 << 64) or after == (host_gen + 2) % (1 << 64)
     assert g.read_phys(key.gpa, 32) != written[key.index]
     assert g.read_phys(pool.gpa, 32) != written[pool.index]
-    if len(table.fills) == 4:  # the vDSO generation follows base_crng's + 1
-        vgen = struct.unpack("<Q", g.read_phys(table.fills[3].gpa, 8))[0]
-        assert vgen == (after + 1) % (1 << 64)
+    if vdso(g):  # the vDSO generation follows base_crng's + 1 (read paused: the kernel
+        g.qmp("stop")  # reseeds on its own too, every uptime/2 s in its first 2 minutes)
+        try:
+            now, vgen = (struct.unpack("<Q", g.read_phys(f.gpa, 8))[0]
+                         for f in (gen, table.fills[3]))
+        finally:
+            g.qmp("cont")
+        assert vgen == (now + 1) % (1 << 64)
+    # the host's seed went into the pool before that reseed, and is gone from the guest
+    assert written[seed.index] != bytes(32) and g.read_phys(seed.gpa, 32) == bytes(32)
     # the guest's CRNG still works, and draws differ
     a, b = (sh(g, "cat /proc/sys/kernel/random/uuid").strip() for _ in range(2))
     assert a != b and re.fullmatch(r"[0-9a-f-]{36}", a)
@@ -115,5 +127,36 @@ def test_parameter_turns_it_off(guest: Guest) -> None:
     sh(g, "rmmod vmwipe && insmod /vmwipe.ko crng_refresh=0")
     assert sh(g, f"cat {SYSFS}/crng_refresh").strip() == "unavailable: disabled (crng_refresh=0)"
     assert crng_fills(g).fills == [] and sh(g, f"cat {SYSFS}/used").strip() == "0"
+    hdr = crng_fills(g).header
+    assert hdr is not None and (hdr.crng_status, hdr.crng_ranges, hdr.crng_reason) == (
+        2, 0, "crng_refresh=0")  # disabled
     sh(g, "rmmod vmwipe && insmod /vmwipe.ko")
     assert sh(g, f"cat {SYSFS}/crng_refresh").strip() == "active"
+
+
+CRNG_SYMBOLS = ("base_crng", "input_pool", "_vdso_rng_data", "vdso_k_rng_data")
+
+
+def test_lookup_finds_exactly_what_kallsyms_names(guest: Guest) -> None:
+    """The module's only lookup (register_kprobe() on the data symbol's name, which fills
+    kp.addr before refusing non-text; sprint_symbol() must then say name+0x0) finds
+    exactly the addresses the guest's /proc/kallsyms gives those names, and nothing else.
+    It calls no looked-up function, so IBT on or off (TCG has none) takes this same path."""
+    g = guest
+    sh(g, "rmmod vmwipe && dmesg -c >/dev/null && insmod /vmwipe.ko dyndbg=+p")
+    try:
+        assert sh(g, f"cat {SYSFS}/crng_refresh").strip() == "active"
+        log = sh(g, "dmesg")
+        found = dict(re.findall(r"vmwipe \S+: (\w+) at ([0-9a-f]{16}) \(\1\+0x0/0x[0-9a-f]+\)$",
+                                log, re.MULTILINE))
+        names = "|".join(CRNG_SYMBOLS)
+        named = {}
+        for line in sh(g, f"grep -wE '{names}' /proc/kallsyms").splitlines():
+            addr, _kind, name = line.split()[:3]
+            named[name] = addr
+        assert {"base_crng", "input_pool"} <= set(found), log
+        assert found == named, (found, named)
+        if vdso(g):
+            assert "_vdso_rng_data" in found
+    finally:
+        sh(g, "rmmod vmwipe && insmod /vmwipe.ko")
