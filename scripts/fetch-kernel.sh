@@ -97,7 +97,7 @@ if [ "$(cat "$apt_dir/parts/kernels.sources" 2>/dev/null)" != "$sources" ]; then
 fi
 apt_opts=(-oDir::Etc::SourceList=/dev/null -oDir::Etc::SourceParts="$apt_dir/parts"
 	-oDir::State::Lists="$apt_dir/lists" -oDir::Cache="$apt_dir/cache"
-	-oDir::State::status=/dev/null -oAPT::Architecture=amd64 -q)
+	-oDir::State::status=/dev/null -oAPT::Architecture=amd64 -oAPT::Sandbox::User=root -q)
 refresh() {
 	say "refreshing the package lists in $apt_dir (about 20 MB)"
 	apt-get "${apt_opts[@]}" update >&2 || die "apt-get update failed"

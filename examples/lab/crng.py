@@ -146,6 +146,7 @@ class CrngScenario(CloneLab):
         self.image = image
         self.sysfs_state = ""
         self.dmesg = ""
+        self.clone_reports: list[dict[str, Any]] = []  # `vmwipe clone --json`'s, last run
 
     def boot_and_save(self) -> None:
         extra = self._original_args(CPU)
@@ -176,6 +177,7 @@ class CrngScenario(CloneLab):
         if r.returncode != 0:
             raise GuestError(f"vmwipe clone failed ({r.returncode}): {r.stderr[-500:]}")
         clones = json.loads(r.stdout)["clones"]
+        self.clone_reports = clones
         self._pids += [int(c["pid"]) for c in clones]
         return [str(c["qmp"]) for c in clones]
 
@@ -189,7 +191,7 @@ class CrngScenario(CloneLab):
         """`v2` and `v1` are `vmwipe clone` (which one depends on crng_refresh at boot)."""
         assert self.guest is not None and mode in self.modes
         d = self.dir / mode
-        d.mkdir()
+        d.mkdir(mode=0o700)  # `vmwipe clone --dir` takes only a private directory
         guid = "auto"
         self.log(f"{mode}: {self.n} clones")
         if mode in ("v2", "v1"):

@@ -97,6 +97,7 @@ class Row:
     booted: bool | None = None
     crng_refresh: str | None = None  # /sys/class/misc/vmwipe/crng_refresh after insmod
     dmesg: str = ""  # the module's "kernel CRNG" lines
+    host_crng: str | None = None  # what `vmwipe clone` reported for the clones' kernel CRNG
     draws: dict[str, int] = field(default_factory=dict)  # kind -> after resume, all clones
     duplicated: dict[str, int] = field(default_factory=dict)  # kind -> shared by >= 2 clones
     error: str | None = None  # the step that failed after the build, and why
@@ -168,6 +169,7 @@ def scenario(image: GuestImage, row: Row, log: Log) -> None:
                 row.dmesg = sc.dmesg
             res = sc.run_mode("v2")
             row.draws, row.duplicated = dict(res.draws), dict(res.duplicated)
+            row.host_crng = "; ".join(sorted(set(_crng_summaries(sc.clone_reports)))) or None
             # the guest cannot hide a missing reseed: every clone must print its key
             if res.draws.get("K", 0) < CLONES:
                 row.error = f"only {res.draws.get('K', 0)} of {CLONES} clones printed a reseed key"
@@ -175,6 +177,18 @@ def scenario(image: GuestImage, row: Row, log: Log) -> None:
         row.error = f"{type(e).__name__}: {_first_line(str(e))}"
     finally:
         row.scenario_s = round(time.monotonic() - t0, 1)
+
+
+def _crng_summaries(node: object) -> list[str]:
+    """Every "crng" report's summary in `vmwipe clone --json`'s output, wherever it sits."""
+    if isinstance(node, list):
+        return [x for item in node for x in _crng_summaries(item)]
+    if not isinstance(node, dict):
+        return []
+    crng = node.get("crng")
+    if isinstance(crng, dict) and isinstance(crng.get("summary"), str):
+        return [crng["summary"]]
+    return [x for value in node.values() for x in _crng_summaries(value)]
 
 
 def _first_line(text: str) -> str:
@@ -211,10 +225,12 @@ def _cell(value: object) -> str:
 
 
 def render_table(rows: list[Row]) -> str:
-    """The markdown table: kernel → builds / W=1 warnings / crng_refresh / shared values."""
-    out = ["| kernel | Debian suite | builds | W=1 warnings | crng_refresh | "
-           f"shared draws ({CLONES} clones) | shared reseed keys | notes |",
-           "|---|---|---|---|---|---|---|---|"]
+    """The markdown table: kernel → builds / W=1 warnings / crng_refresh (the guest's sysfs,
+    and the host's report of the table header) / shared values."""
+    out = ["| kernel | Debian suite | builds | W=1 warnings | crng_refresh (guest) | "
+           f"kernel CRNG (`vmwipe clone`) | shared draws ({CLONES} clones) | shared reseed keys "
+           "| notes |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         builds = {True: "yes", False: "**no**", None: "-"}[r.builds]
         notes = [r.why]
@@ -229,7 +245,7 @@ def render_table(rows: list[Row]) -> str:
             notes.append(f"**{r.error}**")
         warnings = None if r.builds is None else len(r.warnings)
         out.append("| " + " | ".join(_cell(c) for c in (
-            f"`{r.abi}`", r.suite, builds, warnings, r.crng_refresh, r.shared_draws,
+            f"`{r.abi}`", r.suite, builds, warnings, r.crng_refresh, r.host_crng, r.shared_draws,
             r.shared_keys, "; ".join(notes))) + " |")
     return "\n".join(out)
 
