@@ -4,7 +4,7 @@ One snapshot: a paused 512 MiB pc guest, 64 MiB of random data, 1,024
 registered pages, saved with `vmwipe save` (no guest OS: a `-S` VM restores
 exactly like a booted one).  For N = 1, 4 and 8:
 
-- subject: `clone_flow(..., do_resume=True)`, i.e. `vmwipe clone -n N --resume`:
+- subject: `clone_flow(..., do_resume=True)`, i.e. `vmwipe clone -n N`:
   start N QEMUs, restore and wipe each (one per CPU at a time), then cont all;
 - baseline: the same fleet runner without vmwipe: start N QEMUs, restore each
   (`vmlib.plain_restore`), then cont all (`vmlib.bare_fleet`).

@@ -6,7 +6,7 @@ all of its RAM random and 1,024 registered pages, made twice: as a template
 saved) and as an ordinary saved state (`vmwipe save`).  For N = 1, 4, 8, 32:
 
 - templated+wiped: `clone_template_flow(..., do_resume=True)`, i.e.
-  `vmwipe clone --template DIR -n N --resume` (pre-load checks, canary, wipe);
+  `vmwipe clone --template DIR -n N` (resumes) (pre-load checks, canary, wipe);
   the template's SHA-256 is checked once per command before the first start and
   is timed separately (`digest` in the notes), not in the fleet time;
 - full-load+wiped: `clone_flow(..., do_resume=True)` (`vmwipe clone SNAPSHOT`);

@@ -84,23 +84,23 @@ def test_refuses_running_vm_and_resume_only_when_asked(vms: list[VM], tmp_path: 
     vm = new_vm(vms, tmp_path)
     plant_marked(vm)
     vm.session().cmd("cont")
-    r = run_cli("wipe", "--qmp", vm.qmp, "--resume")
+    r = run_cli("wipe", "--qmp", vm.qmp)
     assert r.returncode == 4 and "running" in r.stderr
     vm.session().cmd("stop")
     plant_marked(vm)  # firmware ran meanwhile; plant again while paused
-    r = run_cli("wipe", "--qmp", vm.qmp, "--json")
+    r = run_cli("wipe", "--paused", "--qmp", vm.qmp, "--json")
     assert r.returncode == 0, r.stderr
     assert vm.status() == "paused" and json.loads(r.stdout)["resumed"] is False
     assert_wiped(vm)
     plant_marked(vm)
-    r = run_cli("wipe", "--qmp", vm.qmp, "--resume", "--json")
+    r = run_cli("wipe", "--qmp", vm.qmp, "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["resumed"] is True
     assert vm.status() == "running"
 
 
 def test_nothing_registered_resumes(vms: list[VM], tmp_path: Path) -> None:
     vm = new_vm(vms, tmp_path)
-    r = run_cli("wipe", "--qmp", vm.qmp, "--resume", "--json")
+    r = run_cli("wipe", "--qmp", vm.qmp, "--json")
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["wipe"]["status"] == "nothing-registered" and rep["resumed"]
@@ -110,10 +110,10 @@ def test_nothing_registered_resumes(vms: list[VM], tmp_path: Path) -> None:
 def test_reset_guard(vms: list[VM], tmp_path: Path) -> None:
     vm = new_vm(vms, tmp_path, guard=False)
     plant_marked(vm)
-    r = run_cli("wipe", "--qmp", vm.qmp, "--resume")
+    r = run_cli("wipe", "--qmp", vm.qmp)
     assert r.returncode == 5 and "stale table" in r.stderr and r.stderr.count("\n") == 1
     assert vm.status() == "prelaunch"
-    r = run_cli("wipe", "--qmp", vm.qmp, "--no-reset-guard", "--json")
+    r = run_cli("wipe", "--paused", "--qmp", vm.qmp, "--no-reset-guard", "--json")
     assert r.returncode == 0, r.stderr
     assert "WARNING" in r.stderr and "reset guard" in json.loads(r.stdout)["warnings"][0]
     assert_wiped(vm)
@@ -121,17 +121,17 @@ def test_reset_guard(vms: list[VM], tmp_path: Path) -> None:
 
 def test_incoming_states(vms: list[VM], tmp_path: Path) -> None:
     vm = new_vm(vms, tmp_path, incoming=True)
-    r = run_cli("wipe", "--qmp", vm.qmp, "--timeout", "0.5")
+    r = run_cli("wipe", "--paused", "--qmp", vm.qmp, "--timeout", "0.5")
     assert r.returncode == 4 and "has not started" in r.stderr
     plain = new_vm(vms, tmp_path / "plain")
     r = run_cli("restore", "--qmp", plain.qmp, "--from", str(tmp_path / "plain" / "vm.log"))
     assert r.returncode == 4 and "-incoming defer" in r.stderr
     r = run_cli("restore", "--qmp", vm.qmp, "--from", str(tmp_path / "missing"))
-    assert r.returncode == 9
+    assert r.returncode == 2 and f"--from {tmp_path}/missing: no such file" in r.stderr
 
 
 def save(vm: VM, path: Path, *extra: str) -> dict[str, object]:
-    r = run_cli("save", "--qmp", vm.qmp, "--to", str(path), "--json", *extra)
+    r = run_cli("save", "--paused", "--qmp", vm.qmp, "--to", str(path), "--json", *extra)
     assert r.returncode == 0, r.stderr
     rep: dict[str, object] = json.loads(r.stdout)
     return rep
@@ -144,11 +144,11 @@ def test_save_then_restore_wipes_before_running(vms: list[VM], tmp_path: Path) -
     rep = save(src, snap)
     assert rep["state_after"] == "postmigrate" and snap.stat().st_size > 0
     # QEMU refuses a second migration of a postmigrate source: one-line state error
-    r = run_cli("save", "--qmp", src.qmp, "--to", str(tmp_path / "again.bin"))
+    r = run_cli("save", "--paused", "--qmp", src.qmp, "--to", str(tmp_path / "again.bin"))
     assert r.returncode == 4 and "postmigrate" in r.stderr
 
     dst = new_vm(vms, tmp_path / "dst", incoming=True)
-    r = run_cli("restore", "--qmp", dst.qmp, "--from", str(snap), "--no-resume", "--json")
+    r = run_cli("restore", "--qmp", dst.qmp, "--from", str(snap), "--paused", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["wipe"]["pages"] == 22 and not out["resumed"]
@@ -172,11 +172,11 @@ def test_save_then_restore_wipes_before_running(vms: list[VM], tmp_path: Path) -
     # the source can be resumed after a save, if it was running before it
     src2 = new_vm(vms, tmp_path / "src2")
     src2.session().cmd("cont")
-    r = run_cli("save", "--qmp", src2.qmp, "--to", str(tmp_path / "snap2.bin"), "--resume")
+    r = run_cli("save", "--qmp", src2.qmp, "--to", str(tmp_path / "snap2.bin"))
     assert r.returncode == 0 and src2.status() == "running"
-    # ... and --resume never starts one that was paused before the save
+    # ... and resuming never starts one that was paused before the save
     src3 = new_vm(vms, tmp_path / "src3")
-    r = run_cli("save", "--qmp", src3.qmp, "--to", str(tmp_path / "snap3.bin"), "--resume")
+    r = run_cli("save", "--qmp", src3.qmp, "--to", str(tmp_path / "snap3.bin"))
     assert r.returncode == 0 and "not resumed" in r.stdout + r.stderr, r.stdout + r.stderr
     assert src3.status() == "postmigrate"
 
@@ -199,7 +199,7 @@ def test_restore_into_qemu_without_S_never_autostarts(vms: list[VM], tmp_path: P
         assert time.monotonic() < deadline, s.cmd("query-migrate")
         time.sleep(0.05)
     dst = new_vm(vms, tmp_path / "dst", machine, incoming=True, paused=False)
-    r = run_cli("restore", "--qmp", dst.qmp, "--from", str(snap), "--no-resume", "--json")
+    r = run_cli("restore", "--qmp", dst.qmp, "--from", str(snap), "--paused", "--json")
     assert r.returncode == 0, r.stderr
     assert dst.status() == "paused"
     for g, n in LOW_SLOTS:
@@ -215,7 +215,7 @@ def test_wipe_waits_for_incoming_migration(vms: list[VM], tmp_path: Path) -> Non
     # a slow reader keeps QEMU inmigrate for a while; the agent must wait, not cont
     dst.session().cmd("migrate-incoming", {"uri": f"exec:sleep 1; cat {snap}"})
     t = time.monotonic()
-    r = run_cli("wipe", "--qmp", dst.qmp, "--resume", "--json")
+    r = run_cli("wipe", "--qmp", dst.qmp, "--json")
     assert r.returncode == 0, r.stderr
     assert time.monotonic() - t > 0.8
     assert json.loads(r.stdout)["wipe"]["pages"] == 22
@@ -253,7 +253,8 @@ def test_clone(vms: list[VM], tmp_path: Path) -> None:
     snap = tmp_path / "snap.bin"
     save(src, snap)
     d = tmp_path / "clones"
-    r = run_cli("clone", str(snap), "-n", "2", "--dir", str(d), "--json", "--", *qemu_argv(src))
+    r = run_cli("clone", str(snap), "-n", "2", "--dir", str(d), "--paused", "--json", "--",
+                *qemu_argv(src))
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     pids = [c["pid"] for c in res["clones"]]
@@ -271,7 +272,7 @@ def test_clone(vms: list[VM], tmp_path: Path) -> None:
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
     # human table
-    r = run_cli("clone", str(snap), "-n", "1", "--dir", str(d / "t"), "--resume", "--",
+    r = run_cli("clone", str(snap), "-n", "1", "--dir", str(d / "t"), "--",
                 *qemu_argv(src))
     assert r.returncode == 0, r.stderr
     row = r.stdout.splitlines()[1].split()
@@ -301,7 +302,7 @@ def test_clone_failure_cleans_up(vms: list[VM], tmp_path: Path) -> None:
     snap = tmp_path / "bad.bin"
     save(src, snap)
     d = tmp_path / "clones"
-    r = run_cli("clone", str(snap), "-n", "2", "--dir", str(d), "--", *qemu_argv(src))
+    r = run_cli("clone", "--paused", str(snap), "-n", "2", "--dir", str(d), "--", *qemu_argv(src))
     assert r.returncode == 6 and "cleanup: killing clone QEMU pid" in r.stderr
     time.sleep(0.2)
     assert _qemu_pids_using(d) == []
@@ -316,7 +317,7 @@ def test_loadvm(vms: list[VM], tmp_path: Path) -> None:
     assert vm.session().hmp("savevm snap1") == ""
     for g, n in SPANS:  # the live VM moves on; the snapshot still holds the 0xa5 pages
         vm.write(g, b"\x11" * n)
-    r = run_cli("loadvm", "--qmp", vm.qmp, "snap1", "--no-resume", "--json")
+    r = run_cli("loadvm", "--qmp", vm.qmp, "snap1", "--paused", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["wipe"]["pages"] == 22
     assert_wiped(vm)
@@ -376,7 +377,7 @@ BIG_SLOTS = [
 def _start_big_wipe(vm: VM) -> subprocess.Popen[str]:
     vm.plant([(HIGH + 2 * G - P, 1)], image=build_region(REGION.size, BIG_SLOTS))
     p = subprocess.Popen(
-        [sys.executable, "-m", "vmwipe.host_agent.cli", "-v", "wipe", "--qmp", vm.qmp, "--resume"],
+        [sys.executable, "-m", "vmwipe.host_agent.cli", "-v", "wipe", "--qmp", vm.qmp],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     assert p.stderr is not None
@@ -434,7 +435,7 @@ def test_restore_with_prefetched_shared_mapping(vms: list[VM], tmp_path: Path) -
     save(src, snap)
     dst = new_vm(vms, tmp_path / "dst", SHARED_MACHINE, incoming=True)
     r = run_cli("-v", "restore", "--qmp", dst.qmp, "--from", str(snap), "--populate",
-                "--no-resume", "--json")
+                "--paused", "--json")
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["wipe"]["backend"] == "shared" and rep["wipe"]["pages"] == 22
@@ -446,7 +447,7 @@ def test_restore_with_prefetched_shared_mapping(vms: list[VM], tmp_path: Path) -
     save(src2, tmp_path / "snap2.bin")
     dst2 = new_vm(vms, tmp_path / "dst2", incoming=True)
     r = run_cli("-v", "restore", "--qmp", dst2.qmp, "--from", str(tmp_path / "snap2.bin"),
-                "--populate", "--no-resume", "--json")
+                "--populate", "--paused", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["wipe"]["backend"] == "process_vm"
     assert "prefetch unavailable" in r.stderr
@@ -534,7 +535,7 @@ def test_parallel_clone_failure_kills_every_clone(vms: list[VM], tmp_path: Path)
     for i in (0, 1):
         (tmp_path / f"serial{i}").mkdir()
     argv = [*qemu_argv(src), "-serial", f"file:{tmp_path}/serial{{i}}/out"]
-    r = run_cli("clone", str(snap), "-n", "3", "-j", "2", "--resume", "--dir", str(d), "--",
+    r = run_cli("clone", str(snap), "-n", "3", "-j", "2", "--dir", str(d), "--",
                 *argv)
     assert r.returncode == 10, r.stderr
     assert re.search(r"clone 3/3 \(pid \d+\) failed: QEMU exited", r.stderr), r.stderr

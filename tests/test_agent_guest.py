@@ -51,7 +51,7 @@ def saved(image: GuestImage, tmp_path_factory: pytest.TempPathFactory
         assert {p * P for p in pfns} <= {s["gpa"] for s in info["slots"]}
 
         snap = d / "guest.state"
-        r = run_cli("save", "--qmp", g.agent_qmp, "--to", str(snap), "--json")
+        r = run_cli("save", "--paused", "--qmp", g.agent_qmp, "--to", str(snap), "--json")
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["state_after"] == "postmigrate"
         yield g, snap, pfns
@@ -76,7 +76,7 @@ def test_restore_real_guest(saved: tuple[AgentGuest, Path, list[int]], tmp_path:
     qp: QemuProcess = start_qemu(g.clone_args(con), str(tmp_path / "qmp"),
                                  log_path=str(tmp_path / "qemu.log"), incoming_defer=True)
     try:
-        r = run_cli("restore", "--qmp", qp.qmp_path, "--from", str(snap), "--no-resume", "--json")
+        r = run_cli("restore", "--qmp", qp.qmp_path, "--from", str(snap), "--paused", "--json")
         assert r.returncode == 0, r.stderr
         rep = json.loads(r.stdout)
         assert rep["wipe"]["status"] == "wiped" and rep["wipe"]["pages"] == 5
@@ -96,7 +96,7 @@ def test_restore_real_guest(saved: tuple[AgentGuest, Path, list[int]], tmp_path:
 def test_clone_real_guest(saved: tuple[AgentGuest, Path, list[int]], tmp_path: Path) -> None:
     g, snap, pfns = saved
     d = tmp_path / "clones"
-    r = run_cli("clone", str(snap), "-n", "2", "--dir", str(d), "--resume", "--json", "--",
+    r = run_cli("clone", str(snap), "-n", "2", "--dir", str(d), "--json", "--",
                 *g.clone_args(str(d / "con-{i}.sock")), timeout=300)
     assert r.returncode == 0, r.stderr
     clones = json.loads(r.stdout)["clones"]

@@ -202,7 +202,7 @@ def test_invalid_table_keeps_vm_paused(vm: VM, case: str) -> None:
     vm.write(REGION.base, image)
     fields = vm.header_host_fields()
     vm.disconnect()
-    r = run_cli("wipe", "--qmp", vm.qmp, "--resume")
+    r = run_cli("wipe", "--qmp", vm.qmp)
     assert r.returncode == 6, r.stderr
     line = r.stderr.strip()
     assert line.startswith("vmwipe: error: invalid") and "\n" not in line and needle in line
@@ -218,7 +218,7 @@ def test_on_invalid_skip_wipes_valid_slots_only(vm: VM) -> None:
     vm.write(HIGH, b"\xa5" * P)
     vm.write(REGION.base, image)
     vm.disconnect()
-    r = run_cli("wipe", "--qmp", vm.qmp, "--on-invalid", "skip", "--json")
+    r = run_cli("wipe", "--paused", "--qmp", vm.qmp, "--on-invalid", "skip", "--json")
     assert r.returncode == 0, r.stderr
     w = json.loads(r.stdout)["wipe"]
     assert w["status"] == "wiped-skipping-invalid" and w["pages"] == 3
@@ -229,13 +229,13 @@ def test_on_invalid_skip_wipes_valid_slots_only(vm: VM) -> None:
 def test_cli_wipe_report_and_json(vm: VM) -> None:
     vm.plant([(0x600000, 3), (HIGH + 0x100000, 5)])
     vm.disconnect()
-    r = run_cli("wipe", "--qmp", vm.qmp, "--json")
+    r = run_cli("wipe", "--paused", "--qmp", vm.qmp, "--json")
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["command"] == "wipe" and rep["pid"] == vm.pid and rep["resumed"] is False
     assert rep["wipe"]["pages"] == 8 and rep["state_after"] == "prelaunch"
     vm.plant([(0x600000, 3)])
-    r = run_cli("wipe", "--qmp", vm.qmp)
+    r = run_cli("wipe", "--paused", "--qmp", vm.qmp)
     assert r.returncode == 0 and "3 pages" in r.stdout and "VM left paused" in r.stdout
     r = run_cli("inspect", "--qmp", vm.qmp, "--json")
     info = json.loads(r.stdout)["extra"]
@@ -246,14 +246,15 @@ def test_cli_wipe_report_and_json(vm: VM) -> None:
 def test_region_override_and_unreadable_region(vm: VM) -> None:
     vm.plant([(0x700000, 1)])
     vm.disconnect()
-    r = run_cli("wipe", "--qmp", vm.qmp, "--region", f"{REGION.base:#x}:1M", "--json")
+    r = run_cli("wipe", "--paused", "--qmp", vm.qmp, "--region", f"{REGION.base:#x}:1M", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["region_source"] == "--region"
     # a region outside guest RAM cannot be read: one-line error, VM untouched
-    r = run_cli("wipe", "--qmp", vm.qmp, "--region", "0xe0000000:1M", "--no-reset-guard")
+    r = run_cli("wipe", "--paused", "--qmp", vm.qmp, "--region", "0xe0000000:1M",
+                "--no-reset-guard")
     assert r.returncode == 5 and "not readable guest RAM" in r.stderr
-    r = run_cli("wipe", "--qmp", vm.qmp, "--region", "0x1234:1M")
-    assert r.returncode == 2 and "multiple of 4096" in r.stderr
+    r = run_cli("wipe", "--paused", "--qmp", vm.qmp, "--region", "0x1234:1M")
+    assert r.returncode == 2 and "base 0x1234 is not 4 KiB aligned" in r.stderr
 
 
 def test_system_reset_clears_the_header(vm: VM, tmp_path: Path) -> None:

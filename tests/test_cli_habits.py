@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -112,3 +114,141 @@ def test_ssdt_output_into_a_missing_directory_creates_nothing(tmp_path: Path) ->
     ok = tmp_path / "a.aml"
     assert vmwipe("ssdt", "-o", str(ok), "-q").returncode == 0
     assert decode_ssdt(ok.read_bytes()) == Region(0x1F00_0000, 1 << 20)
+
+
+# --- one resume rule ----------------------------------------------------------------------
+
+LOAD_COMMANDS = [["restore", "--qmp", "s", "--from", "f"], ["loadvm", "--qmp", "s", "tag"],
+                 ["wipe", "--qmp", "s"], ["save", "--qmp", "s", "--to", "f"],
+                 ["clone", "snap"], ["libvirt", "restore", "f"],
+                 ["libvirt", "start", "dom"], ["libvirt", "revert", "dom", "snap"]]
+
+
+@pytest.mark.parametrize("argv", LOAD_COMMANDS, ids=lambda a: " ".join(a[:2]))
+def test_every_load_command_resumes_unless_paused(argv: list[str]) -> None:
+    """virsh's rule everywhere: the VM runs after success, `--paused` keeps it paused.
+
+    The commands pass `not args.paused` as their flows' resume flag; the guest tests
+    (test_agent_flows, test_agent_guest, test_libvirt) check the resulting run states."""
+    parser = build_parser()
+    assert parser.parse_args(argv).paused is False
+    assert parser.parse_args([*argv, "--paused"]).paused is True
+    # the spellings before the rule was one still parse (hidden from --help)
+    assert parser.parse_args([*argv, "--no-resume"]).paused is True
+    assert parser.parse_args([*argv, "--resume"]).paused is False
+    path = tuple(argv[:2]) if argv[0] == "libvirt" else (argv[0],)
+    helptext = LEAVES[path].format_help()
+    assert "--paused" in helptext and "--no-resume" not in helptext
+    assert "--resume " not in helptext and "virsh" in helptext
+
+
+def test_paused_and_resume_conflict() -> None:
+    run = vmwipe("wipe", "--qmp", "s", "--paused", "--resume")
+    assert run.returncode == 2 and "not allowed with" in run.stderr
+
+
+def test_clone_help_says_the_fleet_conts_all_at_once() -> None:
+    text = " ".join(LEAVES[("clone",)].format_help().split())
+    assert "once every clone is wiped and verified, cont them all together" in text
+    assert "cont each clone after its wipe" not in text
+
+
+# --- files: a missing or unreadable one is a usage error that names it ----------------------
+
+
+def _one_usage_line(run: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert run.returncode == 2, (run.returncode, run.stderr)
+    assert run.stderr.startswith("vmwipe: error: ") and run.stderr.count("\n") == 1, run.stderr
+    for needle in needles:
+        assert needle in run.stderr, run.stderr
+    for internal in ("Errno", "internal error", "No such device", "Traceback", "[", "'"):
+        assert internal not in run.stderr, run.stderr
+
+
+M = "{missing}"
+
+
+@pytest.mark.parametrize(("argv", "named"), [
+    (["scrub", M], M),
+    (["scrub", M, "--dry-run", "--json"], M),
+    (["scrub", "{tmp}/f", "--sidecar", M], M),
+    (["restore", "--qmp", "{tmp}/qmp", "--from", M], M),
+    (["clone", M, "-n", "2", "--", "-m", "512"], M),
+    (["clone", "--template", M, "-n", "2", "--", "-m", "512"], M),
+    (["clone", "--template", "{tmp}", "--", "-m", "512"], "{tmp}/manifest.json"),
+    (["template", "--from", M, "--ram", "{tmp}/ram", "--dir", "{tmp}/t", "--", "-m", "512"], M),
+    (["libvirt", "restore", M], M),
+    (["libvirt", "restore", "{tmp}/f", "--xml", M], M),
+], ids=lambda a: " ".join(a[:2]) if isinstance(a, list) else "")
+def test_missing_files_are_usage_errors_naming_them(tmp_path: Path, argv: list[str],
+                                                    named: str) -> None:
+    """Before: exit 11 (scrub), 9 "migration failed" (clone), [Errno 2] (clone --template),
+    14 "libvirt refused" (libvirt restore).  Now: exit 2, the file's name, and nothing
+    left behind (no vmwipe-clone-* directory)."""
+    (tmp_path / "f").write_bytes(b"QEVM")
+    temp = tmp_path / "tmpdir"
+    temp.mkdir()
+    names = {"missing": tmp_path / "no" / "such-file", "tmp": tmp_path}
+    args = [a.format(**names) for a in argv]
+    run = subprocess.run([*VMWIPE, *args], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "TMPDIR": str(temp)})
+    _one_usage_line(run, named.format(**names))
+    assert not list(temp.iterdir())  # clone made no directory for clones it never started
+    if "--json" in args:
+        assert json.loads(run.stdout)["exit_code"] == 2
+
+
+def test_a_directory_is_not_a_saved_vm(tmp_path: Path) -> None:
+    _one_usage_line(vmwipe("scrub", str(tmp_path)), f"{tmp_path} is a directory, not a file")
+
+
+def test_clone_dash_n_0_leaves_nothing(tmp_path: Path) -> None:
+    snap = tmp_path / "snap"
+    snap.write_bytes(b"QEVM")
+    temp = tmp_path / "tmpdir"
+    temp.mkdir()
+    run = subprocess.run([*VMWIPE, "clone", str(snap), "-n", "0", "--", "-m", "512"],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "TMPDIR": str(temp)})
+    assert run.returncode == 2 and "-n: must be at least 1" in run.stderr
+    assert not list(temp.iterdir())
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root and setpriv to run the CLI as another user")
+def test_permission_errors_say_so(tmp_path: Path) -> None:
+    """As an unprivileged user: a root-only saved VM, and a --dir nobody may create."""
+    tmp_path.chmod(0o755)
+    secret = tmp_path / "vm.state"
+    secret.write_bytes(b"QEVM")
+    secret.chmod(0o600)
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+    def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*nobody, *VMWIPE, *args], capture_output=True, text=True,
+                              timeout=60, cwd="/")
+
+    _one_usage_line(as_nobody("scrub", str(secret)), str(secret), "permission denied")
+    _one_usage_line(as_nobody("scrub", str(secret), "--dry-run"), "permission denied")
+    # an OSError from deep inside a command (writing the files), not a pre-check
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o700)
+    _one_usage_line(as_nobody("qemu-args", "--mem", "512", "--dir", str(locked / "d")),
+                    "permission denied")
+
+
+# --- libvirt: one line, the real reason ---------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [["protect", "nosuchdom", "--dry-run"],
+                                  ["unprotect", "nosuchdom"], ["start", "nosuchdom"],
+                                  ["revert", "nosuchdom", "s1"],
+                                  ["protect", "6695eb01-f6a4-8304-79aa-000000000000"]],
+                         ids=lambda a: a[0])
+def test_libvirt_errors_are_one_line_with_the_real_reason(argv: list[str]) -> None:
+    """libvirt's built-in test driver (no daemon): before, libvirt's default error handler
+    printed its own lines, and a name that is no domain ended as "Invalid UUID"."""
+    pytest.importorskip("libvirt")
+    run = vmwipe("libvirt", *argv, "-c", "test:///default")
+    assert run.returncode == 14, run.stderr
+    assert run.stderr == f"vmwipe: error: domain {argv[1]}: Domain not found\n", run.stderr

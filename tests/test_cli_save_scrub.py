@@ -35,7 +35,7 @@ def test_save_scrub_never_writes_the_secret(tmp_path: Path, vm_factory: list[VM]
     vm_factory.append(vm)
     secrets = _plant(vm)
     out = tmp_path / "scrubbed.sav"
-    run = run_cli("save", "--qmp", vm.qmp, "--to", str(out), "--scrub", "--json")
+    run = run_cli("save", "--paused", "--qmp", vm.qmp, "--to", str(out), "--scrub", "--json")
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert report["pages"] == sum(n for _, n in SLOTS), report
@@ -52,7 +52,7 @@ def test_plain_save_writes_sidecar_and_scrub_uses_it(tmp_path: Path, vm_factory:
     vm_factory.append(vm)
     secrets = _plant(vm)
     out = tmp_path / "plain.sav"
-    run = run_cli("save", "--qmp", vm.qmp, "--to", str(out), "--json")
+    run = run_cli("save", "--paused", "--qmp", vm.qmp, "--to", str(out), "--json")
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     sidecar = Path(report["extra"]["sidecar"])
@@ -72,7 +72,7 @@ def test_save_of_an_unprotected_vm_warns_and_writes_no_sidecar(tmp_path: Path) -
     qp = start_qemu([QEMU, "-nodefaults", "-display", "none", "-M", "pc", "-m", "128M"], qmp)
     try:
         out = tmp_path / "plain.sav"
-        run = run_cli("save", "--qmp", qmp, "--to", str(out), "--json")
+        run = run_cli("save", "--paused", "--qmp", qmp, "--to", str(out), "--json")
         assert run.returncode == 0, run.stderr
         report = json.loads(run.stdout)
         assert report["extra"]["sidecar"] is None

@@ -210,7 +210,7 @@ def test_template_clones_never_share_the_kernel_crng(tc: TemplateCrng) -> None:
     d = tc.dir / "v2"
     argv = [a.replace("{mode}", "v2") for a in tc.argv]
     r = run_cli("clone", "--template", str(tc.dir / "t"), "-n", str(CLONES), "--dir", str(d),
-                "--json", "--", *argv, timeout=600)
+                "--paused", "--json", "--", *argv, timeout=600)
     clones = json.loads(r.stdout)["clones"] if r.returncode == 0 else []
     tc.pids += [int(c["pid"]) for c in clones]
     assert r.returncode == 0, r.stderr[-2000:]

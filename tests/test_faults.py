@@ -1,6 +1,6 @@
 """Faults: the agent killed anywhere, QEMU killed mid-wipe, the QMP socket gone.
 
-- SIGKILL of `vmwipe wipe --resume` at 20 random moments of a 65,280-page wipe
+- SIGKILL of `vmwipe wipe` (which resumes) at 20 random moments of a 65,280-page wipe
   of a 1 GiB `-S` VM.  Afterwards the VM is paused, or it runs only because
   the wipe completed and verified first (generation bumped, every listed page
   zero).  Between iterations the test re-plants the pages and the header with
@@ -131,7 +131,7 @@ def test_sigkill_agent_at_random_points_never_leaves_an_unwiped_vm_running(big_v
         # calibrate: one uninterrupted run (start to exit) and its zero+verify window
         reset()
         t0 = time.monotonic()
-        p = _agent(vm)
+        p = _agent(vm, "--paused")
         assert p.stderr is not None
         t_zero = 0.0
         for line in p.stderr:
@@ -150,7 +150,7 @@ def test_sigkill_agent_at_random_points_never_leaves_an_unwiped_vm_running(big_v
             if vm.status() == "running":
                 vm.session().cmd("stop")
             reset()
-            p = _agent(vm, "--resume")
+            p = _agent(vm)
             assert p.stderr is not None
             if i % 2 == 0:  # anywhere in the run, start-up and QMP included
                 time.sleep(rng.uniform(0, total * 1.05))
@@ -208,7 +208,7 @@ def test_qemu_killed_mid_wipe(tmp_path: Path) -> None:
         vm.disconnect()
         shm = Path("/dev/shm")
         before = _files(tmp_path, shm)
-        p = _agent(vm, "--resume")
+        p = _agent(vm)
         assert p.stderr is not None
         for line in p.stderr:
             if "zeroing" in line:
@@ -225,7 +225,7 @@ def test_qemu_killed_mid_wipe(tmp_path: Path) -> None:
         assert _procs_mentioning(str(tmp_path)) == []
         assert _files(tmp_path, shm) - before == set()
         # the socket QEMU left behind is stale now: a clear error too
-        r = run_cli("wipe", "--qmp", vm.qmp)
+        r = run_cli("wipe", "--paused", "--qmp", vm.qmp)
         assert r.returncode == 3 and "cannot connect to QMP socket" in _error_line(r.stderr)
     finally:
         vm.kill()
@@ -250,7 +250,7 @@ def test_qmp_socket_unlinked(small_vm: VM, tmp_path: Path) -> None:
     moved = tmp_path / "moved.qmp"
     os.rename(vm.qmp, moved)  # QEMU still listens, but nobody can find it by name
     try:
-        r = run_cli("wipe", "--qmp", vm.qmp, "--resume")
+        r = run_cli("wipe", "--qmp", vm.qmp)
         line = _error_line(r.stderr)
         assert r.returncode == 3 and "cannot connect to QMP socket" in line
         assert "No such file" in line
@@ -326,7 +326,7 @@ def _agent_via(proxy: str, vm: VM) -> subprocess.CompletedProcess[str]:
     code = ("import sys, vmwipe.host_agent.qemu.qmp as q; "
             f"q.peer_pid = lambda s: {vm.pid}; "
             "from vmwipe.host_agent.cli import main; sys.exit(main(sys.argv[1:]))")
-    return subprocess.run([sys.executable, "-c", code, "wipe", "--qmp", proxy, "--resume"],
+    return subprocess.run([sys.executable, "-c", code, "wipe", "--qmp", proxy],
                           capture_output=True, text=True, timeout=60, check=False)
 
 
@@ -420,7 +420,7 @@ def test_hostile_qmp_peer(tmp_path: Path, mode: str) -> None:
     path = str(tmp_path / "fake.qmp")
     done = threading.Event()
     t = _hostile_peer(path, mode, done)
-    r = run_cli("wipe", "--qmp", path, "--qmp-timeout", "1", "--resume", timeout=60)
+    r = run_cli("wipe", "--qmp", path, "--qmp-timeout", "1", timeout=60)
     done.set()
     assert r.returncode != 0
     _error_line(r.stderr)

@@ -73,7 +73,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Saved]:
             t.close()
         vm.disconnect()
         orig = d / "orig.state"
-        r = run_cli("save", "--qmp", vm.qmp, "--to", str(orig))
+        r = run_cli("save", "--paused", "--qmp", vm.qmp, "--to", str(orig))
         assert r.returncode == 0, r.stderr
         ref = d / "ref.state"
         shutil.copyfile(orig, ref)
@@ -158,7 +158,7 @@ def test_save_scrub_killed_mid_run(saved: Saved) -> None:
     _savable(vm)
     path.write_bytes(old)
     t0 = time.monotonic()
-    r = run_cli("save", "--qmp", vm.qmp, "--to", str(path), "--scrub")
+    r = run_cli("save", "--paused", "--qmp", vm.qmp, "--to", str(path), "--scrub")
     took = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
     for i in range(6):
@@ -166,7 +166,7 @@ def test_save_scrub_killed_mid_run(saved: Saved) -> None:
         path.write_bytes(old)
         for stray in path.parent.glob(f".{path.name}.*.partial"):
             stray.unlink()
-        _kill_at(["save", "--qmp", vm.qmp, "--to", str(path), "--scrub"],
+        _kill_at(["save", "--paused", "--qmp", vm.qmp, "--to", str(path), "--scrub"],
                  rng.uniform(0.1, took * 1.1))
         assert vm.status() != "running", f"kill {i}: a save left the VM running"
         data = path.read_bytes()

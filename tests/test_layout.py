@@ -29,7 +29,7 @@ PKG = "vmwipe.host_agent"
 #: subpackage and lower layers only; two different names on one layer may not
 #: import each other (that is what keeps qemu/ and wipe/ apart).
 LAYERS = {
-    "__init__": 0, "errors": 0, "atomic": 0, "timing": 0,
+    "__init__": 0, "errors": 0, "atomic": 0, "timing": 0, "progress": 0,
     "qemu": 1, "wipe": 1,
     "snapshot": 2,
     "flows": 3,

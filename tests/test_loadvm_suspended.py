@@ -60,7 +60,7 @@ def test_loadvm_of_a_suspended_vm_ends_paused_and_wiped(suspended: tuple[Guest, 
                                                         ) -> None:
     g, mon, gpa = suspended
     assert g.read_phys(gpa, 4096) == b"\x5a" * 4096
-    r = run_cli("loadvm", "--qmp", str(mon), "s1", "--no-resume", "--json")
+    r = run_cli("loadvm", "--qmp", str(mon), "s1", "--paused", "--json")
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["state_before"] == "suspended" and not rep["resumed"]

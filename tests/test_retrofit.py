@@ -464,7 +464,8 @@ def _clone_round(g: Guest, tap: SerialTap, workdir: Path, shim: bool, n: int,
     d = workdir / tag
     d.mkdir()
     argv = clone_argv(g.qemu_args(), d, "auto")
-    r = run_cli("clone", str(state), "-n", str(n), "--dir", str(d), "--json", "--", *argv)
+    r = run_cli("clone", str(state), "-n", str(n), "--dir", str(d), "--paused", "--json", "--",
+                *argv)
     clones = json.loads(r.stdout)["clones"] if r.returncode == 0 else []
     pids = [int(c["pid"]) for c in clones]
     outs: list[list[Output]] = []

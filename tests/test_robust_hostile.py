@@ -4,7 +4,7 @@ One `-S` QEMU for the module (TCG; 128 MiB of pc.ram below 4 GiB plus a
 16 MiB pc-dimm at 4 GiB; region 1 MiB at 112 MiB).  For each case the test
 plants the table (and 0xa5 in the pages it names) through the agent's own
 process_vm_writev backend, hashes all guest RAM with `pmemsave`, runs the
-real CLI (`vmwipe wipe --qmp SOCK --resume`) as a subprocess, and checks:
+real CLI (`vmwipe wipe --qmp SOCK`, which resumes) as a subprocess, and checks:
 exit code 6, one line on stderr naming the slot and field (or the header
 field), the same whole-RAM hash afterwards, and the VM still paused.
 """
@@ -178,7 +178,7 @@ def refuse(vm: VM, img: bytes, needles: tuple[str, ...], *args: str) -> str:
     plant(vm, img)
     before = vm.ram_digest()
     vm.disconnect()  # the test's monitor stays free; the agent uses its own socket
-    r = run_cli("wipe", "--qmp", vm.qmp, "--resume", *args)
+    r = run_cli("wipe", "--qmp", vm.qmp, *args)
     line = r.stderr.strip()
     assert r.returncode == 6, r.stderr
     assert "\n" not in line and line.startswith("vmwipe: error: invalid"), line
@@ -209,7 +209,7 @@ def test_sanity_good_table_is_wiped(vm: VM) -> None:
     """The same plant with a clean table is wiped (the refusals above are not vacuous)."""
     plant(vm, image())
     vm.disconnect()
-    r = run_cli("wipe", "--qmp", vm.qmp)
+    r = run_cli("wipe", "--paused", "--qmp", vm.qmp)
     assert r.returncode == 0, r.stderr
     for gpa, n in GOOD:
         assert vm.pmemsave(gpa, n * P) == bytes(n * P)
@@ -228,7 +228,7 @@ def test_fill_ranges_get_fresh_random_bytes_verified_and_committed(vm: VM) -> No
     for _ in range(2):
         gen0 = struct.unpack("<Q", vm.pmemsave(REGION.base + 0x40, 8))[0]
         vm.disconnect()
-        r = run_cli("wipe", "--qmp", vm.qmp, "--json")
+        r = run_cli("wipe", "--paused", "--qmp", vm.qmp, "--json")
         assert r.returncode == 0, r.stderr
         page = vm.pmemsave(0x500000, P)
         got = b"".join(page[g - 0x500000 : g - 0x500000 + n] for g, n in fills)

@@ -70,7 +70,7 @@ def _save(vm: VM, path: Path) -> None:
     vm.plant(SLOTS)
     vm.write(MARKER, b"\x5a" * P)
     vm.disconnect()
-    r = run_cli("save", "--qmp", vm.qmp, "--to", str(path))
+    r = run_cli("save", "--paused", "--qmp", vm.qmp, "--to", str(path))
     assert r.returncode == 0, r.stderr
 
 

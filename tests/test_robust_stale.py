@@ -123,7 +123,7 @@ def test_stale_table_after_reboot_wipes_nothing(image: GuestImage, tmp_path: Pat
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["extra"]["registered"] is False  # the loader cleared it
         snap = tmp_path / "rebooted.state"
-        r = run_cli("save", "--qmp", g.agent_qmp, "--to", str(snap))
+        r = run_cli("save", "--paused", "--qmp", g.agent_qmp, "--to", str(snap))
         assert r.returncode == 0, r.stderr
         saved = ram_pages(g.agent_qmp, tmp_path)
 
@@ -131,7 +131,7 @@ def test_stale_table_after_reboot_wipes_nothing(image: GuestImage, tmp_path: Pat
         qp = start_qemu(g.clone_args(con), str(tmp_path / "qmp"),
                         log_path=str(tmp_path / "qemu.log"), incoming_defer=True)
         qemus.append(qp)
-        r = run_cli("restore", "--qmp", qp.qmp_path, "--from", str(snap), "--no-resume",
+        r = run_cli("restore", "--qmp", qp.qmp_path, "--from", str(snap), "--paused",
                     "--json")
         assert r.returncode == 0, r.stderr
         rep = json.loads(r.stdout)
@@ -164,7 +164,7 @@ def test_reset_guard_refuses_a_vm_without_the_zero_page(image: GuestImage, tmp_p
 
         g.qmp("stop")
         before = ram_pages(g.agent_qmp, tmp_path)
-        r = run_cli("wipe", "--qmp", g.agent_qmp, "--resume")
+        r = run_cli("wipe", "--qmp", g.agent_qmp)
         assert r.returncode == 5, r.stderr
         line = r.stderr.strip()
         assert "\n" not in line and "lacks -device loader" in line and "stale table" in line
@@ -173,7 +173,7 @@ def test_reset_guard_refuses_a_vm_without_the_zero_page(image: GuestImage, tmp_p
 
         # restore refuses before loading anything
         snap = tmp_path / "rebooted.state"
-        r = run_cli("save", "--qmp", g.agent_qmp, "--to", str(snap))
+        r = run_cli("save", "--paused", "--qmp", g.agent_qmp, "--to", str(snap))
         assert r.returncode == 0, r.stderr
         qp = start_qemu(g.clone_args(str(tmp_path / "con.sock")), str(tmp_path / "qmp"),
                         log_path=str(tmp_path / "qemu.log"), incoming_defer=True)
@@ -184,7 +184,7 @@ def test_reset_guard_refuses_a_vm_without_the_zero_page(image: GuestImage, tmp_p
             assert s.status() == "inmigrate"  # never loaded, never ran
 
         # the hazard itself: forced past the guard, the agent zeroes the new kernel's pages
-        r = run_cli("wipe", "--qmp", g.agent_qmp, "--no-reset-guard", "--json")
+        r = run_cli("wipe", "--paused", "--qmp", g.agent_qmp, "--no-reset-guard", "--json")
         assert r.returncode == 0, r.stderr
         rep = json.loads(r.stdout)
         assert rep["wipe"]["pages"] == 3 and any("reset guard" in w for w in rep["warnings"])

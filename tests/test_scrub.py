@@ -501,7 +501,8 @@ def test_cli_save_mapped_ram_restore_scrub_10(tmp_path: Path, vms: list[Vm],
     for gpa, data in {**secrets, **keep}.items():
         vm.write(gpa, data)
     path = tmp_path / "cli-mapped.sav"
-    rc, out, err = run_cli("save", "--qmp", agent, "--to", str(path), "--json", capsys=capsys)
+    rc, out, err = run_cli("save", "--paused", "--qmp", agent, "--to", str(path), "--json",
+                           capsys=capsys)
     assert rc == 0, err
     rep = json.loads(out)
     assert rep["extra"]["mapped_ram"] is True and rep["extra"]["uri"] == f"file:{path}"
@@ -517,7 +518,7 @@ def test_cli_save_mapped_ram_restore_scrub_10(tmp_path: Path, vms: list[Vm],
         rvm = Vm(tmp_path, [*args, "-qmp", f"unix:{sock},server=on,wait=off"], qemu=QEMU10,
                  incoming=True)
         vms.append(rvm)
-        rc, out, err = run_cli("restore", "--qmp", sock, "--from", str(path), "--no-resume",
+        rc, out, err = run_cli("restore", "--qmp", sock, "--from", str(path), "--paused",
                                "--no-reset-guard", "--json", capsys=capsys)
         assert rc == 0, err
         rrep = json.loads(out)
@@ -564,7 +565,7 @@ def test_cli_save_no_mapped_ram_10(tmp_path: Path, vms: list[Vm],
             qemu=QEMU10)
     vms.append(vm)
     path = tmp_path / "seq.sav"
-    rc, out, err = run_cli("save", "--qmp", agent, "--to", str(path), "--no-mapped-ram",
+    rc, out, err = run_cli("save", "--paused", "--qmp", agent, "--to", str(path), "--no-mapped-ram",
                            "--json", capsys=capsys)
     assert rc == 0, err
     assert json.loads(out)["extra"]["mapped_ram"] is False

@@ -95,7 +95,7 @@ def test_clones_wiped_and_private(template: tuple[str, Path, bytes]) -> None:
     qemu, d, other = template
     cd = d / "clones"
     r = run_cli("clone", "--template", str(d / "t"), "-n", "2", "--dir", str(cd), "--json",
-                "--", *clone_args(qemu, d))
+                "--paused", "--", *clone_args(qemu, d))
     assert r.returncode == 0, r.stderr
     clones = json.loads(r.stdout)["clones"]
     sessions = [QMPSession(c["qmp"]).connect() for c in clones]
@@ -174,7 +174,7 @@ STATIC_REFUSALS = [
 @pytest.mark.parametrize("extra, why", STATIC_REFUSALS[:4])
 def test_static_refusals(template: tuple[str, Path, bytes], extra: list[str], why: str) -> None:
     qemu, d, _ = template
-    r = run_cli("clone", "--template", str(d / "t"), "-n", "1", "--dir", str(d / "bad"),
+    r = run_cli("clone", "--paused", "--template", str(d / "t"), "-n", "1", "--dir", str(d / "bad"),
                 "--", *clone_args(qemu, d), *extra)
     assert r.returncode == 2 and why in r.stderr, r.stderr
     assert not list((d / "bad").glob("clone-*.log")) if (d / "bad").exists() else True
@@ -183,7 +183,7 @@ def test_static_refusals(template: tuple[str, Path, bytes], extra: list[str], wh
 def test_mismatched_machine_refused_and_killed(template: tuple[str, Path, bytes]) -> None:
     qemu, d, _ = template
     args = [a if a != "pc" else "q35" for a in clone_args(qemu, d)]
-    r = run_cli("clone", "--template", str(d / "t"), "-n", "2", "--dir", str(d / "q35"),
+    r = run_cli("clone", "--paused", "--template", str(d / "t"), "-n", "2", "--dir", str(d / "q35"),
                 "--", *args)
     assert r.returncode == 2 and "machine" in r.stderr, r.stderr
     pids = killed_pids(r.stderr)
@@ -202,7 +202,7 @@ def test_changed_template_refused(template: tuple[str, Path, bytes], tmp_path: P
     shutil.copyfile(ram, copy)
     m.ram_path = str(copy)
     m.write(t2)
-    r = run_cli("clone", "--template", str(t2), "-n", "1", "--", *clone_args(qemu, d))
+    r = run_cli("clone", "--paused", "--template", str(t2), "-n", "1", "--", *clone_args(qemu, d))
     assert r.returncode == 2 and "changed since" in r.stderr, r.stderr
     # edited in place, timestamps put back: only the digest can tell
     m.ram_identity = type(m.ram_identity).of(copy)
@@ -213,7 +213,7 @@ def test_changed_template_refused(template: tuple[str, Path, bytes], tmp_path: P
     os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
     m.ram_identity = type(m.ram_identity).of(copy)  # even with a matching stat
     m.write(t2)
-    r = run_cli("clone", "--template", str(t2), "-n", "1", "--", *clone_args(qemu, d))
+    r = run_cli("clone", "--paused", "--template", str(t2), "-n", "1", "--", *clone_args(qemu, d))
     assert r.returncode == 2 and "digest" in r.stderr, r.stderr
     assert not killed_pids(r.stderr)  # refused before any clone started
 
@@ -259,7 +259,7 @@ def test_template_from_saved_state(template: tuple[str, Path, bytes], tmp_path: 
         other = os.urandom(P)
         vm.write(OTHER, other)
         vm.disconnect()
-        r = run_cli("save", "--qmp", vm.qmp, "--to", str(tmp_path / "state"))
+        r = run_cli("save", "--paused", "--qmp", vm.qmp, "--to", str(tmp_path / "state"))
         assert r.returncode == 0, r.stderr
     finally:
         vm.kill()
@@ -269,7 +269,7 @@ def test_template_from_saved_state(template: tuple[str, Path, bytes], tmp_path: 
     assert r.returncode == 0, r.stderr
     data = ram.read_bytes()
     assert SECRET not in data and data[OTHER:OTHER + P] == other
-    r = run_cli("clone", "--template", str(tmp_path / "t"), "-n", "1", "--json",
+    r = run_cli("clone", "--paused", "--template", str(tmp_path / "t"), "-n", "1", "--json",
                 "--dir", str(tmp_path / "c"), "--", *clone_args(qemu, d))
     assert r.returncode == 0, r.stderr
     c = json.loads(r.stdout)["clones"][0]
@@ -316,7 +316,7 @@ def test_sigint_mid_fleet_kills_every_clone_none_ran(template: tuple[str, Path, 
     cd = d / "sigint"
     proc = subprocess.Popen(
         [sys.executable, "-m", "vmwipe.host_agent.cli", "clone", "--template", str(d / "t"),
-         "-n", "12", "-j", "2", "--resume", "--dir", str(cd), "--", *clone_args(qemu, d)],
+         "-n", "12", "-j", "2", "--dir", str(cd), "--", *clone_args(qemu, d)],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     assert proc.stderr is not None
     lines = []

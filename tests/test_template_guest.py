@@ -2,8 +2,8 @@
 
 The lab guest boots with its RAM in a share=on file, maps 4 vmwipe pages plus a
 poller's page, and the test plants a secret in the 4 pages.  `vmwipe template`
-must leave the secret nowhere in the RAM file; `vmwipe clone --template -n 2
---resume` clones must each wake with their page zeroed; a file written inside
+must leave the secret nowhere in the RAM file; `vmwipe clone --template -n 2`
+clones (resumed by default) must each wake with their page zeroed; a file written inside
 one clone must not show up in the other clone's RAM or in the template file;
 and a template file edited after it was made is refused before any clone starts.
 """
@@ -79,7 +79,7 @@ def test_clones_start_wiped_and_stay_private(tpl: Tpl,
                                              tmp_path: Path) -> None:
     d, ram, argv = tpl
     cd = d / "clones"
-    r = run_cli("clone", "--template", str(d / "t"), "-n", "2", "--dir", str(cd), "--resume",
+    r = run_cli("clone", "--template", str(d / "t"), "-n", "2", "--dir", str(cd),
                 "--json", "--", *argv, timeout=300)
     assert r.returncode == 0, r.stderr
     clones = json.loads(r.stdout)["clones"]
@@ -128,7 +128,7 @@ def test_tampered_template_refused(tpl: Tpl, tmp_path: Path) -> None:
                                 "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
     (t2 / "manifest.json").write_text(json.dumps(manifest))
     r = run_cli("clone", "--template", str(t2), "-n", "1", "--dir", str(tmp_path / "c"),
-                "--resume", "--", *argv)
+                "--", *argv)
     assert r.returncode == 2 and "digest" in r.stderr, r.stderr
     assert "pid" not in r.stderr  # refused before any clone QEMU started
     copy.unlink()

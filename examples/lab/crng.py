@@ -173,7 +173,7 @@ class CrngScenario(CloneLab):
     def _clone_cli(self, d: Path, argv: list[str]) -> list[str]:
         """`vmwipe clone -n N` as a user runs it; the clones' QMP sockets."""
         r = run_cli("clone", str(self.snapshot), "-n", str(self.n), "--dir", str(d), "--json",
-                    "--", *argv, timeout=600)
+                    "--paused", "--", *argv, timeout=600)
         if r.returncode != 0:
             raise GuestError(f"vmwipe clone failed ({r.returncode}): {r.stderr[-500:]}")
         clones = json.loads(r.stdout)["clones"]

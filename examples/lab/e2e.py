@@ -586,7 +586,8 @@ class CloneLab:
 
     def _save(self) -> dict[str, Any]:
         """`vmwipe save` of the original, as a user runs it; its JSON report."""
-        r = run_cli("save", "--qmp", f"{self.dir}/agent.qmp", "--to", str(self.snapshot), "--json")
+        r = run_cli("save", "--qmp", f"{self.dir}/agent.qmp", "--to", str(self.snapshot),
+                    "--paused", "--json")
         if r.returncode != 0:
             raise GuestError(f"vmwipe save failed: {r.stderr.strip()}")
         report: dict[str, Any] = json.loads(r.stdout)
@@ -755,7 +756,7 @@ class Scenario(CloneLab):
         # Run it as a user would, and relay its progress (clone i/N, pages wiped) live.
         proc = subprocess.Popen(
             [sys.executable, "-m", "vmwipe.host_agent.cli", "clone", str(self.snapshot),
-             "-n", str(self.n), "--dir", str(d), "--json", "--", *argv],
+             "-n", str(self.n), "--dir", str(d), "--paused", "--json", "--", *argv],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert proc.stderr is not None and proc.stdout is not None
         err: list[str] = []

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 from vmwipe.protocol import ProtocolError
 
+from .. import progress
 from ..errors import AgentError, Interrupted, UsageError, exit_code_help
 from ..wipe.backends import BACKENDS
 from ..wipe.engine import ON_INVALID
@@ -28,7 +29,18 @@ from . import libvirt as libvirt_cmds
 from . import scrub as scrub_cmds
 from . import setup as setup_cmds
 from . import template as template_cmds
-from .options import REQUIRE_CRNG_HELP, Parser, common, positive_int, region_type
+from .options import (
+    REQUIRE_CRNG_HELP,
+    RESUME_RULE,
+    Parser,
+    add_resume,
+    common,
+    input_file,
+    os_error,
+    output_file,
+    positive_int,
+    region_type,
+)
 
 if TYPE_CHECKING:
     from ..flows.report import FlowReport
@@ -112,6 +124,13 @@ def _opts(args: argparse.Namespace) -> AgentOptions:
     )
 
 
+def fleet_progress(args: argparse.Namespace) -> Callable[[str], None]:
+    """Where `clone` reports each clone's steps: stderr, or nowhere with -q."""
+    from ..flows.fleet import stderr_progress
+
+    return (lambda _msg: None) if args.quiet else stderr_progress
+
+
 def _fmt_report(rep: FlowReport) -> str:
     lines = [
         f"{rep.command}: QEMU {rep.qemu_version} pid {rep.pid} ({rep.qmp}), "
@@ -183,30 +202,33 @@ def _cmd_wipe(args: argparse.Namespace) -> int:
     from ..flows.live import wipe_flow
 
     with _session(args) as s:
-        return _emit(args, wipe_flow(s, _opts(args), args.resume))
+        return _emit(args, wipe_flow(s, _opts(args), not args.paused))
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:
     from ..flows.live import restore_flow
 
+    input_file(args.from_file, "--from")
     with _session(args) as s:
-        return _emit(args, restore_flow(s, _opts(args), args.from_file, not args.no_resume))
+        return _emit(args, restore_flow(s, _opts(args), args.from_file, not args.paused,
+                                        show_progress=True))
 
 
 def _cmd_loadvm(args: argparse.Namespace) -> int:
     from ..flows.live import loadvm_flow
 
     with _session(args) as s:
-        return _emit(args, loadvm_flow(s, _opts(args), args.tag, not args.no_resume))
+        return _emit(args, loadvm_flow(s, _opts(args), args.tag, not args.paused))
 
 
 def _cmd_save(args: argparse.Namespace) -> int:
     from ..flows.save import save_flow
 
+    output_file(args.to, "--to")
     with _session(args) as s:
         if args.scrub:
             return scrub_cmds.run_save_scrub(args, s)
-        return _emit(args, save_flow(s, _opts(args), args.to, args.resume,
+        return _emit(args, save_flow(s, _opts(args), args.to, not args.paused,
                                      mapped_ram=not args.no_mapped_ram))
 
 
@@ -222,13 +244,14 @@ def _cmd_clone(args: argparse.Namespace) -> int:
     qemu = list(args.qemu_args)
     if not qemu:
         raise UsageError("clone needs the QEMU arguments after --")
+    input_file(args.snapshot, "saved state")
     if args.qemu:
         qemu.insert(0, args.qemu)
     from ..flows.clone import clone_flow
 
     res = clone_flow(
-        args.snapshot, args.n, qemu, _opts(args), directory=args.dir, do_resume=args.resume,
-        jobs=args.jobs,
+        args.snapshot, args.n, qemu, _opts(args), directory=args.dir, do_resume=not args.paused,
+        jobs=args.jobs, progress=fleet_progress(args),
     )
     if args.json:
         print(json.dumps(res.to_dict(), indent=2))
@@ -272,19 +295,20 @@ def _register_wipes(sub: _Subparsers, common: argparse.ArgumentParser, epilog: s
 
     p = _command(
         sub, "wipe", _cmd_wipe, [common, _vm()], epilog,
-        help="wipe a paused VM, optionally resume it",
-        description="Wipe the pages a paused VM's table lists. Refuses a running "
-        "VM; waits while QEMU is inmigrate. Resumes (cont) only with --resume and "
-        "only after a verified wipe.",
+        help="wipe a paused VM, then resume it",
+        description="Wipe the pages a paused VM's table lists, then resume it (cont) "
+        "after a verified wipe. Refuses a running VM; waits while QEMU is inmigrate.\n\n"
+        + RESUME_RULE,
     )
-    p.add_argument("--resume", action="store_true", help="cont after a verified wipe")
+    add_resume(p)
 
     p = _command(
         sub, "restore", _cmd_restore, [common, _vm()], epilog,
         help="load a saved state into a -S -incoming defer QEMU, wipe, cont",
         description="For a QEMU started with -S -incoming defer: migrate-incoming "
         "from FILE (exec:cat, or file: on QEMU >= 8.2; a mapped-ram save gets the "
-        "mapped-ram capability and file:), wait until completed, wipe, then cont.",
+        "mapped-ram capability and file:), wait until completed, wipe, then cont.\n\n"
+        + RESUME_RULE,
     )
     p.add_argument(
         "--from",
@@ -293,15 +317,16 @@ def _register_wipes(sub: _Subparsers, common: argparse.ArgumentParser, epilog: s
         metavar="FILE",
         help="saved migration stream (e.g. from `vmwipe save`)",
     )
-    p.add_argument("--no-resume", action="store_true", help="leave the VM paused after the wipe")
+    add_resume(p)
 
     p = _command(
         sub, "loadvm", _cmd_loadvm, [common, _vm()], epilog,
         help="stop, load an internal snapshot, wipe, cont",
-        description="stop the VM, loadvm TAG (internal qcow2 snapshot), wipe, cont.",
+        description="stop the VM, loadvm TAG (internal qcow2 snapshot), wipe, cont.\n\n"
+        + RESUME_RULE,
     )
     p.add_argument("tag", help="snapshot tag")
-    p.add_argument("--no-resume", action="store_true", help="leave the VM paused after the wipe")
+    add_resume(p)
 
 
 def _register_save_clone(sub: _Subparsers, common: argparse.ArgumentParser, epilog: str) -> None:
@@ -311,12 +336,11 @@ def _register_save_clone(sub: _Subparsers, common: argparse.ArgumentParser, epil
         help="stop the VM and save its state to a file",
         description="stop, raise max-bandwidth, migrate to FILE (exec:cat > FILE, "
         "or file: on QEMU >= 8.2, with the mapped-ram capability where QEMU >= 9.0 "
-        "offers it: every page at a fixed file offset), report. The source stays "
-        "paused unless --resume.",
+        "offers it: every page at a fixed file offset), report, and cont the source if "
+        "it was running before (--paused: leave it paused).\n\n" + RESUME_RULE,
     )
     p.add_argument("--to", required=True, metavar="FILE", help="output file")
-    p.add_argument("--resume", action="store_true",
-                   help="cont the source after saving, if it was running before")
+    add_resume(p, "the source VM")
     p.add_argument("--no-mapped-ram", action="store_true",
                    help="write a sequential stream even where QEMU offers mapped-ram")
     p.add_argument(
@@ -333,15 +357,17 @@ def _register_save_clone(sub: _Subparsers, common: argparse.ArgumentParser, epil
         help="start N wiped clones of a saved state",
         usage="vmwipe clone (SNAPSHOT | --template DIR) -n N [options] -- [QEMU] QEMU-ARGS...",
         description="Start N QEMU processes (-S -incoming defer, own QMP sockets in "
-        "--dir), restore SNAPSHOT into each, wipe each before it runs, and print a "
-        "table of PIDs, sockets and pages wiped. Progress goes to stderr. On any "
-        "failure every QEMU started is killed. `{i}` in a QEMU argument becomes the clone "
-        "index (per-clone serial sockets, logs, overlays).",
+        "--dir), restore SNAPSHOT into each and wipe it while it is paused (-j at a "
+        "time), then, once every clone is wiped and verified, cont them all together "
+        "(--paused: leave them all paused), and print a table of PIDs, sockets and pages "
+        "wiped. Progress goes to stderr (-q silences it). On any failure every QEMU "
+        "started is killed, so no clone ever ran. `{i}` in a QEMU argument becomes the "
+        "clone index (per-clone serial sockets, logs, overlays).\n\n" + RESUME_RULE,
     )
     p.add_argument("snapshot", nargs="?", help="saved migration stream")
     template_cmds.add_clone_template_arguments(p)
     p.add_argument("-n", type=positive_int, default=1, help="number of clones (default 1)")
-    p.add_argument("--resume", action="store_true", help="cont each clone after its wipe")
+    add_resume(p, "the clones")
     p.add_argument("-j", "--jobs", type=positive_int, metavar="J",
                    help="clones prepared at a time (default: one per CPU, at most N)")
     p.add_argument("--dir", help="directory for QMP sockets and logs (default: a new temp dir)")
@@ -391,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vmwipe",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Zero the guest pages a vmwipe table lists before a restored or cloned VM "
-        "runs. The VM is resumed only after a verified wipe.",
+        "runs. The VM is resumed only after a verified wipe.\n\n" + RESUME_RULE,
         epilog=exit_code_help(),
     )
     parser.add_argument(
@@ -434,6 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     if args.quiet and not args.verbose:
         level = logging.ERROR
+    progress.configure(progress.mode_for(args.quiet))
     logging.basicConfig(level=level, format="vmwipe: %(levelname)s: %(message)s")
     if args.verbose < 2:
         # above CRITICAL: qemu.qmp logs a multi-line traceback at CRITICAL when a peer
@@ -453,6 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # stdout closed early (e.g. `| head`): the work itself is done
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        err = os_error(e)  # a path the user gave that no earlier check caught
     except Exception as e:  # a bug: still one line (traceback with -v); the VM stays paused
         log.info("internal error", exc_info=True)
         err = AgentError(f"internal error: {type(e).__name__}: {e} (run with -v for a traceback)")

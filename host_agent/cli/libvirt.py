@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import LibvirtFailure
+from ..errors import LibvirtFailure, UsageError
 from ..libvirt.flows import (
     DomainWipe,
     connect,
@@ -28,7 +29,14 @@ from ..libvirt.flows import (
 from ..libvirt.paths import APPARMOR_LOCAL, HOOKS_DIR, STATE_DIR
 from ..wipe.backends import BACKENDS
 from ..wipe.engine import ON_INVALID
-from .options import REQUIRE_CRNG_HELP, byte_size, common
+from .options import (
+    REQUIRE_CRNG_HELP,
+    RESUME_RULE,
+    add_resume,
+    byte_size,
+    common,
+    input_file,
+)
 
 if TYPE_CHECKING:
     from ..flows.target import AgentOptions
@@ -169,25 +177,30 @@ def _emit(args: argparse.Namespace, res: DomainWipe) -> int:
     for w in res.warnings:
         print(f"warning: {w}")
     if res.wipe is not None:
-        print("resumed" if res.resumed else f"domain {res.domain} left paused (--no-resume)")
+        print("resumed" if res.resumed else f"domain {res.domain} left paused (--paused)")
     return 0
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:
-    xml = Path(args.xml).read_text() if args.xml else None
+    xml = Path(input_file(args.xml, "--xml")).read_text() if args.xml else None
+    # libvirtd reads FILE (as its own user, so only its existence is ours to check, and
+    # only on this host); else a missing file is "libvirt refused" with a long reason
+    local = args.connect is None or args.connect.startswith("qemu:///")
+    if local and not os.path.lexists(args.file):
+        raise UsageError(f"save image {args.file}: no such file")
     conn = connect(args.connect)
-    return _emit(args, restore_file(conn, args.file, _opts(args), not args.no_resume, xml))
+    return _emit(args, restore_file(conn, args.file, _opts(args), not args.paused, xml))
 
 
 def _cmd_revert(args: argparse.Namespace) -> int:
     conn = connect(args.connect)
     return _emit(args, revert_snapshot(conn, args.domain, args.snapshot, _opts(args),
-                                       not args.no_resume))
+                                       not args.paused))
 
 
 def _cmd_start(args: argparse.Namespace) -> int:
     conn = connect(args.connect)
-    return _emit(args, start_domain(conn, args.domain, _opts(args), not args.no_resume))
+    return _emit(args, start_domain(conn, args.domain, _opts(args), not args.paused))
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -256,7 +269,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=_cmd_uninstall_hook)
 
     wipe = argparse.ArgumentParser(add_help=False)
-    wipe.add_argument("--no-resume", action="store_true", help="leave the domain paused")
+    add_resume(wipe, "the domain")
     wipe.add_argument("--backend", choices=BACKENDS, default="auto", help="memory backend")
     wipe.add_argument("--on-invalid", choices=ON_INVALID, default="fail",
                       help="see `vmwipe wipe --help`")
@@ -266,19 +279,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = lsub.add_parser("restore", parents=[conn, wipe], help="restore a save image, wipe, resume",
                         description="virDomainRestoreFlags(FILE, PAUSED), wipe through libvirt's "
                         "monitor and the QEMU PID, then resume. On failure the domain stays "
-                        "paused.")
+                        "paused. " + RESUME_RULE)
     p.add_argument("file", help="save image from `virsh save`")
     p.add_argument("--xml", help="alternative domain XML for the restore")
     p.set_defaults(func=_cmd_restore)
 
     p = lsub.add_parser("revert", parents=[conn, wipe], help="revert to a snapshot, wipe, resume",
-                        description="revertToSnapshot(REVERT_PAUSED), wipe, resume.")
+                        description="revertToSnapshot(REVERT_PAUSED), wipe, resume. "
+                        + RESUME_RULE)
     p.add_argument("domain")
     p.add_argument("snapshot")
     p.set_defaults(func=_cmd_revert)
 
     p = lsub.add_parser("start", parents=[conn, wipe], help="start from managed save, wipe, resume",
                         description="Start a domain from its managed save image paused, wipe, "
-                        "resume. Without a managed save image this is a plain boot.")
+                        "resume. Without a managed save image this is a plain boot. "
+                        + RESUME_RULE)
     p.add_argument("domain")
     p.set_defaults(func=_cmd_start)

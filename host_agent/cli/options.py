@@ -8,6 +8,8 @@ suffix says otherwise, like QEMU's `size=` and `addr=` properties.
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 from typing import NoReturn
 
 from vmwipe.protocol import Region, parse_size
@@ -100,3 +102,75 @@ def check_region(base: int, size: int, flags: str = "--base/--size") -> Region:
     if (problem := region_problem(region)) is not None:
         raise UsageError(f"{flags}: {problem}")
     return region
+
+
+#: The one resume rule of every command that loads or wipes a VM, said in each --help.
+RESUME_RULE = ("Like virsh (restore, start, snapshot-revert), the VM runs when the command "
+               "succeeds: it is resumed (cont) after a verified wipe; --paused leaves it "
+               "paused. It is never resumed after a failure.")
+
+
+def add_resume(p: argparse.ArgumentParser, what: str = "the VM") -> None:
+    """`--paused` (and the pre-0.2 spellings, hidden) on a command that loads or wipes a VM.
+
+    One rule for restore, loadvm, wipe, save, clone and libvirt restore|start|revert:
+    resume by default, as virsh does, because the wipe is what makes resuming safe and a
+    paused VM after a successful command is the surprise; `--paused` is virsh's flag.
+    """
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--paused", action="store_true",
+                   help=f"leave {what} paused when the command succeeds (default: {what} runs)")
+    g.add_argument("--no-resume", dest="paused", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--resume", dest="paused", action="store_false", help=argparse.SUPPRESS)
+
+
+def _reason(e: OSError) -> str:
+    """`No such file or directory` as `no such file or directory`, without `[Errno 2]`."""
+    return (e.strerror or type(e).__name__).lower()
+
+
+def input_file(path: str, what: str, *, write: bool = False) -> str:
+    """`path` must be an existing non-directory this user may read (and write): else a
+    usage error that names it, before any VM or file is touched."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UsageError(f"{what} {path}: {_reason(e)}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{what} {path} is a directory, not a file")
+    if not os.access(path, os.R_OK | (os.W_OK if write else 0)):
+        need = "read and write" if write else "read"
+        raise UsageError(f"{what} {path}: permission denied (this user may not {need} it)")
+    return path
+
+
+def input_dir(path: str, what: str) -> str:
+    """`path` must be an existing directory this user may read."""
+    if not os.path.isdir(path):
+        reason = "not a directory" if os.path.exists(path) else "no such directory"
+        raise UsageError(f"{what} {path}: {reason}")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise UsageError(f"{what} {path}: permission denied")
+    return path
+
+
+def output_file(path: str, what: str) -> str:
+    """`path` will be written: its directory must exist (nothing is created for it) and
+    it must not be a directory."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{what} {path}: directory {parent} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a directory, not a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path}: permission denied (cannot create files in {parent})")
+    return path
+
+
+def os_error(e: OSError) -> UsageError:
+    """An OSError that escaped a command, as the one-line usage error it usually is
+    (a file the user named is missing or not accessible)."""
+    what = f"{e.filename}: " if e.filename else ""
+    if isinstance(e, PermissionError):
+        return UsageError(f"{what}permission denied (run as a user who may access it)")
+    return UsageError(f"{what}{_reason(e)}")

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
-from ..snapshot.scrub import ScrubReport, scrub_file, stderr_progress
-from .options import common, mem_size, region_type
+from ..snapshot.scrub import ScrubReport, scrub_file
+from .options import common, input_file, mem_size, region_type
 
 if TYPE_CHECKING:
     from ..flows.save_scrub import SaveMonitor, SaveScrubReport
@@ -65,12 +64,13 @@ def _cmd_scrub(args: argparse.Namespace) -> int:
     if args.sidecar and (args.machine or args.mem):
         raise UsageError("give either --sidecar or --machine/--mem, not both")
     mem = args.mem
-    verbose = getattr(args, "verbose", 0) or 0
+    input_file(args.file, "saved VM", write=not args.dry_run)
+    if args.sidecar:
+        input_file(args.sidecar, "--sidecar")
     rep = scrub_file(
         args.file, machine=args.machine, mem=mem, sidecar=args.sidecar, region=args.region,
         strict=args.on_invalid == "fail", dry_run=args.dry_run, bump=not args.no_bump,
-        progress=stderr_progress if (verbose or sys.stderr.isatty()) else None,
-    )
+    )  # progress: the reading walk reports to vmwipe.host_agent.progress
     if args.json:
         d: dict[str, Any] = rep.to_dict()
         print(json.dumps(d, indent=2))
@@ -143,13 +143,13 @@ def _human_save(rep: SaveScrubReport) -> str:
 
 
 def run_save_scrub(args: argparse.Namespace, session: SaveMonitor) -> int:
-    """The body of `vmwipe save --scrub`: args has to, region, resume, timeout, json."""
+    """The body of `vmwipe save --scrub`: args has to, region, paused, timeout, json."""
     from ..flows.save_scrub import save_scrubbed
 
     rep = save_scrubbed(
         session, args.to, region=getattr(args, "region", None),
         strict=getattr(args, "on_invalid", "fail") == "fail",
-        resume=bool(getattr(args, "resume", False)),
+        resume=not getattr(args, "paused", True),
         timeout=float(getattr(args, "timeout", 600.0)),
         bump=not getattr(args, "no_bump", False),
     )

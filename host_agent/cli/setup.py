@@ -17,15 +17,13 @@ from vmwipe.protocol import encode_ssdt
 from ..atomic import write_atomic
 from ..errors import UsageError
 from ..qemu.vmconfig import DEFAULT_BASE, LOW_RAM_LIMIT, choose_region, write_vm_config
-from .options import byte_size, check_region, common, mem_size
+from .options import byte_size, check_region, common, mem_size, output_file
 
 
 def _cmd_ssdt(args: argparse.Namespace) -> int:
     base, size = check_region(args.base, args.size)
     data = encode_ssdt(base, size)
-    out = Path(args.output)
-    if not out.parent.is_dir():  # like cp: name a file in a directory that exists
-        raise UsageError(f"-o {out}: directory {out.parent} does not exist")
+    out = Path(output_file(args.output, "-o"))  # like cp: into a directory that exists
     write_atomic(out, data)
     if args.json:
         print(json.dumps({"path": str(out.resolve()), "base": base, "size": size,

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import TYPE_CHECKING
 
 from ..errors import UsageError, exit_code_help
+from .options import input_dir, input_file, output_file
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -32,6 +34,8 @@ def run_template(args: argparse.Namespace, opts: AgentOptions) -> int:
     if args.from_state is not None:
         if not args.ram or not args.qemu_args:
             raise UsageError("--from needs --ram FILE and the template QEMU's arguments after --")
+        input_file(args.from_state, "--from")
+        output_file(args.ram, "--ram")
         _restored, rep, manifest = template_from_state(args.from_state, args.qemu_args,
                                                        args.ram, args.dir, opts)
     else:
@@ -51,6 +55,7 @@ def run_template(args: argparse.Namespace, opts: AgentOptions) -> int:
 
 
 def run_clone_template(args: argparse.Namespace, opts: AgentOptions) -> int:
+    from ..flows.fleet import stderr_progress
     from ..flows.template_clone import clone_template_flow
 
     qemu = list(args.qemu_args)
@@ -58,11 +63,14 @@ def run_clone_template(args: argparse.Namespace, opts: AgentOptions) -> int:
         raise UsageError("clone needs the QEMU arguments after --")
     if args.snapshot:
         raise UsageError("give either SNAPSHOT or --template, not both")
+    input_dir(args.template, "--template")
+    input_file(os.path.join(args.template, "manifest.json"), "template manifest")
     if args.qemu:
         qemu.insert(0, args.qemu)
     res = clone_template_flow(args.template, args.n, qemu, opts, directory=args.dir,
-                              do_resume=args.resume, check_digest=not args.skip_digest,
-                              jobs=args.jobs)
+                              do_resume=not args.paused, check_digest=not args.skip_digest,
+                              jobs=args.jobs,
+                              progress=(lambda _m: None) if args.quiet else stderr_progress)
     if args.json:
         print(json.dumps(res.to_dict() | {"template": res.template,
                                           "digest_checked": res.digest_checked}, indent=2))

@@ -15,7 +15,7 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 
-from ..errors import MigrationError, UsageError
+from ..errors import UsageError
 from ..private import private_dir
 from ..qemu.qmp import QMPSession
 from .fleet import CloneSet, default_jobs, run_fleet, stderr_progress
@@ -45,7 +45,8 @@ def clone_flow(
     if count < 1:
         raise UsageError("-n must be at least 1")
     if not os.path.isfile(snapshot):
-        raise MigrationError(f"saved state {snapshot} does not exist")
+        raise UsageError(f"saved state {snapshot}: no such file")
+    # only now: a refused command leaves no empty vmwipe-clone-* directory behind
     directory = (str(private_dir(directory, "clone directory")) if directory
                  else tempfile.mkdtemp(prefix="vmwipe-clone-"))
     result = CloneSet(directory)

@@ -6,9 +6,10 @@ paused in the same way whatever stream it reads.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..errors import MigrationError, QMPCommandError, QMPFailure, StreamError, VMStateError
 from ..qemu.qmp import QMPSession
@@ -83,8 +84,36 @@ def finish_incoming(session: QMPSession, uri: str, path: str, warnings: list[str
     return True
 
 
+def load_position(pid: int, path: str) -> int | None:
+    """How far QEMU (or its `exec:cat` child) has read `path`, from /proc's fdinfo.
+
+    None when no open file of theirs is `path` or its offset says nothing (mapped-ram
+    loads with pread): progress then shows the time only.
+    """
+    target = os.path.realpath(path)
+    pids = [pid]
+    with contextlib.suppress(OSError, ValueError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                pids += [int(c) for c in f.read().split()]
+    for p in pids:
+        try:
+            fds = os.listdir(f"/proc/{p}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError, ValueError):
+                if os.readlink(f"/proc/{p}/fd/{fd}") == target:
+                    with open(f"/proc/{p}/fdinfo/{fd}") as f:
+                        pos = int(f.readline().split()[1])  # "pos:\t<offset>"
+                    if pos:
+                        return pos
+    return None
+
+
 def load_incoming(session: QMPSession, uri: str, timeout: float, phases: Phases | None = None,
-                  capabilities: Sequence[str] = ("events",)) -> None:
+                  capabilities: Sequence[str] = ("events",),
+                  tick: Callable[[], object] | None = None) -> None:
     """`migrate-incoming` from `uri` into an `-S -incoming defer` QEMU; returns once the
     load completed and QEMU is paused, raises otherwise.
 
@@ -93,7 +122,8 @@ def load_incoming(session: QMPSession, uri: str, timeout: float, phases: Phases 
     stream saved from a running VM is loaded, before any wipe; `stop` in the
     inmigrate state clears that autostart (qmp_stop), so the load always ends
     paused.  Capabilities and `stop` share one round trip; `migrate-incoming` waits
-    for both to have succeeded, so a refused `stop` never leads to a load.
+    for both to have succeeded, so a refused `stop` never leads to a load.  `tick`
+    runs between polls while the load goes on (progress).
     """
     session.clear_events()
     caps = [{"capability": c, "state": True} for c in capabilities]
@@ -104,7 +134,7 @@ def load_incoming(session: QMPSession, uri: str, timeout: float, phases: Phases 
     session.cmd("migrate-incoming", {"uri": uri})
     if phases is not None:
         phases.mark("start")
-    state = wait_incoming_done(session, timeout)
+    state = wait_incoming_done(session, timeout, tick)
     # QEMU sets the run state and then "completed" in one bottom half; poll in case
     # a version ever lets a client see the gap.
     mig = session.wait_until(

@@ -16,11 +16,12 @@ from typing import Any
 from vmwipe.protocol import HeaderError, SlotError, decode_table
 
 from ..errors import MigrationError, VMStateError
+from ..progress import task
 from ..qemu.qmp import QMPSession
 from ..timing import Phases
 from ..wipe.crng import crng_report
 from ..wipe.engine import read_region, run_wipe
-from .incoming import finish_incoming, load_incoming, prepare_incoming
+from .incoming import finish_incoming, load_incoming, load_position, prepare_incoming
 from .migration import migration_status
 from .report import FlowReport, new_report, state_after
 from .runstate import require_paused, resume
@@ -153,9 +154,13 @@ def _load_then_wipe(
 
 
 def restore_flow(
-    session: QMPSession, opts: AgentOptions, path: str, do_resume: bool = True
+    session: QMPSession, opts: AgentOptions, path: str, do_resume: bool = True,
+    show_progress: bool = False,
 ) -> FlowReport:
-    """migrate-incoming from FILE into a `-S -incoming defer` QEMU, wipe, then cont."""
+    """migrate-incoming from FILE into a `-S -incoming defer` QEMU, wipe, then cont.
+
+    `show_progress`: the load's progress as `progress.configure` chose (the restore
+    command; not the clones of a fleet, which report one line per clone)."""
     phases = Phases()
     rep = new_report("restore", session)
     rep.state_before = session.status()
@@ -169,9 +174,14 @@ def restore_flow(
 
     def load() -> None:
         uri = prepare_incoming(session, path)
-        load_incoming(session, uri, opts.timeout, phases)
+        size = os.path.getsize(path)
+        with task("restore", size, enabled=show_progress) as t:
+            load_incoming(session, uri, opts.timeout, phases,
+                          tick=(lambda: t.update(load_position(session.pid, path) or 0))
+                          if show_progress else None)
+            t.update(size)
         rep.extra["uri"] = uri
-        rep.extra["bytes"] = os.path.getsize(path)
+        rep.extra["bytes"] = size
         rep.extra["mapped_ram"] = finish_incoming(session, uri, path, rep.warnings)
 
     return _load_then_wipe(session, opts, rep, phases, do_resume, load)

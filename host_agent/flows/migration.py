@@ -12,7 +12,9 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
+from ..progress import Task
 from ..qemu.monitor import Monitor
 
 log = logging.getLogger(__name__)
@@ -48,18 +50,24 @@ def full_bandwidth(mon: Monitor) -> Iterator[None]:
 
 
 def wait_migration(mon: Monitor, timeout: float, pause: Callable[[], object],
-                   abort: Callable[[], bool] | None = None) -> tuple[str, bool]:
+                   abort: Callable[[], bool] | None = None,
+                   on_info: Callable[[dict[str, Any]], object] | None = None
+                   ) -> tuple[str, bool]:
     """Poll until the migration is completed, failed or cancelled; (status, timed out).
 
     On the deadline, or once `abort()` says so, `migrate_cancel` is sent (once) and
     the wait goes on until QEMU reports the end, for at most `CANCEL_GRACE` more
-    seconds.  `pause()` waits between polls (an event wait, or a short sleep).
+    seconds.  `pause()` waits between polls (an event wait, or a short sleep);
+    `on_info` sees each `query-migrate` answer (progress: its `ram` counters).
     """
     deadline = time.monotonic() + timeout
     cancelled_at: float | None = None
     timed_out = False
     while True:
-        status = migration_status(mon)
+        info = mon.cmd("query-migrate")
+        status = str(info.get("status", "none"))
+        if on_info is not None:
+            on_info(info)
         if status in FINAL_STATES:
             return status, timed_out
         now = time.monotonic()
@@ -71,6 +79,14 @@ def wait_migration(mon: Monitor, timeout: float, pause: Callable[[], object],
         elif now - cancelled_at > CANCEL_GRACE:
             return status, timed_out
         pause()
+
+
+def ram_progress(t: Task) -> Callable[[dict[str, Any]], None]:
+    """An `on_info` for `wait_migration` that moves `t` by the RAM bytes sent so far."""
+    def on_info(info: dict[str, Any]) -> None:
+        ram = info.get("ram") or {}
+        t.update(int(ram.get("transferred", 0)), int(ram.get("total", 0)) or None)
+    return on_info
 
 
 def error_desc(mon: Monitor) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from ..errors import MigrationError, QMPCommandError, QMPFailure, VMStateError
 from ..qemu.qmp import QMPSession
@@ -17,10 +18,15 @@ from .target import PAUSED_STATES
 log = logging.getLogger(__name__)
 
 
-def wait_incoming_done(session: QMPSession, timeout: float) -> str:
-    """Wait while QEMU is `inmigrate`; return the run state after loading ended."""
+def wait_incoming_done(session: QMPSession, timeout: float,
+                       tick: Callable[[], object] | None = None) -> str:
+    """Wait while QEMU is `inmigrate`; return the run state after loading ended.
+
+    `tick` runs once per poll (the restore's progress)."""
     deadline = time.monotonic() + timeout
     while True:
+        if tick is not None:
+            tick()
         state = session.status()
         if state != "inmigrate":
             return state
@@ -54,7 +60,8 @@ def require_paused(session: QMPSession, timeout: float) -> str:
             "the VM is running; stop it first (a running guest cannot be wiped safely)"
         )
     if state not in PAUSED_STATES:
-        raise VMStateError(f"the VM is in state {state!r}; expected one of {sorted(PAUSED_STATES)}")
+        raise VMStateError(f"the VM is in state {state}; expected one of "
+                           f"{', '.join(sorted(PAUSED_STATES))}")
     return state
 
 

@@ -12,12 +12,13 @@ import shlex
 
 from ..errors import MigrationError, QMPCommandError, QMPFailure, RegionError, VMStateError
 from ..private import private_output
+from ..progress import task
 from ..qemu.qmp import QMPSession
 from ..snapshot.sidecar import sidecar_path, write_sidecar
 from ..timing import Phases
 from ..wipe.memmap import load_memory_map
 from .incoming import mapped_ram_offered, set_capability
-from .migration import error_desc, full_bandwidth, wait_migration
+from .migration import error_desc, full_bandwidth, ram_progress, wait_migration
 from .report import FlowReport, new_report, state_after
 from .target import AgentOptions, locate_region, shared_blocks
 
@@ -72,8 +73,10 @@ def save_uri(session: QMPSession, path: str, mapped_ram: bool,
 def migrate_to_file(session: QMPSession, path: str, uri: str, timeout: float) -> None:
     """Run the migration to `uri` at full bandwidth until it completed; MigrationError else."""
     session.cmd("migrate", {"uri": uri})
-    status, timed_out = wait_migration(
-        session, timeout, lambda: session.wait_event("MIGRATION", 0.1))
+    with task("save") as t:
+        status, timed_out = wait_migration(
+            session, timeout, lambda: session.wait_event("MIGRATION", 0.1),
+            on_info=ram_progress(t))
     if timed_out:
         raise MigrationError(f"save to {path} did not finish in {timeout:g} s")
     if status != "completed":

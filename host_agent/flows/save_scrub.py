@@ -55,6 +55,7 @@ from vmwipe.protocol import (
 from ..atomic import fsync_dir
 from ..errors import InvalidTableError, MigrationError, VMStateError
 from ..private import temp_beside
+from ..progress import task
 from ..qemu.monitor import Monitor
 from ..qemu.region import discover_region, read_cmdline
 from ..snapshot.migstream import (
@@ -69,7 +70,7 @@ from ..snapshot.sidecar import sidecar_path, write_sidecar
 from ..timing import Phases
 from ..wipe.crng import CrngReport, crng_report
 from ..wipe.memmap import GuestMemoryMap, load_memory_map
-from .migration import error_desc, full_bandwidth, wait_migration
+from .migration import error_desc, full_bandwidth, ram_progress, wait_migration
 
 log = logging.getLogger(__name__)
 
@@ -328,8 +329,10 @@ def _filtered_migration(session: SaveMonitor, path: str, plan: _Plan, timeout: f
             finally:
                 os.close(w)  # QEMU holds its own copy; the reader sees EOF when QEMU closes it
             session.cmd("migrate", {"uri": f"fd:{FD_NAME}"})
-            status, _timed_out = wait_migration(session, timeout, lambda: time.sleep(0.02),
-                                                abort=lambda: "error" in result)
+            with task("save --scrub") as t:
+                status, _timed_out = wait_migration(session, timeout, lambda: time.sleep(0.02),
+                                                    abort=lambda: "error" in result,
+                                                    on_info=ram_progress(t))
             thread.join(timeout)
             if "error" in result:
                 raise MigrationError(f"scrubbing save aborted: {result['error']}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,7 +160,8 @@ def qemu_pid_of(name: str, run_dir: Path = RUN_DIR) -> int:
         with open(path) as f:
             pid = int(f.read().strip())
     except (OSError, ValueError) as e:
-        raise RegionError(f"cannot read QEMU pid file {path}: {e}") from None
+        raise RegionError(f"cannot read QEMU pid file {path}: "
+                          f"{e.strerror if isinstance(e, OSError) else 'not a PID'}") from None
     argv = read_cmdline(pid)
     names = option_values(argv, "name")
     if not any(f"guest={name}," in v + "," or v == name for v in names):
@@ -170,9 +172,16 @@ def qemu_pid_of(name: str, run_dir: Path = RUN_DIR) -> int:
 # --- API-driven flows --------------------------------------------------------------------
 
 
+def _quiet(_ctx: object, _err: object) -> None:
+    """libvirt's error callback: print nothing (the libvirtError we raise says it once)."""
+
+
 def connect(uri: str | None) -> Any:
     import libvirt
 
+    # libvirt's default handler prints every error to stderr ("libvirt: ... error : ...")
+    # before the call raises: our one-line error would be its second or third line
+    libvirt.registerErrorHandler(_quiet, None)
     try:
         return libvirt.open(uri)
     except libvirt.libvirtError as e:
@@ -185,11 +194,16 @@ def lookup(conn: Any, name: str) -> Any:
 
     try:
         return conn.lookupByName(name)
-    except libvirt.libvirtError:
-        try:
-            return conn.lookupByUUIDString(name)
-        except libvirt.libvirtError as e:
-            raise LibvirtFailure(f"no domain {name!r}: {one_line(e)}") from None
+    except libvirt.libvirtError as e:
+        err = e  # the reason to report, unless NAME is a UUID (virsh's order too)
+    try:
+        uuid.UUID(name)
+    except ValueError:
+        raise LibvirtFailure(f"domain {name}: {one_line(err)}") from None
+    try:
+        return conn.lookupByUUIDString(name)
+    except libvirt.libvirtError as e:
+        raise LibvirtFailure(f"domain {name}: {one_line(e)}") from None
 
 
 def wipe_domain(dom: Any, opts: AgentOptions, reason: str, do_resume: bool) -> DomainWipe:

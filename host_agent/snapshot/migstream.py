@@ -620,7 +620,7 @@ def _read_idstr(src: Source, what: str) -> str:
         return raw.decode("ascii")
     except UnicodeDecodeError:
         raise StreamError(f"corrupt stream: {what} at offset {src.pos - n:#x} is not ASCII: "
-                          f"{raw[:32]!r}") from None
+                          f"bytes {raw[:32].hex(' ')}") from None
 
 
 # --------------------------------------------------------------------------------------
@@ -671,8 +671,8 @@ class StreamWalker:
         src = self.src
         magic = src.read(4, "QEVM magic")
         if magic != QEVM_MAGIC:
-            raise StreamError(f"not a QEMU migration stream: magic {magic!r} at offset "
-                              f"{src.pos - 4:#x} (expected b'QEVM')")
+            raise StreamError(f"not a QEMU migration stream: magic {magic.hex(' ')} at offset "
+                              f"{src.pos - 4:#x} (expected QEVM)")
         (version,) = struct.unpack(">I", src.read(4, "stream version"))
         if version != QEVM_VERSION:
             raise StreamError(f"unsupported migration stream version {version} (expected 3)")
@@ -1037,8 +1037,9 @@ def index_stream(mm: mmap.mmap | bytes, start: int = 0, end: int | None = None, 
     if end - start < 8:
         raise StreamError(f"not a QEMU migration stream: only {end - start} bytes")
     if bytes(mm[start:start + 4]) != QEVM_MAGIC:
-        raise StreamError(f"not a QEMU migration stream: magic {bytes(mm[start:start + 4])!r} "
-                          f"at offset {start:#x} (expected b'QEVM')")
+        raise StreamError(f"not a QEMU migration stream: magic "
+                          f"{bytes(mm[start:start + 4]).hex(' ')} at offset {start:#x} "
+                          "(expected QEVM)")
     try:
         return _index_stream(mm, start, end, trailing_zeros_ok, progress, native)
     except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError,

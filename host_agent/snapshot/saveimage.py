@@ -90,7 +90,7 @@ def parse_header(data: bytes, file_size: int | None = None) -> SaveImageHeader:
         raise StreamError("incomplete libvirt save image (magic LibvirtQemudPart): "
                           "the save never finished")
     if magic != MAGIC:
-        raise StreamError(f"not a libvirt save image: magic {magic!r}")
+        raise StreamError(f"not a libvirt save image: magic {bytes(magic).hex(' ')}")
     native = sys.byteorder
     order = [native, "big" if native == "little" else "little"]
     for endian in order:

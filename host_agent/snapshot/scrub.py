@@ -63,6 +63,7 @@ from ..errors import (
     StreamError,
     UsageError,
 )
+from ..progress import task
 from ..wipe.crng import CrngReport, crng_report
 from ..wipe.memmap import GuestMemoryMap
 from .machine import machine_kind, machine_layout, smram_candidates, without_holes
@@ -299,15 +300,18 @@ def _open_stream(mm: mmap.mmap | bytes, progress: Progress | None
     elif head[:4] == b"QEVM":
         start, container = 0, "qemu"
     else:
-        raise StreamError(f"not a QEMU migration stream or libvirt save image: starts with "
-                          f"{head[:16]!r}")
+        raise StreamError("not a QEMU migration stream or libvirt save image (no QEVM or "
+                          "libvirt magic at its start)")
 
-    def walk_progress(pos: int) -> None:
-        if progress is not None:
-            progress(f"scrub: read {pos >> 20} of {size >> 20} MiB")
+    with task("scrub: reading", size) as t:
+        def walk_progress(pos: int) -> None:
+            t.update(pos)
+            if progress is not None:
+                progress(f"scrub: read {pos >> 20} of {size >> 20} MiB")
 
-    idx = index_stream(mm, start, size, trailing_zeros_ok=container == "libvirt",
-                       progress=walk_progress if size >= PROGRESS_MIN_FILE else None)
+        idx = index_stream(mm, start, size, trailing_zeros_ok=container == "libvirt",
+                           progress=walk_progress if size >= PROGRESS_MIN_FILE else None)
+        t.update(size)
     return idx, container
 
 
