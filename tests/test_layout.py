@@ -30,7 +30,7 @@ PKG = "vmwipe.host_agent"
 #: import each other (that is what keeps qemu/ and wipe/ apart).
 LAYERS = {
     "__init__": 0, "errors": 0, "atomic": 0, "timing": 0, "progress": 0,
-    "qemu": 1, "wipe": 1,
+    "qemu": 1, "wipe": 1, "private": 1,
     "snapshot": 2,
     "flows": 3,
     "libvirt": 4,
