@@ -6,10 +6,16 @@ set -euo pipefail
 # apparmor: its parser compiles the rules `vmwipe libvirt install-hook` writes
 # (tests/test_libvirt_unit.py); nothing is loaded into a kernel.
 # xfsprogs: mkfs.xfs for the reflink scrub test (tests/test_scrub_reflink.py, a loop-mounted image).
+# The rest of the second block: `make deb` (Debian's packaging tools and the Build-Depends
+# in debian/control) and the package tests (debootstrap, zstd for the cached roots;
+# checkpolicy and selinux-policy-dev compile the SELinux module, tests/test_packaging.py).
 packages=(qemu-system-x86 qemu-utils linux-image-amd64 linux-headers-amd64 busybox-static
           libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc make cpio
           acpica-tools python3-venv python3-dev libc6-dev sparse
-          android-libboringssl apparmor xfsprogs)
+          android-libboringssl apparmor xfsprogs
+          dpkg-dev fakeroot debhelper dh-python dh-dkms pybuild-plugin-pyproject
+          python3-all-dev python3-setuptools python3-wheel python3-construct python3-shtab
+          python3-tqdm python3-argparse-manpage debootstrap zstd checkpolicy selinux-policy-dev)
 
 missing=()
 for p in "${packages[@]}"; do
