@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml setup.py host_agent/wipe/_pages.c host_agent/snapshot/_ramwalk.c | cksum | cut -d" " -f1)
 
-.PHONY: setup system-packages test test-fast test-debian13 test-packages kernel-matrix deb demo bench lint abi kmod kmod-check fuzz clean
+.PHONY: setup system-packages test test-fast test-debian13 test-packages kernel-matrix deb man completion demo bench lint abi kmod kmod-check fuzz clean
 
 setup: system-packages $(STAMP)
 
@@ -47,6 +47,14 @@ test-packages: setup
 # MATRIX_ARGS="--only 7.3.4+deb13-amd64 --no-boot", "--update-doc".
 kernel-matrix: setup
 	$(BIN)/python -m vmwipe.lab.matrix $(MATRIX_ARGS)
+
+# Man pages (build/man/vmwipe.1 and one vmwipe-CMD.1 per command) and the bash completion
+# (build/completion/vmwipe), both generated from the argparse definitions; the .deb ships them.
+man: setup
+	$(BIN)/python -m vmwipe.host_agent.cli.manpage build/man
+
+completion: setup
+	$(BIN)/python -m vmwipe.host_agent.cli.completion build/completion/vmwipe
 
 demo: setup
 	$(BIN)/python examples/demo.py

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -252,3 +253,69 @@ def test_libvirt_errors_are_one_line_with_the_real_reason(argv: list[str]) -> No
     run = vmwipe("libvirt", *argv, "-c", "test:///default")
     assert run.returncode == 14, run.stderr
     assert run.stderr == f"vmwipe: error: domain {argv[1]}: Domain not found\n", run.stderr
+
+
+# --- vmwipe libvirt status ----------------------------------------------------------------
+
+
+def test_libvirt_status_of_a_protected_domain(tmp_path: Path) -> None:
+    """libvirt's test driver (no daemon) holds a domain protected by the real XML edit; the
+    real hook, run as libvirtd runs it, refuses it (its monitor is not there) and logs that;
+    status reads both.  (tests/test_libvirt.py checks status after real hook wipes.)"""
+    libvirt = pytest.importorskip("libvirt")
+    from vmwipe.host_agent.libvirt.domain_xml import protect_xml
+    from vmwipe.host_agent.libvirt.status import domain_status, hook_installed
+
+    conn = libvirt.open("test:///default")
+    dom = conn.lookupByName("test")
+    old = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    state = Path(tempfile.mkdtemp(prefix="vw-"))  # short: the monitor socket path has a limit
+    try:
+        conn.defineXML(protect_xml(old, state, 1 << 20, "dimm").xml)
+    finally:
+        state.rmdir()
+    xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    log_dir = tmp_path / "log"
+    code = ("import sys; from vmwipe.host_agent.libvirt import hook; "
+            f"hook.LOG_DIR = __import__('pathlib').Path({str(log_dir)!r}); "
+            "sys.exit(hook.main(['test', 'started', 'begin', '-']))")
+    run = subprocess.run([sys.executable, "-c", code], input=xml.encode(), capture_output=True,
+                         timeout=60)
+    assert run.returncode == 1, run.stderr  # fail closed: no monitor, no start
+
+    st = domain_status(dom, log_dir / "hook.log")
+    assert st.protected and st.region is not None and st.region["size"] == 1 << 20
+    assert st.reservation.startswith("dimm (2048 KiB at ")
+    assert st.policies == {"on-invalid": "fail", "reset-guard": "required", "backend": "auto",
+                           "require-crng": "no"}
+    assert st.files == {"ssdt": False, "zero-page": False}  # protect_xml alone writes no file
+    assert st.running_protected is False  # the test domain runs since before the edit
+    assert st.last_hook_event is not None and st.last_hook_event.outcome == "refused"
+    assert "the guest is not allowed to run" in st.last_hook_event.message
+    text = "\n".join(st.lines())
+    assert text.startswith("test: protected (running), region 0x") and "refused" in text
+    assert hook_installed(tmp_path) is None
+    conn.close()
+
+
+def test_libvirt_status_cli_lists_every_domain() -> None:
+    pytest.importorskip("libvirt")
+    run = vmwipe("libvirt", "status", "-c", "test:///default", "--json")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert [d["domain"] for d in report["domains"]] == ["test"]
+    assert report["domains"][0]["protected"] is False
+    run = vmwipe("libvirt", "status", "nosuchdom", "-c", "test:///default")
+    assert run.returncode == 14 and run.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("head", [b"$\xe8\x1d\x00garbage", b"QEVM\x00\x00\x00\x03\xff\xfe"],
+                         ids=["not-a-stream", "corrupt-stream"])
+def test_stream_errors_show_no_python_reprs(tmp_path: Path, head: bytes) -> None:
+    """Before: "starts with b'$\\xe8\\x1d...'"."""
+    f = tmp_path / "vm.state"
+    f.write_bytes(head + bytes(8192))
+    run = vmwipe("scrub", str(f), "--dry-run")
+    assert run.returncode == 11 and run.stderr.count("\n") == 1, run.stderr
+    for repr_ in ("b'", "b\"", "\\x", "Errno"):
+        assert repr_ not in run.stderr, run.stderr

@@ -26,7 +26,7 @@ from ..libvirt.flows import (
     revert_snapshot,
     start_domain,
 )
-from ..libvirt.paths import APPARMOR_LOCAL, HOOKS_DIR, STATE_DIR
+from ..libvirt.paths import APPARMOR_LOCAL, HOOKS_DIR, LOG_DIR, STATE_DIR
 from ..wipe.backends import BACKENDS
 from ..wipe.engine import ON_INVALID
 from .options import (
@@ -203,6 +203,27 @@ def _cmd_start(args: argparse.Namespace) -> int:
     return _emit(args, start_domain(conn, args.domain, _opts(args), not args.paused))
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from ..libvirt.status import domain_status, hook_installed
+
+    conn = connect(args.connect)
+    doms = [lookup(conn, args.domain)] if args.domain else sorted(
+        conn.listAllDomains(0), key=lambda d: str(d.name()))
+    log = Path(args.hook_log)
+    states = [domain_status(d, log) for d in doms]
+    hook = hook_installed(Path(args.hooks_dir))
+    if args.json:
+        print(json.dumps({"hook": hook, "hook_log": str(log),
+                          "domains": [s.to_dict() for s in states]}, indent=2))
+        return 0
+    print(f"hook: {hook or 'NOT installed (vmwipe libvirt install-hook)'}; log {log}")
+    if not states:
+        print("no domains")
+    for s in states:
+        print("\n".join(s.lines()))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `vmwipe libvirt ...` to the `vmwipe` parser."""
     top = sub.add_parser("libvirt", help="libvirt integration: protect, hook, restore",
@@ -297,3 +318,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                         + RESUME_RULE)
     p.add_argument("domain")
     p.set_defaults(func=_cmd_start)
+
+    p = lsub.add_parser("status", parents=[conn], help="which domains are protected, and how",
+                        description="For DOMAIN, or every domain: protected or not, the region, "
+                        "how it is reserved, the hook's policies, whether the files exist, "
+                        "whether a running QEMU was started protected, and the hook's last "
+                        "event for it from the hook log. Changes nothing.")
+    p.add_argument("domain", nargs="?", help="domain name or UUID (default: all domains)")
+    p.add_argument("--hook-log", default=str(LOG_DIR / "hook.log"),
+                   help="the hook's log file (default %(default)s)")
+    p.add_argument("--hooks-dir", default=str(HOOKS_DIR),
+                   help="libvirt's hook directory (default %(default)s)")
+    p.set_defaults(func=_cmd_status)

@@ -143,6 +143,6 @@ def load_incoming(session: QMPSession, uri: str, timeout: float, phases: Phases 
         "the incoming migration to report its end",
     )
     if mig != "completed":
-        raise MigrationError(f"incoming migration ended as {mig!r}")
+        raise MigrationError(f"incoming migration ended as {mig}")
     if state == "running":
         raise VMStateError("the VM autostarted after loading (QEMU lacks -S); not wiped")

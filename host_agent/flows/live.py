@@ -54,7 +54,7 @@ def _wipe_and_maybe_resume(
             rep.resumed = True
             phases.mark("resume")
         elif (state := session.status()) not in PAUSED_STATES:
-            raise VMStateError(f"the VM left the paused state during the wipe (now {state!r})")
+            raise VMStateError(f"the VM left the paused state during the wipe (now {state})")
     finally:
         # after cont: unmapping a large populated mapping is slow; keep it off the pause
         target.close()
@@ -169,7 +169,7 @@ def restore_flow(
     if rep.state_before != "inmigrate" or migration_status(session) not in ("none", ""):
         raise VMStateError(
             f"QEMU must be started with -S -incoming defer and not be loading yet "
-            f"(state {rep.state_before!r})"
+            f"(state {rep.state_before})"
         )
 
     def load() -> None:

@@ -69,7 +69,7 @@ def resume(session: QMPSession) -> None:
     """`cont`, but only from a plain paused state (never during inmigrate)."""
     state = session.status()
     if state not in PAUSED_STATES:
-        raise VMStateError(f"not resuming: the VM is in state {state!r}")
+        raise VMStateError(f"not resuming: the VM is in state {state}")
     try:
         session.cmd("cont")
     except QMPCommandError:
