@@ -71,6 +71,11 @@ cat > "$tmp/VMFORK_NOTIFIER.c" <<'EOF'
 int vmwipe_probe(struct notifier_block *nb);
 int vmwipe_probe(struct notifier_block *nb) { return register_random_vmfork_notifier(nb); }
 EOF
+cat > "$tmp/PM_SLEEP_PTR.c" <<'EOF'
+#include <linux/pm.h>
+extern const struct dev_pm_ops *vmwipe_probe;
+const struct dev_pm_ops *vmwipe_probe = pm_sleep_ptr((const struct dev_pm_ops *)NULL);
+EOF
 cat > "$tmp/BLAKE2S_CTX.c" <<'EOF'
 #include <crypto/blake2s.h>
 unsigned long vmwipe_probe(void);

@@ -10,6 +10,7 @@
 #include <crypto/blake2s.h>
 #include <linux/mm.h>
 #include <linux/mmzone.h>
+#include <linux/pm.h>
 #include <linux/random.h>
 
 #include "compat-probed.h"
@@ -86,6 +87,11 @@ static inline int unregister_random_vmfork_notifier(struct notifier_block *nb)
 {
 	return 0;
 }
+#endif
+
+#ifndef VMWIPE_HAVE_PM_SLEEP_PTR
+/* 5.17, and only later 5.10 stable releases (5.10.0-46 has it, 5.10.0-43 not). */
+#define pm_sleep_ptr(_ptr) (IS_ENABLED(CONFIG_PM_SLEEP) ? (_ptr) : NULL)
 #endif
 
 /* The BLAKE2s state of random.c's input pool: struct blake2s_ctx from 6.19 on. */
