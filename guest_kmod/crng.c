@@ -203,7 +203,8 @@ static const char *crng_find_vdso(struct device *dev, struct crng_objs *o)
 static void crng_snap(const struct crng_objs *o, struct crng_snap *s)
 {
 	s->jiffies = jiffies;
-	memcpy(&s->base, o->base, o->birth ? sizeof(s->base.birth) : sizeof(s->base.nobirth));
+	/* Enough for either layout, where kallsyms says the object is that large. */
+	memcpy(&s->base, o->base, min(o->base_size, sizeof(s->base)));
 	memcpy(&s->hash, &o->pool->hash, sizeof(s->hash));
 	if (o->vdso)
 		memcpy(&s->vdso, o->vdso, sizeof(s->vdso));
@@ -242,8 +243,8 @@ static bool crng_base_ok(const struct crng_objs *o, const struct crng_snap *a,
 static const char *crng_pool_check(const vmwipe_blake2s_t *a, const vmwipe_blake2s_t *b)
 {
 	static const u32 iv[8] = {
-		0x6A09E667, 0xBB67AE85, 0x3C6EF372, 0xA54FF53A,
-		0x510E527F, 0x9B05688C, 0x1F83D9AB, 0x5BE0CD19,
+		BLAKE2S_IV0, BLAKE2S_IV1, BLAKE2S_IV2, BLAKE2S_IV3,
+		BLAKE2S_IV4, BLAKE2S_IV5, BLAKE2S_IV6, BLAKE2S_IV7,
 	};
 	unsigned int i;
 
@@ -293,7 +294,7 @@ static void crng_close(void *unused)
 /* Find and check the objects; on success @o may be registered. */
 static const char *crng_find(struct device *dev, struct crng_objs *o)
 {
-	struct crng_snap before, after;
+	struct crng_snap before = { }, after = { };
 	const char *why = NULL;
 	unsigned long size;
 	int i;
