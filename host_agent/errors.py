@@ -166,7 +166,7 @@ class ProtectError(ValueError):
     """
 
 
-SUCCESS = "success (VM wiped or nothing registered; resumed only when asked)"
+SUCCESS = "success (VM wiped or nothing registered; resumed unless --paused)"
 
 
 def _codes() -> dict[int, str]:
