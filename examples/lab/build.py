@@ -136,10 +136,23 @@ def installed_kernels() -> list[Kernel]:
                                         k.release.replace("-", ".").replace("+", ".").split(".")])
 
 
+def kernel_cache() -> Path:
+    """Where scripts/fetch-kernel.sh unpacks kernels: $VMWIPE_KERNEL_CACHE or build/kernels."""
+    env = os.environ.get("VMWIPE_KERNEL_CACHE")
+    return Path(env) if env else source_root() / "build" / "kernels"
+
+
 def default_kernel() -> Kernel | None:
-    """VMWIPE_TEST_KERNEL if set, else the newest kernel we can both build for and boot."""
+    """VMWIPE_TEST_KERNEL if set, else the newest kernel we can both build for and boot.
+
+    VMWIPE_TEST_KERNEL names an installed kernel, or one that scripts/fetch-kernel.sh
+    unpacked with --image (the kernel matrix's, e.g. 7.3.4+deb13-amd64).
+    """
     env = os.environ.get("VMWIPE_TEST_KERNEL")
     if env:
+        fetched = Kernel(env, kernel_cache() / env)
+        if Kernel(env).missing() and (fetched.root / ".fetched-image").is_file():
+            return fetched
         return Kernel(env)
     kernels = installed_kernels()
     return kernels[-1] if kernels else None
