@@ -11,13 +11,19 @@ field), the same whole-RAM hash afterwards, and the VM still paused.
 
 from __future__ import annotations
 
+import json
+import os
 import struct
+import subprocess
+import sys
+import tempfile
 import zlib
 from collections.abc import Iterator
 
 import pytest
 from conftest import VM, qemu_available, run_cli, start_vm
 
+from vmwipe.host_agent.wipe.engine import FILL_CHUNK
 from vmwipe.protocol import (
     HEADER_CRC_LEN,
     PAGE_SIZE,
@@ -241,4 +247,40 @@ def test_fill_ranges_get_fresh_random_bytes_verified_and_committed(vm: VM) -> No
         for gpa, n in GOOD:
             assert vm.pmemsave(gpa, n * P) == bytes(n * P)
         assert struct.unpack("<Q", vm.pmemsave(REGION.base + 0x40, 8))[0] == gen0 + 1
+    assert vm.status() == "prelaunch"
+
+
+def _cli_max_rss(*args: str) -> tuple[subprocess.CompletedProcess[str], int]:
+    """Run the CLI; its result and its own peak RSS in bytes (wait4, not the children's max)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "vmwipe.host_agent.cli", *args],
+                                stdout=out, stderr=err, text=True)
+        _pid, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        out.seek(0)
+        err.seek(0)
+        return (subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read()),
+                usage.ru_maxrss * 1024)
+
+
+def test_hostile_fill_table_bounded_memory(vm: VM) -> None:
+    """A region full of page-long fill ranges (26,624 x 4096 bytes, all the low RAM below
+    the region): the wipe fills and verifies them all, and the agent's peak memory stays
+    within FILL_CHUNK batches instead of copies of all 104 MiB (it was three)."""
+    fills = [(0x800000 + i * P, P) for i in range((REGION.base - 0x800000) // P)]
+    fill_bytes = len(fills) * P
+    plant(vm, image())
+    vm.disconnect()
+    base_run, base_rss = _cli_max_rss("wipe", "--paused", "--qmp", vm.qmp)  # a tiny table
+    assert base_run.returncode == 0, base_run.stderr
+    plant(vm, image(*(F(g, n) for g, n in fills)))
+    vm.disconnect()
+    r, rss = _cli_max_rss("wipe", "--paused", "--qmp", vm.qmp, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["wipe"]["fill_bytes"] == fill_bytes
+    assert rss - base_rss < 3 * FILL_CHUNK + fill_bytes // 4, (
+        f"agent peak RSS {rss >> 20} MiB vs {base_rss >> 20} MiB for a tiny table "
+        f"({fill_bytes >> 20} MiB of fill ranges)")
+    first, last = vm.pmemsave(fills[0][0], P), vm.pmemsave(fills[-1][0], P)
+    assert first.count(0xA5) < 64 and last.count(0xA5) < 64 and first != last
     assert vm.status() == "prelaunch"
