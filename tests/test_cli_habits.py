@@ -68,7 +68,7 @@ def test_qemu_args_mem_512_is_512_mib(tmp_path: Path) -> None:
     run = vmwipe("qemu-args", "--mem", "512", "--dir", str(tmp_path), "--json")
     assert run.returncode == 0, run.stderr
     cfg = json.loads(run.stdout)
-    assert (cfg["base"], cfg["kernel_param"]) == (0x1F00_0000, "memmap=0x100000$0x1f000000")
+    assert (cfg["base"], cfg["kernel_param"]) == (0x1BF0_0000, "memmap=0x100000$0x1bf00000")
 
 
 # --- the same options everywhere ----------------------------------------------------------

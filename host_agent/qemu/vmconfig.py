@@ -19,9 +19,12 @@ from ..atomic import write_atomic
 
 DEFAULT_BASE = 0x1F00_0000
 DEFAULT_SIZE = 1 << 20
-#: Keep the region clear of the top of low RAM, where firmware tables and the
-#: initrd tend to land, and below the PCI hole on pc and q35.
-_TOP_MARGIN = 16 << 20
+#: Keep the region at least this far below the top of RAM under 4 GiB.  There, on
+#: q35 with OVMF and SMM, sits TSEG (QEMU's mch `extended-tseg-mbytes`: 16 MiB by
+#: default, 48 MiB as libvirt's `<tseg>` suggests for large guests): guest writes to
+#: it from outside SMM do not land, so a table there reads as "nothing registered".
+#: Firmware tables and the initrd also tend to land near the top.
+_TOP_MARGIN = 64 << 20
 _MIB = 1 << 20
 LOW_RAM_LIMIT = 0x8000_0000  # q35 keeps at most 2 GiB below 4 GiB; pc keeps 3 GiB
 
@@ -39,10 +42,11 @@ class VmConfig:
 
 
 def choose_region(mem: int, size: int = DEFAULT_SIZE) -> Region:
-    """Place the region inside low RAM: 0x1f000000 for guests of 512 MiB and more."""
+    """Place the region inside low RAM, ending at least _TOP_MARGIN below its top (never
+    in q35's TSEG): 0x1f000000 for guests of 576 MiB and more."""
     low_ram = min(mem, LOW_RAM_LIMIT)
-    base = min(DEFAULT_BASE, (low_ram - _TOP_MARGIN) // _MIB * _MIB)
-    if base < 32 * _MIB or base + size > low_ram - _TOP_MARGIN // 2:
+    base = min(DEFAULT_BASE, (low_ram - _TOP_MARGIN - size) // _MIB * _MIB)
+    if base < 32 * _MIB or base + size > low_ram - _TOP_MARGIN:
         raise ValueError(f"guest RAM of {mem >> 20} MiB is too small for a {size} byte region")
     region = Region(base, size)
     validate_region(region)
