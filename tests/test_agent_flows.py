@@ -35,7 +35,7 @@ from vmwipe.host_agent.flows.report import FlowReport
 from vmwipe.host_agent.flows.target import AgentOptions, open_target
 from vmwipe.host_agent.qemu.qmp import QMPSession
 from vmwipe.host_agent.wipe.memmap import parse_gpa2hva
-from vmwipe.protocol import PAGE_SIZE, build_region
+from vmwipe.protocol import PAGE_SIZE, Region, build_region
 
 P = PAGE_SIZE
 G = 1 << 30
@@ -571,3 +571,26 @@ def test_fleet_kills_at_the_first_failure_without_waiting_for_earlier_clones(
     with pytest.raises(MigrationError, match="clone 1 failed"):
         run_fleet(result, argv, 2, prepare, lambda _m: None, 10.0, jobs=2)
     assert seen.get("killed while loading"), "the fleet waited for clone 0 before killing"
+
+
+def test_restore_and_clone_refuse_a_region_other_than_the_sidecars(vms: list[VM],
+                                                                  tmp_path: Path) -> None:
+    """A save's sidecar records the region of the VM that was saved.  A QEMU whose SSDT
+    names another one (e.g. `qemu-args` run again) would read zeros there, "nothing
+    registered", and resume an unwiped guest: restore and clone refuse it before loading."""
+    src = new_vm(vms, tmp_path / "src")
+    plant_marked(src)
+    snap = tmp_path / "snap.bin"
+    save(src, snap)
+    moved = Region(REGION.base - (16 << 20), REGION.size)
+    dst = new_vm(vms, tmp_path / "dst", incoming=True, region=moved)
+    r = run_cli("restore", "--qmp", dst.qmp, "--from", str(snap), "--no-resume")
+    assert r.returncode == 5 and "sidecar" in r.stderr, r.stderr
+    assert dst.status() == "inmigrate"  # refused before the load
+    r = run_cli("restore", "--qmp", dst.qmp, "--from", str(snap), "--region",
+                f"{REGION.base:#x}:1M", "--no-reset-guard", "--no-resume")
+    assert r.returncode == 0, r.stderr  # the sidecar's region, given by hand, is accepted
+    r = run_cli("clone", str(snap), "-n", "2", "--dir", str(tmp_path / "clones"), "--",
+                *qemu_argv(dst))
+    assert r.returncode == 5 and "sidecar" in r.stderr, r.stderr
+    assert len(re.findall(r"cleanup: killing clone QEMU pid", r.stderr)) == 2

@@ -25,6 +25,7 @@ import sys
 import textwrap
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,12 +338,42 @@ def test_dimm_reservation_end_to_end(env: Env) -> None:
         e2.assert_reseeded(off, old)
         assert re.search(rf"{name}: restored from a saved state.*region 0x100000000\+0x100000.*"
                          r"wiped and verified", env.lab.hook_log()), env.lab.hook_log()
+        _restore_after_reprotect_refused(env, name)
     finally:
         env.lab.virsh("destroy", name, check=False)
     un = run_cli("libvirt", "unprotect", name, "-c", URI)
     assert un.returncode == 0 and "- pc-dimm" in un.stdout, un.stdout + un.stderr
     xml = e2.dom.XMLDesc(0)
     assert "<maxMemory" not in xml and "memory model" not in xml and "<numa>" not in xml
+
+
+def _restore_after_reprotect_refused(env: Env, name: str) -> None:
+    """`protect` run again switches the reservation (dimm -> memmap: the SSDT file now names
+    low RAM); an image saved before still holds a guest whose table is in the DIMM.  Given
+    an XML without the vmwipe metadata the hook does not look, and even with the reset
+    guard off the API restore must refuse: the region the image's own XML records differs
+    from the SSDT's, and reading the SSDT's would find "nothing registered"."""
+    save = env.lab.work / "dimm-reprotect.save"
+    env.lab.virsh("save", name, str(save))
+    r = run_cli("libvirt", "protect", name, "-c", URI, "--reservation", "memmap")
+    assert r.returncode == 0 and "memmap=" in r.stdout, r.stdout + r.stderr
+    root = ET.fromstring(env.lab.conn.saveImageGetXMLDesc(str(save), 0))
+    meta = root.find("metadata")
+    assert meta is not None
+    for el in list(meta):
+        meta.remove(el)
+    xml = env.lab.work / "dimm-reprotect.xml"
+    xml.write_text(ET.tostring(root, encoding="unicode"))
+    r = run_cli("libvirt", "restore", str(save), "--xml", str(xml), "--no-reset-guard",
+                "--no-resume", "-c", URI)
+    env.lab.note_qemu(name)
+    assert r.returncode == 5, r.stdout + r.stderr
+    assert re.search(r"the XML in \S+ says region 0x100000000\+0x100000, QEMU's SSDT says",
+                     r.stderr), r.stderr
+    assert env.lab.virsh("domstate", name).stdout.strip() == "paused"
+    env.lab.virsh("destroy", name)
+    r = run_cli("libvirt", "protect", name, "-c", URI, "--reservation", "dimm")
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 # --- the hook on a real guest ---------------------------------------------------------------

@@ -93,7 +93,7 @@ def test_protect_memmap_round_trip(tmp_path: Path) -> None:
 
 
 def test_protect_refreshes_when_memory_changes(tmp_path: Path) -> None:
-    # 256 MiB places the region at 0xf000000, 1 GiB at 0x1f000000 (qemu.vmconfig.choose_region)
+    # 256 MiB places the region at 0xbf00000, 1 GiB at 0x1f000000 (qemu.vmconfig.choose_region)
     first = protect_xml(domain(mem_mib=256), tmp_path)
     grown = first.xml.replace(">262144<", ">1048576<")
     second = protect_xml(grown, tmp_path)
@@ -356,3 +356,19 @@ def test_apparmor_rules_give_each_domain_only_its_own_monitor(tmp_path: Path) ->
     mon = [ln for ln in text.splitlines() if ln.startswith("rule:") and "/mon/" in ln]
     assert mon and all(f"/var/lib/vmwipe/mon/libvirt-{UUID}" in ln for ln in mon), mon
     assert not any(other in ln or "[^/" in ln or "*" in ln.split("->")[0] for ln in mon), mon
+
+
+def test_records_naming_different_regions_are_refused(tmp_path: Path) -> None:
+    """`vmwipe libvirt restore|start|revert` compare the region of every record of the
+    loaded state (live XML, save image, managed save, snapshot); two that differ refuse."""
+    from vmwipe.host_agent.errors import RegionError
+    from vmwipe.host_agent.libvirt.flows import recorded_region
+
+    memmap = protect_xml(domain(), tmp_path, reservation="memmap")
+    dimm = protect_xml(domain(), tmp_path, reservation="dimm")
+    assert recorded_region([("plain", domain())]) is None
+    region, said = recorded_region([("live", memmap.xml), ("image", memmap.xml),
+                                    ("plain", domain())]) or (None, "")
+    assert region == memmap.protection.region and said == "live and image"
+    with pytest.raises(RegionError, match=r"live says region .*, image says 0x100000000"):
+        recorded_region([("live", memmap.xml), ("image", dimm.xml)])

@@ -13,11 +13,12 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from vmwipe.protocol import HeaderError, SlotError, decode_table
+from vmwipe.protocol import HeaderError, Region, SlotError, decode_table
 
 from ..errors import MigrationError, VMStateError
 from ..progress import task
 from ..qemu.qmp import QMPSession
+from ..snapshot.sidecar import read_sidecar, sidecar_path
 from ..timing import Phases
 from ..wipe.crng import crng_report
 from ..wipe.engine import read_region, run_wipe
@@ -141,10 +142,15 @@ def _load_then_wipe(
     phases: Phases,
     do_resume: bool,
     load: Callable[[], None],
+    expect: Region | None = None,
+    expect_from: str = "",
 ) -> FlowReport:
     """Check the target (region, reset guard, RAM blocks, memory access) before `load`
-    runs, so a refusal costs no load; then wipe, and resume with `do_resume`."""
-    prepared = PreparedTarget(session, session.pid, opts)
+    runs, so a refusal costs no load; then wipe, and resume with `do_resume`.
+
+    `expect` is the region a record of the state to be loaded names (`expect_from`);
+    a region that disagrees is refused before the load."""
+    prepared = PreparedTarget(session, session.pid, opts, expect=expect, expect_from=expect_from)
     try:
         load()
         phases.mark("load")
@@ -160,7 +166,12 @@ def restore_flow(
     """migrate-incoming from FILE into a `-S -incoming defer` QEMU, wipe, then cont.
 
     `show_progress`: the load's progress as `progress.configure` chose (the restore
-    command; not the clones of a fleet, which report one line per clone)."""
+    command; not the clones of a fleet, which report one line per clone).
+
+    FILE's sidecar (`vmwipe save`), if it has one, records the region of the VM that
+    was saved; a QEMU whose region differs would read the table at the wrong address
+    and find "nothing registered", so it is refused before the load.
+    """
     phases = Phases()
     rep = new_report("restore", session)
     rep.state_before = session.status()
@@ -184,7 +195,10 @@ def restore_flow(
         rep.extra["bytes"] = size
         rep.extra["mapped_ram"] = finish_incoming(session, uri, path, rep.warnings)
 
-    return _load_then_wipe(session, opts, rep, phases, do_resume, load)
+    side = sidecar_path(path)
+    expect = read_sidecar(side).region if side.exists() else None
+    return _load_then_wipe(session, opts, rep, phases, do_resume, load, expect,
+                           f"the save's sidecar {side}")
 
 
 def loadvm_flow(

@@ -70,12 +70,14 @@ class Target:
 
 
 def locate_region(pid: int, opts: AgentOptions, guard: bool = True,
-                  expect: Region | None = None) -> Located:
+                  expect: Region | None = None,
+                  expect_from: str = "domain metadata") -> Located:
     """Region from --region or QEMU's cmdline, then the reset guard (refuse or warn).
 
     `guard=False` (inspect, the save sidecar: nothing is written) only reports the
-    guard's finding.  `expect` is what other configuration says the region is (the
-    libvirt domain metadata); when it disagrees with the SSDT, this refuses.
+    guard's finding.  `expect` is what a record of the loaded state says the region
+    is (`expect_from`: the libvirt domain metadata, the save's sidecar); when it
+    disagrees with the SSDT, this refuses.
     """
     argv = read_cmdline(pid)
     if opts.region is not None:
@@ -87,8 +89,9 @@ def locate_region(pid: int, opts: AgentOptions, guard: bool = True,
     if expect is not None and expect != region:
         # Either one may be the guest's: reading the wrong one finds no magic, which
         # reads as "nothing registered" and would resume an unwiped guest.
-        raise RegionError(f"domain metadata says region {expect.base:#x}+{expect.size:#x}, "
-                          f"QEMU's SSDT says {region.base:#x}+{region.size:#x}; refusing to "
+        said = "--region says" if source == "--region" else "QEMU's SSDT says"
+        raise RegionError(f"{expect_from} says region {expect.base:#x}+{expect.size:#x}, "
+                          f"{said} {region.base:#x}+{region.size:#x}; refusing to "
                           "guess which table the guest uses")
     problem = reset_guard_problem(pid, argv, region)
     if problem is not None:
@@ -122,9 +125,10 @@ class PreparedTarget:
     thread fetches the flat view after the load (`read_early`).
     """
 
-    def __init__(self, mon: Monitor, pid: int, opts: AgentOptions, guard: bool = True) -> None:
+    def __init__(self, mon: Monitor, pid: int, opts: AgentOptions, guard: bool = True,
+                 expect: Region | None = None, expect_from: str = "") -> None:
         self.pid = pid
-        self.located = locate_region(pid, opts, guard)
+        self.located = locate_region(pid, opts, guard, expect, expect_from)
         self.shared = shared_blocks(mon)
         self.memmap = load_memory_map(mon.hmp, set(self.shared))
         self.backend: MemoryBackend | None = None
@@ -199,6 +203,7 @@ def open_target(
     guard: bool = True,
     prepared: PreparedTarget | None = None,
     expect: Region | None = None,
+    expect_from: str = "domain metadata",
 ) -> Target:
     """Everything needed to touch guest RAM; raises with a one-line reason otherwise.
 
@@ -207,7 +212,7 @@ def open_target(
     a load (see `PreparedTarget`).
     """
     if prepared is None:
-        located = locate_region(pid, opts, guard, expect)
+        located = locate_region(pid, opts, guard, expect, expect_from)
         shared, bases = shared_blocks(mon), None
     else:
         located = prepared.located

@@ -25,13 +25,21 @@ import json
 import logging
 import os
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vmwipe.protocol import Region
 
-from ..errors import AgentError, LibvirtFailure, QMPFailure, RegionError, VMStateError
+from ..errors import (
+    AgentError,
+    LibvirtFailure,
+    ProtectError,
+    QMPFailure,
+    RegionError,
+    VMStateError,
+)
 from ..flows.target import PAUSED_STATES, AgentOptions, open_target
 from ..qemu.monitor import Monitor
 from ..qemu.region import option_values, read_cmdline
@@ -87,6 +95,7 @@ def wipe_paused(
     opts: AgentOptions,
     expect: Region | None = None,
     phases: Phases | None = None,
+    expect_from: str = "domain metadata",
 ) -> tuple[WipeReport, str, list[str]]:
     """Wipe a paused QEMU through `mon`; returns (report, region source, warnings).
 
@@ -99,7 +108,7 @@ def wipe_paused(
     state = mon.status()
     if state not in PAUSED_STATES:
         raise VMStateError(f"QEMU pid {pid} is {state!r}, not paused; refusing to wipe")
-    target = open_target(mon, pid, opts, expect=expect)
+    target = open_target(mon, pid, opts, expect=expect, expect_from=expect_from)
     phases.mark("map")
     try:
         report = run_wipe(target.backend, target.region, opts.on_invalid, phases,
@@ -206,8 +215,40 @@ def lookup(conn: Any, name: str) -> Any:
         raise LibvirtFailure(f"domain {name}: {one_line(e)}") from None
 
 
-def wipe_domain(dom: Any, opts: AgentOptions, reason: str, do_resume: bool) -> DomainWipe:
-    """Wipe a paused, running-never-again domain via libvirt; `resume()` only after success."""
+def recorded_region(records: Sequence[tuple[str, str]]) -> tuple[Region, str] | None:
+    """(region, which records say so) from the vmwipe metadata of domain XMLs; None when
+    no record is protected.  Records that name different regions are refused: the
+    loaded guest's table is at one of them, and reading the other finds "nothing
+    registered", which would resume it unwiped."""
+    from .domain_xml import read_protection
+
+    found: list[tuple[Region, str]] = []
+    for what, xml in records:
+        try:
+            prot = read_protection(xml)
+        except ProtectError as e:
+            raise RegionError(f"{what}: cannot read the vmwipe metadata: {e}") from None
+        if prot is not None:
+            found.append((prot.region, what))
+    if not found:
+        return None
+    region, first = found[0]
+    for other, what in found[1:]:
+        if other != region:
+            raise RegionError(f"{first} says region {region.base:#x}+{region.size:#x}, "
+                              f"{what} says {other.base:#x}+{other.size:#x}; refusing to "
+                              "guess which table the guest uses")
+    return region, " and ".join(w for _r, w in found)
+
+
+def wipe_domain(dom: Any, opts: AgentOptions, reason: str, do_resume: bool,
+                records: Sequence[tuple[str, str]] = ()) -> DomainWipe:
+    """Wipe a paused, running-never-again domain via libvirt; `resume()` only after success.
+
+    The region QEMU's SSDT names is checked against the vmwipe metadata of the
+    domain's live XML and of every other record of the loaded state (`records`:
+    (what, XML) of the save image, managed save or snapshot), as the hook checks it.
+    """
     import libvirt
 
     name = dom.name()
@@ -216,7 +257,13 @@ def wipe_domain(dom: Any, opts: AgentOptions, reason: str, do_resume: bool) -> D
     try:
         state = mon.status()
         pid = qemu_pid_of(name)
-        report, source, warnings = wipe_paused(mon, pid, opts, phases=phases)
+        try:
+            live = dom.XMLDesc(0)
+        except libvirt.libvirtError as e:
+            raise LibvirtFailure(f"cannot read the domain XML: {one_line(e)}") from None
+        rec = recorded_region([("the domain XML", live), *records])
+        expect, expect_from = rec if rec is not None else (None, "")
+        report, source, warnings = wipe_paused(mon, pid, opts, expect, phases, expect_from)
     except AgentError as e:
         e.args = (f"{e}; domain {name} left paused",)
         raise
@@ -260,7 +307,8 @@ def restore_file(conn: Any, path: str, opts: AgentOptions, do_resume: bool = Tru
     except libvirt.libvirtError as e:
         raise LibvirtFailure(f"restore of {path} failed: {one_line(e)}") from None
     _paused_or_fail(dom, "restore")
-    return wipe_domain(dom, opts, f"restored from {path}", do_resume)
+    records = [(f"the XML in {path}", saved), *([("the --xml given", xml)] if xml else [])]
+    return wipe_domain(dom, opts, f"restored from {path}", do_resume, records)
 
 
 def revert_snapshot(conn: Any, name: str, snapshot: str, opts: AgentOptions,
@@ -271,6 +319,7 @@ def revert_snapshot(conn: Any, name: str, snapshot: str, opts: AgentOptions,
     dom = lookup(conn, name)
     try:
         snap = dom.snapshotLookupByName(snapshot, 0)
+        records = _snapshot_records(snapshot, snap.getXMLDesc(0))
         dom.revertToSnapshot(snap, libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED)
     except libvirt.libvirtError as e:
         raise LibvirtFailure(f"revert of {name} to {snapshot} failed: {one_line(e)}") from None
@@ -278,7 +327,20 @@ def revert_snapshot(conn: Any, name: str, snapshot: str, opts: AgentOptions,
         return DomainWipe(dom.name(), 0, "skipped", f"snapshot {snapshot} has no memory state; "
                           "the domain is shut off, nothing ran, nothing to wipe", "shutoff")
     _paused_or_fail(dom, "revert")
-    return wipe_domain(dom, opts, f"reverted to snapshot {snapshot}", do_resume)
+    return wipe_domain(dom, opts, f"reverted to snapshot {snapshot}", do_resume, records)
+
+
+def _snapshot_records(snapshot: str, snap_xml: str) -> list[tuple[str, str]]:
+    """The snapshot's own copy of the domain XML, as a record of its region."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        dom_el = ET.fromstring(snap_xml).find("domain")
+    except ET.ParseError as e:
+        raise LibvirtFailure(f"snapshot {snapshot}: XML does not parse: {e}") from None
+    if dom_el is None:
+        return []
+    return [(f"the domain XML of snapshot {snapshot}", ET.tostring(dom_el, encoding="unicode"))]
 
 
 def start_domain(conn: Any, name: str, opts: AgentOptions, do_resume: bool = True) -> DomainWipe:
@@ -294,8 +356,9 @@ def start_domain(conn: Any, name: str, opts: AgentOptions, do_resume: bool = Tru
             return DomainWipe(dom.name(), 0, "skipped", "no managed save image: fresh boot, "
                               "nothing to wipe", "running" if do_resume else "paused",
                               resumed=do_resume)
+        records = [("the managed save image's XML", dom.managedSaveGetXMLDesc(0))]
         dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
     except libvirt.libvirtError as e:
         raise LibvirtFailure(f"start of {name} failed: {one_line(e)}") from None
     _paused_or_fail(dom, "start")
-    return wipe_domain(dom, opts, "started from its managed save image", do_resume)
+    return wipe_domain(dom, opts, "started from its managed save image", do_resume, records)
