@@ -369,6 +369,7 @@ def test_records_naming_different_regions_are_refused(tmp_path: Path) -> None:
     assert recorded_region([("plain", domain())]) is None
     region, said = recorded_region([("live", memmap.xml), ("image", memmap.xml),
                                     ("plain", domain())]) or (None, "")
+    assert memmap.protection is not None
     assert region == memmap.protection.region and said == "live and image"
     with pytest.raises(RegionError, match=r"live says region .*, image says 0x100000000"):
         recorded_region([("live", memmap.xml), ("image", dimm.xml)])
