@@ -5,8 +5,8 @@ QEMU creates the files it writes with its own umask, which made a full RAM image
 0644 under the usual 022.  So vmwipe creates each such file itself, mode 0600,
 before QEMU opens it (QEMU truncates it and keeps the mode), and each directory
 it makes for them 0700.  A path that already exists is only reused where that
-cannot hand it to someone else: a directory must be empty, ours and closed to
-group and others; a temporary file always gets a new, unpredictable name
+cannot hand it to someone else: a directory must be ours and, once closed to
+group and others, empty; a temporary file always gets a new, unpredictable name
 (`mkstemp`: O_EXCL), so a link planted at a guessable name is never followed.
 """
 
@@ -26,9 +26,9 @@ DIR_MODE = 0o700
 def private_dir(path: str | os.PathLike[str], what: str = "directory") -> Path:
     """Create `path` mode 0700 (missing parents as usual) and return it.
 
-    An existing `path` is used only if it is a real directory (not a link), owned by
-    this user, with no access for group or others, and empty: anything else could be
-    read, or have files planted in it, by someone else.  UsageError otherwise.
+    An existing `path` is used only if it is a real directory (not a link) owned by
+    this user and, once made 0700, empty: another user's directory, or files already
+    in it, could be read or have been planted by someone else.  UsageError otherwise.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -41,10 +41,10 @@ def private_dir(path: str | os.PathLike[str], what: str = "directory") -> Path:
             why = "is not a directory"
         elif st.st_uid != os.geteuid():
             why = f"belongs to uid {st.st_uid}"
-        elif st.st_mode & 0o077:
-            why = f"has mode {stat.S_IMODE(st.st_mode):04o} (group or others have access)"
-        elif any(p.iterdir()):
-            why = "is not empty"
+        else:
+            os.chmod(p, DIR_MODE)  # closed first: nothing can be added after the check
+            if any(p.iterdir()):
+                why = "is not empty"
         if why:
             raise UsageError(f"{what} {p} exists and {why}; give a new directory (vmwipe "
                              "creates it, mode 0700)") from None
