@@ -16,6 +16,8 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/chroot-mounts.sh
+. "$repo/scripts/chroot-mounts.sh"
 say() { printf 'build-deb: %s\n' "$*" >&2; }
 host_suite=$(. /etc/os-release && echo "$VERSION_CODENAME")
 suite=${1:-$host_suite}
@@ -67,8 +69,9 @@ else
 	root=$out/root
 	# shellcheck disable=SC2046
 	"$repo/scripts/pkgroot.sh" "$suite" "$root" build-essential fakeroot $(build_deps)
-	trap 'for m in dev/pts dev sys proc; do umount "$root/$m" 2>/dev/null || true; done; rm -rf --one-file-system "$root"' EXIT
-	for m in proc sys dev dev/pts; do mount --bind "/$m" "$root/$m"; done
+	# remove the root only once nothing is mounted in it
+	trap 'chroot_umount "$root" && rm -rf --one-file-system "$root"' EXIT
+	chroot_mount "$root"
 	mkdir -p "$root/build"
 	cp -a "$out/src" "$root/build/"
 	chroot "$root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \

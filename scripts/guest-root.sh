@@ -27,8 +27,10 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 "$repo/scripts/pkgroot.sh" "$suite" "$dest" linux-image-amd64 linux-headers-amd64 dkms \
 	grub2-common grub-pc-bin systemd-sysv udev initramfs-tools kmod
 
-trap 'for m in dev/pts dev sys proc; do umount "$dest/$m" 2>/dev/null || true; done' EXIT
-for m in proc sys dev dev/pts; do mount --bind "/$m" "$dest/$m"; done
+# shellcheck source=scripts/chroot-mounts.sh
+. "$repo/scripts/chroot-mounts.sh"
+trap 'chroot_umount "$dest" || echo "guest-root: mounts left under $dest" >&2' EXIT
+chroot_mount "$dest"
 mkdir -p "$dest/tmp/vmwipe-debs"
 cp "$debdir"/vmwipe-dkms_*_all.deb "$debdir"/libvmwipe0_*.deb "$debdir"/libvmwipe-dev_*.deb \
 	"$dest/tmp/vmwipe-debs/"

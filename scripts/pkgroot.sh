@@ -19,6 +19,8 @@ suite=$1 dest=$2
 shift 2
 pkgs=("$@")
 repo=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/chroot-mounts.sh
+. "$repo/scripts/chroot-mounts.sh"
 cache=${VMWIPE_PKGROOT_CACHE:-$repo/build/pkgroots}
 say() { printf 'pkgroot: %s\n' "$*" >&2; }
 
@@ -52,7 +54,8 @@ if [ ! -f "$tarball" ]; then
 	work=$(mktemp -d "$cache/.build-$suite-XXXXXX")
 	r=$work/root
 	mkdir "$r"
-	trap 'for m in dev/pts dev sys proc; do umount "$r/$m" 2>/dev/null || true; done; rm -rf --one-file-system "$work"' EXIT
+	# remove the build directory only once nothing is mounted in it
+	trap 'chroot_umount "$r" && rm -rf --one-file-system "$work"' EXIT
 	t0=$(date +%s)
 	if [ ! -f "$base" ]; then
 		say "debootstrap $suite (minutes; cached as $base)"
@@ -86,12 +89,12 @@ if [ ! -f "$tarball" ]; then
 			sed "s/^Suites:.*/Suites: $suite-backports/" > "$r/etc/apt/sources.list.d/backports.sources"
 	fi
 	if [ "${#pkgs[@]}" -gt 0 ]; then
-		for m in proc sys dev dev/pts; do mount --bind "/$m" "$r/$m"; done
+		chroot_mount "$r"
 		say "apt-get install ${pkgs[*]}"
 		chroot "$r" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive \
 			sh -c 'apt-get -q update && apt-get -q -y install --no-install-recommends "$@" && apt-get clean' \
 			sh "${pkgs[@]}" > "$work/apt.out" 2>&1 || { tail -n 30 "$work/apt.out" >&2; exit 1; }
-		for m in dev/pts dev sys proc; do umount "$r/$m"; done
+		chroot_umount "$r" || { say "mounts left under $r"; exit 1; }
 	fi
 	pack "$r" "$tarball"
 	say "built $tarball in $(( $(date +%s) - t0 )) s"

@@ -15,7 +15,7 @@ packages=(qemu-system-x86 qemu-utils linux-image-amd64 linux-headers-amd64 busyb
           android-libboringssl apparmor xfsprogs
           dpkg-dev fakeroot debhelper dh-python dh-dkms pybuild-plugin-pyproject
           python3-all-dev python3-setuptools python3-wheel python3-construct python3-shtab
-          python3-tqdm python3-argparse-manpage debootstrap zstd checkpolicy selinux-policy-dev)
+          python3-tqdm debootstrap zstd checkpolicy selinux-policy-dev)
 
 missing=()
 for p in "${packages[@]}"; do

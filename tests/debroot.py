@@ -8,18 +8,18 @@ test started inside a root are ever killed.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "build" / "pkgtest"
-MOUNTS = ("proc", "sys", "dev", "dev/pts")
+#: chroot_mount / chroot_umount: /proc, /sys and a private /dev (never the host's).
+MOUNTS = ROOT / "scripts" / "chroot-mounts.sh"
 
 
 def host_suite() -> str:
@@ -41,11 +41,10 @@ def unavailable_reason() -> str | None:
 
 @dataclass
 class DebRoot:
-    """One unpacked root under build/pkgtest, with /proc, /sys and /dev bound in."""
+    """One unpacked root under build/pkgtest, with /proc, /sys and a private /dev."""
 
     path: Path
     suite: str
-    mounted: list[Path] = field(default_factory=list)
 
     @classmethod
     def create(cls, suite: str, packages: Sequence[str] = (), script: str = "pkgroot.sh",
@@ -58,12 +57,14 @@ class DebRoot:
         root.mount()
         return root
 
+    def _mounts(self, fn: str) -> bool:
+        return subprocess.run(["bash", "-c", f'. "$0" && {fn} "$1"', str(MOUNTS),
+                               str(self.path)], check=False, timeout=120).returncode == 0
+
     def mount(self) -> None:
-        for m in MOUNTS:
-            target = self.path / m
-            target.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["mount", "--bind", f"/{m}", str(target)], check=True)
-            self.mounted.append(target)
+        if not self._mounts("chroot_mount"):
+            self._mounts("chroot_umount")
+            raise RuntimeError(f"cannot mount /proc, /sys, /dev in {self.path}")
 
     def run(self, cmd: str, *, check: bool = True, timeout: float = 600,
             input: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -79,12 +80,11 @@ class DebRoot:
         return proc
 
     def remove(self) -> None:
-        for target in reversed(self.mounted):
-            if subprocess.run(["umount", str(target)], check=False).returncode != 0:
-                subprocess.run(["umount", "-l", str(target)], check=False)
-        self.mounted.clear()
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(self.path.parent)
+        """Unmount, then delete, but never across a mount point left behind."""
+        if not self._mounts("chroot_umount"):
+            raise RuntimeError(f"mounts left under {self.path}; not deleting it")
+        subprocess.run(["rm", "-rf", "--one-file-system", str(self.path.parent)], check=True,
+                       timeout=600)
 
 
 def build_debs(suite: str) -> Path:
