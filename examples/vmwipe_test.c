@@ -14,6 +14,8 @@
  *   vmwipe_test errors       MAP_PRIVATE, exec, partial munmap, mremap, ...
  *   vmwipe_test memlock      mappings are charged to RLIMIT_MEMLOCK
  *   vmwipe_test share        one process holds at most max_share percent
+ *   vmwipe_test unpriv       callers without CAP_IPC_LOCK hold at most
+ *                            max_unpriv percent together, whatever their uids
  *   vmwipe_test poll MS      POLLPRI and a uevent when the host bumps
  *                            wipe_generation, and the page reads as zero
  */
@@ -288,6 +290,63 @@ static int cmd_share(void)
 	return done("SHARE");
 }
 
+/* In a child: become @uid with no memlock limit, map @n pages, exit 0 (mapped) or 1. */
+static int map_as(uid_t uid, size_t n)
+{
+	struct rlimit lim = { RLIM_INFINITY, RLIM_INFINITY };
+
+	if (setrlimit(RLIMIT_MEMLOCK, &lim) || setgid(uid) || setuid(uid))
+		return 2;
+	return map_rw(n) == MAP_FAILED ? 1 : 0;
+}
+
+/*
+ * Two uids, each within its max_share, cannot take more than max_unpriv
+ * percent of the table together; root (CAP_IPC_LOCK) still maps past that.
+ */
+static int cmd_unpriv(void)
+{
+	long cap = sysfs_long("capacity"), used = sysfs_long("used");
+	long pct = read_long("/sys/module/vmwipe/parameters/max_share");
+	long all = read_long("/sys/module/vmwipe/parameters/max_unpriv");
+	size_t each = (size_t)(cap * pct / 100), pool = (size_t)(cap * all / 100);
+	int ready[2], hold[2], st = -1;
+	unsigned char *p;
+	pid_t a, b;
+	char c = 0;
+
+	check(each > 0 && each < pool && 2 * each > pool && (long)pool + used < cap,
+	      "capacity=%ld used=%ld max_share=%ld max_unpriv=%ld", cap, used, pct, all);
+	check(pipe(ready) == 0 && pipe(hold) == 0, "pipe");
+	if (failed)
+		return done("UNPRIV");
+	a = fork();
+	if (a == 0) {
+		close(hold[1]);
+		c = map_as(65534, each) ? 'F' : 'K';
+		(void)!write(ready[1], &c, 1);
+		(void)!read(hold[0], &c, 1);	/* until the parent is done */
+		_exit(0);
+	}
+	close(ready[1]);
+	close(hold[0]);
+	check(read(ready[0], &c, 1) == 1 && c == 'K', "uid 65534 maps its share (%zu pages)", each);
+	b = fork();
+	if (b == 0)
+		_exit(map_as(65533, each) == 1 && errno == ENOSPC && !map_as(65533, pool - each) ?
+		      0 : 1);
+	waitpid(b, &st, 0);
+	check(WIFEXITED(st) && WEXITSTATUS(st) == 0,
+	      "uid 65533: ENOSPC past max_unpriv, then the rest of it (status %#x)", st);
+	p = map_rw(pool);
+	check(p != MAP_FAILED, "CAP_IPC_LOCK maps past max_unpriv, errno %d", errno);
+	if (p != MAP_FAILED)
+		munmap(p, pool * PAGE);
+	close(hold[1]);
+	waitpid(a, &st, 0);
+	return done("UNPRIV");
+}
+
 /* Listen for kernel uevents (what udev gets) on the netlink socket. */
 static int uevent_socket(void)
 {
@@ -383,6 +442,8 @@ int main(int argc, char **argv)
 		ret = cmd_memlock();
 	else if (!strcmp(cmd, "share"))
 		ret = cmd_share();
+	else if (!strcmp(cmd, "unpriv"))
+		ret = cmd_unpriv();
 	else if (!strcmp(cmd, "poll") && arg > 0)
 		ret = cmd_poll((int)arg);
 	else {

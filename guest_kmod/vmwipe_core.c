@@ -15,10 +15,19 @@
  * other modules through vmwipe_alloc_pages(); a process can also list pages
  * it already has with VMWIPE_IOC_REGISTER (see vmwipe_uapi.h and struct
  * vmwipe_reg). A read() of /dev/vmwipe
- * returns the last wipe_generation seen (u64, native endian); poll() reports
- * EPOLLPRI once the generation differs from the one this file last read.
+ * returns the last wipe_generation seen (u64, native endian) once, then end
+ * of file until the generation changes; poll() reports EPOLLPRI once the
+ * generation differs from the one this file last read.
+ *
+ * A wipe is seen in two ways: the host's wipe_generation in the header, and
+ * the witness, module memory listed as a fill range that the module keeps
+ * zero, so that any wipe leaves it non-zero. Only the witness survives a
+ * wipe done while the guest sleeps in S3: QEMU's reset at wake-up rewrites
+ * the loader's zero page over the header, the host's count included.
  */
 
+#include <linux/atomic.h>
+#include <linux/bitops.h>
 #include <linux/crc32.h>
 #include <linux/cred.h>
 #include <linux/delay.h>
@@ -35,17 +44,25 @@
 #include <linux/module.h>
 #include <linux/mutex.h>
 #include <linux/platform_device.h>
+#include <linux/pm.h>
 #include <linux/poll.h>
 #include <linux/random.h>
 #include <linux/refcount.h>
 #include <linux/sched/mm.h>
 #include <linux/sched/signal.h>
 #include <linux/sched/user.h>
+#include <linux/sizes.h>
 #include <linux/slab.h>
+#include <linux/string.h>
 #include <linux/uaccess.h>
 #include <linux/wait.h>
 #include <linux/workqueue.h>
 #include <linux/xarray.h>
+#if __has_include(<linux/cc_platform.h>)
+#include <linux/cc_platform.h>
+#else
+#include <linux/mem_encrypt.h>
+#endif
 
 #include "compat.h"
 #include "crng.h"
@@ -53,9 +70,10 @@
 #include "vmwipe_abi.h"
 #include "vmwipe_uapi.h"
 
-static ushort mode = 0666;
+/* Root only unless a udev rule (60-vmwipe.rules) grants a group access. */
+static ushort mode = 0600;
 module_param(mode, ushort, 0444);
-MODULE_PARM_DESC(mode, "permissions of /dev/vmwipe (default 0666)");
+MODULE_PARM_DESC(mode, "permissions of /dev/vmwipe (default 0600)");
 
 static unsigned int poll_ms = 100;
 static int poll_ms_set(const char *val, const struct kernel_param *kp);
@@ -69,6 +87,10 @@ MODULE_PARM_DESC(poll_ms, "period in ms for checking wipe_generation, 0 = only o
 static unsigned int max_share = 50;
 module_param(max_share, uint, 0644);
 MODULE_PARM_DESC(max_share, "percent of the table one process without CAP_IPC_LOCK may hold (default 50)");
+
+static unsigned int max_unpriv = 75;
+module_param(max_unpriv, uint, 0644);
+MODULE_PARM_DESC(max_unpriv, "percent of the table all callers without CAP_IPC_LOCK together may hold; the rest is kept for CAP_IPC_LOCK and the kernel (default 75)");
 
 struct vmwipe {
 	struct miscdevice misc;
@@ -84,6 +106,7 @@ struct vmwipe {
 	spinlock_t lock;
 	u32 nfree;
 	u32 *free;
+	atomic_long_t unpriv;		/* slots charged to callers without CAP_IPC_LOCK */
 
 	/*
 	 * What the slots must say, kept in kernel memory so that the table can
@@ -101,7 +124,13 @@ struct vmwipe {
 	struct workqueue_struct *wq;
 	struct xarray upages;		/* PFN of each listed user page -> its address */
 
-	u64 generation;			/* last wipe_generation seen */
+	/*
+	 * The newest wipe_generation seen (under table_lock), and the last one
+	 * announced, which read(), poll() and sysfs report. Both only grow.
+	 */
+	u64 newest;
+	u64 generation;
+	u8 *witness;			/* VMWIPE_WITNESS_LEN bytes, a fill range */
 	wait_queue_head_t wait;
 	struct delayed_work watch;
 	bool watching;			/* between the watch's start and stop */
@@ -122,12 +151,16 @@ struct vmwipe_file {
 	u64 seen;
 };
 
-/* Who pays for listed pages; both NULL for a caller with CAP_IPC_LOCK. */
+/* Who pays for listed pages; all NULL for a caller with CAP_IPC_LOCK. */
 struct vmwipe_charge {
 	struct user_struct *user;	/* RLIMIT_MEMLOCK, per user */
 	const struct cred *cred;	/* holds @user (free_uid is not exported everywhere) */
 	struct mm_struct *mm;		/* pinned_vm: the process's share of the table */
+	atomic_long_t *unpriv;		/* the share of all such callers together */
 };
+
+/* Fill bytes the host writes; the chance that all of them come out zero is 2^-256. */
+#define VMWIPE_WITNESS_LEN	32
 
 /* Shared by all VMAs of one mmap() (a VMA is only copied by mremap). */
 struct vmwipe_mapping {
@@ -323,42 +356,63 @@ void vmwipe_free_pages(struct page *page, unsigned int order)
 }
 EXPORT_SYMBOL_GPL(vmwipe_free_pages);
 
+static u64 vmwipe_percent(struct vmwipe *vmw, unsigned int pct)
+{
+	return div_u64((u64)vmw->capacity * min(pct, 100U), 100);
+}
+
 /*
  * Pinned pages count against RLIMIT_MEMLOCK, as memfd_secret's do, but in the
  * per-user counter that io_uring and perf use rather than per process: one
- * user of a 0666 device must pin neither unbounded memory nor every slot.
+ * user of the device must pin neither unbounded memory nor every slot.
  * A root in a user namespace can switch uids, so each process is also held
  * to max_share percent of the table, counted in its mm's pinned_vm (with the
- * pages it pinned for RDMA or io_uring, as those count theirs).
+ * pages it pinned for RDMA or io_uring, as those count theirs), and all such
+ * callers together to max_unpriv percent: however many uids or processes
+ * fill their shares, the rest stays for CAP_IPC_LOCK holders and the kernel.
  */
 static int vmwipe_charge(struct vmwipe *vmw, unsigned long npages, struct vmwipe_charge *c)
 {
 	unsigned long limit = rlimit(RLIMIT_MEMLOCK) >> PAGE_SHIFT;
-	u64 share = div_u64((u64)vmw->capacity * min(READ_ONCE(max_share), 100U), 100);
 	struct user_struct *user = current_user();
 	struct mm_struct *mm = current->mm;
 	long cur;
+	int ret;
 
 	c->user = NULL;
 	c->mm = NULL;
+	c->unpriv = NULL;
 	if (capable(CAP_IPC_LOCK))
 		return 0;
-	if (atomic64_add_return(npages, &mm->pinned_vm) > share) {
-		atomic64_sub(npages, &mm->pinned_vm);
-		return -ENOSPC;
+	if (atomic_long_add_return(npages, &vmw->unpriv) >
+	    vmwipe_percent(vmw, READ_ONCE(max_unpriv))) {
+		ret = -ENOSPC;
+		goto undo_unpriv;
+	}
+	if (atomic64_add_return(npages, &mm->pinned_vm) >
+	    vmwipe_percent(vmw, READ_ONCE(max_share))) {
+		ret = -ENOSPC;
+		goto undo_pinned;
 	}
 	cur = atomic_long_read(&user->locked_vm);
 	do {
 		if (cur + npages > limit) {
-			atomic64_sub(npages, &mm->pinned_vm);
-			return -EAGAIN;
+			ret = -EAGAIN;
+			goto undo_pinned;
 		}
 	} while (!atomic_long_try_cmpxchg(&user->locked_vm, &cur, cur + npages));
 	c->cred = get_current_cred();
 	c->user = c->cred->user;
 	mmgrab(mm);
 	c->mm = mm;
+	c->unpriv = &vmw->unpriv;
 	return 0;
+
+undo_pinned:
+	atomic64_sub(npages, &mm->pinned_vm);
+undo_unpriv:
+	atomic_long_sub(npages, &vmw->unpriv);
+	return ret;
 }
 
 static void vmwipe_uncharge(struct vmwipe_charge *c, unsigned long npages)
@@ -366,6 +420,7 @@ static void vmwipe_uncharge(struct vmwipe_charge *c, unsigned long npages)
 	if (c->user) {
 		atomic_long_sub(npages, &c->user->locked_vm);
 		atomic64_sub(npages, &c->mm->pinned_vm);
+		atomic_long_sub(npages, c->unpriv);
 	}
 }
 
@@ -383,13 +438,17 @@ static void vmwipe_mapping_free(struct vmwipe_mapping *m, bool published)
 	unsigned long i;
 
 	if (published) {
-		for (i = 0; i < m->npages; i++)
+		for (i = 0; i < m->npages; i++) {
 			vmwipe_unpublish(m->vmw, m->slots[i], m->pages[i], 1);
+			cond_resched();
+		}
 		vmwipe_put_slots(m->vmw, m->slots, m->npages);
 	}
 	kvfree(m->slots);
-	for (i = 0; i < m->npages && m->pages[i]; i++)
+	for (i = 0; i < m->npages && m->pages[i]; i++) {
 		__free_page(m->pages[i]);
+		cond_resched();
+	}
 	vmwipe_uncharge(&m->charge, m->npages);
 	vmwipe_charge_put(&m->charge);
 	kvfree(m);
@@ -445,7 +504,7 @@ static int vmwipe_mmap(struct file *file, struct vm_area_struct *vma)
 	if (n > vmw->capacity)
 		return -ENOSPC;
 
-	m = kvzalloc(struct_size(m, pages, n), GFP_KERNEL);
+	m = kvzalloc(struct_size(m, pages, n), GFP_KERNEL_ACCOUNT);
 	if (!m)
 		return -ENOMEM;
 	refcount_set(&m->refs, 1);
@@ -455,23 +514,27 @@ static int vmwipe_mmap(struct file *file, struct vm_area_struct *vma)
 	ret = vmwipe_charge(vmw, m->npages, &m->charge);
 	if (ret)
 		goto err;
-	m->slots = kvmalloc_array(n, sizeof(*m->slots), GFP_KERNEL);
+	m->slots = kvmalloc_array(n, sizeof(*m->slots), GFP_KERNEL_ACCOUNT);
 	if (!m->slots) {
 		ret = -ENOMEM;
 		goto err;
 	}
+	/* Charged to the caller's memory cgroup, as its own anonymous memory would be. */
 	for (i = 0; i < n; i++) {
-		m->pages[i] = alloc_page(GFP_KERNEL | __GFP_ZERO);
+		m->pages[i] = alloc_page(GFP_KERNEL_ACCOUNT | __GFP_ZERO);
 		if (!m->pages[i]) {
 			ret = -ENOMEM;
 			goto err;
 		}
+		cond_resched();
 	}
 	ret = vmwipe_take_slots(vmw, m->slots, n);
 	if (ret)
 		goto err;
-	for (i = 0; i < n; i++)
+	for (i = 0; i < n; i++) {
 		vmwipe_publish(vmw, m->slots[i], m->pages[i], 1, m->kind);
+		cond_resched();
+	}
 
 	/* Published, so they may now be mapped. */
 	for (i = 0; i < n; i++) {
@@ -557,13 +620,18 @@ static bool vmwipe_page_mapped(struct page *page)
 #endif
 }
 
-/* Unlist page @i and drop its pin; zero it first if nobody else can see it. */
+/*
+ * Unlist page @i and drop its pin; zero it first if nobody else can see it.
+ * Sleeps: called outside reg->lock, by the only one that changes pages[].
+ */
 static void vmwipe_reg_drop(struct vmwipe_reg *reg, unsigned long i, bool zero)
 {
 	struct page *page = reg->pages[i];
 
+	spin_lock(&reg->lock);
 	reg->pages[i] = NULL;
 	reg->live--;
+	spin_unlock(&reg->lock);
 	if (zero)
 		clear_highpage(page);
 	vmwipe_unlist(reg->vmw, reg->slots[i]);
@@ -617,9 +685,11 @@ static void vmwipe_reg_destroy(struct vmwipe_reg *reg, bool self)
 		cancel_work(&reg->work);	/* a requeue of ourselves */
 	else
 		cancel_work_sync(&reg->work);
-	for (i = 0; i < reg->npages; i++)
+	for (i = 0; i < reg->npages; i++) {
 		if (reg->pages[i])
 			vmwipe_reg_drop(reg, i, !vmwipe_page_mapped(reg->pages[i]));
+		cond_resched();
+	}
 	vmwipe_charge_put(&reg->charge);
 	kvfree(reg->pfns);
 	kvfree(reg->slots);
@@ -695,6 +765,13 @@ static void vmwipe_reg_work(struct work_struct *work)
 		spin_unlock(&reg->lock);
 		return;
 	}
+	spin_unlock(&reg->lock);
+	/*
+	 * pfns[] was true when the check passed. A change since then queues
+	 * this work again, which looks again; the pages stay pinned until
+	 * dropped, so none is reused meanwhile. The drops zero pages and may
+	 * cover the whole table: never under a spinlock.
+	 */
 	for (i = 0; i < reg->npages; i++) {
 		struct page *page = reg->pages[i];
 
@@ -706,7 +783,9 @@ static void vmwipe_reg_work(struct work_struct *work)
 		else if (!(reg->pfns[i] & HMM_PFN_VALID) ||
 			 hmm_pfn_to_page(reg->pfns[i]) != page)
 			vmwipe_reg_drop(reg, i, !vmwipe_page_mapped(page));
+		cond_resched();
 	}
+	spin_lock(&reg->lock);
 	i = reg->live;
 	spin_unlock(&reg->lock);
 	if (i)
@@ -847,7 +926,7 @@ static long vmwipe_register(struct vmwipe *vmw, const void __user *uarg)
 	if (n > vmw->capacity)
 		return -ENOSPC;
 
-	reg = kvzalloc(struct_size(reg, pages, n), GFP_KERNEL);
+	reg = kvzalloc(struct_size(reg, pages, n), GFP_KERNEL_ACCOUNT);
 	if (!reg)
 		return -ENOMEM;
 	reg->vmw = vmw;
@@ -855,8 +934,8 @@ static long vmwipe_register(struct vmwipe *vmw, const void __user *uarg)
 	reg->npages = n;
 	spin_lock_init(&reg->lock);
 	INIT_WORK(&reg->work, vmwipe_reg_work);
-	reg->pfns = kvmalloc_array(n, sizeof(*reg->pfns), GFP_KERNEL);
-	reg->slots = kvmalloc_array(n, sizeof(*reg->slots), GFP_KERNEL);
+	reg->pfns = kvmalloc_array(n, sizeof(*reg->pfns), GFP_KERNEL_ACCOUNT);
+	reg->slots = kvmalloc_array(n, sizeof(*reg->slots), GFP_KERNEL_ACCOUNT);
 	if (!reg->pfns || !reg->slots) {
 		ret = -ENOMEM;
 		goto err_free;
@@ -1011,11 +1090,17 @@ static ssize_t vmwipe_read(struct file *file, char __user *buf, size_t len, loff
 	struct vmwipe_file *vf = file->private_data;
 	u64 gen = READ_ONCE(vf->vmw->generation);
 
+	/* Each generation reads once, so `cat` ends; a new one starts over. */
+	if (gen != READ_ONCE(vf->seen))
+		*ppos = 0;
+	if (*ppos)
+		return 0;
 	if (len < sizeof(gen))
 		return -EINVAL;
 	if (copy_to_user(buf, &gen, sizeof(gen)))
 		return -EFAULT;
 	WRITE_ONCE(vf->seen, gen);
+	*ppos = sizeof(gen);
 	return sizeof(gen);
 }
 
@@ -1072,25 +1157,83 @@ static struct attribute *vmwipe_attrs[] = {
 };
 ATTRIBUTE_GROUPS(vmwipe);
 
-/* The host bumps wipe_generation after it has wiped the listed pages. */
+/* Not zeroed by a reset, not retired, not another boot's or a forgery's. */
+static bool vmwipe_header_is_ours(struct vmwipe *vmw)
+{
+	return !memcmp(vmw->hdr->magic, vmw->header.magic, VMWIPE_MAGIC_LEN) &&
+	       !memcmp(vmw->hdr->boot_id, vmw->header.boot_id, sizeof(vmw->header.boot_id));
+}
+
+/*
+ * Take in the wipes done since the last look: a larger wipe_generation in
+ * our own header, or a refilled witness, which counts as one more wipe when
+ * the header does not show it. Never goes back. The witness's bytes are
+ * fresh from the host: mix them in before the reseed that follows a wipe.
+ */
+static u64 vmwipe_sync_generation(struct vmwipe *vmw)
+{
+	u64 gen = vmw->newest;
+
+	lockdep_assert_held(&vmw->table_lock);
+	if (vmwipe_header_is_ours(vmw))
+		gen = max(gen, le64_to_cpu(READ_ONCE(vmw->hdr->wipe_generation)));
+	if (memchr_inv(vmw->witness, 0, VMWIPE_WITNESS_LEN)) {
+		gen = max(gen, vmw->newest + 1);
+		add_device_randomness(vmw->witness, VMWIPE_WITNESS_LEN);
+		memzero_explicit(vmw->witness, VMWIPE_WITNESS_LEN);
+	}
+	vmw->newest = gen;
+	return gen;
+}
+
+/*
+ * Tell everyone about a new wipe: the forced CRNG reseed, POLLPRI, the
+ * uevent. Called by the watch, or with the watch stopped.
+ */
+static void vmwipe_announce(struct vmwipe *vmw)
+{
+	char env[40];
+	char *envp[] = { env, NULL };
+	u64 gen;
+
+	spin_lock(&vmw->table_lock);
+	gen = vmwipe_sync_generation(vmw);
+	spin_unlock(&vmw->table_lock);
+	if (gen == vmw->generation)
+		return;
+	WRITE_ONCE(vmw->generation, gen);
+	vmwipe_crng_wiped();
+	wake_up_interruptible_poll(&vmw->wait, EPOLLPRI);
+	snprintf(env, sizeof(env), "VMWIPE_GENERATION=%llu", gen);
+	kobject_uevent_env(&vmw->misc.this_device->kobj, KOBJ_CHANGE, envp);
+}
+
 static void vmwipe_watch(struct work_struct *work)
 {
 	struct vmwipe *vmw = container_of(to_delayed_work(work), struct vmwipe, watch);
-	u64 gen = le64_to_cpu(READ_ONCE(vmw->hdr->wipe_generation));
 	unsigned int period = READ_ONCE(poll_ms);
 
-	if (gen != vmw->generation) {
-		char env[40];
-		char *envp[] = { env, NULL };
-
-		WRITE_ONCE(vmw->generation, gen);
-		vmwipe_crng_wiped();
-		wake_up_interruptible_poll(&vmw->wait, EPOLLPRI);
-		snprintf(env, sizeof(env), "VMWIPE_GENERATION=%llu", gen);
-		kobject_uevent_env(&vmw->misc.this_device->kobj, KOBJ_CHANGE, envp);
-	}
+	vmwipe_announce(vmw);
 	if (period)
 		schedule_delayed_work(&vmw->watch, msecs_to_jiffies(period));
+}
+
+static void vmwipe_watch_start(struct vmwipe *vmw)
+{
+	mutex_lock(&vmwipe_watch_lock);
+	vmw->watching = true;
+	if (poll_ms)
+		schedule_delayed_work(&vmw->watch, msecs_to_jiffies(poll_ms));
+	mutex_unlock(&vmwipe_watch_lock);
+}
+
+/* Nothing queues the watch again until vmwipe_watch_start(). */
+static void vmwipe_watch_stop(struct vmwipe *vmw)
+{
+	mutex_lock(&vmwipe_watch_lock);
+	vmw->watching = false;
+	mutex_unlock(&vmwipe_watch_lock);
+	cancel_delayed_work_sync(&vmw->watch);
 }
 
 /* A watch that stopped because poll_ms was 0 must start again when it is not. */
@@ -1113,7 +1256,11 @@ static int vmwipe_vmfork(struct notifier_block *nb, unsigned long action, void *
 {
 	struct vmwipe *vmw = container_of(nb, struct vmwipe, vmfork);
 
-	mod_delayed_work(system_wq, &vmw->watch, 0);
+	/* A blocking notifier chain: the mutex is fine. */
+	mutex_lock(&vmwipe_watch_lock);
+	if (vmw->watching)
+		mod_delayed_work(system_wq, &vmw->watch, 0);
+	mutex_unlock(&vmwipe_watch_lock);
 	return NOTIFY_DONE;
 }
 
@@ -1138,57 +1285,132 @@ static void vmwipe_build_header(struct vmwipe *vmw)
 	h->header_crc32 = cpu_to_le32(crc32_le(~0U, (u8 *)h, VMWIPE_HEADER_CRC_LEN) ^ ~0U);
 }
 
+/* Slots written per hold of table_lock when the whole table is rewritten. */
+#define VMWIPE_SLOT_BATCH	1024
+
 /*
- * Write the whole table from kernel memory: the header, the shadow's listed
- * slots, and the magic last, so the host never sees a half-written table.
- * The caller holds table_lock or is alone (probe).
+ * Write the whole table from kernel memory: the header, every slot from the
+ * shadow, and the magic last, so the host never sees a half-written table.
+ * Sleeps between batches of slots: vmwipe_list() and vmwipe_unlist() may
+ * run meanwhile, and as each writes both copies of its slot under
+ * table_lock, a batch copied before or after agrees with them.
  */
 static void vmwipe_write_table(struct vmwipe *vmw)
 {
+	u32 i, end;
 	u64 magic;
-	u32 i;
-
-	/* What the region holds now is stale or foreign: drop its magic first. */
-	vmwipe_clear_magic(vmw);
-	memset((u8 *)vmw->hdr + VMWIPE_MAGIC_LEN, 0, vmw->size - VMWIPE_MAGIC_LEN);
-	memcpy((u8 *)vmw->hdr + VMWIPE_MAGIC_LEN, (u8 *)&vmw->header + VMWIPE_MAGIC_LEN,
-	       sizeof(vmw->header) - VMWIPE_MAGIC_LEN);
-	/* Keep the host's count, so no reader mistakes the rebuild for a wipe. */
-	vmw->hdr->wipe_generation = cpu_to_le64(READ_ONCE(vmw->generation));
-	for (i = 0; i < vmw->capacity; i++)
-		if (vmw->shadow[i].word)
-			vmwipe_store_slot(&vmw->slots[i], &vmw->shadow[i]);
-	memcpy(&magic, vmw->header.magic, sizeof(magic));
-	smp_store_release((u64 *)vmw->hdr->magic, magic);
-}
-
-/*
- * Resume from S3: QEMU resets devices at wake-up, so the loader's zero page
- * has overwritten the header. Restore from S4: the reserved region is not
- * part of the image, and .shutdown retired the table at power-off. Either
- * way the table must be whole again before user space runs, which the PM
- * core guarantees for .resume and .restore (tasks thaw after them).
- */
-static int vmwipe_republish(struct device *dev)
-{
-	struct vmwipe *vmw = dev_get_drvdata(dev);
 
 	spin_lock(&vmw->table_lock);
-	vmwipe_write_table(vmw);
+	/* Before the rebuild overwrites the host's count (no reset at s2idle). */
+	vmwipe_sync_generation(vmw);
+	/* What the region holds now is stale or foreign: drop its magic first. */
+	vmwipe_clear_magic(vmw);
 	spin_unlock(&vmw->table_lock);
-	return 0;
+	memset((u8 *)vmw->hdr + VMWIPE_MAGIC_LEN, 0, VMWIPE_HEADER_SIZE - VMWIPE_MAGIC_LEN);
+	memcpy((u8 *)vmw->hdr + VMWIPE_MAGIC_LEN, (u8 *)&vmw->header + VMWIPE_MAGIC_LEN,
+	       sizeof(vmw->header) - VMWIPE_MAGIC_LEN);
+	for (i = 0; i < vmw->capacity; i = end) {
+		end = min(vmw->capacity, i + VMWIPE_SLOT_BATCH);
+		spin_lock(&vmw->table_lock);
+		for (; i < end; i++)
+			vmwipe_store_slot(&vmw->slots[i], &vmw->shadow[i]);
+		spin_unlock(&vmw->table_lock);
+		cond_resched();
+	}
+	spin_lock(&vmw->table_lock);
+	/* Keep the count, so no reader mistakes the rebuild for a wipe. */
+	vmw->hdr->wipe_generation = cpu_to_le64(vmw->newest);
+	memcpy(&magic, vmw->header.magic, sizeof(magic));
+	smp_store_release((u64 *)vmw->hdr->magic, magic);
+	spin_unlock(&vmw->table_lock);
 }
 
 /*
- * At unbind no page is handed out any more (module refcount). At shutdown
- * some may be: a later unpublish then writes into a table the host ignores.
+ * Clear the magic, then the rest. At unbind no page is handed out any more
+ * (module refcount). At shutdown, power-off and hibernation some may be: a
+ * later (un)list then writes into a table the host ignores, and a thaw or
+ * restore rebuilds it from the shadow.
  */
 static void vmwipe_retire(void *data)
 {
 	struct vmwipe *vmw = data;
+	size_t off, len;
 
+	spin_lock(&vmw->table_lock);
 	vmwipe_clear_magic(vmw);
-	memset((u8 *)vmw->hdr + VMWIPE_MAGIC_LEN, 0, vmw->size - VMWIPE_MAGIC_LEN);
+	spin_unlock(&vmw->table_lock);
+	for (off = VMWIPE_MAGIC_LEN; off < vmw->size; off += len) {
+		len = min_t(size_t, vmw->size - off, SZ_64K);
+		memset((u8 *)vmw->hdr + off, 0, len);
+		cond_resched();
+	}
+}
+
+/*
+ * S3: the table stays live while the guest sleeps, since a state saved then
+ * is restored and wiped like any other. Only the watch stops: until the
+ * table is rebuilt after wake-up, the header may be the loader's zeros.
+ */
+static int vmwipe_suspend(struct device *dev)
+{
+	vmwipe_watch_stop(dev_get_drvdata(dev));
+	return 0;
+}
+
+/*
+ * The first device phase after wake-up from S3 (.resume_noirq), after a
+ * hibernation image was made (.thaw_noirq) or in the kernel restored from
+ * one (.restore_noirq): QEMU's reset at S3 wake-up has rewritten the
+ * loader's zero page over the header, and .freeze retired the table (the
+ * reserved region is not part of an image). Rebuild it before other
+ * drivers' resume code runs, counting a wipe done meanwhile (the witness).
+ */
+static int vmwipe_republish(struct device *dev)
+{
+	vmwipe_write_table(dev_get_drvdata(dev));
+	return 0;
+}
+
+/*
+ * .resume, .thaw, .restore: user space is still frozen. Rebuild the table
+ * if no noirq phase did (a suspend or hibernation that stopped early), tell
+ * everyone of a wipe done while asleep, then watch again.
+ */
+static int vmwipe_resume(struct device *dev)
+{
+	struct vmwipe *vmw = dev_get_drvdata(dev);
+	bool ours;
+
+	spin_lock(&vmw->table_lock);
+	ours = vmwipe_header_is_ours(vmw);
+	spin_unlock(&vmw->table_lock);
+	if (!ours)
+		vmwipe_write_table(vmw);
+	vmwipe_announce(vmw);
+	vmwipe_watch_start(vmw);
+	return 0;
+}
+
+/*
+ * Hibernation (.freeze, then .thaw and .poweroff once the image is written)
+ * and the boot kernel handing over to an image (.freeze): retire the table.
+ * The image's kernel has its own table at other addresses; a snapshot taken
+ * while the boot kernel's table is live would make the host write over its
+ * pages, which by then hold the image. ACPI hibernation powers off through
+ * .poweroff, not .shutdown.
+ */
+static int vmwipe_freeze(struct device *dev)
+{
+	struct vmwipe *vmw = dev_get_drvdata(dev);
+
+	vmwipe_watch_stop(vmw);
+	vmwipe_retire(vmw);
+	return 0;
+}
+
+static void vmwipe_kfree(void *data)
+{
+	kfree(data);
 }
 
 static void vmwipe_kvfree(void *data)
@@ -1204,12 +1426,54 @@ static void vmwipe_destroy_wq(void *data)
 
 static void vmwipe_stop_watch(void *data)
 {
-	struct vmwipe *vmw = data;
+	vmwipe_watch_stop(data);
+}
 
-	mutex_lock(&vmwipe_watch_lock);
-	vmw->watching = false;
-	mutex_unlock(&vmwipe_watch_lock);
-	cancel_delayed_work_sync(&vmw->watch);
+/* One device only: a second would share the misc name and the CRNG state. */
+static unsigned long vmwipe_claimed;
+
+static void vmwipe_unclaim(void *data)
+{
+	clear_bit(0, &vmwipe_claimed);
+}
+
+/*
+ * Prove that the range keeps what is written: SMRAM (TSEG, which OVMF with
+ * SMM puts at the top of low RAM) ignores writes from outside SMM, as do a
+ * hole or a missing DIMM. The host would read an empty table there and
+ * resume the guest as if nothing were registered. One word per page, after
+ * the magic (cleared first, so the host never sees a half-written header).
+ */
+static int vmwipe_check_ram(struct device *dev, struct resource *res, void *base,
+			    resource_size_t size)
+{
+	u64 seed = get_random_u64();
+	resource_size_t off;
+	u64 *word;
+
+	smp_store_release((u64 *)base, 0);
+	for (off = 0; off < size; off += PAGE_SIZE) {
+		word = base + off + sizeof(u64);
+		WRITE_ONCE(*word, seed ^ off);
+	}
+	for (off = 0; off < size; off += PAGE_SIZE) {
+		word = base + off + sizeof(u64);
+		if (READ_ONCE(*word) != (seed ^ off))
+			return dev_err_probe(dev, -EIO,
+					     "%pR does not keep what is written (at +%#llx): not RAM the guest can write, such as SMRAM (TSEG) or a hole\n",
+					     res, (unsigned long long)off);
+	}
+	return 0;
+}
+
+/* The region is private memory there: the host cannot read the table. */
+static bool vmwipe_mem_encrypted(void)
+{
+#if __has_include(<linux/cc_platform.h>)
+	return cc_platform_has(CC_ATTR_GUEST_MEM_ENCRYPT);
+#else
+	return mem_encrypt_active();	/* before 5.16 */
+#endif
 }
 
 static void vmwipe_unregister_vmfork(void *data)
@@ -1239,6 +1503,9 @@ static int vmwipe_probe(struct platform_device *pdev)
 	u32 i;
 	int ret;
 
+	if (vmwipe_mem_encrypted())
+		return dev_err_probe(dev, -ENODEV,
+				     "guest memory is encrypted (SEV/TDX): the host cannot read the table\n");
 	res = platform_get_resource(pdev, IORESOURCE_MEM, 0);
 	if (!res)
 		return dev_err_probe(dev, -ENODEV, "no memory range in _CRS\n");
@@ -1262,6 +1529,15 @@ static int vmwipe_probe(struct platform_device *pdev)
 	base = devm_memremap(dev, res->start, size, MEMREMAP_WB);
 	if (IS_ERR(base))
 		return dev_err_probe(dev, PTR_ERR(base), "cannot map %pR\n", res);
+	ret = vmwipe_check_ram(dev, res, base, size);
+	if (ret)
+		return ret;
+	if (test_and_set_bit(0, &vmwipe_claimed))
+		return dev_err_probe(dev, -EBUSY, "%pR: another vmwipe device is bound already\n",
+				     res);
+	ret = devm_add_action_or_reset(dev, vmwipe_unclaim, NULL);
+	if (ret)
+		return ret;
 
 	vmw = devm_kzalloc(dev, sizeof(*vmw), GFP_KERNEL);
 	if (!vmw)
@@ -1297,6 +1573,14 @@ static int vmwipe_probe(struct platform_device *pdev)
 	if (ret)
 		return ret;
 
+	/* Freed after the retire below (devm unwinds in reverse), as a listed range must be. */
+	vmw->witness = kzalloc(VMWIPE_WITNESS_LEN, GFP_KERNEL);
+	if (!vmw->witness)
+		return -ENOMEM;
+	ret = devm_add_action_or_reset(dev, vmwipe_kfree, vmw->witness);
+	if (ret)
+		return ret;
+
 	vmwipe_build_header(vmw);
 	vmwipe_write_table(vmw);
 	ret = devm_add_action_or_reset(dev, vmwipe_retire, vmw);
@@ -1304,6 +1588,10 @@ static int vmwipe_probe(struct platform_device *pdev)
 		return ret;
 	/* After the table exists, before the watch may ask for a reseed. */
 	vmwipe_crng_probe(dev, vmw);
+	/* A kmalloc of 32 bytes never straddles a page: one slot, after the CRNG's. */
+	ret = vmwipe_list_kmem(vmw, &(struct vmwipe_kmem){ vmw->witness, VMWIPE_WITNESS_LEN }, 1);
+	if (ret)
+		return dev_err_probe(dev, ret, "no slot for the witness\n");
 
 	/* Before the device exists, gone after it (devm unwinds in reverse). */
 	vmw->wq = alloc_workqueue(KBUILD_MODNAME, 0, 0);
@@ -1328,11 +1616,7 @@ static int vmwipe_probe(struct platform_device *pdev)
 		return ret;
 
 	/* The watch sends uevents from the misc device: start it after that. */
-	mutex_lock(&vmwipe_watch_lock);
-	vmw->watching = true;
-	if (poll_ms)
-		schedule_delayed_work(&vmw->watch, msecs_to_jiffies(poll_ms));
-	mutex_unlock(&vmwipe_watch_lock);
+	vmwipe_watch_start(vmw);
 	ret = devm_add_action_or_reset(dev, vmwipe_stop_watch, vmw);
 	if (ret)
 		return ret;
@@ -1352,12 +1636,24 @@ static int vmwipe_probe(struct platform_device *pdev)
 /* Reboot, poweroff and kexec: the next kernel must not inherit a live table. */
 static void vmwipe_shutdown(struct platform_device *pdev)
 {
-	vmwipe_retire(platform_get_drvdata(pdev));
+	struct vmwipe *vmw = platform_get_drvdata(pdev);
+
+	vmwipe_watch_stop(vmw);
+	vmwipe_retire(vmw);
 }
 
 static const struct dev_pm_ops vmwipe_pm_ops = {
-	.resume = pm_sleep_ptr(vmwipe_republish),	/* S3 */
-	.restore = pm_sleep_ptr(vmwipe_republish),	/* S4 */
+	/* S3 */
+	.suspend = vmwipe_suspend,
+	.resume_noirq = vmwipe_republish,
+	.resume = vmwipe_resume,
+	/* S4 */
+	.freeze = vmwipe_freeze,
+	.thaw_noirq = vmwipe_republish,
+	.thaw = vmwipe_resume,
+	.poweroff = vmwipe_freeze,
+	.restore_noirq = vmwipe_republish,
+	.restore = vmwipe_resume,
 };
 
 static const struct acpi_device_id vmwipe_acpi_ids[] = {

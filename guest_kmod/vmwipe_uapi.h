@@ -16,7 +16,11 @@ struct vmwipe_range {
 	__u64 len;	/* bytes, > 0, rounded up to whole pages */
 };
 
-#define VMWIPE_IOC_MAGIC	0xB7
+/*
+ * Free in Documentation/userspace-api/ioctl/ioctl-number.rst and in the uapi
+ * headers of 6.12 (0xB7 is nsfs's NSIO, 0xB8 mrvl_cn10k_dpi's).
+ */
+#define VMWIPE_IOC_MAGIC	0xBA
 
 /*
  * mmap() offset of /dev/vmwipe for fill pages: instead of zeroing them, the

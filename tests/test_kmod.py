@@ -13,15 +13,18 @@ picks another); VMWIPE_TEST_ACCEL=kvm replaces TCG.
 from __future__ import annotations
 
 import re
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
+from test_migstream import QEMU10, needs_qemu10
 
 from vmwipe.lab import Guest, GuestConfig, GuestError, GuestImage
 from vmwipe.lab.shell import rc, sh, start, stop, wait_output
-from vmwipe.protocol import Region, Table, slot_count_for
+from vmwipe.protocol import Region, Table, encode_ssdt, slot_count_for
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +33,10 @@ SYSFS = "/sys/class/misc/vmwipe"
 # The kernel CRNG's fill ranges would add their slots to every count below; they
 # have their own tests (test_kmod_crng.py).
 INSMOD = "insmod /vmwipe.ko crng_refresh=0"
+# The module's own slot: the witness, a 32-byte fill range it keeps zero (so a wipe
+# the header cannot show, as at S3 wake-up, is still seen).
+OWN = 1
+PARAMS = "/sys/module/vmwipe/parameters"
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +69,7 @@ def live_table(g: Guest) -> Table:
 
 def test_binds_and_header_valid(loaded: Guest) -> None:
     g = loaded
-    assert re.match(r"crw-rw-rw-", sh(g, "ls -l /dev/vmwipe"))
+    assert re.match(r"crw------- ", sh(g, "ls -l /dev/vmwipe"))  # a udev rule grants more
     region = g.region
     table = live_table(g)  # decode_table checks magic, CRC, sizes, reserved bytes
     header = table.header
@@ -71,8 +78,14 @@ def test_binds_and_header_valid(loaded: Guest) -> None:
     assert header.slot_count == slot_count_for(region.size) == sysfs(g, "capacity")
     assert header.boot_id != bytes(16)
     assert header.wipe_generation == 0
-    assert table.used == 0 == sysfs(g, "used")
+    assert table.used == OWN == sysfs(g, "used")
+    assert [f.length for f in table.fills] == [32] and table.ranges() == []
     assert f"{header.slot_count} slots" in sh(g, "dmesg | grep vmwipe")
+
+
+def test_cat_ends(loaded: Guest) -> None:
+    """read() gives the generation once, then end of file until it changes."""
+    assert sh(loaded, "timeout 10 cat /dev/vmwipe | wc -c").strip() == "8"
 
 
 def test_table_matches_pagemap_and_munmap_clears(loaded: Guest) -> None:
@@ -84,14 +97,14 @@ def test_table_matches_pagemap_and_munmap_clears(loaded: Guest) -> None:
     table = live_table(g)
     assert sorted(table.gpas) == sorted(f << 12 for f in frames)
     assert table.npages == [1, 1, 1, 1]
-    assert sysfs(g, "used") == 4
+    assert sysfs(g, "used") == OWN + 4
     for f in frames:  # the listed pages are the ones the program wrote
         assert g.read_phys(f << 12, 4096) == FILL
 
     sh(g, "kill -USR1 $(cat /tmp/hold.pid)")
     wait_output(g, "hold", r"^UNMAPPED$")
-    assert live_table(g).used == 0
-    assert sysfs(g, "used") == 0
+    assert live_table(g).used == OWN
+    assert sysfs(g, "used") == OWN
     for f in frames:  # cleared before they were unlisted and freed
         assert g.read_phys(f << 12, 4096) != FILL
     stop(g, "hold")
@@ -101,55 +114,91 @@ def test_exit_clears_and_unpublishes(loaded: Guest) -> None:
     g = loaded
     start(g, "hold", "vmwipe_test hold 2")
     frames = pfns(wait_output(g, "hold", r"^HOLD READY$"))
-    assert live_table(g).used == 2
+    assert live_table(g).used == OWN + 2
     stop(g, "hold", "KILL")
-    assert live_table(g).used == 0
-    assert sysfs(g, "used") == 0
+    assert live_table(g).used == OWN
+    assert sysfs(g, "used") == OWN
     for f in frames:
         assert g.read_phys(f << 12, 4096) != FILL
 
 
-def test_table_survives_s3(image: GuestImage) -> None:
-    """QEMU resets devices at S3 wake-up, so the loader's zero page lands on the header of a
-    live table; the module rebuilds the table from kernel memory before user space runs.
+def _s3_config(image: GuestImage, mon: Path, defer: bool = False) -> GuestConfig:
+    """QEMU >= 9 keeps the suspended run state across a save and restore.  No vmgenid: its
+    reseed at wake-up would blur the count of the module's own."""
+    return GuestConfig(image, qemu=QEMU10, vmgenid=False, defer=defer, extra_args=(
+        "-cpu", "qemu64", "-qmp", f"unix:{mon},server=on,wait=off"))
 
-    A guest of its own: under TCG on a loaded machine the firmware was seen to boot afresh
-    instead of resuming (the console shows @@READY, not @@S3-BACK).  That says nothing about
-    the table, so a reboot is retried once with a new guest; a second one fails the test.
+
+@needs_qemu10
+def test_table_survives_s3(image: GuestImage, tmp_path: Path) -> None:
+    """A state saved while the guest sleeps in S3 is restored and wiped (`vmwipe save`,
+    `vmwipe restore`), then woken.  QEMU's reset at wake-up rewrites the loader's zero page
+    over the header, the host's new wipe_generation with it; the module rebuilds the table
+    in its first resume phase and still sees the wipe, through its witness fill range:
+    generation N+1 in sysfs and in the rebuilt header, POLLPRI and the uevent, the forced
+    CRNG reseed (the kernel CRNG refresh is on, as by default), the pages zero.
+
+    Under TCG on a loaded machine the firmware was seen to boot afresh instead of resuming
+    (the console shows @@READY, not @@S3-BACK).  That says nothing about the table, so the
+    whole sequence is retried once; a second reboot fails the test.
     """
-    for _attempt in range(2):
-        with Guest(GuestConfig(image)) as g:
+    for attempt in range(2):
+        src_mon, dst_mon = tmp_path / f"src{attempt}.qmp", tmp_path / f"dst{attempt}.qmp"
+        state = tmp_path / f"s3-{attempt}.state"
+        with Guest(_s3_config(image, src_mon)) as g:
             assert g.console is not None
-            g.console.check(INSMOD)
+            g.console.check("insmod /vmwipe.ko")
+            assert sh(g, f"cat {SYSFS}/crng_refresh").strip() == "active"
             if "mem" not in sh(g, "cat /sys/power/state").split():
                 pytest.fail("the guest offers no S3 (QEMU's PIIX4_PM.disable_s3 defaults to 0)")
             start(g, "hold", "vmwipe_test hold 2")
             frames = pfns(wait_output(g, "hold", r"^HOLD READY$"))
             before = live_table(g)
-            assert sorted(before.gpas) == sorted(f << 12 for f in frames)
+            assert before.header is not None and before.header.wipe_generation == 0
+            start(g, "poll", "vmwipe_test poll 600000")  # its page goes when it exits
+            wait_output(g, "poll", r"^POLL WAIT gen=0$")
             start(g, "s3", "sh -c 'echo mem > /sys/power/state && echo @@S3-BACK > /dev/console'")
             deadline = time.monotonic() + 60
             while g.qmp("query-status")["status"] != "suspended":
                 assert time.monotonic() < deadline, "the guest did not reach S3"
                 time.sleep(0.1)
-            g.qmp("system_wakeup")
+            r = run_cli("save", "--qmp", str(src_mon), "--to", str(state))
+            assert r.returncode == 0, r.stderr
+        with Guest(_s3_config(image, dst_mon, defer=True)) as d:
+            assert d.console is not None
+            r = run_cli("restore", "--qmp", str(dst_mon), "--from", str(state), "--json")
+            assert r.returncode == 0, r.stderr
+            assert d.qmp("query-status")["status"] == "suspended"
+            wiped = live_table(d)
+            assert wiped.header is not None and wiped.header.wipe_generation == 1
+            gen_fill = wiped.fills[1]  # base_crng.generation, as the host wrote it
+            host_gen = struct.unpack("<Q", d.read_phys(gen_fill.gpa, 8))[0]
+            d.qmp("system_wakeup")
             # user space runs again only after the driver's .resume; the serial line drops
             # what is typed before that, so wait for the guest to speak first
             try:
-                woke = g.console.wait_for(r"^(@@S3-BACK|@@READY)\b.*\n", timeout=120)
+                woke = d.console.wait_for(r"^(@@S3-BACK|@@READY)\b.*\n", timeout=120)
             except GuestError as e:
                 # the guest kernel's own resume hung (a kernel warning, then silence): seen
                 # under TCG on a loaded machine, and nothing the table check can judge
                 pytest.skip(f"the guest kernel did not resume from S3: {str(e)[-300:]}")
             if woke.group(1) == "@@READY":
                 continue
-            after = live_table(g)  # magic and CRC back (decode_table checks them)
-            assert sorted(after.gpas) == sorted(before.gpas) and after.npages == before.npages
+            assert sysfs(d, "generation") == 1, "the wipe done in S3 was lost at wake-up"
+            out = wait_output(d, "poll", r"^POLL (OK|FAIL)", timeout=30)
+            assert "POLL OK" in out, out
+            assert "POLL WOKE gen=1 zero=1" in out and "UEVENT gen=1" in out, out
+            after = live_table(d)  # magic and CRC back (decode_table checks them)
             assert after.header is not None and before.header is not None
             assert after.header.boot_id == before.header.boot_id
-            assert sysfs(g, "used") == 2
-            stop(g, "hold")
-            assert live_table(g).used == 0
+            assert after.header.wipe_generation == 1
+            assert sorted(after.gpas) == sorted(before.gpas) and after.npages == before.npages
+            reseeds = (struct.unpack("<Q", d.read_phys(gen_fill.gpa, 8))[0] - host_gen) % (1 << 64)
+            assert 1 <= reseeds <= 3, f"no forced CRNG reseed after the wipe ({reseeds})"
+            for f in frames:
+                assert d.read_phys(f << 12, 4096) == bytes(4096)
+            stop(d, "hold")
+            assert live_table(d).used == before.used - 2
             return
     pytest.fail("the guest booted afresh instead of resuming from S3, twice")
 
@@ -167,17 +216,39 @@ def test_enospc_at_capacity(loaded: Guest) -> None:
     out = sh(loaded, "vmwipe_test enospc", timeout=120)
     assert "ENOSPC OK" in out
     assert f"capacity={slot_count_for(loaded.region.size)}" in out
-    assert live_table(loaded).used == 0
+    assert live_table(loaded).used == OWN
+
+
+def open_to_all(g: Guest) -> None:
+    """What a udev rule granting access does (the module's default is 0600)."""
+    sh(g, "chmod 0666 /dev/vmwipe")
 
 
 def test_memlock_charged(loaded: Guest) -> None:
+    open_to_all(loaded)
     assert "MEMLOCK OK" in sh(loaded, "vmwipe_test memlock")
 
 
 def test_process_share_bounded(loaded: Guest) -> None:
     """Whatever its uid and RLIMIT_MEMLOCK, a process without CAP_IPC_LOCK gets ENOSPC past
     max_share percent of the table (the memlock charge alone is per uid)."""
+    open_to_all(loaded)
     assert "SHARE OK" in sh(loaded, "vmwipe_test share", timeout=120)
+
+
+def test_unprivileged_callers_leave_a_reserve(loaded: Guest) -> None:
+    """Two uids, each within max_share, get ENOSPC past max_unpriv together, and root
+    (CAP_IPC_LOCK) still maps: no set of users or subuids can take every slot.  Small
+    percentages keep the mappings small."""
+    g = loaded
+    open_to_all(g)
+    sh(g, f"echo 6 > {PARAMS}/max_share; echo 10 > {PARAMS}/max_unpriv")
+    try:
+        out = sh(g, "vmwipe_test unpriv", timeout=120)
+    finally:
+        sh(g, f"echo 50 > {PARAMS}/max_share; echo 75 > {PARAMS}/max_unpriv")
+    assert "UNPRIV OK" in out, out
+    assert sysfs(g, "used") == OWN
 
 
 def _memfree_kib(g: Guest) -> int:
@@ -191,8 +262,8 @@ def test_map_unmap_cycles(loaded: Guest) -> None:
     out = sh(g, "vmwipe_test cycles 1000", timeout=300)
     assert "CYCLES 1000" in out and "CYCLES OK" in out
     after = _memfree_kib(g)
-    assert sysfs(g, "used") == 0
-    assert live_table(g).used == 0
+    assert sysfs(g, "used") == OWN
+    assert live_table(g).used == OWN
     # 1000 cycles map 2500 pages (10 MB); a leak of even a fifth would show.
     # The slack covers per-CPU free lists, which MemFree does not count.
     assert before - after < 2048, f"MemFree {before} -> {after} kB"
@@ -224,7 +295,7 @@ def test_poll_uevent_and_drbg_reseed_after_wipe(loaded: Guest) -> None:
     start(g, "poll", "vmwipe_test poll 60000")
     wait_output(g, "poll", r"^POLL WAIT gen=\d+$")
     wait_output(g, "drbg", r"(?:.*\n){3}")
-    assert live_table(g).used == 2  # one page each
+    assert live_table(g).used == OWN + 2  # one page each
 
     gen = g.wipe()  # zero every listed page, then wipe_generation += 1
     assert gen == gen0 + 1
@@ -248,7 +319,67 @@ def test_poll_uevent_and_drbg_reseed_after_wipe(loaded: Guest) -> None:
     assert all(e == last for e in epochs[cut:]), lines
     assert [int(r[1]) for r in rows[:cut]] == list(range(cut))
     assert [int(r[1]) for r in rows[cut:]] == list(range(len(rows) - cut))
-    assert live_table(g).used == 0
+    assert live_table(g).used == OWN
+
+
+def test_watch_trusts_only_its_own_header(loaded: Guest) -> None:
+    """The watch takes a generation only from the header the module wrote (magic and
+    boot_id), and never goes back: not from another boot's header, nor from the loader's
+    zero page that QEMU's reset writes (at S3 wake-up, before the table is rebuilt)."""
+    g = loaded
+    base = g.region.base
+    gen0 = sysfs(g, "generation")
+    own = g.read_phys(base, 4096)
+    foreign = bytearray(own)
+    foreign[0x28] ^= 0xFF  # boot_id: another boot's table
+    struct.pack_into("<Q", foreign, 0x40, gen0 + 5)
+    try:
+        g.write_phys(base, bytes(foreign))
+        time.sleep(1)  # ten ticks of the watch
+        assert sysfs(g, "generation") == gen0, "took a generation from a foreign header"
+        g.write_phys(base, bytes(4096))  # what the loader writes at a reset
+        time.sleep(1)
+        assert sysfs(g, "generation") == gen0, "the generation went back"
+    finally:
+        g.write_phys(base, own)
+    gen = g.bump_generation(0)  # its own header again: taken
+    deadline = time.monotonic() + 30
+    while sysfs(g, "generation") != gen:
+        assert time.monotonic() < deadline, "the watch no longer sees its own header"
+        time.sleep(0.2)
+
+
+def test_hibernation_retires_the_table_while_frozen(loaded: Guest) -> None:
+    """S4: .freeze retires the table (an image kernel, or a boot kernel handing over to
+    one, must not leave its table live); .restore/.thaw rebuild it, slots and generation
+    kept.  pm_test=devices holds the devices frozen for 5 s, then restores them."""
+    g = loaded
+    if rc(g, "test -w /sys/power/pm_test") != 0:
+        pytest.skip("the guest kernel has no /sys/power/pm_test (CONFIG_PM_DEBUG)")
+    start(g, "hold", "vmwipe_test hold 2")
+    frames = pfns(wait_output(g, "hold", r"^HOLD READY$"))
+    before = live_table(g)
+    assert before.header is not None
+    assert g.console is not None
+    g.console.mark()
+    # The shell is frozen too: the job says on the console when it is done.
+    start(g, "s4", "sh -c 'echo devices > /sys/power/pm_test; echo disk > /sys/power/state;"
+                   " r=$?; echo none > /sys/power/pm_test; echo @@S4-DONE $r > /dev/console'")
+    saw_retired = False
+    deadline = time.monotonic() + 120
+    while "@@S4-DONE" not in g.console.tail(200):
+        saw_retired = saw_retired or g.read_phys(g.region.base, 8) == bytes(8)
+        assert time.monotonic() < deadline, "the hibernation test did not end"
+        time.sleep(0.1)
+    done = g.console.wait_for(r"^@@S4-DONE (\d+)\n", timeout=5)
+    assert done.group(1) == "0", g.console.tail()
+    assert saw_retired, "the table stayed live while the devices were frozen for hibernation"
+    after = live_table(g)
+    assert after.header is not None
+    assert after.header.boot_id == before.header.boot_id
+    assert after.header.wipe_generation == before.header.wipe_generation
+    assert sorted(after.gpas) == sorted(f << 12 for f in frames)
+    stop(g, "hold")
 
 
 def test_in_kernel_api(loaded: Guest) -> None:
@@ -264,7 +395,7 @@ def test_in_kernel_api(loaded: Guest) -> None:
         assert g.read_phys(gpa, n * 4096) == FILL * n
     assert rc(g, "rmmod vmwipe") != 0  # its user is loaded
     sh(g, "rmmod vmwipe_kapi_test")
-    assert live_table(g).used == 0
+    assert live_table(g).used == OWN
     for gpa, n in want:
         assert g.read_phys(gpa, n * 4096) != FILL * n
 
@@ -297,13 +428,13 @@ def test_unload_refused_while_mapped_then_reload(loaded: Guest) -> None:
     start(g, "hold", "vmwipe_test hold 1")
     wait_output(g, "hold", r"^HOLD READY$")
     assert rc(g, "rmmod vmwipe") != 0
-    assert live_table(g).used == 1
+    assert live_table(g).used == OWN + 1
     stop(g, "hold")
     sh(g, "rmmod vmwipe")
     assert g.read_region() == bytes(g.region.size)  # clean unload: region zeroed
     assert rc(g, "test -e /dev/vmwipe") != 0
-    sh(g, f"{INSMOD} mode=0600")
-    assert re.match(r"crw------- ", sh(g, "ls -l /dev/vmwipe"))
+    sh(g, f"{INSMOD} mode=0666")
+    assert re.match(r"crw-rw-rw- ", sh(g, "ls -l /dev/vmwipe"))
     sh(g, f"rmmod vmwipe && {INSMOD}")
     header = live_table(g).header
     assert header is not None and header.boot_id != boot_id
@@ -353,13 +484,13 @@ def test_reboot_without_shutdown_relies_on_loader(loaded: Guest) -> None:
     # sysrq b resets at once: no .shutdown, so the old table is still there...
     _reboot_paused(g, "echo 1 > /proc/sys/kernel/sysrq; echo b > /proc/sysrq-trigger")
     stale = g.table()
-    assert stale.header is not None and stale.used == 2
+    assert stale.header is not None and stale.used == OWN + 2
     # ...until the reset rewrites the loader's zero page over the header.
     _reset_and_boot(g)
     assert g.table().header is None  # no magic until the module loads again
     sh(g, INSMOD)
     table = live_table(g)
-    assert table.used == 0
+    assert table.used == OWN
     assert table.header is not None and table.header.boot_id != boot_id
 
 
@@ -390,3 +521,62 @@ def test_refuses_without_memmap(unreserved: Guest) -> None:
     assert rc(g, "test -e /sys/bus/platform/devices/VMWP0001:00/driver") != 0
     assert rc(g, "test -e /dev/vmwipe") != 0
     assert g.read_region() == before, "the driver wrote into guest RAM"
+
+
+def _ssdt_named(region: Region, name: bytes) -> bytes:
+    """A VMWP0001 SSDT for `region` whose device is `name` (two `VMWP`s would clash)."""
+    table = bytearray(encode_ssdt(region.base, region.size))
+    at = table.index(b"VMWP", 36)  # past the ACPI header: the device's NameSeg
+    table[at:at + 4] = name
+    table[16:24] = b"VMWIPE" + name[-2:]  # OEM table ID
+    table[9] = 0
+    table[9] = (-sum(table)) & 0xFF
+    return bytes(table)
+
+
+# A second device on reserved RAM (refused: one device only), and a third on an address
+# with no RAM at all, above the guest's 512 MiB (refused: the table would not stick).
+SECOND = Region(0x1F100000, 0x100000)
+NOT_RAM = Region(0x100000000, 0x10000)
+
+
+@pytest.fixture(scope="module")
+def three_devices(image: GuestImage, tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[Guest]:
+    d = tmp_path_factory.mktemp("ssdt")
+    (d / "second.aml").write_bytes(_ssdt_named(SECOND, b"VMW2"))
+    (d / "noram.aml").write_bytes(_ssdt_named(NOT_RAM, b"VMW3"))
+    cfg = GuestConfig(image, cmdline=(f"memmap={SECOND.size:#x}${SECOND.base:#x}",),
+                      extra_args=("-acpitable", f"file={d / 'second.aml'}",
+                                  "-acpitable", f"file={d / 'noram.aml'}", "-cpu", "qemu64"))
+    with Guest(cfg) as g:
+        yield g
+
+
+def test_second_device_and_unwritable_region_refused(three_devices: Guest) -> None:
+    """Only the first VMWP0001 device binds: a second is refused before it can touch the
+    first one's CRNG state or misc name, and a range that does not keep what the guest
+    writes (here no RAM at all; SMRAM behaves alike) is refused with the reason."""
+    g = three_devices
+    assert sh(g, "ls /sys/bus/platform/devices/ | grep -c VMWP0001").strip() == "3"
+    sh(g, "insmod /vmwipe.ko")
+    log = sh(g, "dmesg | grep vmwipe")
+    assert "another vmwipe device is bound already" in log, log
+    assert "does not keep what is written" in log, log
+    assert sh(g, "ls -d /sys/bus/platform/drivers/vmwipe/VMWP0001:* | wc -l").strip() == "1"
+    table = live_table(g)  # the first device's, at the lab region
+    assert table.header is not None
+    assert g.read_phys(NOT_RAM.base, 8) != b"VMWIPEv2"
+    # the first device's forced reseed still works after the refusals
+    assert sh(g, f"cat {SYSFS}/crng_refresh").strip() == "active"
+    gen_fill = table.fills[1]  # base_crng.generation
+    g.qmp("stop")
+    try:
+        g.wipe()
+        host_gen = struct.unpack("<Q", g.read_phys(gen_fill.gpa, 8))[0]
+    finally:
+        g.qmp("cont")
+    deadline = time.monotonic() + 30
+    while struct.unpack("<Q", g.read_phys(gen_fill.gpa, 8))[0] == host_gen:
+        assert time.monotonic() < deadline, "no reseed after the wipe: the refusal broke it"
+        time.sleep(0.1)

@@ -186,6 +186,8 @@ class GuestConfig:
     # A state saved by Guest.save(): load it (paused, like a restore or a
     # clone) instead of booting. The rest of the config must match the source.
     incoming: Path | None = None
+    # Start paused with -incoming defer and load nothing: a `vmwipe restore` does it.
+    defer: bool = False
     extra_args: tuple[str, ...] = ()  # appended to the QEMU command line
     cmdline: tuple[str, ...] = ()  # appended to the guest kernel's command line
     vmgenid: bool = True  # -device vmgenid,guid=auto (a new GUID in every QEMU process)
@@ -238,7 +240,7 @@ class Guest:
         if cfg.loader:
             args += ["-device", f"loader,file={tmp / 'zero.bin'},addr={self.region.base:#x},"
                      "force-raw=on"]
-        if cfg.incoming is not None:
+        if cfg.incoming is not None or cfg.defer:
             args += ["-incoming", "defer"]
         return args + list(cfg.extra_args)
 
@@ -253,6 +255,8 @@ class Guest:
         self.console = Console(self._proc.stdout, self._proc.stdin, self.log_path)
         self._qmp = QMPClient("vmwipe-lab")
         self._call(self._connect())
+        if self.config.defer:
+            return
         if self.config.incoming is None:
             self.wait_ready()
         else:
