@@ -191,6 +191,7 @@ class GuestConfig:
     extra_args: tuple[str, ...] = ()  # appended to the QEMU command line
     cmdline: tuple[str, ...] = ()  # appended to the guest kernel's command line
     vmgenid: bool = True  # -device vmgenid,guid=auto (a new GUID in every QEMU process)
+    machine: str = "pc"  # -machine (e.g. "q35,smm=on" with OVMF in extra_args)
     qemu: str = QEMU  # the binary (a wrapper such as build/qemu10/qemu10 works too)
 
 
@@ -227,7 +228,7 @@ class Guest:
             append += f" memmap={RESERVE_SIZE:#x}${RESERVE_BASE:#x}"
         append = " ".join((append, *cfg.cmdline))
         args = [
-            cfg.qemu, "-machine", "pc", "-accel", cfg.accel, "-m", f"{cfg.memory_mib}M",
+            cfg.qemu, "-machine", cfg.machine, "-accel", cfg.accel, "-m", f"{cfg.memory_mib}M",
             "-smp", str(cfg.cpus), "-nodefaults", "-no-user-config", "-display", "none",
             "-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con",
             "-qmp", f"unix:{tmp / 'qmp.sock'},server=on,wait=off",
@@ -312,7 +313,8 @@ class Guest:
     def wait_ready(self) -> str:
         """Wait for /init's ready line; return the guest's boot_id."""
         assert self.console is not None
-        m = self.console.wait_for(r"^@@READY (\S+)\n", self.config.boot_timeout)
+        # OVMF leaves terminal escapes on the serial line: no ^ anchor.
+        m = self.console.wait_for(r"@@READY (\S+)\n", self.config.boot_timeout)
         return m.group(1)
 
     def qemu_stderr(self) -> str:
