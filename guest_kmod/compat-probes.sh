@@ -76,6 +76,11 @@ cat > "$tmp/PM_SLEEP_PTR.c" <<'EOF'
 extern const struct dev_pm_ops *vmwipe_probe;
 const struct dev_pm_ops *vmwipe_probe = pm_sleep_ptr((const struct dev_pm_ops *)NULL);
 EOF
+cat > "$tmp/CC_PLATFORM.c" <<'EOF'
+#include <linux/cc_platform.h>
+bool vmwipe_probe(void);
+bool vmwipe_probe(void) { return cc_platform_has(CC_ATTR_GUEST_MEM_ENCRYPT); }
+EOF
 cat > "$tmp/BLAKE2S_CTX.c" <<'EOF'
 #include <crypto/blake2s.h>
 unsigned long vmwipe_probe(void);

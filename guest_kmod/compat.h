@@ -94,6 +94,21 @@ static inline int unregister_random_vmfork_notifier(struct notifier_block *nb)
 #define pm_sleep_ptr(_ptr) (IS_ENABLED(CONFIG_PM_SLEEP) ? (_ptr) : NULL)
 #endif
 
+/* Is guest memory private to the guest (SEV, TDX)? cc_platform_has() from 5.16 on. */
+#ifdef VMWIPE_HAVE_CC_PLATFORM
+#include <linux/cc_platform.h>
+static inline bool vmwipe_mem_encrypted(void)
+{
+	return cc_platform_has(CC_ATTR_GUEST_MEM_ENCRYPT);
+}
+#else
+#include <linux/mem_encrypt.h>
+static inline bool vmwipe_mem_encrypted(void)
+{
+	return mem_encrypt_active();	/* SEV; TDX guests came later */
+}
+#endif
+
 /* The BLAKE2s state of random.c's input pool: struct blake2s_ctx from 6.19 on. */
 #ifdef VMWIPE_HAVE_BLAKE2S_CTX
 typedef struct blake2s_ctx vmwipe_blake2s_t;

@@ -58,11 +58,6 @@
 #include <linux/wait.h>
 #include <linux/workqueue.h>
 #include <linux/xarray.h>
-#if __has_include(<linux/cc_platform.h>)
-#include <linux/cc_platform.h>
-#else
-#include <linux/mem_encrypt.h>
-#endif
 
 #include "compat.h"
 #include "crng.h"
@@ -1167,8 +1162,7 @@ static bool vmwipe_header_is_ours(struct vmwipe *vmw)
 /*
  * Take in the wipes done since the last look: a larger wipe_generation in
  * our own header, or a refilled witness, which counts as one more wipe when
- * the header does not show it. Never goes back. The witness's bytes are
- * fresh from the host: mix them in before the reseed that follows a wipe.
+ * the header does not show it. Never goes back.
  */
 static u64 vmwipe_sync_generation(struct vmwipe *vmw)
 {
@@ -1179,7 +1173,6 @@ static u64 vmwipe_sync_generation(struct vmwipe *vmw)
 		gen = max(gen, le64_to_cpu(READ_ONCE(vmw->hdr->wipe_generation)));
 	if (memchr_inv(vmw->witness, 0, VMWIPE_WITNESS_LEN)) {
 		gen = max(gen, vmw->newest + 1);
-		add_device_randomness(vmw->witness, VMWIPE_WITNESS_LEN);
 		memzero_explicit(vmw->witness, VMWIPE_WITNESS_LEN);
 	}
 	vmw->newest = gen;
@@ -1305,10 +1298,11 @@ static void vmwipe_write_table(struct vmwipe *vmw)
 	vmwipe_sync_generation(vmw);
 	/* What the region holds now is stale or foreign: drop its magic first. */
 	vmwipe_clear_magic(vmw);
-	spin_unlock(&vmw->table_lock);
+	/* One page, and vmwipe_crng_status() updates the header under the lock. */
 	memset((u8 *)vmw->hdr + VMWIPE_MAGIC_LEN, 0, VMWIPE_HEADER_SIZE - VMWIPE_MAGIC_LEN);
 	memcpy((u8 *)vmw->hdr + VMWIPE_MAGIC_LEN, (u8 *)&vmw->header + VMWIPE_MAGIC_LEN,
 	       sizeof(vmw->header) - VMWIPE_MAGIC_LEN);
+	spin_unlock(&vmw->table_lock);
 	for (i = 0; i < vmw->capacity; i = end) {
 		end = min(vmw->capacity, i + VMWIPE_SLOT_BATCH);
 		spin_lock(&vmw->table_lock);
@@ -1466,15 +1460,6 @@ static int vmwipe_check_ram(struct device *dev, struct resource *res, void *base
 	return 0;
 }
 
-/* The region is private memory there: the host cannot read the table. */
-static bool vmwipe_mem_encrypted(void)
-{
-#if __has_include(<linux/cc_platform.h>)
-	return cc_platform_has(CC_ATTR_GUEST_MEM_ENCRYPT);
-#else
-	return mem_encrypt_active();	/* before 5.16 */
-#endif
-}
 
 static void vmwipe_unregister_vmfork(void *data)
 {
@@ -1503,6 +1488,7 @@ static int vmwipe_probe(struct platform_device *pdev)
 	u32 i;
 	int ret;
 
+	/* The region is private memory there: the host cannot read the table. */
 	if (vmwipe_mem_encrypted())
 		return dev_err_probe(dev, -ENODEV,
 				     "guest memory is encrypted (SEV/TDX): the host cannot read the table\n");

@@ -17,10 +17,10 @@ struct vmwipe_range {
 };
 
 /*
- * Free in Documentation/userspace-api/ioctl/ioctl-number.rst and in the uapi
- * headers of 6.12 (0xB7 is nsfs's NSIO, 0xB8 mrvl_cn10k_dpi's).
+ * Unused as an ioctl type in ioctl-number.rst and in the uapi headers up to
+ * 7.3 (0xB7 is nsfs's NSIO, 0xB8 mshv's, 0xBA liveupdate's).
  */
-#define VMWIPE_IOC_MAGIC	0xBA
+#define VMWIPE_IOC_MAGIC	0xBB
 
 /*
  * mmap() offset of /dev/vmwipe for fill pages: instead of zeroing them, the
