@@ -1576,7 +1576,7 @@ static int vmwipe_probe(struct platform_device *pdev)
 	vmwipe_crng_probe(dev, vmw);
 	/* A kmalloc of 32 bytes never straddles a page: one slot, after the CRNG's. */
 	ret = vmwipe_list_kmem(vmw, &(struct vmwipe_kmem){ vmw->witness, VMWIPE_WITNESS_LEN }, 1);
-	if (ret)
+	if (ret < 0)
 		return dev_err_probe(dev, ret, "no slot for the witness\n");
 
 	/* Before the device exists, gone after it (devm unwinds in reverse). */

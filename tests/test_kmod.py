@@ -251,6 +251,24 @@ def test_unprivileged_callers_leave_a_reserve(loaded: Guest) -> None:
     assert sysfs(g, "used") == OWN
 
 
+def test_pages_charged_to_the_memory_cgroup(loaded: Guest) -> None:
+    """mmap()ed pages come from GFP_KERNEL_ACCOUNT: the caller's memory cgroup pays, so a
+    container's limit bounds what it pins through /dev/vmwipe."""
+    g = loaded
+    cg = "/sys/fs/cgroup/vmwipe-test"
+    sh(g, "mountpoint -q /sys/fs/cgroup || mount -t cgroup2 none /sys/fs/cgroup; "
+          f"echo +memory > /sys/fs/cgroup/cgroup.subtree_control; mkdir -p {cg}")
+    pages = 1024  # 4 MiB, far above what the program itself uses
+    start(g, "hold", f"sh -c 'echo $$ > {cg}/cgroup.procs && exec vmwipe_test hold {pages}'")
+    try:
+        wait_output(g, "hold", r"^HOLD READY$", timeout=120)
+        charged = int(sh(g, f"cat {cg}/memory.current"))
+    finally:
+        stop(g, "hold")
+    assert charged >= pages * 4096, f"memory.current {charged} for {pages} pages"
+    sh(g, f"rmdir {cg}")
+
+
 def _memfree_kib(g: Guest) -> int:
     out = sh(g, "echo 3 > /proc/sys/vm/drop_caches; grep MemFree /proc/meminfo")
     return int(out.split()[1])

@@ -1,6 +1,7 @@
 """vmwipe.ko builds with no warnings (W=1, and sparse when installed) on the oldest and the
 newest kernel Debian ships (5.10 and 7.3) and on the kernels installed here; crng.o makes
-no indirect call; a kernel below the floor is refused at build time.
+no indirect call; a kernel below the floor is refused at build time; the ioctl type is
+vmwipe's own.
 
 The whole matrix (every series, oldest and newest) is `make kmod-check`; this is the slice
 `make test` carries. The 7.3 build needs gcc-14, so it runs in the Debian 13 root (shared
@@ -10,6 +11,7 @@ with the kernel-matrix boot test and `make test-debian13`; debootstrapped on fir
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -84,3 +86,39 @@ def test_a_kernel_below_the_floor_is_refused(tmp_path: Path) -> None:
                          capture_output=True, text=True)
     assert run.returncode == 1 and "Linux 5.10 or later" in run.stderr, run.stderr
     assert not (tmp_path / "probed.h").exists()
+
+
+def _ioctl_types(uapi: Path) -> dict[int, set[str]]:
+    """{type code: headers} of every _IO/_IOR/_IOW/_IOWR in a kernel's uapi headers, the
+    type given as a number or as a macro #defined to one."""
+    calls: list[tuple[str, str]] = []
+    defines: dict[str, str] = {}
+    for path in uapi.rglob("*.h"):
+        text = path.read_text(errors="replace")
+        calls += [(m, path.name) for m in
+                  re.findall(r"\b_IO(?:R|W|WR)?\(\s*([A-Za-z0-9_']+)\s*,", text)]
+        for name, value in re.findall(r"#\s*define\s+(\w+)\s+\(?\s*(0x[0-9a-fA-F]+|\d+)\b",
+                                      text):
+            defines.setdefault(name, value)
+    types: dict[int, set[str]] = {}
+    for arg, header in calls:
+        value = arg if arg[0].isdigit() else defines.get(arg)
+        if value is not None:
+            types.setdefault(int(value, 0), set()).add(header)
+    return types
+
+
+def test_ioctl_type_is_free() -> None:
+    """VMWIPE_IOC_MAGIC is no other ioctl type of the installed kernels' uapi headers
+    (0xB7 was, nsfs's NSIO: ioctl numbers are global across drivers)."""
+    text = (ROOT / "guest_kmod" / "vmwipe_uapi.h").read_text()
+    m = re.search(r"#define VMWIPE_IOC_MAGIC\s+(0x[0-9A-Fa-f]+)", text)
+    assert m, "no VMWIPE_IOC_MAGIC"
+    magic = int(m.group(1), 16)
+    trees = sorted(Path("/usr/src").glob("linux-headers-*-common/include/uapi"))
+    if not trees:
+        pytest.skip("no kernel headers installed (make setup installs them)")
+    for uapi in trees:
+        # drm.h builds its numbers from DRM_COMMAND_BASE (0x40) + nr: not a type
+        users = _ioctl_types(uapi).get(magic, set()) - {"drm.h"}
+        assert not users, f"ioctl type {magic:#x} is also used by {sorted(users)} ({uapi})"
