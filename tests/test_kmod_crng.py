@@ -11,12 +11,14 @@ the pool's chaining value.  One guest boot serves the whole file.
 
 from __future__ import annotations
 
+import json
 import re
 import struct
 import time
 from collections.abc import Iterator
 
 import pytest
+from conftest import run_cli
 
 from vmwipe.lab import Guest, GuestConfig, GuestImage
 from vmwipe.lab.shell import sh, start, stop, wait_output
@@ -28,8 +30,15 @@ SYSFS = "/sys/class/misc/vmwipe"
 
 
 @pytest.fixture(scope="module")
-def guest(image: GuestImage) -> Iterator[Guest]:
-    with Guest(GuestConfig(image, extra_args=("-cpu", "qemu64"))) as g:
+def cli_qmp(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A second QMP socket of the guest, for the `vmwipe` CLI (the lab holds the first)."""
+    return str(tmp_path_factory.mktemp("crng") / "cli.qmp")
+
+
+@pytest.fixture(scope="module")
+def guest(image: GuestImage, cli_qmp: str) -> Iterator[Guest]:
+    extra = ("-cpu", "qemu64", "-qmp", f"unix:{cli_qmp},server=on,wait=off")
+    with Guest(GuestConfig(image, extra_args=extra)) as g:
         assert g.console is not None
         g.console.check("insmod /vmwipe.ko")
         yield g
@@ -160,5 +169,55 @@ def test_lookup_finds_exactly_what_kallsyms_names(guest: Guest) -> None:
         assert found == named, (found, named)
         if vdso(g):
             assert "_vdso_rng_data" in found
+    finally:
+        sh(g, "rmmod vmwipe && insmod /vmwipe.ko")
+
+
+def _cli_wipe(g: Guest, sock: str, *flags: str) -> tuple[int, str, bytes, str]:
+    """`vmwipe wipe --resume FLAGS` on the paused guest: (exit code, output, the region
+    as it was left, run state); the guest runs again afterwards either way."""
+    g.qmp("stop")
+    try:
+        r = run_cli("wipe", "--qmp", sock, "--resume", *flags)
+        state = g.qmp("query-status")["status"]
+        return r.returncode, r.stdout + r.stderr, g.read_region(), state
+    finally:
+        if g.qmp("query-status")["status"] != "running":
+            g.qmp("cont")
+
+
+def test_cli_reports_the_crng_and_require_crng_passes(guest: Guest, cli_qmp: str) -> None:
+    """The module registers the CRNG (status active): inspect and wipe say so, and
+    `--require-crng` wipes and resumes as without it."""
+    g = guest
+    hdr = crng_fills(g).header
+    assert hdr is not None and hdr.crng_status == 1 and hdr.crng_reason == ""
+    n = hdr.crng_ranges
+    assert 1 <= n <= len(crng_fills(g).fills)  # the module has a fill range of its own too
+    r = run_cli("inspect", "--qmp", cli_qmp)
+    assert r.returncode == 0 and f"\nkernel CRNG: refreshed ({n} ranges)\n" in r.stdout, r.stdout
+    code, out, _region, state = _cli_wipe(g, cli_qmp, "--require-crng")
+    assert code == 0 and f"kernel CRNG: refreshed ({n} ranges)" in out, out
+    assert "resumed" in out and state == "running"
+
+
+def test_cli_require_crng_refuses_crng_refresh_0(guest: Guest, cli_qmp: str) -> None:
+    """crng_refresh=0: every report says NOT registered with the guest's reason;
+    `--require-crng` exits 15 before writing anything and the guest stays paused."""
+    g = guest
+    sh(g, "rmmod vmwipe && insmod /vmwipe.ko crng_refresh=0")
+    try:
+        r = run_cli("inspect", "--qmp", cli_qmp, "--json")
+        crng = json.loads(r.stdout)["extra"]["crng"]
+        assert crng["status"] == "disabled" and not crng["registered"], crng
+        assert crng["summary"].startswith("NOT registered (disabled in the guest: "), crng
+        before = g.read_region()
+        code, out, region, state = _cli_wipe(g, cli_qmp, "--require-crng")
+        assert code == 15 and out.count("\n") == 1, out
+        assert f"kernel CRNG: {crng['summary']}" in out and "not resumed" in out, out
+        assert state == "paused" and region == before  # nothing written: no generation bump
+        code, out, region, state = _cli_wipe(g, cli_qmp)  # without the policy: wiped as ever
+        assert code == 0 and f"kernel CRNG: {crng['summary']}" in out and state == "running", out
+        assert region != before
     finally:
         sh(g, "rmmod vmwipe && insmod /vmwipe.ko")

@@ -47,7 +47,12 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 echo 1 > /proc/sys/kernel/printk
-if insmod /vmwipe.ko; then echo "@@MODULE loaded"; else echo "@@MODULE failed"; fi
+# like modprobe, pass vmwipe.crng_refresh= from the kernel command line (test_require_crng_*)
+crng=
+for w in $(cat /proc/cmdline); do
+  case $w in vmwipe.crng_refresh=*) crng=crng_refresh=${w#vmwipe.crng_refresh=};; esac
+done
+if insmod /vmwipe.ko $crng; then echo "@@MODULE loaded $crng"; else echo "@@MODULE failed"; fi
 echo "@@READY $(cat /proc/sys/kernel/random/boot_id)"
 drbg_stream -i 150
 echo "@@DRBG exited $?"
@@ -499,6 +504,69 @@ def test_api_start_and_revert(env: Env, snapshot_epoch: list[str]) -> None:
     env.assert_reseeded(off, snapshot_epoch[0], running)
 
 
+def _save_xml(env: Env, save: Path, require_crng: bool | None) -> Path:
+    """The save image's domain XML with its vmwipe metadata edited: None drops the marker
+    (the hook then stands aside), a bool sets the policy as `protect` stores it."""
+    import xml.etree.ElementTree as ET
+    from dataclasses import replace
+
+    import libvirt
+
+    from vmwipe.host_agent.libvirt.domain_xml import Protection
+
+    root = ET.fromstring(env.lab.conn.saveImageGetXMLDesc(str(save),
+                                                         libvirt.VIR_DOMAIN_XML_SECURE))
+    meta = root.find("metadata")
+    assert meta is not None
+    el = meta.find("{urn:vmwipe:libvirt:1}protect")
+    assert el is not None
+    if require_crng is None:
+        meta.remove(el)
+    else:
+        prot = replace(Protection.from_element(el), require_crng=require_crng)
+        el.attrib.clear()
+        el.attrib.update(prot.to_attrib())
+    alt = save.with_suffix(".xml")
+    alt.write_text(ET.tostring(root, encoding="unicode"))
+    return alt
+
+
+def test_require_crng_lets_a_registered_guest_run(env: Env) -> None:
+    """The guest's module registers the kernel CRNG: with the policy in the domain's
+    metadata (as `protect --require-crng` stores it) the hook wipes and logs
+    "kernel CRNG: refreshed", and `libvirt restore --require-crng` resumes it."""
+    import libvirt
+
+    from vmwipe.host_agent.libvirt.domain_xml import read_protection
+
+    def policy() -> bool:
+        prot = read_protection(env.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        assert prot is not None
+        return prot.require_crng
+
+    r = run_cli("libvirt", "protect", env.name, "-c", URI, "--require-crng")
+    try:
+        assert r.returncode == 0 and "require-crng" in r.stdout, r.stdout + r.stderr
+        assert policy()
+    finally:
+        r = run_cli("libvirt", "protect", env.name, "-c", URI)
+    assert r.returncode == 0 and not policy(), r.stdout + r.stderr
+    save = env.lab.work / "crng-active.save"
+    env.lab.virsh("save", env.name, str(save))
+    old = env.current_epoch()
+    off = env.log_size()
+    r = run_cli("libvirt", "restore", str(save), "--xml", str(_save_xml(env, save, True)),
+                "--require-crng", "-c", URI, "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    env.lab.note_qemu(env.name)
+    crng = json.loads(r.stdout)["wipe"]["crng"]
+    assert crng["registered"] and crng["summary"] == f"refreshed ({crng['ranges']} ranges)", crng
+    assert re.search(rf"{env.name}: restored from a saved state.*wiped and verified, "
+                     rf"generation \d+ -> \d+; kernel CRNG: refreshed \({crng['ranges']} ranges\)",
+                     env.lab.hook_log()), env.lab.hook_log()
+    env.assert_reseeded(off, old)
+
+
 def _forge_table(env: Env) -> None:
     """Set a reserved bit in the first VALID slot of the paused guest's table."""
     from vmwipe.host_agent.libvirt.flows import LibvirtMonitor, qemu_pid_of
@@ -650,3 +718,49 @@ def test_live_migration_to_second_libvirtd_untouched(env: Env) -> None:
         assert f"{env.name}: skipped: incoming live migration" in log, log
     finally:
         dest.stop()
+
+
+def test_require_crng_refuses_a_guest_with_crng_refresh_0(env: Env) -> None:
+    """A guest booted with vmwipe.crng_refresh=0 and protected with --require-crng: its
+    restore is refused by the hook (libvirt kills it; it never runs) and by
+    `libvirt restore --require-crng` (exit 15, left paused), before anything is written."""
+    import libvirt
+
+    dom = env.dom
+    if dom.isActive():
+        env.lab.virsh("destroy", env.name)
+    original = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+    try:
+        cmdline = "rdinit=/vmwipe-libvirt-init"
+        env.lab.conn.defineXML(original.replace(cmdline, f"{cmdline} vmwipe.crng_refresh=0"))
+        r = run_cli("libvirt", "protect", env.name, "-c", URI, "--require-crng")
+        assert r.returncode == 0, r.stdout + r.stderr
+        off = env.log_size()
+        env.lab.virsh("start", env.name)  # a fresh boot: the policy does not apply
+        env.lab.note_qemu(env.name)
+        env.wait_lines(off, 2, timeout=120)
+        assert "@@MODULE loaded crng_refresh=0" in "\n".join(env.lines_since(off))
+        save = env.lab.work / "crng-off.save"
+        env.lab.virsh("save", env.name, str(save))
+
+        off = env.log_size()
+        r = env.lab.virsh("restore", str(save), "--running", check=False)
+        assert r.returncode != 0, r.stdout
+        why = "--require-crng: kernel CRNG: NOT registered (disabled in the guest: "
+        assert why in r.stderr and "not allowed to run" in r.stderr, r.stderr
+        print(f"\nvirsh restore refused by --require-crng: {r.stderr.strip()}")
+        assert env.domstate() == "shut off"
+        assert why in env.lab.hook_log()
+
+        alt = _save_xml(env, save, None)  # no marker: the hook stands aside, the API refuses
+        r = run_cli("libvirt", "restore", str(save), "--xml", str(alt), "--require-crng",
+                    "-c", URI)
+        env.lab.note_qemu(env.name)
+        assert r.returncode == 15, r.stdout + r.stderr
+        assert why in r.stderr and "left paused" in r.stderr and r.stderr.count("\n") == 1
+        assert env.domstate() == "paused"
+        time.sleep(1.0)
+        assert env.drbg_since(off) == [], "the guest ran although it was refused"
+    finally:
+        env.lab.virsh("destroy", env.name, check=False)
+        env.lab.conn.defineXML(original)
