@@ -23,6 +23,7 @@ from conftest import run_cli
 from test_migstream import QEMU10, needs_qemu10
 
 from vmwipe.lab import Guest, GuestConfig, GuestError, GuestImage
+from vmwipe.lab.build import build_guest_image
 from vmwipe.lab.shell import rc, sh, start, stop, wait_output
 from vmwipe.protocol import Region, Table, encode_ssdt, slot_count_for
 
@@ -367,6 +368,37 @@ def test_watch_trusts_only_its_own_header(loaded: Guest) -> None:
         time.sleep(0.2)
 
 
+def test_resume_keeps_the_hosts_count(loaded: Guest) -> None:
+    """Suspend with no reset at wake-up (s2idle; here pm_test=devices: devices suspended for
+    5 s, then resumed): `.resume` must take the host's newer count from its own header and
+    announce it, never write its older one over it.  With poll_ms=0 the module has not
+    looked yet when the guest suspends (the console is suspended too, so the host cannot
+    time a wipe inside the 5 s)."""
+    g = loaded
+    assert g.console is not None
+    if rc(g, "test -w /sys/power/pm_test") != 0:
+        pytest.skip("the guest kernel has no /sys/power/pm_test (CONFIG_PM_DEBUG)")
+    gen0 = sysfs(g, "generation")
+    sh(g, f"echo 0 > {PARAMS}/poll_ms")
+    try:
+        time.sleep(0.5)  # a tick already queued runs once more, then the watch stops
+        g.qmp("stop")  # as a restore's wipe: paused
+        try:
+            gen = g.wipe()
+        finally:
+            g.qmp("cont")
+        assert gen == gen0 + 1 and sysfs(g, "generation") == gen0  # not looked yet
+        g.console.mark()
+        start(g, "sus", "sh -c 'echo devices > /sys/power/pm_test; echo mem > /sys/power/state;"
+                        " r=$?; echo none > /sys/power/pm_test; echo @@SUS-DONE $r > /dev/console'")
+        assert g.console.wait_for(r"@@SUS-DONE (\d+)\n", timeout=60).group(1) == "0"
+        header = live_table(g).header
+        assert header is not None and header.wipe_generation == gen, "resume lost the count"
+        assert sysfs(g, "generation") == gen, "resume did not announce the wipe"
+    finally:
+        sh(g, f"echo 100 > {PARAMS}/poll_ms")
+
+
 def test_hibernation_retires_the_table_while_frozen(loaded: Guest) -> None:
     """S4: .freeze retires the table (an image kernel, or a boot kernel handing over to
     one, must not leave its table live); .restore/.thaw rebuild it, slots and generation
@@ -598,3 +630,65 @@ def test_second_device_and_unwritable_region_refused(three_devices: Guest) -> No
     while struct.unpack("<Q", g.read_phys(gen_fill.gpa, 8))[0] == host_gen:
         assert time.monotonic() < deadline, "no reseed after the wipe: the refusal broke it"
         time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def swap_guest(image: GuestImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
+    """A guest with a virtio disk to hibernate to (the image's kernel, plus virtio_blk)."""
+    img = build_guest_image(image.kernel, image.module, with_modules=("virtio_blk",))
+    swap = tmp_path_factory.mktemp("swap") / "swap.img"
+    with swap.open("wb") as f:
+        f.truncate(384 << 20)
+    cfg = GuestConfig(img, extra_args=("-drive", f"file={swap},if=none,id=sw,format=raw",
+                                       "-device", "virtio-blk-pci,drive=sw"))
+    with Guest(cfg) as g:
+        assert g.console is not None
+        g.console.check("insmod /lib/modules/virtio_blk.ko && mkswap /dev/vda && swapon /dev/vda")
+        yield g
+
+
+def test_hibernation_powers_off_retired_and_restores(swap_guest: Guest) -> None:
+    """A real S4: the image is written, then ACPI powers off through `.poweroff` (not
+    `.shutdown`), which must leave no live table.  Booted again, a kernel that loads
+    vmwipe.ko itself hands over to the image (`.freeze` retires its table) and the image's
+    kernel rebuilds its own (`.restore_noirq`): the image's boot id, slots and generation."""
+    g = swap_guest
+    assert g.console is not None
+    sh(g, INSMOD)
+    start(g, "hold", "vmwipe_test hold 2")
+    frames = pfns(wait_output(g, "hold", r"^HOLD READY$"))
+    gen = g.bump_generation(0)
+    deadline = time.monotonic() + 30
+    while sysfs(g, "generation") != gen:
+        assert time.monotonic() < deadline, "the watch did not take the generation"
+        time.sleep(0.2)
+    before = live_table(g)
+    assert before.header is not None
+    g.qmp("set-action", shutdown="pause")
+    start(g, "s4", "sh -c 'echo platform > /sys/power/disk; echo disk > /sys/power/state;"
+                   " echo @@S4-BACK $? > /dev/console'")
+    deadline = time.monotonic() + 300
+    while g.qmp("query-status")["status"] != "shutdown":
+        assert time.monotonic() < deadline, f"no power-off after hibernation:\n{g.console.tail()}"
+        time.sleep(0.2)
+    assert g.read_region() == bytes(g.region.size), "a live table at the S4 power-off"
+
+    g.qmp("set-action", shutdown="poweroff")
+    g.console.mark()
+    g.qmp("system_reset")
+    g.qmp("cont")
+    g.wait_ready()
+    sh(g, f"insmod /lib/modules/virtio_blk.ko && {INSMOD}")
+    booted = live_table(g).header
+    assert booted is not None and booted.boot_id != before.header.boot_id
+    g.console.mark()
+    g.console.send("0 echo $(cat /sys/block/vda/dev) > /sys/power/resume")  # never returns
+    back = g.console.wait_for(r"@@S4-BACK (\d+)\n", timeout=300)
+    assert back.group(1) == "0"
+    after = live_table(g)
+    assert after.header is not None
+    assert after.header.boot_id == before.header.boot_id
+    assert after.header.wipe_generation == gen
+    assert sorted(after.gpas) == sorted(f << 12 for f in frames)
+    assert sysfs(g, "generation") == gen
+    stop(g, "hold")

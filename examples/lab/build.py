@@ -17,7 +17,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -330,6 +330,11 @@ def module_dependencies(kernel: Kernel, module: Path) -> list[Path]:
     needed = _run(["modinfo", "-F", "depends", str(module)]).strip()
     if not needed:
         return []
+    return kernel_modules(kernel, [n.replace("-", "_") for n in needed.split(",")], module.name)
+
+
+def kernel_modules(kernel: Kernel, names: Sequence[str], who: str = "the guest") -> list[Path]:
+    """The kernel's own modules `names`, each after what it needs in turn (modules.dep)."""
     deps: dict[str, tuple[str, list[str]]] = {}
     for line in (kernel.modules_dir / "modules.dep").read_text().splitlines():
         path, _, rest = line.partition(":")
@@ -338,7 +343,7 @@ def module_dependencies(kernel: Kernel, module: Path) -> list[Path]:
 
     def visit(name: str) -> None:
         if name not in deps:
-            raise BuildError(f"{module.name} needs {name}, not in {kernel.modules_dir}")
+            raise BuildError(f"{who} needs {name}, not in {kernel.modules_dir}")
         path = kernel.modules_dir / deps[name][0]
         if path in order:
             return
@@ -346,8 +351,8 @@ def module_dependencies(kernel: Kernel, module: Path) -> list[Path]:
             visit(dep)
         order.append(path)
 
-    for name in needed.split(","):
-        visit(name.replace("-", "_"))
+    for name in names:
+        visit(name)
     return order
 
 
@@ -387,8 +392,13 @@ class GuestImage:
         return [*(f"insmod /{p}" for p in self.preload), f"insmod /vmwipe.ko{args}".rstrip()]
 
 
-def build_guest_image(kernel: Kernel, module: Path | None = None) -> GuestImage:
-    """vmwipe.ko (built here unless given), the programs and the modules it needs."""
+def build_guest_image(kernel: Kernel, module: Path | None = None,
+                      with_modules: Sequence[str] = ()) -> GuestImage:
+    """vmwipe.ko (built here unless given), the programs and the modules it needs.
+
+    `with_modules`: more of the kernel's own modules (e.g. virtio_blk), with what they
+    need, as /lib/modules/NAME.ko for a test to insmod in the order of their names.
+    """
     module = module or build_module(kernel)
     extra = build_dynamic()
     preload = []
@@ -396,5 +406,7 @@ def build_guest_image(kernel: Kernel, module: Path | None = None) -> GuestImage:
         name = f"lib/modules/{_module_name(dep.name)}.ko"
         extra[name] = _plain_module(dep)
         preload.append(name)
+    for dep in kernel_modules(kernel, with_modules):
+        extra[f"lib/modules/{_module_name(dep.name)}.ko"] = _plain_module(dep)
     return GuestImage(kernel, module, build_initramfs(module, build_programs(), extra),
                       tuple(preload))
