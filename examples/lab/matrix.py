@@ -98,6 +98,7 @@ class Row:
     crng_refresh: str | None = None  # /sys/class/misc/vmwipe/crng_refresh after insmod
     dmesg: str = ""  # the module's "kernel CRNG" lines
     host_crng: str | None = None  # what `vmwipe clone` reported for the clones' kernel CRNG
+    pages_wiped: list[int] = field(default_factory=list)  # per clone, from `vmwipe clone`
     draws: dict[str, int] = field(default_factory=dict)  # kind -> after resume, all clones
     duplicated: dict[str, int] = field(default_factory=dict)  # kind -> shared by >= 2 clones
     error: str | None = None  # the step that failed after the build, and why
@@ -156,8 +157,11 @@ def build(kernel: Kernel, row: Row, directory: Path) -> Path | None:
     return directory / "vmwipe.ko"
 
 
-def scenario(image: GuestImage, row: Row, log: Log) -> None:
-    """Boot, `vmwipe save`, `vmwipe clone -n 3`; fill the row's scenario columns."""
+def scenario(image: GuestImage, row: Row, log: Log, keep: Path | None = None) -> None:
+    """Boot, `vmwipe save`, `vmwipe clone -n 3`; fill the row's scenario columns.
+
+    The serial logs (the original's and each clone's ttyS1) are copied to `keep`.
+    """
     t0 = time.monotonic()
     try:
         with CrngScenario(False, CLONES, DRAWS, log=log, image=image) as sc:
@@ -170,6 +174,11 @@ def scenario(image: GuestImage, row: Row, log: Log) -> None:
             res = sc.run_mode("v2")
             row.draws, row.duplicated = dict(res.draws), dict(res.duplicated)
             row.host_crng = "; ".join(sorted(set(_crng_summaries(sc.clone_reports)))) or None
+            row.pages_wiped = [int(c.get("report", {}).get("wipe", {}).get("pages", -1))
+                               for c in sc.clone_reports]
+            if keep is not None:
+                for f in [sc.dir / "original.ttyS1", *sorted((sc.dir / "v2").glob("*.ttyS1"))]:
+                    shutil.copy2(f, keep / f.name)
             # the guest cannot hide a missing reseed: every clone must print its key
             if res.draws.get("K", 0) < CLONES:
                 row.error = f"only {res.draws.get('K', 0)} of {CLONES} clones printed a reseed key"
@@ -214,7 +223,7 @@ def run_kernel(mk: MatrixKernel, boot: bool, log: Log) -> Row:
     except BuildError as e:
         row.error = f"initramfs: {_first_line(str(e))}"
         return row
-    scenario(image, row, log)
+    scenario(image, row, log, keep=module.parent)
     log(f"{mk.abi}: crng_refresh {row.crng_refresh!r}, shared draws {row.shared_draws}, "
         f"shared reseed keys {row.shared_keys}" + (f"; {row.error}" if row.error else ""))
     return row
