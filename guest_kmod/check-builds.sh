@@ -14,7 +14,7 @@
 # (5.10's gcc-10 → CC=gcc), or, for kernels whose kbuild needs gcc-14 (Debian 13's,
 # 6.19 on), inside the Debian 13 root ($VMWIPE_DEBIAN13_ROOT, debootstrapped on first
 # use: a few minutes). Such a kernel is SKIPPED, saying why, only where that cannot
-# work (not root). sparse runs too (C=1) on host builds when it is installed.
+# work (not root). sparse runs too (C=1): in the Debian 13 root always, here when installed.
 # Builds happen in $VMWIPE_BUILD_DIR/kmod-<abi>/ (default build/), so the tree stays
 # clean. Exit status: 0 when every kernel that was not skipped built cleanly.
 set -euo pipefail
@@ -85,6 +85,7 @@ for abi in "${abis[@]}"; do
 			results+=("$abi: skipped (needs root for the Debian 13 root)")
 			continue
 		fi
+		check=(C=1)  # kernel-make.sh installs sparse there
 	elif command -v sparse >/dev/null; then
 		check=(C=1)
 	fi

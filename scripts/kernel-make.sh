@@ -40,5 +40,5 @@ kroot=$(cd "$hdr/../../.." && pwd)
 echo "kernel-make: the Debian 13 root (gcc-$want)" >&2
 exec "$here/debian13-run.sh" --bind "$kroot" --bind "$mdir" \
 	--install "gcc-$want" --install make --install libc6-dev --install perl --install pahole \
-	--install libelf1t64 --install libssl3t64 --install zlib1g \
+	--install sparse --install libelf1t64 --install libssl3t64 --install zlib1g \
 	-- make -C "$hdr" M="$mdir" "$@"
