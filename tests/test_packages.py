@@ -77,6 +77,20 @@ print(json.dumps({'xml': edit.xml, 'args': edit.protection.qemu_args(),
 """
 
 
+def _wait_gone(pid: int, timeout: float = 60) -> None:
+    """Until the (daemonized, so not our child) QEMU has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ", 1)[1][:1] == "Z":  # exited, not yet reaped
+                    return
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"QEMU {pid} still alive {timeout} s after SIGKILL")
+
+
 @pytest.fixture(scope="module", params=_suites())
 def host_root(request: pytest.FixtureRequest) -> Iterator[DebRoot]:
     suite = request.param
@@ -165,8 +179,8 @@ def test_host_package_inspect_and_hook(host_root: DebRoot) -> None:
         assert "pkgtest" in log, log
     finally:
         os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid)
     # the same domain with its QEMU gone: refused (fail closed), one line on stderr
-    time.sleep(0.5)
     r = host_root.run(run.format("started"), input=prot["xml"], check=False)
     assert r.returncode == 1 and r.stderr.startswith("vmwipe: pkgtest: "), r.stderr
 
