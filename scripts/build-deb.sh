@@ -30,9 +30,17 @@ unset PYTHONPATH VIRTUAL_ENV || true
 
 rm -rf "$out"
 mkdir -p "$src"
-(cd "$repo" && git ls-files -z -c -o --exclude-standard |
-	while IFS= read -r -d '' f; do if [ -e "$f" ]; then printf '%s\0' "$f"; fi; done |
-	tar -c --null -T - -f -) | tar -x -C "$src" -f -
+tree_files() { # NUL-separated: tracked and untracked-not-ignored files, or (no git) all but outputs
+	if command -v git >/dev/null && git -C "$repo" rev-parse --git-dir >/dev/null 2>&1; then
+		git -C "$repo" ls-files -z -c -o --exclude-standard |
+			while IFS= read -r -d '' f; do if [ -e "$repo/$f" ]; then printf '%s\0' "$f"; fi; done
+	else  # a copy of the tree without .git (make test-debian13)
+		(cd "$repo" && find . \( -name .venv -o -name build -o -name demo-out -o -name __pycache__ \
+			-o -name .git -o -name '*.egg-info' \) -prune -o \( -type f -o -type l \) -print0 |
+			sed -z 's#^\./##')
+	fi
+}
+tree_files | (cd "$repo" && tar -c --null -T - -f -) | tar -x -C "$src" -f -
 
 if [ "$suite" = bookworm ]; then
 	sdist=qemu_qmp-0.0.6.tar.gz
