@@ -3,14 +3,15 @@
 #
 # The root gets its own /proc and /sys binds but NOT the host's /dev: a tmpfs with
 # only null, zero, full, random, urandom, tty, ptmx, pts and shm bound in (as
-# debootstrap does inside containers), and its own fd/stdin/stdout/stderr links.  A
+# debootstrap does inside containers), the block device the root lives on (for
+# grub-probe), and its own fd/stdin/stdout/stderr links.  A
 # maintainer script that rewrites /dev (systemd, udev) then changes the root's copy;
 # with the host's /dev bound it would change the host's.
 #
 #   chroot_mount ROOT      chroot_umount ROOT      (umount: 0 when nothing is left mounted)
 
 chroot_mount() {
-	local r=$1 d
+	local r=$1 d src
 	mkdir -p "$r/proc" "$r/sys" "$r/dev"
 	mount --bind /proc "$r/proc"
 	mount --bind /sys "$r/sys"
@@ -23,6 +24,13 @@ chroot_mount() {
 		mkdir -p "$r/dev/$d"
 		mount --bind "/dev/$d" "$r/dev/$d"
 	done
+	# the block device that holds the root, so grub-probe (update-grub) can name it
+	src=$(findmnt -n -o SOURCE -T "$r" | sed 's/\[.*//')
+	if [ -b "$src" ]; then
+		mkdir -p "$r/dev/$(dirname "${src#/dev/}")"
+		touch "$r$src"
+		mount --bind "$src" "$r$src"
+	fi
 	ln -s /proc/self/fd "$r/dev/fd"
 	ln -s /proc/self/fd/0 "$r/dev/stdin"
 	ln -s /proc/self/fd/1 "$r/dev/stdout"

@@ -230,7 +230,9 @@ def test_guest_grub_memmap(guest_root: DebRoot) -> None:
 def test_guest_library_links(guest_root: DebRoot) -> None:
     src = guest_root.path / "tmp/use.c"
     src.write_text('#include <vmwipe.h>\nint main(void) { return vmwipe_alloc(4096) ? 0 : 3; }\n')
-    guest_root.run("cc -o /tmp/use /tmp/use.c -lvmwipe")
+    # the root has the kernel's compiler (gcc-12 or gcc-14, for DKMS), not libc6-dev
+    guest_root.run("apt-get -q -y install --no-install-recommends libc6-dev", timeout=600)
+    guest_root.run('"$(ls /usr/bin/gcc-[0-9]* | head -n 1)" -o /tmp/use /tmp/use.c -lvmwipe')
     r = guest_root.run("/tmp/use", check=False)
     assert r.returncode == 3  # no /dev/vmwipe outside a vmwipe guest: NULL, as documented
     assert (guest_root.path / "usr/lib/x86_64-linux-gnu/vmwipe/libvmwipe-preload.so").is_file()
