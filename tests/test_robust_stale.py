@@ -160,6 +160,9 @@ def test_reset_guard_refuses_a_vm_without_the_zero_page(image: GuestImage, tmp_p
         info = json.loads(r.stdout)["extra"]
         assert info["registered"] and info["slots_valid"] == 3 and info["errors"] == []
         assert {s["gpa"] for s in info["slots"]} == {p * P for p in pfns}
+        # the module's own seed range is a fill range even with crng_refresh=0
+        fill_pages = {f["gpa"] // P * P for f in info["fill_ranges"]}
+        assert all(f["length"] <= P - f["gpa"] % P for f in info["fill_ranges"])
         assert any("reset guard" in w for w in json.loads(r.stdout)["warnings"])
 
         g.qmp("stop")
@@ -188,10 +191,12 @@ def test_reset_guard_refuses_a_vm_without_the_zero_page(image: GuestImage, tmp_p
         assert r.returncode == 0, r.stderr
         rep = json.loads(r.stdout)
         assert rep["wipe"]["pages"] == 3 and any("reset guard" in w for w in rep["warnings"])
-        # (the stale pages, whatever the new kernel keeps there now, and the header bump)
+        # (the stale pages, whatever the new kernel keeps there now, the stale fill ranges
+        # given random bytes, and the header bump)
         after = ram_pages(g.agent_qmp, tmp_path)
         diff = set(changed_pages(before, after))
-        assert g.region.base in diff and diff <= {p * P for p in pfns} | {g.region.base}
+        assert g.region.base in diff
+        assert diff <= {p * P for p in pfns} | fill_pages | {g.region.base}
         # every stale page now reads as zero, whether or not the new kernel had already
         # cleared it (Debian kernels zero pages they allocate: init_on_alloc)
         zero = hashlib.blake2b(bytes(P), digest_size=16).digest()
