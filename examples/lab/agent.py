@@ -81,7 +81,7 @@ def shm_ram(size_mib: int = 512,
             backend_id: str = "ram0") -> Iterator[tuple[Path, tuple[str, ...]]]:
     """A RAM file on /dev/shm and the QEMU arguments that make it the guest's shared RAM.
 
-    tmpfs, as the README tells template users: a scrub in place there leaves no old
+    tmpfs, as docs/templates.md tells template users: a scrub in place there leaves no old
     blocks behind.  The file's directory is removed on exit, whatever happened.
     """
     d = Path(tempfile.mkdtemp(prefix="vmwipe-tpl-", dir="/dev/shm"))
