@@ -334,9 +334,19 @@ def module_dependencies(kernel: Kernel, module: Path) -> list[Path]:
 
 
 def kernel_modules(kernel: Kernel, names: Sequence[str], who: str = "the guest") -> list[Path]:
-    """The kernel's own modules `names`, each after what it needs in turn (modules.dep)."""
+    """The kernel's own modules `names`, each after what it needs in turn (modules.dep).
+
+    A kernel scripts/fetch-kernel.sh unpacked has no modules.dep (depmod never ran on
+    it): asking for no module must not need one.
+    """
+    if not names:
+        return []
+    dep_file = kernel.modules_dir / "modules.dep"
+    if not dep_file.exists():
+        raise BuildError(f"{who} needs {', '.join(names)}, but {dep_file} is missing "
+                         f"(run depmod for {kernel.release})")
     deps: dict[str, tuple[str, list[str]]] = {}
-    for line in (kernel.modules_dir / "modules.dep").read_text().splitlines():
+    for line in dep_file.read_text().splitlines():
         path, _, rest = line.partition(":")
         deps[_module_name(path)] = (path, [_module_name(p) for p in rest.split()])
     order: list[Path] = []
