@@ -104,12 +104,12 @@ for abi in "${abis[@]}"; do
 		say "$abi: warnings ($where)" >&2
 		grep -A3 'warning:' "$log" >&2
 		results+=("$abi: $(grep -c 'warning:' "$log") warnings") rc=1
-	elif ! "$here/no-indirect-calls.sh" "$dir/crng.o" >&2; then
-		results+=("$abi: crng.o makes an indirect call") rc=1
+	elif ! "$here/no-indirect-calls.sh" "$dir/crng.o" "$dir/ksecrets.o" >&2; then
+		results+=("$abi: crng.o or ksecrets.o makes an indirect call") rc=1
 	else
 		extra=""
 		[ "${#check[@]}" = 0 ] || extra=", sparse"
-		say "$abi: OK, no warnings (W=1$extra; $where), crng.o: no indirect calls"
+		say "$abi: OK, no warnings (W=1$extra; $where), ksecrets.o, crng.o: no indirect calls"
 		results+=("$abi: OK, 0 warnings (W=1$extra; $where)")
 	fi
 done

@@ -19,7 +19,7 @@
  *    reseed that follows each wipe.
  *
  * None of random.c's objects is exported. Their addresses come from
- * register_kprobe() on their names (see crng_lookup), so no function is
+ * register_kprobe() on their names (see vmwipe_lookup), so no function is
  * ever called through a looked-up pointer, and kernels with IBT take the
  * same path. Their layout is not taken from the kernel version (distributions
  * backport random.c) but recognised: force one reseed and see exactly the
@@ -116,6 +116,11 @@ static struct file *crng_urandom;	/* for RNDRESEEDCRNG */
  */
 static u8 crng_seed[32] __aligned(32);
 
+bool vmwipe_crng_enabled(void)
+{
+	return crng_refresh;
+}
+
 /* Not registered: @why for sysfs, and for the host (disabled, or refused and why). */
 static void crng_report(struct vmwipe *vmw, const char *why)
 {
@@ -150,7 +155,7 @@ static int crng_reseed(void)
  * kallsyms counts up to the next symbol. Not for per-CPU symbols, whose
  * "address" is an offset.
  */
-static void *crng_lookup(struct device *dev, const char *name, unsigned long *size)
+void *vmwipe_lookup(struct device *dev, const char *name, unsigned long *size)
 {
 	struct kprobe kp = { .symbol_name = name };
 	size_t len = strlen(name);
@@ -185,14 +190,14 @@ static const char *crng_find_vdso(struct device *dev, struct crng_objs *o)
 	struct vdso_rng_layout **ptr;
 	unsigned long size;
 
-	ptr = crng_lookup(dev, "vdso_k_rng_data", &size);
+	ptr = vmwipe_lookup(dev, "vdso_k_rng_data", &size);
 	if (ptr && size >= sizeof(*ptr)) {
 		o->vdso = READ_ONCE(*ptr);
 		o->vdso_name = "vdso_k_rng_data";
 		dev_dbg(dev, "vdso_k_rng_data points to %px\n", o->vdso);
 		return o->vdso ? NULL : "vdso_k_rng_data is NULL";
 	}
-	o->vdso = crng_lookup(dev, "_vdso_rng_data", &size);
+	o->vdso = vmwipe_lookup(dev, "_vdso_rng_data", &size);
 	o->vdso_name = "_vdso_rng_data";
 	if (o->vdso && size >= sizeof(*o->vdso))
 		return NULL;
@@ -299,12 +304,12 @@ static const char *crng_find(struct device *dev, struct crng_objs *o)
 	unsigned long size;
 	int i;
 
-	o->base = crng_lookup(dev, "base_crng", &o->base_size);
+	o->base = vmwipe_lookup(dev, "base_crng", &o->base_size);
 	if (!o->base)
 		return "base_crng not found";
 	if (o->base_size < sizeof(struct base_crng_nobirth))
 		return "base_crng is smaller than any known layout";
-	o->pool = crng_lookup(dev, "input_pool", &size);
+	o->pool = vmwipe_lookup(dev, "input_pool", &size);
 	if (!o->pool)
 		return "input_pool not found";
 	if (size < sizeof(*o->pool))

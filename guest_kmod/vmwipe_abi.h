@@ -35,6 +35,12 @@
 #define VMWIPE_CRNG_STATUS_ACTIVE       1
 #define VMWIPE_CRNG_STATUS_DISABLED     2
 #define VMWIPE_CRNG_STATUS_REFUSED      3
+#define VMWIPE_KSECRETS_REPORTED        0x80000000U
+#define VMWIPE_KSECRET_NET_SECRET       0x1U
+#define VMWIPE_KSECRET_TS_SECRET        0x2U
+#define VMWIPE_KSECRET_SYNCOOKIE        0x4U
+#define VMWIPE_KSECRET_SYNCOOKIE6       0x8U
+#define VMWIPE_KSECRET_PTR_KEY          0x10U
 
 struct vmwipe_header {
 	__u8 magic[8];
@@ -52,6 +58,8 @@ struct vmwipe_header {
 	__le32 crng_status;
 	__le32 crng_ranges;
 	__u8 crng_reason[64];
+	__le32 ksecrets;
+	__le32 ksecrets_ranges;
 };
 
 _Static_assert(offsetof(struct vmwipe_header, magic) == 0x0, "vmwipe_header.magic offset");
@@ -69,7 +77,9 @@ _Static_assert(offsetof(struct vmwipe_header, wipe_pages) == 0x48, "vmwipe_heade
 _Static_assert(offsetof(struct vmwipe_header, crng_status) == 0x50, "vmwipe_header.crng_status offset");
 _Static_assert(offsetof(struct vmwipe_header, crng_ranges) == 0x54, "vmwipe_header.crng_ranges offset");
 _Static_assert(offsetof(struct vmwipe_header, crng_reason) == 0x58, "vmwipe_header.crng_reason offset");
-_Static_assert(sizeof(struct vmwipe_header) == 0x98, "vmwipe_header size");
+_Static_assert(offsetof(struct vmwipe_header, ksecrets) == 0x98, "vmwipe_header.ksecrets offset");
+_Static_assert(offsetof(struct vmwipe_header, ksecrets_ranges) == 0x9c, "vmwipe_header.ksecrets_ranges offset");
+_Static_assert(sizeof(struct vmwipe_header) == 0xa0, "vmwipe_header size");
 
 struct vmwipe_slot {
 	__le64 word;

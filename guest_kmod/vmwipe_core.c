@@ -8,7 +8,8 @@
  * (protocol v2, see vmwipe_abi.h) listing every page it hands out; before
  * resuming a restored image the host zeroes the listed pages (or, for fill
  * ranges, writes fresh random bytes there) and bumps wipe_generation in the
- * header. crng.c lists the kernel CRNG's state as fill ranges.
+ * header. crng.c lists the kernel CRNG's state as fill ranges, ksecrets.c the
+ * kernel's other per-boot secrets.
  *
  * Pages are handed out to user space through mmap() of /dev/vmwipe (at
  * offset VMWIPE_MMAP_FILL: pages the host refills instead of zeroing) and to
@@ -332,6 +333,19 @@ void vmwipe_crng_status(struct vmwipe *vmw, u32 status, u32 ranges, const char *
 	memcpy(vmw->hdr->crng_reason, h->crng_reason, sizeof(h->crng_reason));
 	/* The status last: a host that sees it sees the ranges and reason it vouches for. */
 	smp_store_release(&vmw->hdr->crng_status, h->crng_status);
+	spin_unlock(&vmw->table_lock);
+}
+
+/* The same for the kernel's other secrets: the ranges first, then the mask they back. */
+void vmwipe_ksecrets_status(struct vmwipe *vmw, u32 mask, u32 ranges)
+{
+	struct vmwipe_header *h = &vmw->header;
+
+	spin_lock(&vmw->table_lock);
+	h->ksecrets = cpu_to_le32(mask);
+	h->ksecrets_ranges = cpu_to_le32(ranges);
+	WRITE_ONCE(vmw->hdr->ksecrets_ranges, h->ksecrets_ranges);
+	smp_store_release(&vmw->hdr->ksecrets, h->ksecrets);
 	spin_unlock(&vmw->table_lock);
 }
 
@@ -1148,6 +1162,7 @@ static struct attribute *vmwipe_attrs[] = {
 	&dev_attr_used.attr,
 	&dev_attr_generation.attr,
 	&dev_attr_crng_refresh.attr,
+	&dev_attr_kernel_secrets.attr,
 	NULL
 };
 ATTRIBUTE_GROUPS(vmwipe);
@@ -1207,6 +1222,7 @@ static void vmwipe_watch(struct work_struct *work)
 	unsigned int period = READ_ONCE(poll_ms);
 
 	vmwipe_announce(vmw);
+	vmwipe_ksecrets_poll(vmw->misc.parent, vmw);
 	if (period)
 		schedule_delayed_work(&vmw->watch, msecs_to_jiffies(period));
 }
@@ -1578,6 +1594,7 @@ static int vmwipe_probe(struct platform_device *pdev)
 	ret = vmwipe_list_kmem(vmw, &(struct vmwipe_kmem){ vmw->witness, VMWIPE_WITNESS_LEN }, 1);
 	if (ret < 0)
 		return dev_err_probe(dev, ret, "no slot for the witness\n");
+	vmwipe_ksecrets_probe(dev, vmw);
 
 	/* Before the device exists, gone after it (devm unwinds in reverse). */
 	vmw->wq = alloc_workqueue(KBUILD_MODNAME, 0, 0);

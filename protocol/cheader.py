@@ -63,6 +63,9 @@ def render() -> str:
         ("VMWIPE_CRNG_REASON_LEN", str(L.CRNG_REASON_LEN)),
         *((f"VMWIPE_CRNG_STATUS_{name.upper()}", str(value))
           for value, name in L.CRNG_STATUS_NAMES.items()),
+        ("VMWIPE_KSECRETS_REPORTED", f"{L.KSECRETS_REPORTED:#x}U"),
+        *((f"VMWIPE_KSECRET_{name.upper()}", f"{bit:#x}U")
+          for bit, name in L.KSECRET_NAMES.items()),
     ]
     out = [
         "/* SPDX-License-Identifier: GPL-2.0-only */",

@@ -47,7 +47,20 @@ CRNG_STATUS_NAMES: Final = {
 }
 CRNG_REASON_LEN: Final = 64
 
-#: Page 0 of the region.  Only these 0x98 bytes carry meaning; the rest is reserved (0).
+#: `ksecrets` (guest-written, outside the CRC): which of the kernel's other per-boot
+#: secrets the module registered as fill ranges (SPEC.md 4.1).  0 also reads a table
+#: from before the field: "not reported".
+KSECRETS_REPORTED: Final = 1 << 31
+KSECRET_NAMES: Final = {
+    1 << 0: "net_secret",  # net/core/secure_seq.c: TCP ISNs, ephemeral ports
+    1 << 1: "ts_secret",  # net/core/secure_seq.c: TCP timestamp offsets
+    1 << 2: "syncookie",  # net/ipv4/syncookies.c: syncookie_secret[2]
+    1 << 3: "syncookie6",  # net/ipv6/syncookies.c: syncookie6_secret[2]
+    1 << 4: "ptr_key",  # lib/vsprintf.c: %p hashing
+}
+KSECRETS_KNOWN: Final = KSECRETS_REPORTED | sum(KSECRET_NAMES)
+
+#: Page 0 of the region.  Only these 0xA0 bytes carry meaning; the rest is reserved (0).
 HeaderStruct = Struct(
     "magic" / Bytes(8),
     "version" / Int32ul,
@@ -64,6 +77,15 @@ HeaderStruct = Struct(
     "crng_status" / Int32ul,
     "crng_ranges" / Int32ul,
     "crng_reason" / Bytes(CRNG_REASON_LEN),
+    "ksecrets" / Int32ul,
+    "ksecrets_ranges" / Int32ul,
+)
+
+#: Guest-written after init, outside the CRC (SPEC.md 4.1): the kernel's other
+#: per-boot secrets.  A table from before them holds zeros: "not reported".
+KsecretsFieldsStruct = Struct(
+    "ksecrets" / Int32ul,
+    "ksecrets_ranges" / Int32ul,
 )
 
 #: The fields the guest writes after init, outside the CRC (SPEC.md 4.1): the kernel
@@ -120,9 +142,12 @@ CRNG_FIELDS_OFFSET: Final = _HEADER_FIELDS["crng_status"][0]
 CRNG_FIELDS_SIZE: Final = CrngFieldsStruct.sizeof()
 #: Where v1 (and v2 before the CRNG fields) ended: bytes from here on were reserved (0).
 HEADER_USED_SIZE_V1: Final = CRNG_FIELDS_OFFSET
+KSECRETS_FIELDS_OFFSET: Final = _HEADER_FIELDS["ksecrets"][0]
+KSECRETS_FIELDS_SIZE: Final = KsecretsFieldsStruct.sizeof()
 
-assert HEADER_CRC_LEN == 0x38 and WIPE_GENERATION_OFFSET == 0x40 and HEADER_USED_SIZE == 0x98
+assert HEADER_CRC_LEN == 0x38 and WIPE_GENERATION_OFFSET == 0x40 and HEADER_USED_SIZE == 0xA0
 assert CRNG_FIELDS_OFFSET == 0x50 and _HEADER_FIELDS["crng_ranges"][0] == 0x54
 assert _HEADER_FIELDS["crng_reason"] == (0x58, CRNG_REASON_LEN)
-assert CRNG_FIELDS_OFFSET + CRNG_FIELDS_SIZE == HEADER_USED_SIZE
+assert CRNG_FIELDS_OFFSET + CRNG_FIELDS_SIZE == KSECRETS_FIELDS_OFFSET == 0x98
+assert KSECRETS_FIELDS_OFFSET + KSECRETS_FIELDS_SIZE == HEADER_USED_SIZE
 assert SlotStruct.sizeof() == SlotV1Struct.sizeof() == SLOT_SIZE

@@ -57,6 +57,10 @@ class Header:
     crng_status: int = L.CRNG_STATUS_NOT_REPORTED
     crng_ranges: int = 0
     crng_reason: str = ""
+    #: The kernel's other per-boot secrets (SPEC.md 4.1): KSECRETS_REPORTED and a bit per
+    #: registered secret (KSECRET_NAMES), and the fill slots they take; 0 = not reported.
+    ksecrets: int = 0
+    ksecrets_ranges: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +204,7 @@ def decode_header(page: bytes, region: Region) -> Header | None:
     if tail.count(0) != len(tail):
         raise HeaderError("reserved", f"non-zero bytes after {used:#x}", "all zero")
     reason = _check_crng_fields(raw.crng_status, raw.crng_ranges, bytes(raw.crng_reason))
+    _check_ksecrets_fields(raw.ksecrets, raw.ksecrets_ranges)
     return Header(
         version=raw.version,
         header_size=raw.header_size,
@@ -214,6 +219,8 @@ def decode_header(page: bytes, region: Region) -> Header | None:
         crng_status=raw.crng_status,
         crng_ranges=raw.crng_ranges,
         crng_reason=reason,
+        ksecrets=raw.ksecrets,
+        ksecrets_ranges=raw.ksecrets_ranges,
     )
 
 
@@ -234,6 +241,18 @@ def _check_crng_fields(status: int, ranges: int, reason_raw: bytes) -> str:
     if text and status == L.CRNG_STATUS_ACTIVE:
         raise HeaderError("crng_reason", text, "empty when crng_status is 1 (active)")
     return text.decode("ascii")
+
+
+def _check_ksecrets_fields(mask: int, ranges: int) -> None:
+    """The header's own rules for the guest's report of its other kernel secrets
+    (SPEC.md 6): no bit this spec does not define, no secret without REPORTED, and at
+    least one fill slot per secret claimed.  Against the fill slots: `decode_table`."""
+    if mask & ~L.KSECRETS_KNOWN:
+        raise HeaderError("ksecrets", f"{mask:#x}", f"only bits of {L.KSECRETS_KNOWN:#x}")
+    if mask and not mask & L.KSECRETS_REPORTED:
+        raise HeaderError("ksecrets", f"{mask:#x}", "bit 31 (reported) set with any other bit")
+    if ranges < (mask & ~L.KSECRETS_REPORTED).bit_count():
+        raise HeaderError("ksecrets_ranges", ranges, ">= one per secret in ksecrets")
 
 
 class _RamIndex:
@@ -288,6 +307,10 @@ def decode_table(
     if header.crng_ranges > fill_slots:
         raise HeaderError("crng_ranges", header.crng_ranges,
                           f"<= {fill_slots} (the VALID fill slots of the table)")
+    if header.crng_ranges + header.ksecrets_ranges > fill_slots:
+        raise HeaderError("ksecrets_ranges", header.ksecrets_ranges,
+                          f"<= {fill_slots - header.crng_ranges} (the VALID fill slots "
+                          "not counted in crng_ranges)")
     # one byte per slot, 0xFF where VALID: the column masks below are built from it
     table = Table(header=header, used=_count_used(used_bytes, first_bytes.translate(_VALID_MASK)),
                   fill_slots=fill_slots)
@@ -626,10 +649,12 @@ def encode_header(
     crng_status: int = L.CRNG_STATUS_NOT_REPORTED,
     crng_ranges: int = 0,
     crng_reason: bytes = b"",
+    ksecrets: int = 0,
+    ksecrets_ranges: int = 0,
 ) -> bytes:
     """Build page 0 exactly as the guest module does, CRC included (`version` 1 or 2);
-    the CRNG fields as the module leaves them once it has decided (not checked here,
-    so tests can forge them)."""
+    the CRNG and kernel-secret fields as the module leaves them once it has decided
+    (not checked here, so tests can forge them)."""
     fields = {
         "magic": L.MAGIC if version == L.VERSION else L.MAGIC_V1,
         "version": version,
@@ -646,6 +671,8 @@ def encode_header(
         "crng_status": crng_status,
         "crng_ranges": crng_ranges,
         "crng_reason": crng_reason.ljust(L.CRNG_REASON_LEN, b"\0"),
+        "ksecrets": ksecrets,
+        "ksecrets_ranges": ksecrets_ranges,
     }
     raw = bytearray(L.HeaderStruct.build(fields))
     crc = zlib.crc32(raw[: L.HEADER_CRC_LEN])
@@ -692,19 +719,28 @@ def encode_crng_fields(status: int, ranges: int = 0, reason: bytes = b"") -> byt
     }))
 
 
+def encode_ksecrets_fields(mask: int, ranges: int = 0) -> bytes:
+    """The 8 bytes a guest module stores at KSECRETS_FIELDS_OFFSET (not checked here)."""
+    return bytes(L.KsecretsFieldsStruct.build({"ksecrets": mask, "ksecrets_ranges": ranges}))
+
+
 def build_region(
     region_size: int, slots: Iterable[tuple[int, int]], boot_id: bytes = bytes(16),
     fills: Iterable[tuple[int, int]] = (), version: int = L.VERSION,
-    crng: tuple[int, int, bytes] | None = None,
+    crng: tuple[int, int, bytes] | None = None, ksecrets: tuple[int, int] | None = None,
 ) -> bytes:
     """A whole region image holding the zero ranges `slots` (gpa, npages), then the
     fill ranges `fills` (gpa, bytes), as a live guest would leave it; `crng` is
-    (status, ranges, reason) for the CRNG fields (default: not reported)."""
+    (status, ranges, reason) for the CRNG fields and `ksecrets` (mask, ranges) for the
+    kernel-secret fields (default: not reported)."""
     image = bytearray(region_size)
     image[: L.HEADER_SIZE] = encode_header(region_size, boot_id, version=version)
     if crng is not None:
         start = L.CRNG_FIELDS_OFFSET
         image[start : start + L.CRNG_FIELDS_SIZE] = encode_crng_fields(*crng)
+    if ksecrets is not None:
+        start = L.KSECRETS_FIELDS_OFFSET
+        image[start : start + L.KSECRETS_FIELDS_SIZE] = encode_ksecrets_fields(*ksecrets)
     entries = [encode_slot(g, n) for g, n in slots] + [encode_fill(g, n) for g, n in fills]
     if L.SLOTS_OFFSET + len(entries) * L.SLOT_SIZE > region_size:
         raise ValueError(f"region of {region_size} bytes has no room for {len(entries)} slots")

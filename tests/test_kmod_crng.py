@@ -22,7 +22,7 @@ from conftest import run_cli
 
 from vmwipe.lab import Guest, GuestConfig, GuestImage
 from vmwipe.lab.shell import sh, start, stop, wait_output
-from vmwipe.protocol import PAGE_SIZE, Table
+from vmwipe.protocol import KSECRETS_REPORTED, PAGE_SIZE, Table
 
 pytestmark = pytest.mark.slow
 
@@ -61,12 +61,16 @@ def test_registered_as_fill_ranges(guest: Guest) -> None:
     assert "kernel CRNG registered: base_crng key+generation, input_pool" in line
     table = crng_fills(g)
     # key, generation, pool h, vDSO generation, the module's seed, then (not the CRNG's)
-    # the witness that shows any wipe, S3 included (test_kmod.py)
+    # the witness that shows any wipe, S3 included (test_kmod.py), then the kernel's
+    # other secrets drawn so far (ksecrets.c: 16 or 32 bytes each; ptr_key at least)
     want = [32, 8, 32] + ([8] if vdso(g) else []) + [32, 32]
-    assert [f.length for f in table.fills] == want
     hdr = table.header
-    assert hdr is not None and (hdr.crng_status, hdr.crng_ranges, hdr.crng_reason) == (
-        1, len(table.fills) - 1, "")  # active, one slot each (none crosses a page)
+    assert hdr is not None and hdr.ksecrets_ranges >= 1
+    lengths = [f.length for f in table.fills]
+    assert lengths[: len(want)] == want and len(lengths) == len(want) + hdr.ksecrets_ranges
+    assert set(lengths[len(want) :]) <= {16, 32}
+    assert (hdr.crng_status, hdr.crng_ranges, hdr.crng_reason) == (
+        1, len(want) - 1, "")  # active, one slot each (none crosses a page)
     key, gen = table.fills[0], table.fills[1]
     assert gen.gpa - key.gpa in (32, 40)  # 6.1 keeps `birth` between them, 6.2+ does not
     assert int(sh(g, f"cat {SYSFS}/used")) == len(table.fills) and table.ranges() == []
@@ -85,7 +89,9 @@ def test_host_fill_then_module_reseed_hits_the_real_objects(guest: Guest) -> Non
         written = {f.index: g.read_phys(f.gpa, f.length) for f in table.fills}
     finally:
         g.qmp("cont")
-    key, gen, pool, seed = table.fills[0], table.fills[1], table.fills[2], table.fills[-2]
+    assert table.header is not None
+    key, gen, pool = table.fills[0], table.fills[1], table.fills[2]
+    seed = table.fills[table.header.crng_ranges - 1]
     host_gen = struct.unpack("<Q", written[gen.index])[0]
     deadline = time.monotonic() + 10
     while struct.unpack("<Q", g.read_phys(gen.gpa, 8))[0] == host_gen:
@@ -141,17 +147,22 @@ def test_parameter_turns_it_off(guest: Guest) -> None:
     hdr = crng_fills(g).header
     assert hdr is not None and (hdr.crng_status, hdr.crng_ranges, hdr.crng_reason) == (
         2, 0, "crng_refresh=0")  # disabled
+    assert (hdr.ksecrets, hdr.ksecrets_ranges) == (KSECRETS_REPORTED, 0)  # none, and said so
+    assert sh(g, f"cat {SYSFS}/kernel_secrets").count(
+        ": not registered: disabled (crng_refresh=0)\n") == 5
     sh(g, "rmmod vmwipe && insmod /vmwipe.ko")
     assert sh(g, f"cat {SYSFS}/crng_refresh").strip() == "active"
 
 
 CRNG_SYMBOLS = ("base_crng", "input_pool", "_vdso_rng_data", "vdso_k_rng_data")
+KSECRET_SYMBOLS = ("net_secret", "ts_secret", "syncookie_secret", "syncookie6_secret", "ptr_key")
 
 
 def test_lookup_finds_exactly_what_kallsyms_names(guest: Guest) -> None:
     """The module's only lookup (register_kprobe() on the data symbol's name, which fills
     kp.addr before refusing non-text; sprint_symbol() must then say name+0x0) finds
-    exactly the addresses the guest's /proc/kallsyms gives those names, and nothing else.
+    exactly the addresses the guest's /proc/kallsyms gives those names (the CRNG's and
+    ksecrets.c's), and nothing else.
     It calls no looked-up function, so IBT on or off (TCG has none) takes this same path."""
     g = guest
     sh(g, "rmmod vmwipe && dmesg -c >/dev/null && insmod /vmwipe.ko dyndbg=+p")
@@ -160,18 +171,40 @@ def test_lookup_finds_exactly_what_kallsyms_names(guest: Guest) -> None:
         log = sh(g, "dmesg")
         found = dict(re.findall(r"vmwipe \S+: (\w+) at ([0-9a-f]{16}) \(\1\+0x0/0x[0-9a-f]+\)$",
                                 log, re.MULTILINE))
-        names = "|".join(CRNG_SYMBOLS)
+        names = "|".join(CRNG_SYMBOLS + KSECRET_SYMBOLS)
         named = {}
         for line in sh(g, f"grep -wE '{names}' /proc/kallsyms").splitlines():
             addr, _kind, name = line.split()[:3]
             named[name] = addr
-        assert {"base_crng", "input_pool"} <= set(found), log
+        assert {"base_crng", "input_pool", "net_secret", "ptr_key"} <= set(found), log
         assert not re.search(r"WARNING|Call Trace|BUG", log), log  # kprobes took it quietly
         assert found == named, (found, named)
         if vdso(g):
             assert "_vdso_rng_data" in found
     finally:
         sh(g, "rmmod vmwipe && insmod /vmwipe.ko")
+
+
+def test_kernel_secrets_registered_once_drawn(guest: Guest) -> None:
+    """ksecrets.c lists a key only once the kernel has drawn it (not all zero), and looks
+    again every poll_ms: net_secret is drawn by the first TCP connection."""
+    g = guest
+    sh(g, "rmmod vmwipe && insmod /vmwipe.ko")
+    lines = sh(g, f"cat {SYSFS}/kernel_secrets").splitlines()
+    assert [ln.split(":")[0] for ln in lines] == [
+        "net_secret", "ts_secret", "syncookie", "syncookie6", "ptr_key"]
+    assert "ptr_key: registered" in lines, lines
+    sh(g, "ip link set lo up && tcp_keys sample 5500 5501 1")
+    deadline = time.monotonic() + 10
+    while "net_secret: registered" not in sh(g, f"cat {SYSFS}/kernel_secrets"):
+        assert time.monotonic() < deadline, sh(g, f"cat {SYSFS}/kernel_secrets")
+        time.sleep(0.1)
+    table = crng_fills(g)
+    hdr = table.header
+    assert hdr is not None and hdr.ksecrets & 0b10001 == 0b10001  # net_secret, ptr_key
+    assert hdr.ksecrets & KSECRETS_REPORTED
+    listed = len(table.fills) - hdr.crng_ranges - 1  # less the CRNG's and the witness
+    assert listed == hdr.ksecrets_ranges >= bin(hdr.ksecrets & 0x1F).count("1")
 
 
 def _cli_wipe(g: Guest, sock: str, *flags: str) -> tuple[int, str, bytes, str]:
@@ -197,6 +230,7 @@ def test_cli_reports_the_crng_and_require_crng_passes(guest: Guest, cli_qmp: str
     assert 1 <= n <= len(crng_fills(g).fills)  # the module has a fill range of its own too
     r = run_cli("inspect", "--qmp", cli_qmp)
     assert r.returncode == 0 and f"\nkernel CRNG: refreshed ({n} ranges)\n" in r.stdout, r.stdout
+    assert re.search(r"\nkernel secrets: (net_secret, )?.*ptr_key \(\d+ ranges?\)\n", r.stdout)
     code, out, _region, state = _cli_wipe(g, cli_qmp, "--require-crng")
     assert code == 0 and f"kernel CRNG: refreshed ({n} ranges)" in out, out
     assert "resumed" in out and state == "running"

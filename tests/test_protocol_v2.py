@@ -21,6 +21,7 @@ from vmwipe.protocol import (
     encode_crng_fields,
     encode_fill,
     encode_header,
+    encode_ksecrets_fields,
     encode_slot,
 )
 from vmwipe.protocol import layout as L
@@ -149,12 +150,15 @@ def test_full_region_of_fills_decodes() -> None:
 
 # --- the kernel CRNG's registration: guest-written header fields outside the CRC ------
 
+CRNG = slice(L.CRNG_FIELDS_OFFSET, L.CRNG_FIELDS_OFFSET + L.CRNG_FIELDS_SIZE)
+
 
 def test_crng_fields_sit_at_their_spec_offsets() -> None:
     offsets = L.field_offsets(L.HeaderStruct)
     assert (offsets["crng_status"], offsets["crng_ranges"], offsets["crng_reason"]) == (
         (0x50, 4), (0x54, 4), (0x58, 64))
-    assert L.HEADER_USED_SIZE == 0x98
+    assert (offsets["ksecrets"], offsets["ksecrets_ranges"]) == ((0x98, 4), (0x9C, 4))
+    assert L.HEADER_USED_SIZE == 0xA0
 
 
 def test_v2_table_without_crng_fields_decodes_as_not_reported() -> None:
@@ -187,7 +191,7 @@ def test_crng_fields_round_trip(crng: tuple[int, int, bytes], fills: list[tuple[
 def test_crng_fields_lie_outside_the_crc() -> None:
     """The guest writes them after init: changing them must not break the CRC."""
     page = bytearray(encode_header(REGION.size))
-    page[L.CRNG_FIELDS_OFFSET : L.HEADER_USED_SIZE] = encode_crng_fields(
+    page[CRNG] = encode_crng_fields(
         L.CRNG_STATUS_REFUSED, 0, b"IBT is enabled")
     hdr = decode_header(bytes(page), REGION)
     assert hdr is not None and hdr.crng_reason == "IBT is enabled"
@@ -224,10 +228,10 @@ def test_crng_ranges_count_valid_fill_slots_only() -> None:
     """A fill slot without VALID (mid-publish) does not count, nor does a zero range."""
     image = bytearray(region_with(encode_slot(0x20_0000, 1), encode_fill(0x30_0008, 8),
                                   encode_fill(0x30_0020, 8, valid=False)))
-    image[L.CRNG_FIELDS_OFFSET : L.HEADER_USED_SIZE] = encode_crng_fields(L.CRNG_STATUS_ACTIVE, 2)
+    image[CRNG] = encode_crng_fields(L.CRNG_STATUS_ACTIVE, 2)
     with pytest.raises(HeaderError, match="crng_ranges"):
         decode_table(bytes(image), REGION, RAM)
-    image[L.CRNG_FIELDS_OFFSET : L.HEADER_USED_SIZE] = encode_crng_fields(L.CRNG_STATUS_ACTIVE, 1)
+    image[CRNG] = encode_crng_fields(L.CRNG_STATUS_ACTIVE, 1)
     hdr = decode_table(bytes(image), REGION, RAM).header
     assert hdr is not None and hdr.crng_ranges == 1
 
@@ -235,13 +239,67 @@ def test_crng_ranges_count_valid_fill_slots_only() -> None:
 def test_v1_table_keeps_the_crng_bytes_reserved() -> None:
     """v1 never had the fields: non-zero bytes there are refused as reserved."""
     image = bytearray(build_region(REGION.size, [], version=1))
-    image[L.CRNG_FIELDS_OFFSET : L.HEADER_USED_SIZE] = encode_crng_fields(L.CRNG_STATUS_DISABLED)
+    image[CRNG] = encode_crng_fields(L.CRNG_STATUS_DISABLED)
     with pytest.raises(HeaderError, match="reserved"):
         decode_table(bytes(image), REGION, RAM)
 
 
-def test_reserved_bytes_after_the_crng_fields_are_still_checked() -> None:
+def test_reserved_bytes_after_the_ksecrets_fields_are_still_checked() -> None:
     page = bytearray(encode_header(REGION.size))
     page[L.HEADER_USED_SIZE] = 1
-    with pytest.raises(HeaderError, match=r"reserved=non-zero bytes after 0x98"):
+    with pytest.raises(HeaderError, match=r"reserved=non-zero bytes after 0xa0"):
         decode_header(bytes(page), REGION)
+
+
+# --- the kernel's other per-boot secrets: two more guest-written fields ---------------
+
+NET, TS, PTR = 1 << 0, 1 << 1, 1 << 4
+
+
+def test_table_without_ksecrets_fields_decodes_as_not_reported() -> None:
+    image = build_region(REGION.size, [], fills=[(0x30_0008, 8)], crng=(L.CRNG_STATUS_ACTIVE,
+                                                                         1, b""))
+    assert image[0x98:0xA0] == bytes(8)
+    hdr = decode_table(image, REGION, RAM).header
+    assert hdr is not None and (hdr.ksecrets, hdr.ksecrets_ranges) == (0, 0)
+
+
+@pytest.mark.parametrize("ksecrets", [(L.KSECRETS_REPORTED, 0),
+                                      (L.KSECRETS_REPORTED | NET | TS | PTR, 3),
+                                      (L.KSECRETS_REPORTED | NET, 2),  # one crossed a page
+                                      (L.KSECRETS_REPORTED, 1)])  # mid-publish: ranges first
+def test_ksecrets_fields_round_trip_outside_the_crc(ksecrets: tuple[int, int]) -> None:
+    fills = [(0x30_0000 + 32 * i, 16) for i in range(4)]
+    image = build_region(REGION.size, [], fills=fills, crng=(L.CRNG_STATUS_ACTIVE, 1, b""),
+                         ksecrets=ksecrets)
+    hdr = decode_table(image, REGION, RAM).header
+    assert hdr is not None and (hdr.ksecrets, hdr.ksecrets_ranges) == ksecrets
+    assert hdr.header_crc32 == zlib.crc32(image[:0x38])
+
+
+@pytest.mark.parametrize(
+    ("ksecrets", "field", "match"),
+    [
+        ((L.KSECRETS_REPORTED | 1 << 5, 1), "ksecrets", "only bits of 0x8000001f"),
+        ((NET, 1), "ksecrets", "bit 31"),
+        ((L.KSECRETS_REPORTED | NET | TS, 1), "ksecrets_ranges", ">= one per secret"),
+        ((L.KSECRETS_REPORTED | NET, 2), "ksecrets_ranges", r"<= 1 \(the VALID fill slots not"),
+    ],
+)
+def test_each_ksecrets_rule_rejects_and_names_the_field(ksecrets: tuple[int, int], field: str,
+                                                        match: str) -> None:
+    """Two fill slots, one of them the CRNG's: what the mask claims must fit the rest."""
+    image = build_region(REGION.size, [], fills=[(0x30_0008, 8), (0x30_0020, 16)],
+                         crng=(L.CRNG_STATUS_ACTIVE, 1, b""), ksecrets=ksecrets)
+    for strict in (True, False):
+        with pytest.raises(HeaderError, match=match) as err:
+            decode_table(image, REGION, RAM, strict=strict)
+        assert err.value.field == field
+
+
+def test_v1_table_keeps_the_ksecrets_bytes_reserved() -> None:
+    image = bytearray(build_region(REGION.size, [], version=1))
+    image[L.KSECRETS_FIELDS_OFFSET : L.HEADER_USED_SIZE] = encode_ksecrets_fields(
+        L.KSECRETS_REPORTED)
+    with pytest.raises(HeaderError, match="reserved"):
+        decode_table(bytes(image), REGION, RAM)

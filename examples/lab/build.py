@@ -22,17 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 KMOD_SOURCES = ("Kbuild", "compat-probes.sh", "compat.h", "vmwipe_core.c", "crng.c", "crng.h",
-                "vmwipe.h", "vmwipe_abi.h", "vmwipe_uapi.h", "vmwipe_kapi_test.c")
+                "ksecrets.c", "vmwipe.h", "vmwipe_abi.h", "vmwipe_uapi.h", "vmwipe_kapi_test.c")
 KMODS = ("vmwipe.ko", "vmwipe_kapi_test.ko")
 EXAMPLE_SOURCES = ("vmwipe.c", "vmwipe.h", "drbg.c", "drbg.h", "drbg_stream.c", "vmwipe_test.c",
                    "retrofit_test.c", "wof_probe.c", "bssl_stream.c", "preload/vmwipe_preload.c",
-                   "probe.h", "crng_stream.c")
+                   "probe.h", "crng_stream.c", "tcp_keys.c")
 UAPI_HEADER = "vmwipe_uapi.h"  # in guest_kmod/, the ioctl ABI the programs use
 PROGRAMS: dict[str, tuple[str, ...]] = {
     "drbg_stream": ("drbg_stream.c", "drbg.c", "vmwipe.c"),
     "vmwipe_test": ("vmwipe_test.c", "vmwipe.c"),
     "retrofit_test": ("retrofit_test.c",),
     "crng_stream": ("crng_stream.c", "vmwipe.c"),
+    "tcp_keys": ("tcp_keys.c",),
 }
 # Linked dynamically, so that LD_PRELOAD works: /bin/NAME in the guest, with
 # the C library and the dynamic loader next to them.

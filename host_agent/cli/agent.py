@@ -156,9 +156,14 @@ def _fmt_report(rep: FlowReport) -> str:
             lines.append(f"skipped: {e}")
         if w.crng is not None:
             lines.append(w.crng.line())
+        if w.ksecrets is not None:
+            lines.append(w.ksecrets.line())
     for k, v in rep.extra.items():
         if k == "crng":
             lines.append(f"kernel CRNG: {v['summary']}")
+            continue
+        if k == "ksecrets":
+            lines.append(f"kernel secrets: {v['summary']}")
             continue
         if k in ("slots", "ram_ranges", "fill_ranges"):
             continue

@@ -50,6 +50,8 @@ def _human(rep: ScrubReport) -> str:
     lines = [head, body]
     if rep.crng is not None and rep.table != "absent":
         lines.append(f"saved table: {rep.crng.line()}")
+    if rep.ksecrets is not None and rep.table != "absent":
+        lines.append(f"saved table: {rep.ksecrets.line()}")
     if rep.stale_temps_removed:
         lines.append(f"removed {rep.stale_temps_removed} copies left by killed scrubs")
     lines.extend(f"invalid slot skipped: {e}" for e in rep.invalid_slots)
@@ -136,6 +138,8 @@ def _human_save(rep: SaveScrubReport) -> str:
              f"written as zeros, {rep.fill_ranges} fill ranges as fresh random bytes{gen}")
     if rep.crng is not None and rep.table != "absent":
         table += f"\n{rep.crng.line()}"
+    if rep.ksecrets is not None and rep.table != "absent":
+        table += f"\n{rep.ksecrets.line()}"
     return (f"save --scrub: {rep.path} ({rep.bytes} bytes), QEMU {rep.qemu_version}, "
             f"region {rep.region['base']:#x}+{rep.region['size']:#x}\n{table}\n"
             f"sidecar {rep.sidecar}; state {rep.state_before} -> {rep.state_after}; "

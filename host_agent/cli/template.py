@@ -51,6 +51,8 @@ def run_template(args: argparse.Namespace, opts: AgentOptions) -> int:
               f"({w.status if w else '?'}), template QEMU quit")
         if w is not None and w.crng is not None:
             print(w.crng.line())
+        if w is not None and w.ksecrets is not None:
+            print(w.ksecrets.line())
     return 0
 
 
@@ -81,12 +83,14 @@ def run_clone_template(args: argparse.Namespace, opts: AgentOptions) -> int:
 
 def clone_table(clones: Sequence[CloneResult]) -> str:
     """The text report of `clone` and `clone --template`: one row per clone."""
-    rows = [f"{'#':>3} {'pid':>8} {'pages':>8} {'state':<8} {'kernel CRNG':<24} qmp"]
+    rows = [f"{'#':>3} {'pid':>8} {'pages':>8} {'state':<8} {'kernel CRNG':<24} "
+            f"{'kernel secrets':<40} qmp"]
     for c in clones:
         w = c.report.wipe
         crng = w.crng.summary if w is not None and w.crng is not None else "-"
+        secrets = w.ksecrets.summary if w is not None and w.ksecrets is not None else "-"
         rows.append(f"{c.index:>3} {c.pid:>8} {w.pages if w else 0:>8} "
-                    f"{c.report.state_after:<8} {crng:<24} {c.qmp}")
+                    f"{c.report.state_after:<8} {crng:<24} {secrets:<40} {c.qmp}")
     return "\n".join(rows)
 
 

@@ -56,6 +56,8 @@ def clone_flow(
         rep = restore_flow(session, opts, snapshot, do_resume=False)
         wiped = rep.wipe.pages if rep.wipe else 0
         crng = f"{rep.wipe.crng.line()}, " if rep.wipe and rep.wipe.crng else ""
+        if rep.wipe and rep.wipe.ksecrets:
+            crng += f"{rep.wipe.ksecrets.line()}, "
         progress(
             f"clone {i + 1}/{count}: {rep.wipe.status if rep.wipe else '?'}, "
             f"{wiped} pages wiped, {crng}paused"

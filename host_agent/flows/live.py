@@ -22,6 +22,7 @@ from ..snapshot.sidecar import read_sidecar, sidecar_path
 from ..timing import Phases
 from ..wipe.crng import crng_report
 from ..wipe.engine import read_region, run_wipe
+from ..wipe.ksecrets import ksecrets_report
 from .incoming import finish_incoming, load_incoming, load_position, prepare_incoming
 from .migration import migration_status
 from .report import FlowReport, new_report, state_after
@@ -95,6 +96,7 @@ def inspect_flow(session: QMPSession, opts: AgentOptions) -> FlowReport:
         else:
             info["registered"] = table.header is not None
             info["crng"] = crng_report(table).to_dict()
+            info["ksecrets"] = ksecrets_report(table).to_dict()
             if table.header is not None:
                 h = table.header
                 info["header"] = {
@@ -107,6 +109,8 @@ def inspect_flow(session: QMPSession, opts: AgentOptions) -> FlowReport:
                     "crng_status": h.crng_status,
                     "crng_ranges": h.crng_ranges,
                     "crng_reason": h.crng_reason,
+                    "ksecrets": h.ksecrets,
+                    "ksecrets_ranges": h.ksecrets_ranges,
                 }
                 info["slots_used"] = table.used
                 info["slots_valid"] = len(table.slots)

@@ -69,6 +69,7 @@ from ..snapshot.migstream import (
 from ..snapshot.sidecar import sidecar_path, write_sidecar
 from ..timing import Phases
 from ..wipe.crng import CrngReport, crng_report
+from ..wipe.ksecrets import KsecretsReport, ksecrets_report
 from ..wipe.memmap import GuestMemoryMap, load_memory_map
 from .migration import error_desc, full_bandwidth, ram_progress, wait_migration
 
@@ -122,6 +123,8 @@ class SaveScrubReport:
     qemu_version: str
     #: Whether the saved table registers the guest's kernel CRNG (`wipe.crng`).
     crng: CrngReport | None = None
+    #: Which of the kernel's other per-boot secrets the saved table registers (`wipe.ksecrets`).
+    ksecrets: KsecretsReport | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -394,5 +397,6 @@ def save_scrubbed(session: SaveMonitor, path: str, *, region: Region | None = No
         fill_ranges=len(plan.table.fills),
         generation=plan.generation if idx.patched_pages else None, state_before=state_before,
         state_after=session.status(), qemu_version=qemu_version,
-        crng=crng_report(plan.table), timings_ms=phases.at_ms,
+        crng=crng_report(plan.table), ksecrets=ksecrets_report(plan.table),
+        timings_ms=phases.at_ms,
     )

@@ -373,6 +373,8 @@ def clone_template_flow(
         rep = prepare_clone(session, manifest, template, opts, False, wipe)
         pages = rep.wipe.pages if rep.wipe else 0
         crng = f"{rep.wipe.crng.line()}, " if rep.wipe and rep.wipe.crng else ""
+        if rep.wipe and rep.wipe.ksecrets:
+            crng += f"{rep.wipe.ksecrets.line()}, "
         progress(f"clone {i + 1}/{count}: pid {session.pid}, {pages} pages wiped, {crng}paused")
         return rep
 

@@ -80,6 +80,8 @@ class DomainWipe:
                     f"{w.generation_before} -> {w.generation_after}")
         if w.crng is not None:
             what += f"; {w.crng.line()}"
+        if w.ksecrets is not None:
+            what += f"; {w.ksecrets.line()}"
         t = ", ".join(f"{k} {v:.1f}" for k, v in self.timings_ms.items())
         return (f"{self.domain}: {self.reason}: QEMU pid {self.pid}, region "
                 f"{w.region[0]:#x}+{w.region[1]:#x}, backend {w.backend}: {what} "

@@ -65,6 +65,7 @@ from ..errors import (
 )
 from ..progress import task
 from ..wipe.crng import CrngReport, crng_report
+from ..wipe.ksecrets import KsecretsReport, ksecrets_report
 from ..wipe.memmap import GuestMemoryMap
 from .machine import machine_kind, machine_layout, smram_candidates, without_holes
 from .migstream import (
@@ -119,6 +120,8 @@ class ScrubReport:
     #: Whether the saved table registers the guest's kernel CRNG (`wipe.crng`): a restore
     #: through vmwipe refreshes it only then.
     crng: CrngReport | None = None
+    #: Which of the kernel's other per-boot secrets the saved table registers (`wipe.ksecrets`).
+    ksecrets: KsecretsReport | None = None
 
     @property
     def noop(self) -> bool:
@@ -473,6 +476,7 @@ def plan_scrub(mm: mmap.mmap | bytes, *, path: str = "", machine: str | None = N
     writes: list[tuple[int, int]] = []
     wanted: set[tuple[int, int]] = set()
     report.crng = crng_report(table)
+    report.ksecrets = ksecrets_report(table)
     if table.header is not None:
         report.table = "valid"
         report.slots = len(table.slots)

@@ -55,6 +55,7 @@ from ..errors import (
 from ..timing import Phases
 from .backends import MemoryBackend, Pieces
 from .crng import CrngReport, crng_report, require_crng
+from .ksecrets import KsecretsReport, ksecrets_report
 from .memmap import GuestMemoryMap, RamRange
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ class WipeReport:
     already_zero: bool = False
     #: Whether the table registers the guest's kernel CRNG (`crng.crng_report`).
     crng: CrngReport | None = None
+    #: Which of the kernel's other per-boot secrets the table registers (`ksecrets`).
+    ksecrets: KsecretsReport | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -243,7 +246,8 @@ def run_wipe(
     table = decode(data, region, memmap, strict=(on_invalid == "fail"))
     phases.mark("validate")
     report.crng = crng_report(table)
-    log.info("%s", report.crng.line())
+    report.ksecrets = ksecrets_report(table)
+    log.info("%s; %s", report.crng.line(), report.ksecrets.line())
     if require_crng_refresh:
         require_crng(report.crng)
     if table.header is None:
