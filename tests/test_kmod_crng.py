@@ -27,6 +27,8 @@ from vmwipe.protocol import KSECRETS_REPORTED, PAGE_SIZE, Table
 pytestmark = pytest.mark.slow
 
 SYSFS = "/sys/class/misc/vmwipe"
+CRNG_SYMBOLS = ("base_crng", "input_pool", "_vdso_rng_data", "vdso_k_rng_data")
+KSECRET_SYMBOLS = ("net_secret", "ts_secret", "syncookie_secret", "syncookie6_secret", "ptr_key")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,8 @@ def guest(image: GuestImage, cli_qmp: str) -> Iterator[Guest]:
 
 
 def vdso(g: Guest) -> bool:
-    return "_vdso_rng_data" in sh(g, "grep -w _vdso_rng_data /proc/kallsyms || true")
+    """vDSO getrandom: _vdso_rng_data (6.11-6.12), vdso_k_rng_data (6.15 on)."""
+    return "rng_data" in sh(g, "grep -wE '_vdso_rng_data|vdso_k_rng_data' /proc/kallsyms || true")
 
 
 def crng_fills(g: Guest) -> Table:
@@ -62,18 +65,24 @@ def test_registered_as_fill_ranges(guest: Guest) -> None:
     table = crng_fills(g)
     # key, generation, pool h, vDSO generation, the module's seed, then (not the CRNG's)
     # the witness that shows any wipe, S3 included (test_kmod.py), then the kernel's
-    # other secrets drawn so far (ksecrets.c: 16 or 32 bytes each; ptr_key at least)
+    # other secrets drawn so far (ksecrets.c: 16 or 32 bytes each)
     want = [32, 8, 32] + ([8] if vdso(g) else []) + [32, 32]
     hdr = table.header
-    assert hdr is not None and hdr.ksecrets_ranges >= 1
+    assert hdr is not None
     lengths = [f.length for f in table.fills]
-    assert lengths[: len(want)] == want and len(lengths) == len(want) + hdr.ksecrets_ranges
+    # (>=: a key the kernel draws meanwhile is published before ksecrets_ranges counts it)
+    assert lengths[: len(want)] == want and len(lengths) >= len(want) + hdr.ksecrets_ranges
     assert set(lengths[len(want) :]) <= {16, 32}
     assert (hdr.crng_status, hdr.crng_ranges, hdr.crng_reason) == (
         1, len(want) - 1, "")  # active, one slot each (none crosses a page)
     key, gen = table.fills[0], table.fills[1]
     assert gen.gpa - key.gpa in (32, 40)  # 6.1 keeps `birth` between them, 6.2+ does not
-    assert int(sh(g, f"cat {SYSFS}/used")) == len(table.fills) and table.ranges() == []
+    assert table.ranges() == []
+    for _ in range(len(KSECRET_SYMBOLS) + 1):  # the same race: settles once all are drawn
+        if int(sh(g, f"cat {SYSFS}/used")) == len(crng_fills(g).fills):
+            break
+    else:
+        raise AssertionError("sysfs used never matched the table's fill ranges")
 
 
 def test_host_fill_then_module_reseed_hits_the_real_objects(guest: Guest) -> None:
@@ -120,7 +129,8 @@ def test_user_fill_pages(guest: Guest) -> None:
     """mmap at VMWIPE_MMAP_FILL: each page is one whole-page fill range; the host's bytes
     are what the program reads, and unmapping unlists them."""
     g = guest
-    before = len(crng_fills(g).fills)
+    # page-sized fill ranges only: ksecrets.c may list a key the kernel draws meanwhile
+    before = sum(f.length == PAGE_SIZE for f in crng_fills(g).fills)
     start(g, "hf", "vmwipe_test holdfill 2")
     out = wait_output(g, "hf", r"^HOLD READY$")
     frames = [int(m, 16) for m in re.findall(r"^PFN \d+ (0x[0-9a-f]+)$", out, re.MULTILINE)]
@@ -134,7 +144,7 @@ def test_user_fill_pages(guest: Guest) -> None:
     sh(g, "kill -USR1 $(cat /tmp/hf.pid)")
     out = wait_output(g, "hf", r"^UNMAPPED$")
     assert re.findall(r"^DATA \d+ ([0-9a-f]{32})$", out, re.MULTILINE) == host
-    assert len(crng_fills(g).fills) == before
+    assert sum(f.length == PAGE_SIZE for f in crng_fills(g).fills) == before
     stop(g, "hf")
 
 
@@ -152,10 +162,6 @@ def test_parameter_turns_it_off(guest: Guest) -> None:
         ": not registered: disabled (crng_refresh=0)\n") == 5
     sh(g, "rmmod vmwipe && insmod /vmwipe.ko")
     assert sh(g, f"cat {SYSFS}/crng_refresh").strip() == "active"
-
-
-CRNG_SYMBOLS = ("base_crng", "input_pool", "_vdso_rng_data", "vdso_k_rng_data")
-KSECRET_SYMBOLS = ("net_secret", "ts_secret", "syncookie_secret", "syncookie6_secret", "ptr_key")
 
 
 def test_lookup_finds_exactly_what_kallsyms_names(guest: Guest) -> None:
@@ -180,7 +186,7 @@ def test_lookup_finds_exactly_what_kallsyms_names(guest: Guest) -> None:
         assert not re.search(r"WARNING|Call Trace|BUG", log), log  # kprobes took it quietly
         assert found == named, (found, named)
         if vdso(g):
-            assert "_vdso_rng_data" in found
+            assert {"_vdso_rng_data", "vdso_k_rng_data"} & set(found)
     finally:
         sh(g, "rmmod vmwipe && insmod /vmwipe.ko")
 
@@ -193,18 +199,22 @@ def test_kernel_secrets_registered_once_drawn(guest: Guest) -> None:
     lines = sh(g, f"cat {SYSFS}/kernel_secrets").splitlines()
     assert [ln.split(":")[0] for ln in lines] == [
         "net_secret", "ts_secret", "syncookie", "syncookie6", "ptr_key"]
-    assert "ptr_key: registered" in lines, lines
+    # the first TCP connection draws net_secret, the first %p (here %pK in
+    # /proc/net/netlink) ptr_key, if the kernel has not drawn them yet
     sh(g, "ip link set lo up && tcp_keys sample 5500 5501 1")
     deadline = time.monotonic() + 10
-    while "net_secret: registered" not in sh(g, f"cat {SYSFS}/kernel_secrets"):
-        assert time.monotonic() < deadline, sh(g, f"cat {SYSFS}/kernel_secrets")
+    while True:
+        now = sh(g, f"cat /proc/net/netlink >/dev/null; cat {SYSFS}/kernel_secrets")
+        if "net_secret: registered" in now and "ptr_key: registered" in now:
+            break
+        assert time.monotonic() < deadline, now
         time.sleep(0.1)
     table = crng_fills(g)
     hdr = table.header
     assert hdr is not None and hdr.ksecrets & 0b10001 == 0b10001  # net_secret, ptr_key
     assert hdr.ksecrets & KSECRETS_REPORTED
     listed = len(table.fills) - hdr.crng_ranges - 1  # less the CRNG's and the witness
-    assert listed == hdr.ksecrets_ranges >= bin(hdr.ksecrets & 0x1F).count("1")
+    assert listed >= hdr.ksecrets_ranges >= bin(hdr.ksecrets & 0x1F).count("1")
 
 
 def _cli_wipe(g: Guest, sock: str, *flags: str) -> tuple[int, str, bytes, str]:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from vmwipe.lab import GuestImage
-from vmwipe.lab.ksecrets import KsecretsScenario, RoundResult, sk_hash
+from vmwipe.lab.ksecrets import HASHED, KsecretsScenario, RoundResult, sk_hash
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +38,7 @@ def test_crng_only_clones_share_the_tcp_and_pointer_keys(
     """The baseline is not vacuous: with the CRNG alone refreshed, all 3 pairs agree."""
     res = rounds[1]["crng-only"]
     assert res.isn_agree == res.ts_agree == res.ptr_agree == 3, res.summary()
+    assert all(HASHED.fullmatch(c.sk_hash) for c in res.clones)  # real hashes agree
     assert all(r == "none registered (the guest's sysfs kernel_secrets says why)"
                for r in res.reports), res.reports
     assert all("disabled (ksecrets_refresh=0)" in c.kernel_secrets for c in res.clones)
@@ -50,6 +51,7 @@ def test_refilled_keys_give_every_clone_its_own(
     assert "net_secret: registered" in sc.original_sysfs, sc.original_sysfs
     assert "ptr_key: registered" in sc.original_sysfs, sc.original_sysfs
     assert res.isn_agree == res.ts_agree == res.ptr_agree == 0, res.summary()
+    assert all(HASHED.fullmatch(c.sk_hash) for c in res.clones)
     for r in res.reports:  # every clone's report names them
         assert r.startswith("net_secret, ") and "ptr_key" in r, res.reports
 

@@ -25,6 +25,7 @@ import re
 import socket
 import statistics
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ ISN_CLOSE = 1 << 20
 #: Timestamp offsets are in ms; one key gives the same offset give or take a tick.
 TS_CLOSE = 2
 KEYS = re.compile(r"^KEYS (\d+) (\d+)$", re.MULTILINE)
+HASHED = re.compile(r"[0-9a-f]{8,16}")  # a %p hash, not "(____ptrval____)"
 
 
 @dataclass
@@ -131,6 +133,13 @@ class KsecretsScenario(CloneLab):
         sh(g, "ip link set lo up")
         start(g, "pair", f"tcp_keys pair {PAIR_PORT}")
         wait_output(g, "pair", r"^PAIR READY$")
+        # ptr_key is drawn at the first %p after the CRNG is ready (lazily on 6.1, which
+        # prints "(____ptrval____)" until then): draw it before any snapshot
+        deadline = time.monotonic() + 30
+        while not HASHED.fullmatch(sk_hash(sh(g, "cat /proc/net/tcp"), PAIR_PORT)):
+            if time.monotonic() > deadline:
+                raise GuestError("%pK in /proc/net/tcp is still not hashed after 30 s")
+            time.sleep(0.2)
 
     def load(self, args: str) -> str:
         """Reload vmwipe.ko with `args` in the running original; its sysfs kernel_secrets."""
