@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml setup.py host_agent/wipe/_pages.c host_agent/snapshot/_ramwalk.c | cksum | cut -d" " -f1)
 
-.PHONY: setup system-packages test test-fast test-debian13 test-packages kernel-matrix deb man completion demo bench lint abi kmod kmod-check fuzz clean
+.PHONY: setup system-packages test test-fast test-debian13 test-packages kernel-matrix deb guest-images test-guest-os man completion demo bench lint abi kmod kmod-check fuzz clean
 
 setup: system-packages $(STAMP)
 
@@ -55,6 +55,16 @@ man: setup
 
 completion: setup
 	$(BIN)/python -m vmwipe.host_agent.cli.completion build/completion/vmwipe
+
+# Debian 12 and 13 disk images (debootstrap, GRUB, DKMS; root only), cached in
+# build/guest-images/ by a hash of their inputs: see docs/guest-images.md.
+GUEST_IMAGES ?= debian12 debian13
+guest-images: setup
+	$(BIN)/python -m vmwipe.lab.diskimage $(GUEST_IMAGES)
+
+# The real-guest tests on every image (`make test` runs them on debian12 only).
+test-guest-os: guest-images
+	VMWIPE_GUEST_IMAGES="$(GUEST_IMAGES)" $(BIN)/pytest tests/test_guest_os.py $(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/python examples/demo.py

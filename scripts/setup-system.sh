@@ -10,13 +10,14 @@ set -euo pipefail
 # in debian/control) and the package tests (debootstrap, zstd for the cached roots;
 # checkpolicy and selinux-policy-dev compile the SELinux module, tests/test_packaging.py).
 # ovmf: UEFI firmware with SMM, whose TSEG the module must refuse (tests/test_kmod_uefi.py).
+# debootstrap, fdisk (sfdisk): the Debian disk images of `make guest-images`.
 packages=(qemu-system-x86 qemu-utils linux-image-amd64 linux-headers-amd64 busybox-static
           libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc make cpio
           acpica-tools python3-venv python3-dev libc6-dev sparse
           android-libboringssl apparmor xfsprogs
           dpkg-dev fakeroot debhelper dh-python dh-dkms pybuild-plugin-pyproject
           python3-all-dev python3-setuptools python3-wheel python3-construct python3-shtab
-          python3-tqdm debootstrap zstd checkpolicy selinux-policy-dev ovmf)
+          python3-tqdm debootstrap zstd checkpolicy selinux-policy-dev ovmf fdisk)
 
 missing=()
 for p in "${packages[@]}"; do

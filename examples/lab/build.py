@@ -421,3 +421,22 @@ def build_guest_image(kernel: Kernel, module: Path | None = None,
         extra[f"lib/modules/{_module_name(dep.name)}.ko"] = _plain_module(dep)
     return GuestImage(kernel, module, build_initramfs(module, build_programs(), extra),
                       tuple(preload))
+
+
+@dataclass(frozen=True)
+class DiskImage:
+    """A bootable raw disk (`diskimage.ensure_image`): GRUB, a kernel, vmwipe by DKMS.
+
+    No boot writes it: each one gets its own `overlay()`.
+    """
+
+    name: str
+    path: Path
+    kernels: tuple[str, ...]  # releases in the image's /lib/modules
+
+
+def overlay(backing: Path, path: Path, backing_format: str = "raw") -> Path:
+    """A qcow2 file over `backing` (read-only from then on): what a boot or a clone writes."""
+    _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", backing_format, "-b",
+          str(backing.resolve()), str(path)])
+    return path

@@ -189,6 +189,10 @@ class SerialTap:
                                      f"({'EOF' if self._eof else 'timeout'}); tail:\n{tail}")
                 self._cond.wait(min(left, 0.5))
 
+    def send(self, data: bytes) -> None:
+        """Write to the guest's side of the port (QEMU queues it for the UART)."""
+        self._sock.sendall(data)
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)

@@ -40,7 +40,7 @@ from vmwipe.protocol import (
     encode_ssdt,
 )
 
-from .build import GuestImage
+from .build import DiskImage, GuestImage, overlay
 
 QEMU = "qemu-system-x86_64"
 # 1 MiB reserved at 496 MiB of a 512 MiB guest (NOTES.md), all of it the region.
@@ -175,11 +175,11 @@ def _write_process_memory(pid: int, address: int, data: bytes) -> None:
 class GuestConfig:
     """How to boot. The defaults are the production layout on a 512 MiB guest."""
 
-    image: GuestImage
+    image: GuestImage | DiskImage
     memory_mib: int = 512
     cpus: int = 2
     region: Region = field(default_factory=lambda: Region(RESERVE_BASE, RESERVE_SIZE))
-    reserve: bool = True  # memmap= on the kernel command line
+    reserve: bool = True  # memmap= on the kernel command line (a disk image has its own)
     loader: bool = True  # zero page rewritten at every reset (SPEC.md section 7)
     accel: str = field(default_factory=default_accel)
     boot_timeout: float = 120
@@ -221,19 +221,32 @@ class Guest:
                  tb: TracebackType | None) -> None:
         self.close()
 
-    def qemu_args(self) -> list[str]:
-        cfg, tmp = self.config, self._tmp
+    @property
+    def disk(self) -> Path:
+        """A disk image guest's own qcow2 overlay over the image (which no boot writes)."""
+        return self._tmp / "disk.qcow2"
+
+    def boot_args(self) -> list[str]:
+        """How QEMU boots it: the lab kernel and initramfs, or a disk image through GRUB
+        (whose kernel command line, memmap= included, is the image's own)."""
+        cfg = self.config
+        if isinstance(cfg.image, DiskImage):
+            return ["-drive", f"file={self.disk},if=virtio,format=qcow2"]
         append = "console=ttyS0 panic=-1 quiet"
         if cfg.reserve:
             append += f" memmap={RESERVE_SIZE:#x}${RESERVE_BASE:#x}"
         append = " ".join((append, *cfg.cmdline))
+        return ["-kernel", str(cfg.image.kernel.image), "-initrd", str(cfg.image.initramfs),
+                "-append", append]
+
+    def qemu_args(self) -> list[str]:
+        cfg, tmp = self.config, self._tmp
         args = [
             cfg.qemu, "-machine", cfg.machine, "-accel", cfg.accel, "-m", f"{cfg.memory_mib}M",
             "-smp", str(cfg.cpus), "-nodefaults", "-no-user-config", "-display", "none",
             "-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con",
             "-qmp", f"unix:{tmp / 'qmp.sock'},server=on,wait=off",
-            "-kernel", str(cfg.image.kernel.image), "-initrd", str(cfg.image.initramfs),
-            "-append", append,
+            *self.boot_args(),
             "-acpitable", f"file={tmp / 'ssdt.aml'}",
         ]
         if cfg.vmgenid:
@@ -248,6 +261,8 @@ class Guest:
     def _start(self) -> None:
         (self._tmp / "ssdt.aml").write_bytes(encode_ssdt(self.region.base, self.region.size))
         (self._tmp / "zero.bin").write_bytes(bytes(4096))
+        if isinstance(self.config.image, DiskImage):
+            overlay(self.config.image.path, self.disk)
         with (self._tmp / "qemu.stderr").open("wb") as stderr:
             self._proc = subprocess.Popen(
                 self.qemu_args(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
