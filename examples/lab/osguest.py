@@ -182,18 +182,20 @@ class OsCloneScenario(CloneLab):
         shutil.copy2(self.guest.disk, self.saved_disk)
         self.log(f"  saved {self.snapshot.stat().st_size >> 20} MiB")
 
-    def _clone_args(self, d: Path) -> list[str]:
+    def _clone_args(self, d: Path, disks: Path) -> list[str]:
         assert self.guest is not None
+        disks.mkdir()
         for i in range(self.n):
-            overlay(self.saved_disk, d / f"disk-{i}.qcow2", "qcow2")
-        return with_disk(clone_argv(self.guest.qemu_args(), d, "auto"), f"{d}/disk-{{i}}.qcow2")
+            overlay(self.saved_disk, disks / f"disk-{i}.qcow2", "qcow2")
+        return with_disk(clone_argv(self.guest.qemu_args(), d, "auto"),
+                         f"{disks}/disk-{{i}}.qcow2")
 
     def run_mode(self, mode: str, timeout: float = 300) -> ModeResult:
         """`vmwipe`: `vmwipe clone -n N`; `plain`: migrate-incoming only.  Go, cont, collect."""
         assert mode in MODES
         d = self.dir / mode
-        d.mkdir()
-        argv = self._clone_args(d)
+        d.mkdir(mode=0o700)  # `vmwipe clone --dir` takes only a new or empty private one
+        argv = self._clone_args(d, self.dir / f"{mode}-disks")
         if mode == "vmwipe":
             r = run_cli("clone", str(self.snapshot), "-n", str(self.n), "--dir", str(d),
                         "--json", "--", *argv, timeout=600)
