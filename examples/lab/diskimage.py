@@ -36,6 +36,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -50,7 +51,12 @@ from .build import BuildError, DiskImage, _digest, build_root
 #: The build steps of the base image; part of its cache key with the constants below.
 RECIPE = "1"
 #: image name -> Debian suite
-SUITES = {"debian12": "bookworm", "debian13": "trixie"}
+SUITES = {"debian12": "bookworm", "debian13": "trixie", "debian12-point": "bookworm"}
+#: what `make guest-images` builds by default
+DEFAULT_IMAGES = ("debian12", "debian13")
+#: images of the point release alone (no -security, no -updates): its kernel, 6.1.0-50 for
+#: bookworm, whose headers export less (no free_uid) than the security suite's
+POINT_RELEASE = frozenset({"debian12-point"})
 DISK_MIB = 3072
 SWAP_MIB = 512
 ROOT_START = 2048  # sectors: the MBR gap before it holds GRUB's core.img
@@ -248,9 +254,11 @@ def _build_base(name: str, out: Path) -> None:
             _run(["debootstrap", "--variant=minbase", f"--include={','.join(DEBOOTSTRAP_INCLUDE)}",
                   f"--cache-dir={cache_dir(name)}", suite, str(mnt), main])
             _say(f"{name}: debootstrap {time.monotonic() - t0:.0f} s")
-            (mnt / "etc/apt/sources.list").write_text(
-                f"deb {main} {suite} main\ndeb {main} {suite}-updates main\n"
-                f"deb {security} {suite}-security main\n")
+            sources = f"deb {main} {suite} main\n"
+            if name not in POINT_RELEASE:
+                sources += (f"deb {main} {suite}-updates main\n"
+                            f"deb {security} {suite}-security main\n")
+            (mnt / "etc/apt/sources.list").write_text(sources)
             (mnt / "etc/fstab").write_text(f"UUID={root_uuid} / ext4 errors=remount-ro 0 1\n"
                                            f"UUID={swap_uuid} none swap sw 0 0\n")
             (mnt / "etc/hostname").write_text(f"vmwipe-{name}\n")
@@ -349,7 +357,18 @@ def ensure_base(name: str) -> Path:
         _say(f"{name}: building the base image (debootstrap {SUITES[name]})")
         _fresh(out, lambda tmp: _build_base(name, tmp))
         _say(f"{name}: base built in {time.monotonic() - t0:.0f} s: {out}")
+        _prune(rf"{re.escape(name)}-base-[0-9a-f]{{16}}\.raw", out)
     return out
+
+
+def _prune(pattern: str, keep: Path) -> None:
+    """Remove the outdated builds of one layer (3 GiB each), once `keep` replaced them.
+
+    A QEMU that still has one open keeps reading it; only new boots use `keep`.
+    """
+    for path in images_dir().iterdir():
+        if path.stem != keep.stem and re.fullmatch(pattern, path.name):
+            path.unlink(missing_ok=True)
 
 
 def _build_vmwipe(name: str, base: Path, tmp: Path) -> tuple[str, ...]:
@@ -362,7 +381,7 @@ def _build_vmwipe(name: str, base: Path, tmp: Path) -> tuple[str, ...]:
 
 
 def ensure_image(name: str) -> DiskImage:
-    """The image `name` (debian12, debian13) with vmwipe installed, built if not cached."""
+    """The image `name` (see SUITES) with vmwipe installed, built if not cached."""
     if name not in SUITES:
         raise BuildError(f"unknown image {name!r} (known: {', '.join(SUITES)})")
     with _locked(name):
@@ -375,6 +394,7 @@ def ensure_image(name: str) -> DiskImage:
             _fresh(out, lambda tmp: kernels.append(_build_vmwipe(name, base, tmp)))
             meta.write_text("\n".join(kernels[0]) + "\n")
             _say(f"{name}: vmwipe installed in {time.monotonic() - t0:.0f} s: {out}")
+            _prune(rf"{re.escape(name)}-[0-9a-f]{{16}}\.(raw|kernels)", out)
         return DiskImage(name, out, tuple(meta.read_text().split()))
 
 
@@ -390,7 +410,8 @@ def missing_prerequisite() -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="make guest-images", description=__doc__.splitlines()[0])
-    p.add_argument("names", nargs="*", default=list(SUITES), help="images to build")
+    p.add_argument("names", nargs="*", default=list(DEFAULT_IMAGES),
+                   help=f"images to build, of {', '.join(SUITES)}")
     args = p.parse_args(argv)
     why = missing_prerequisite()
     if why:
