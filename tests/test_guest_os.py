@@ -3,7 +3,8 @@
 Each image (`make guest-images`, cached under build/guest-images/) boots once per
 module under TCG: SeaBIOS, GRUB from the disk, the distribution kernel, systemd;
 udev loads vmwipe.ko (built by DKMS in the image) by its ACPI modalias, with the
-region reserved by the image's GRUB configuration.  No -kernel, no insmod.
+region reserved by the image's GRUB configuration (the guest packages from
+`make deb`, installed with apt).  No -kernel, no insmod.
 
 Then `vmwipe save` and 3 clones with `-cpu qemu64` and no vmgenid device, by
 `vmwipe clone -n 3` and, side by side, by a plain restore: unmodified programs
@@ -61,6 +62,8 @@ def test_boots_from_disk_with_the_module_loaded_by_modalias(scenario: OsCloneSce
     assert f.alias_resolves_to == "vmwipe"
     assert f.loaded_by_config == ""
     assert f.crng_refresh == "active"
+    # the guest package put it there: DKMS built the package's version for this kernel
+    assert f"vmwipe/{f.package}, {f.kernel}, x86_64: installed" in f.dkms, f.dkms
     # taken out of System RAM by memmap= (e820 "Reserved"), claimed by the driver inside it
     assert f.iomem[0].lower() == "1f000000-1f0fffff : reserved", f.iomem
     assert "1f000000-1f0fffff : vmwipe" in f.iomem, f.iomem

@@ -63,7 +63,8 @@ ROOT_START = 2048  # sectors: the MBR gap before it holds GRUB's core.img
 SECTOR = 512
 # debootstrap brings the base system; the rest comes from apt once the security suite is
 # in sources.list, so that the image gets the newest kernel, not the point release's.
-DEBOOTSTRAP_INCLUDE = ("systemd-sysv", "udev", "initramfs-tools", "kmod")
+# e2fsprogs: fsck.ext4 for the initramfs (not part of trixie's minbase).
+DEBOOTSTRAP_INCLUDE = ("systemd-sysv", "udev", "initramfs-tools", "kmod", "e2fsprogs")
 PACKAGES = ("linux-image-amd64", "linux-headers-amd64", "dkms", "python3", "openssl", "grub-pc")
 CHROOT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "HOME": "/root",
               "DEBIAN_FRONTEND": "noninteractive"}
@@ -73,6 +74,8 @@ LAB_SHELL = """#!/bin/bash
 # vmwipe lab: the test driver's command loop on the serial console (not for production).
 echo 1 > /proc/sys/kernel/printk
 stty -echo
+# systemd may have written a terminal reset sequence on the port: start a fresh line
+echo
 echo "@@READY $(cat /proc/sys/kernel/random/boot_id)"
 while read -r id cmd; do
     eval "$cmd" </dev/null
@@ -197,11 +200,20 @@ def _loop(disk: Path, offset: int, size: int) -> Iterator[str]:
 
 @contextlib.contextmanager
 def _mount(dev: str, target: Path, *opts: str) -> Iterator[Path]:
+    """Mounted for the `with` body, then unmounted for sure.
+
+    A mount something still uses (a daemon a package started in the chroot) is
+    detached lazily rather than left behind: nothing may ever reach the host's
+    /dev through a forgotten bind mount.
+    """
     _run(["mount", *opts, dev, str(target)])
     try:
         yield target
     finally:
-        subprocess.run(["umount", str(target)], check=False)
+        busy = subprocess.run(["umount", str(target)], capture_output=True, text=True)
+        if busy.returncode != 0:
+            _say(f"{busy.stderr.strip()}: detaching it lazily")
+            subprocess.run(["umount", "--lazy", str(target)], check=True)
 
 
 @contextlib.contextmanager
@@ -230,7 +242,10 @@ def _opened(disk: Path) -> Iterator[tuple[Path, str, str]]:
     with contextlib.ExitStack() as stack:
         rdev = stack.enter_context(_loop(disk, root_off, root_size))
         sdev = stack.enter_context(_loop(disk, swap_off, swap_size))
-        mnt = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vmwipe-img.")))
+        # Never a TemporaryDirectory: its cleanup deletes recursively, and this directory
+        # holds mounts (bind mounts of /dev included) until everything above is undone.
+        mnt = Path(tempfile.mkdtemp(prefix="vmwipe-img."))
+        stack.callback(mnt.rmdir)  # empty once unmounted; an error otherwise, never a deletion
         yield mnt, rdev, sdev
 
 

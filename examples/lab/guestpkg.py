@@ -1,66 +1,102 @@
-"""Install vmwipe into a guest image's root the way the guest package (issue 24) will.
+"""Install vmwipe into a guest image's root as a user does: the guest packages, with apt.
 
 `install_vmwipe()` is the one place the disk images (`diskimage.py`) get the
-module from.  Until the `vmwipe-dkms` package exists it does by hand what the
-package's postinst is meant to do: DKMS builds the module from guest_kmod/
-against the image's own kernel (so udev loads it at boot by its ACPI modalias),
-the udev rule goes in, and the region is reserved through a grub.d snippet plus
-`update-grub`.  When the package lands this becomes `apt-get install ./*.deb`
-in the chroot, and `inputs()` its hash.
+module from.  It installs `vmwipe-dkms`, `libvmwipe0` and `libvmwipe-dev` as
+built by `make deb` (scripts/build-deb.sh; docs/packaging.md) into the image's
+chroot, after writing `/etc/default/vmwipe` for the memmap= reservation, so
+that the package's postinst does the rest as on a real guest: DKMS builds
+vmwipe.ko against the image's own kernel (udev then loads it at boot by its
+ACPI modalias) and `vmwipe-memmap` writes the grub.d snippet and runs
+update-grub.  The packages are built once per content of their sources and
+kept under build/guest-images/debs-HASH/.
 """
 
 from __future__ import annotations
 
-import re
 import shutil
+import subprocess
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .build import KMOD_SOURCES, source_root
+from .build import BuildError, _digest, build_root, source_root
 
 #: The region `vmwipe qemu-args` puts in the SSDT by default (host_agent/qemu/vmconfig.py).
-RESERVE = "memmap=0x100000$0x1f000000"
-#: /etc/default/grub is sourced by sh, and grub.cfg expands `$`: it must reach grub.cfg as `\$`.
-GRUB_SNIPPET = ('# vmwipe: keep the region the host names in its SSDT out of System RAM\n'
-                'GRUB_CMDLINE_LINUX="$GRUB_CMDLINE_LINUX '
-                + RESERVE.replace("$", "\\\\\\$") + '"\n')
-EXTRA_FILES = ("dkms.conf", "Makefile", "60-vmwipe.rules")
+REGION = "0x1f000000:0x100000"
+DEFAULTS = f"VMWIPE_RESERVATION=memmap\nVMWIPE_REGION={REGION}\n"
+PACKAGES = ("vmwipe-dkms", "libvmwipe0", "libvmwipe-dev")
+#: what the guest packages are built from (as build-deb.sh copies it: tracked and untracked,
+#: not ignored)
+SOURCES = ("guest_kmod", "debian", "examples/vmwipe.c", "examples/vmwipe.h", "examples/preload",
+           "pyproject.toml", "scripts/build-deb.sh")
 
 Chroot = Callable[[Sequence[str]], str]
 
 
-def dkms_version() -> str:
-    """PACKAGE_VERSION from guest_kmod/dkms.conf (the package will set it to its own)."""
-    text = (source_root() / "guest_kmod" / "dkms.conf").read_text()
-    m = re.search(r'^PACKAGE_VERSION="?([^"\n]+)"?$', text, re.MULTILINE)
-    if not m:
-        raise ValueError("guest_kmod/dkms.conf has no PACKAGE_VERSION")
-    return m.group(1)
+def _source_files() -> list[Path]:
+    root = source_root()
+    out = subprocess.run(["git", "ls-files", "-z", "-c", "-o", "--exclude-standard", "--",
+                          *SOURCES], cwd=root, capture_output=True, check=True).stdout
+    return [root / f for f in sorted(out.decode().split("\0")) if f and (root / f).is_file()]
 
 
 def inputs() -> list[bytes]:
     """What the installed result depends on (hashed into the image's cache key)."""
-    src = source_root() / "guest_kmod"
+    root = source_root()
     return [Path(__file__).read_bytes(),
-            *((src / f).read_bytes() for f in (*KMOD_SOURCES, *EXTRA_FILES))]
+            *(str(p.relative_to(root)).encode() + p.read_bytes() for p in _source_files())]
+
+
+def _codename() -> str:
+    for line in Path("/etc/os-release").read_text().splitlines():
+        if line.startswith("VERSION_CODENAME="):
+            return line.split("=", 1)[1].strip('"')
+    raise BuildError("/etc/os-release names no VERSION_CODENAME")
+
+
+def debs() -> list[Path]:
+    """The guest packages for the current sources, built with `make deb`'s script if needed.
+
+    The host's build serves Debian 12 and 13 guests alike: vmwipe-dkms is
+    Architecture: all and libvmwipe plain C against an older glibc.
+    """
+    out = build_root() / "guest-images" / f"debs-{_digest(inputs()[1:])}"
+    found = [next(out.glob(f"{p}_*.deb"), None) for p in PACKAGES]
+    if all(found):
+        return [p for p in found if p is not None]
+    proc = subprocess.run(["bash", str(source_root() / "scripts/build-deb.sh")],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise BuildError(f"make deb failed:\n{proc.stderr[-3000:]}")
+    src = build_root() / "deb" / _codename()  # where build-deb.sh puts this host's release's
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    for p in PACKAGES:
+        deb = next(src.glob(f"{p}_*.deb"), None)
+        if deb is None:
+            raise BuildError(f"make deb made no {p} in {src}")
+        shutil.copy2(deb, tmp / deb.name)
+    tmp.rename(out)
+    return [next(out.glob(f"{p}_*.deb")) for p in PACKAGES]
 
 
 def install_vmwipe(root: Path, chroot: Chroot) -> None:
     """Put vmwipe into the image mounted at `root`; `chroot(argv)` runs a command inside it."""
-    version = dkms_version()
-    src = source_root() / "guest_kmod"
-    dest = root / "usr/src" / f"vmwipe-{version}"
-    dest.mkdir(parents=True)
-    for f in (*KMOD_SOURCES, "dkms.conf", "Makefile"):
-        shutil.copy2(src / f, dest / f)
-    chroot(["dkms", "add", "-m", "vmwipe", "-v", version])
-    # For the image's kernels, not the host's `uname -r` (this runs in a chroot).
+    (root / "etc/default/vmwipe").write_text(DEFAULTS)
+    stage = root / "tmp/vmwipe-debs"
+    stage.mkdir()
+    names = []
+    for deb in debs():
+        shutil.copy2(deb, stage / deb.name)
+        names.append(f"/tmp/vmwipe-debs/{deb.name}")
+    # --force-confold: keep the /etc/default/vmwipe written above (a conffile of the package)
+    chroot(["apt-get", "-q", "-y", "-o", "Dpkg::Options::=--force-confold", "install",
+            "--no-install-recommends", *names])
+    shutil.rmtree(stage)
+    # the postinst builds for the chroot's kernels, not for the host's `uname -r`
     for kdir in sorted((root / "lib/modules").iterdir()):
-        if (kdir / "build").exists():
-            chroot(["dkms", "install", "-m", "vmwipe", "-v", version, "-k", kdir.name])
-    shutil.copy2(src / "60-vmwipe.rules", root / "lib/udev/rules.d/60-vmwipe.rules")
-    chroot(["groupadd", "--system", "--force", "vmwipe"])
-    grub_d = root / "etc/default/grub.d"
-    grub_d.mkdir(parents=True, exist_ok=True)
-    (grub_d / "vmwipe.cfg").write_text(GRUB_SNIPPET)
-    chroot(["update-grub"])
+        # (compressed as the kernel's own modules are: vmwipe.ko.xz on Debian 13)
+        if (kdir / "build").exists() and not any((kdir / "updates").rglob("vmwipe.ko*")):
+            raise BuildError(f"vmwipe-dkms built no module for {kdir.name}")
+    if "memmap=" not in (root / "boot/grub/grub.cfg").read_text():
+        raise BuildError("grub.cfg has no memmap= after installing vmwipe-dkms")

@@ -62,6 +62,8 @@ class BootFacts:
     alias_resolves_to: str = ""  # `modprobe --resolve-alias` of that modalias
     loaded_by_config: str = ""  # any modules-load.d / /etc/modules line naming vmwipe
     crng_refresh: str = ""
+    package: str = ""  # vmwipe-dkms's version, installed in the image by apt
+    dkms: str = ""  # `dkms status vmwipe`
     iomem: list[str] = field(default_factory=list)  # /proc/iomem lines at the region
     inspect: dict[str, Any] = field(default_factory=dict)  # `vmwipe inspect --json`
     boot_s: float = 0.0
@@ -82,6 +84,8 @@ def boot_facts(g: Guest, agent_qmp: str) -> BootFacts:
         "grep -rs vmwipe /etc/modules /etc/modules-load.d /usr/lib/modules-load.d "
         "/run/modules-load.d || true").strip()
     f.crng_refresh = con.check(f"cat {SYSFS}/crng_refresh").strip()
+    f.package = con.check("dpkg-query -W -f '${Version}\\n' vmwipe-dkms").strip()
+    f.dkms = con.check("dkms status vmwipe 2>/dev/null").strip()
     f.iomem = [ln.strip() for ln in con.check("grep -i 1f000000 /proc/iomem").splitlines()]
     r = run_cli("inspect", "--qmp", agent_qmp, "--json", timeout=120)
     if r.returncode != 0:
