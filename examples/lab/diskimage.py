@@ -126,14 +126,10 @@ def mirrors() -> tuple[str, str]:
 
 
 def cache_dir(name: str) -> Path:
-    """Downloaded .debs of image `name`, shared by every build (and every checkout here)."""
+    """Downloaded .debs of image `name`, shared by every build of this checkout, or of
+    every checkout that sets $VMWIPE_GUEST_APT_CACHE to the same directory."""
     env = os.environ.get("VMWIPE_GUEST_APT_CACHE")
-    if env:
-        path = Path(env)
-    elif Path("/work/cache").is_dir() and os.access("/work/cache", os.W_OK):
-        path = Path("/work/cache/guest-apt")
-    else:
-        path = build_root() / "guest-images" / "apt-cache"
+    path = Path(env) if env else build_root() / "guest-images" / "apt-cache"
     path = path / name
     path.mkdir(parents=True, exist_ok=True)
     return path
