@@ -139,7 +139,11 @@ def test_save_and_restore_show_a_bar_on_a_terminal_and_lines_in_a_pipe(
     run = subprocess.run([*VMWIPE, "scrub", str(again), "--dry-run"], capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert run.stderr == "", run.stderr  # a small file: no lines (see LINES_MIN)
+    if again.stat().st_size < progress.LINES_MIN:  # QEMU 7.2 saves this guest smaller
+        assert run.stderr == "", run.stderr  # a small file: no lines
+    else:  # QEMU 10 saved 583 MiB of it: lines, then the end
+        assert run.stderr.startswith("vmwipe: scrub: reading: "), run.stderr
+        assert run.stderr.splitlines()[-1].endswith(" s"), run.stderr
     # clone's per-clone progress lines go too with -q; the error stays, on one line
     bad = [QEMU, "-nodefaults", "-display", "none", "-no-such-option"]
     loud = subprocess.run([*VMWIPE, "clone", str(again), "-n", "2", "--dir",
