@@ -28,8 +28,10 @@ def rounds(image: GuestImage) -> Iterator[tuple[KsecretsScenario, dict[str, Roun
         out = {"crng-only": sc.run_round("crng-only")}
         sc.load("")
         out["ksecrets"] = sc.run_round("ksecrets")
+        print(f"original's sysfs kernel_secrets with the defaults:\n{sc.original_sysfs}")
         for res in out.values():
             print(res.summary())
+            print(f"  clone reports: {res.reports}")
         yield sc, out
 
 
