@@ -14,6 +14,12 @@ reseeds with getrandom(32) when its vmwipe page reads zero; N clones per mode,
 with protocol v2 (the host refills the kernel CRNG), v1 (zero ranges only) and
 vmgenid alone, with and without a vmgenid device.
 
+Then the kernel-secrets scenario (see vmwipe.lab.ksecrets): one boot, clones
+with vmwipe v2 refilling the CRNG only (ksecrets_refresh=0), then with the
+kernel's TCP and %p keys refilled too; in each clone a program derives the ISN
+key part and timestamp offset of one fixed 4-tuple, and /proc/net/tcp shows
+a socket's %pK hash. Counted: clone pairs that agree on each.
+
 It prints what each step proves, summary tables, writes demo-out/result.json,
 demo-out/vmwipe-demo.png and demo-out/vmwipe-crng.png, and exits 0 only if
 every claim held.  The guest CPU is plain qemu64 (no RDRAND).  Every QEMU it
@@ -32,7 +38,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from vmwipe.lab import crng
+from vmwipe.lab import crng, ksecrets
 from vmwipe.lab.e2e import CPU, MODES, RESEED_MSG, Scenario, ScenarioResult
 from vmwipe.lab.shell import missing_prerequisite
 
@@ -162,6 +168,29 @@ def crng_summary(rows: list[dict[str, Any]], out: TextIO) -> None:
           "host clock, `cont` to the last shared line arriving.)", file=out)
 
 
+KS_MODES = {"crng-only": "vmwipe v2, CRNG only (ksecrets_refresh=0)",
+            "ksecrets": "vmwipe v2 + kernel secrets refilled"}
+
+
+def ksecrets_summary(ks: dict[str, Any], out: TextIO) -> None:
+    """The kernel-secrets table: clone pairs agreeing on each per-boot key, side by side."""
+    print(f"\nKernel secrets across {ks['clones']} clones of one boot (kernel {ks['kernel']}, "
+          f"{ks['seconds']} s): clone pairs that agree", file=out)
+    hdr = (f"{'mode':<43} {'ISN key part':>12} {'timestamp offset':>16} {'%p hash':>8} "
+           f"{'old connection alive':>20}")
+    print(hdr, file=out)
+    print("-" * len(hdr), file=out)
+    for r in ks["rounds"]:
+        n = r["pairs"]
+        alive = f"{sum(c['echo_ok'] for c in r['clones'])}/{len(r['clones'])}"
+        print(f"{KS_MODES[r['mode']]:<43} {r['isn_agree']:>10}/{n} {r['ts_agree']:>14}/{n} "
+              f"{r['ptr_agree']:>6}/{n} {alive:>20}", file=out)
+    refill = ks["rounds"][-1]["reports"]
+    print(f"(one fixed 4-tuple on 127.0.0.1; ISN key part = ISN - (realtime ns >> 6), agreeing "
+          f"within {ksecrets.ISN_CLOSE} ticks; refilled per the host's report: "
+          f"{refill[0] if refill else '-'})", file=out)
+
+
 def crng_chart(rows: list[dict[str, Any]], path: Path) -> str:
     try:
         import matplotlib
@@ -238,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                    "the DRBG reseeds from getrandom(), which the host refreshed)")
     p.add_argument("--no-kernel-crng", action="store_true",
                    help="skip the kernel-CRNG scenario (four more boots)")
+    p.add_argument("--no-kernel-secrets", action="store_true",
+                   help="skip the kernel-secrets scenario (one more boot, 2 x max(N, 3) clones)")
     p.add_argument("--out-dir", default="demo-out", type=Path,
                    help="where result.json and the chart go (default demo-out/)")
     args = p.parse_args(argv)
@@ -258,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     old = signal.signal(signal.SIGTERM, _on_term)
     pids: list[int] = []
     rows: list[dict[str, Any]] = []
+    ks: dict[str, Any] | None = None
     try:
         with Scenario(args.clones, args.outputs, log=log, cpu=args.cpu) as sc:
             res = sc.run()
@@ -266,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             log("kernel CRNG: four boots (vmgenid off/on x crng_refresh 1/0), "
                 f"{args.clones} clones per mode")
             rows = crng.run(clones=args.clones, log=log)
+        if not args.no_kernel_secrets:
+            ks = ksecrets.run(clones=max(args.clones, 3), log=log)
     except (_Terminated, KeyboardInterrupt):
         print("demo: interrupted; every QEMU it started was killed", file=sys.stderr)
         return 130
@@ -282,11 +316,20 @@ def main(argv: list[str] | None = None) -> int:
         if r["mode"] == "v2":
             res.claims[f"kernel CRNG, v2, vmgenid {'on' if r['vmgenid'] else 'off'}: no reseed "
                        "key and no draw made after resume shared by two clones"] = r["ok_v2"]
+    if ks is not None:
+        res.claims["kernel secrets, CRNG-only: clone pairs share the ISN key part, timestamp "
+                   "offset or %p hash (the baseline is not vacuous)"] = ks["ok_crng_only_shares"]
+        res.claims["kernel secrets, refilled: no clone pair shares the ISN key part, timestamp "
+                   "offset or %p hash"] = ks["ok_refill"]
+        res.claims["kernel secrets: the connection established before the snapshot carries "
+                   "data in every clone"] = ks["ok_connection"]
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    doc = {**res.to_dict(), "kernel_crng": rows}
+    doc = {**res.to_dict(), "kernel_crng": rows, "kernel_secrets": ks}
     (args.out_dir / "result.json").write_text(json.dumps(doc, indent=2) + "\n")
     if rows:
         crng_summary(rows, out)
+    if ks is not None:
+        ksecrets_summary(ks, out)
     summary(res, out)
     log(chart(res, args.out_dir / "vmwipe-demo.png"))
     if rows:

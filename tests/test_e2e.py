@@ -243,6 +243,14 @@ def test_demo_runs_and_reports(tmp_path: Path) -> None:
     res = json.loads(p.stdout)
     assert res["ok"] and res["clones"] == 2 and res["outputs"] == 200
     assert "values in 2+ clones" in p.stderr and "[ok]" in p.stderr
+    ks = res["kernel_secrets"]  # one boot, 3 clones each way (issue 26)
+    assert ks["clones"] == 3 and ks["ok_crng_only_shares"] and ks["ok_refill"], ks
+    base, refill = ks["rounds"]
+    assert (base["mode"], refill["mode"]) == ("crng-only", "ksecrets")
+    assert base["isn_agree"] + base["ts_agree"] + base["ptr_agree"] > 0, base
+    assert refill["isn_agree"] == refill["ts_agree"] == refill["ptr_agree"] == 0, refill
+    assert "net_secret: registered" in ks["original_sysfs"], ks["original_sysfs"]
+    assert "Kernel secrets across 3 clones" in p.stderr
     assert (tmp_path / "result.json").is_file()
     try:
         import matplotlib  # noqa: F401

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from vmwipe.lab import GuestImage
-from vmwipe.lab.ksecrets import HASHED, KsecretsScenario, RoundResult, sk_hash
+from vmwipe.lab.ksecrets import HASHED, KsecretsScenario, RoundResult, run_rounds, sk_hash
 
 pytestmark = pytest.mark.slow
 
@@ -24,10 +24,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def rounds(image: GuestImage) -> Iterator[tuple[KsecretsScenario, dict[str, RoundResult]]]:
     with KsecretsScenario(image, clones=3) as sc:
-        sc.boot()
-        out = {"crng-only": sc.run_round("crng-only")}
-        sc.load("")
-        out["ksecrets"] = sc.run_round("ksecrets")
+        out = run_rounds(sc)
         print(f"original's sysfs kernel_secrets with the defaults:\n{sc.original_sysfs}")
         for res in out.values():
             print(res.summary())

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .build import GuestImage
-from .e2e import CloneLab, clone_argv, run_cli
+from .build import GuestImage, build_guest_image, default_kernel
+from .e2e import CloneLab, Log, clone_argv, run_cli
 from .guest import Console, Guest, GuestConfig, GuestError, default_accel
 from .shell import sh, start, wait_output
 
@@ -46,6 +46,8 @@ ISN_CLOSE = 1 << 20
 TS_CLOSE = 2
 KEYS = re.compile(r"^KEYS (\d+) (\d+)$", re.MULTILINE)
 HASHED = re.compile(r"[0-9a-f]{8,16}")  # a %p hash, not "(____ptrval____)"
+#: The two rounds, in the order they run on one boot.
+MODES = ("crng-only", "ksecrets")
 
 
 @dataclass
@@ -198,3 +200,44 @@ class KsecretsScenario(CloneLab):
         self._kill_clones()
         self.guest.qmp("cont")
         return res
+
+
+def run_rounds(sc: KsecretsScenario, log: Log | None = None) -> dict[str, RoundResult]:
+    """Boot, the crng-only round, reload with the defaults, the ksecrets round (the test's and
+    the demo's sequence)."""
+    say: Log = log or (lambda msg: None)
+    say(f"kernel secrets: booting; {sc.n} clones with ksecrets_refresh=0")
+    sc.boot()
+    out = {"crng-only": sc.run_round("crng-only")}
+    say("  " + out["crng-only"].summary())
+    sc.load("")
+    say(f"kernel secrets: vmwipe.ko reloaded with the defaults; {sc.n} clones")
+    out["ksecrets"] = sc.run_round("ksecrets")
+    say("  " + out["ksecrets"].summary())
+    return out
+
+
+def run(clones: int = 3, log: Log | None = None, image: GuestImage | None = None
+        ) -> dict[str, Any]:
+    """One boot of the default kernel, both rounds; JSON-ready, with the verdicts.
+
+    `ok_crng_only_shares`: the baseline is not vacuous (some pair agrees on some key);
+    `ok_refill`: with the refill no pair agrees on any; `ok_connection`: the established
+    connection carried data in every clone of both rounds.
+    """
+    if image is None:
+        kernel = default_kernel()
+        if kernel is None:
+            raise GuestError("no installed kernel with headers")
+        image = build_guest_image(kernel)
+    t0 = time.monotonic()
+    with KsecretsScenario(image, clones=clones) as sc:
+        res = run_rounds(sc, log)
+        sysfs = sc.original_sysfs
+    base, refill = res["crng-only"], res["ksecrets"]
+    return {"kernel": image.kernel.release, "clones": clones, "original_sysfs": sysfs,
+            "rounds": [res[m].to_dict() for m in MODES],
+            "ok_crng_only_shares": base.isn_agree + base.ts_agree + base.ptr_agree > 0,
+            "ok_refill": refill.isn_agree == refill.ts_agree == refill.ptr_agree == 0,
+            "ok_connection": all(c.echo_ok for r in res.values() for c in r.clones),
+            "seconds": round(time.monotonic() - t0, 1)}
