@@ -194,8 +194,11 @@ def test_table_survives_s3(image: GuestImage, tmp_path: Path) -> None:
             assert after.header.boot_id == before.header.boot_id
             assert after.header.wipe_generation == 1
             assert sorted(after.gpas) == sorted(before.gpas) and after.npages == before.npages
+            # the module's forced reseed, then the kernel's own: random.c reseeds at
+            # PM_POST_SUSPEND and, once a minute has passed (slow under TCG), on the next
+            # draw; so at least one, and a small count unless the read is not the generation
             reseeds = (struct.unpack("<Q", d.read_phys(gen_fill.gpa, 8))[0] - host_gen) % (1 << 64)
-            assert 1 <= reseeds <= 3, f"no forced CRNG reseed after the wipe ({reseeds})"
+            assert 1 <= reseeds <= 16, f"no forced CRNG reseed after the wipe ({reseeds})"
             for f in frames:
                 assert d.read_phys(f << 12, 4096) == bytes(4096)
             stop(d, "hold")
