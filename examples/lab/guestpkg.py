@@ -1,14 +1,14 @@
 """Install vmwipe into a guest image's root as a user does: the guest packages, with apt.
 
 `install_vmwipe()` is the one place the disk images (`diskimage.py`) get the
-module from.  It installs `vmwipe-dkms`, `libvmwipe0` and `libvmwipe-dev` as
-built by `make deb` (scripts/build-deb.sh; docs/packaging.md) into the image's
-chroot, after writing `/etc/default/vmwipe` for the memmap= reservation, so
-that the package's postinst does the rest as on a real guest: DKMS builds
-vmwipe.ko against the image's own kernel (udev then loads it at boot by its
-ACPI modalias) and `vmwipe-memmap` writes the grub.d snippet and runs
-update-grub.  The packages are built once per content of their sources and
-kept under build/guest-images/debs-HASH/.
+module from.  It runs the README's "Install in the guest" steps, in its order,
+inside the image's chroot: `apt install` of `vmwipe-dkms` and `libvmwipe0` as
+built by `make deb` (scripts/build-deb.sh; docs/packaging.md), so that DKMS
+builds vmwipe.ko against the image's own kernel (udev then loads it at boot by
+its ACPI modalias); then `/etc/default/vmwipe` for the memmap= reservation and
+`vmwipe-memmap`, which writes the grub.d snippet and runs update-grub.  The
+packages are built once per content of their sources and kept under
+build/guest-images/debs-HASH/.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .build import BuildError, _digest, build_root, source_root
 #: The region `vmwipe qemu-args` puts in the SSDT by default (host_agent/qemu/vmconfig.py).
 REGION = "0x1f000000:0x100000"
 DEFAULTS = f"VMWIPE_RESERVATION=memmap\nVMWIPE_REGION={REGION}\n"
-PACKAGES = ("vmwipe-dkms", "libvmwipe0", "libvmwipe-dev")
+PACKAGES = ("vmwipe-dkms", "libvmwipe0")
 #: what the guest packages are built from (as build-deb.sh copies it: tracked and untracked,
 #: not ignored)
 SOURCES = ("guest_kmod", "debian", "examples/vmwipe.c", "examples/vmwipe.h", "examples/preload",
@@ -95,17 +95,17 @@ def debs() -> list[Path]:
 
 def install_vmwipe(root: Path, chroot: Chroot) -> None:
     """Put vmwipe into the image mounted at `root`; `chroot(argv)` runs a command inside it."""
-    (root / "etc/default/vmwipe").write_text(DEFAULTS)
     stage = root / "tmp/vmwipe-debs"
     stage.mkdir()
     names = []
     for deb in debs():
         shutil.copy2(deb, stage / deb.name)
         names.append(f"/tmp/vmwipe-debs/{deb.name}")
-    # --force-confold: keep the /etc/default/vmwipe written above (a conffile of the package)
-    chroot(["apt-get", "-q", "-y", "-o", "Dpkg::Options::=--force-confold", "install",
-            "--no-install-recommends", *names])
+    chroot(["apt-get", "-q", "-y", "install", "--no-install-recommends", *names])
     shutil.rmtree(stage)
+    # the package's default is the pc-dimm reservation; this host uses memmap=
+    (root / "etc/default/vmwipe").write_text(DEFAULTS)
+    chroot(["vmwipe-memmap"])
     # the postinst builds for the chroot's kernels, not for the host's `uname -r`
     for kdir in sorted((root / "lib/modules").iterdir()):
         # (compressed as the kernel's own modules are: vmwipe.ko.xz on Debian 13)
