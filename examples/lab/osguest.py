@@ -10,33 +10,41 @@ and the shell helpers work unchanged.
 
 `OsCloneScenario` boots it once (`-cpu qemu64`, no vmgenid device), checks what
 the boot did (`boot_facts`), saves it with `vmwipe save`, and resumes N clones
-of that one file twice: with `vmwipe clone` and with a plain restore (what a
-hypervisor without vmwipe does).  Before the save a job in the guest waits on
+of that one file per mode (`MODES`): with `vmwipe clone`; with `vmwipe template
+--from` the save (a never-running QEMU loads it into a share=on RAM file on
+/dev/shm, which is scrubbed) and `vmwipe clone --template`; and with a plain
+restore (what a hypervisor without vmwipe does).  Before the save the lab
+installs and starts `vmwipe-keyd.service` over the console (so the image stays
+the shared one `make guest-images` builds), and a job in the guest waits on
 ttyS1; the host writes one line to every clone's ttyS1 before `cont`, so the
 first thing each clone does after resume is run unmodified programs --
 `python3 -c` (secrets.token_hex, uuid.uuid4), `openssl rand -hex 16` and
 /proc/sys/kernel/random/uuid -- whose values come back on the same port.
 Each clone writes to its own qcow2 overlay over a copy of the original's disk
-as saved.  Every QEMU is killed by its PID in `close()` (`e2e.CloneLab`).
+as saved.  Every QEMU is killed by its PID in `close()` (`e2e.CloneLab`), and
+the template's RAM file is removed once its clones are gone.
 """
 
 from __future__ import annotations
 
+import base64
+import functools
 import json
+import operator
 import re
 import shutil
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .agent import attach_console
 from .build import DiskImage, overlay
 from .e2e import CloneLab, Log, SerialTap, clone_argv, run_cli
-from .guest import Guest, GuestConfig, GuestError, default_accel
+from .guest import Console, Guest, GuestConfig, GuestError, default_accel
 
 CPU = "qemu64"  # no RDRAND: nothing but the host makes clones diverge early
 SYSFS = "/sys/class/misc/vmwipe"
@@ -47,8 +55,55 @@ DRAWS = ("python3 -c 'import secrets, uuid; print(\"py-secrets\", secrets.token_
          "echo openssl $(openssl rand -hex 16); "
          "echo kernel-uuid $(cat /proc/sys/kernel/random/uuid)")
 KINDS = ("py-secrets", "py-uuid4", "openssl", "kernel-uuid")
+#: A service as a user would write one: its key lives in a vmwipe page (libvmwipe from the
+#: libvmwipe0 package, through ctypes), and a new key is drawn whenever the module signals
+#: a wipe (POLLPRI on /dev/vmwipe).  So that the lab can compare keys without the key
+#: leaving the page, it publishes "GENERATION SHA256(KEY) HOW" in /run/vmwipe-keyd, HOW
+#: saying what the page held when the key was drawn: `start` (the first key), `zeroed`
+#: (the host wiped it) or `intact` (signalled, yet the old key was still there).
+KEYD = """#!/usr/bin/python3
+import ctypes, hashlib, os, select
+lib = ctypes.CDLL("libvmwipe.so.0", use_errno=True)
+lib.vmwipe_alloc.restype = ctypes.c_void_p
+lib.vmwipe_alloc.argtypes = [ctypes.c_size_t]
+page = lib.vmwipe_alloc(4096)
+if not page:
+    raise OSError(ctypes.get_errno(), "vmwipe_alloc")
+fd = os.open("/dev/vmwipe", os.O_RDONLY)
+def rotate(how):
+    gen = int.from_bytes(os.read(fd, 8), "little")
+    if how is None:
+        how = "zeroed" if ctypes.string_at(page, 32) == bytes(32) else "intact"
+    ctypes.memmove(page, os.urandom(32), 32)
+    fpr = hashlib.sha256(ctypes.string_at(page, 32)).hexdigest()
+    with open("/run/vmwipe-keyd.tmp", "w") as f:
+        f.write(f"{gen} {fpr} {how}\\n")
+    os.replace("/run/vmwipe-keyd.tmp", "/run/vmwipe-keyd")
+rotate("start")
+poller = select.poll()
+poller.register(fd, select.POLLPRI)
+while True:
+    poller.poll()
+    rotate(None)
+"""
+KEYD_UNIT = """[Unit]
+Description=vmwipe lab: a key kept in a vmwipe page, rotated on every wipe
+[Service]
+ExecStart=/usr/local/sbin/vmwipe-keyd
+"""
 LINE = re.compile(r"(py-secrets|py-uuid4|openssl|kernel-uuid) ([0-9a-f-]{32,36})")
-MODES = ("vmwipe", "plain")
+#: `vmwipe clone` of the save, `vmwipe clone --template` of a template made from the save,
+#: and a plain restore of the save (what a hypervisor without vmwipe does).
+MODES = ("vmwipe", "template", "plain")
+
+
+class KeyState(NamedTuple):
+    """What vmwipe-keyd published: the generation it read, its key's SHA-256, and what the
+    page held when that key was drawn (`start`, `zeroed` or `intact`)."""
+
+    generation: int
+    fingerprint: str
+    how: str
 
 
 @dataclass
@@ -104,6 +159,8 @@ class ModeResult:
     drawn: dict[str, int] = field(default_factory=dict)
     shared: dict[str, int] = field(default_factory=dict)  # values printed by >= 2 clones
     generations: list[int] = field(default_factory=list)  # sysfs generation per clone
+    keys: list[KeyState] = field(default_factory=list)  # vmwipe-keyd's, per clone
+    seconds: float = 0.0  # from the first clone started (or the template made) to the last kill
 
 
 def compare(mode: str, outputs: Sequence[Sequence[str]]) -> ModeResult:
@@ -126,7 +183,10 @@ def compare(mode: str, outputs: Sequence[Sequence[str]]) -> ModeResult:
 
 
 def summary(r: ModeResult) -> str:
-    return f"{r.mode:7} " + "; ".join(f"{k} {r.shared[k]}/{r.drawn[k]} shared" for k in KINDS)
+    keys = [k.fingerprint for k in r.keys]
+    shared = sum(1 for k in keys if keys.count(k) > 1)
+    return (f"{r.mode:7} " + "; ".join(f"{k} {r.shared[k]}/{r.drawn[k]} shared" for k in KINDS)
+            + f"; vmwipe-keyd key {shared}/{len(keys)} shared")
 
 
 def with_disk(args: Sequence[str], disk: str) -> list[str]:
@@ -154,6 +214,8 @@ class OsCloneScenario(CloneLab):
         self.memory_mib = memory_mib
         self.facts = BootFacts()
         self.saved_disk = self.dir / "saved.qcow2"
+        self.key_before = ""  # the SHA-256 of vmwipe-keyd's key in the snapshot
+        self._shm: Path | None = None  # the template's RAM file's directory, while it exists
 
     def boot(self, timeout: float = 600) -> BootFacts:
         """Boot through GRUB (no -kernel, no insmod) and look at what the boot did."""
@@ -173,6 +235,7 @@ class OsCloneScenario(CloneLab):
         assert self.guest is not None and self.guest.console is not None
         con = self.guest.console
         tap = self._tap_original()
+        self.key_before = self._start_keyd()
         con.check("stty -F /dev/ttyS1 raw -echo")
         loop = "; ".join([DRAWS] * self.rounds)
         con.check(f"(read -r go < /dev/ttyS1; {loop}; echo END) > /dev/ttyS1 2>&1 &")
@@ -186,28 +249,87 @@ class OsCloneScenario(CloneLab):
         shutil.copy2(self.guest.disk, self.saved_disk)
         self.log(f"  saved {self.snapshot.stat().st_size >> 20} MiB")
 
-    def _clone_args(self, d: Path, disks: Path) -> list[str]:
+    def _start_keyd(self) -> str:
+        """Install and start vmwipe-keyd.service; the key it holds (what the snapshot has)."""
+        assert self.guest is not None and self.guest.console is not None
+        con = self.guest.console
+        for path, text, mode in (("/usr/local/sbin/vmwipe-keyd", KEYD, "755"),
+                                 ("/etc/systemd/system/vmwipe-keyd.service", KEYD_UNIT, "644")):
+            b64 = base64.b64encode(text.encode()).decode()
+            con.check(f"echo {b64} | base64 -d > {path} && chmod {mode} {path}")
+        con.check("systemctl daemon-reload && systemctl start vmwipe-keyd.service", 120)
+        return self._keyd(con, lambda gen: True).fingerprint
+
+    @staticmethod
+    def _keyd(con: Console, done: Callable[[int], bool], timeout: float = 60) -> KeyState:
+        """What vmwipe-keyd published, once `done(generation)` holds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out = con.check("cat /run/vmwipe-keyd 2>/dev/null || true", 60).split()
+            if len(out) == 3 and done(int(out[0])):
+                return KeyState(int(out[0]), out[1], out[2])
+            if time.monotonic() > deadline:
+                raise GuestError(f"vmwipe-keyd published {out} after {timeout:.0f} s")
+            time.sleep(0.5)
+
+    def _clone_args(self, d: Path, disks: Path, names: Sequence[str]) -> list[str]:
+        """The clones' command line (`{i}` per clone), with an overlay per name in `names`."""
         assert self.guest is not None
         disks.mkdir()
-        for i in range(self.n):
-            overlay(self.saved_disk, disks / f"disk-{i}.qcow2", "qcow2")
+        for name in names:
+            overlay(self.saved_disk, disks / f"disk-{name}.qcow2", "qcow2")
         return with_disk(clone_argv(self.guest.qemu_args(), d, "auto"),
                          f"{disks}/disk-{{i}}.qcow2")
 
+    def _clone_cli(self, source: Sequence[str], d: Path, argv: Sequence[str]) -> list[str]:
+        """`vmwipe clone SOURCE -n N` (resumed once all are wiped); the clones' QMP sockets."""
+        r = run_cli("clone", *source, "-n", str(self.n), "--dir", str(d), "--json", "--", *argv,
+                    timeout=600)
+        if r.returncode != 0:
+            raise GuestError(f"vmwipe clone failed ({r.returncode}): {r.stderr[-800:]}")
+        clones = json.loads(r.stdout)["clones"]
+        self._pids += [int(c["pid"]) for c in clones]
+        return [str(c["qmp"]) for c in clones]
+
+    def _make_template(self, argv: Sequence[str]) -> Path:
+        """`vmwipe template --from` the save: a never-running QEMU loads it into a share=on RAM
+        file on /dev/shm (tmpfs, as docs/templates.md advises), the file is scrubbed, the
+        device state saved, that QEMU quit.  The template's directory."""
+        self._shm = Path(tempfile.mkdtemp(prefix="vmwipe-os-tpl.", dir="/dev/shm"))
+        tdir = self.dir / "template-dir"
+        r = run_cli("template", "--from", str(self.snapshot), "--ram", str(self._shm / "ram"),
+                    "--dir", str(tdir), "--json", "--",
+                    *[a.replace("{i}", "tpl") for a in argv], timeout=600)
+        if r.returncode != 0:
+            raise GuestError(f"vmwipe template failed ({r.returncode}): {r.stderr[-800:]}")
+        return tdir
+
+    def _drop_template(self) -> None:
+        """Remove the template's RAM file (1 GiB of tmpfs); its clones must be gone."""
+        if self._shm is not None:
+            shutil.rmtree(self._shm, ignore_errors=True)
+            self._shm = None
+
+    def close(self) -> None:
+        super().close()  # every clone killed first: none maps the template file any more
+        self._drop_template()
+
     def run_mode(self, mode: str, timeout: float = 300) -> ModeResult:
-        """`vmwipe`: `vmwipe clone -n N`; `plain`: migrate-incoming only.  Go, cont, collect."""
+        """N clones of the save: `vmwipe` by `vmwipe clone -n N`, `template` by `vmwipe
+        template --from` + `vmwipe clone --template -n N`, `plain` by migrate-incoming only.
+        Go, cont, collect the draws, then each clone's sysfs generation and vmwipe-keyd."""
         assert mode in MODES
+        t0 = time.monotonic()
         d = self.dir / mode
         d.mkdir(mode=0o700)  # `vmwipe clone --dir` takes only a new or empty private one
-        argv = self._clone_args(d, self.dir / f"{mode}-disks")
+        names = [str(i) for i in range(self.n)] + (["tpl"] if mode == "template" else [])
+        argv = self._clone_args(d, self.dir / f"{mode}-disks", names)
         if mode == "vmwipe":
-            r = run_cli("clone", str(self.snapshot), "-n", str(self.n), "--dir", str(d),
-                        "--json", "--", *argv, timeout=600)
-            if r.returncode != 0:
-                raise GuestError(f"vmwipe clone failed ({r.returncode}): {r.stderr[-800:]}")
-            clones = json.loads(r.stdout)["clones"]
-            self._pids += [int(c["pid"]) for c in clones]
-            qmps = [str(c["qmp"]) for c in clones]
+            qmps = self._clone_cli([str(self.snapshot)], d, argv)
+        elif mode == "template":
+            tdir = self._make_template(argv)
+            self.log(f"  template made in {time.monotonic() - t0:.0f} s")
+            qmps = self._clone_cli(["--template", str(tdir)], d, argv)
         else:
             qmps = [self._restore_plain(d, i, [a.replace("{i}", str(i)) for a in argv],
                                         f"clone {i}").qmp_path for i in range(self.n)]
@@ -220,9 +342,14 @@ class OsCloneScenario(CloneLab):
         for i in range(self.n):
             con, sock = attach_console(f"{d}/con-{i}.sock", d / f"clone-{i}.ttyS0")
             self._socks.append(sock)
-            res.generations.append(int(con.check(f"cat {SYSFS}/generation", 60).strip()))
+            gen = int(con.check(f"cat {SYSFS}/generation", 60).strip())
+            res.generations.append(gen)
+            # the key as of that generation: rotated after a wipe, the snapshot's otherwise
+            res.keys.append(self._keyd(con, functools.partial(operator.le, gen)))
         self._kill_clones()
-        self.log("  " + summary(res))
+        self._drop_template()
+        res.seconds = round(time.monotonic() - t0, 1)
+        self.log(f"  {summary(res)} ({res.seconds:.0f} s)")
         return res
 
     @staticmethod
