@@ -349,7 +349,8 @@ class OsCloneScenario(CloneLab):
         self._kill_clones()
         self._drop_template()
         res.seconds = round(time.monotonic() - t0, 1)
-        self.log(f"  {summary(res)} ({res.seconds:.0f} s)")
+        self.log(f"  {summary(res)}; generations {res.generations}; vmwipe-keyd "
+                 f"{[k.how for k in res.keys]} ({res.seconds:.0f} s)")
         return res
 
     @staticmethod
