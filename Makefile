@@ -62,9 +62,11 @@ GUEST_IMAGES ?= debian12 debian13
 guest-images: setup
 	$(BIN)/python -m vmwipe.lab.diskimage $(GUEST_IMAGES)
 
-# The real-guest tests on every image (`make test` runs them on debian12 only).
+# The real-guest tests on every image (`make test` runs test_guest_os.py on debian12 only;
+# the libvirt domain on the images, minutes per image, runs here only).
 test-guest-os: guest-images
-	VMWIPE_GUEST_IMAGES="$(GUEST_IMAGES)" $(BIN)/pytest tests/test_guest_os.py $(PYTEST_ARGS)
+	VMWIPE_GUEST_IMAGES="$(GUEST_IMAGES)" VMWIPE_GUEST_OS_TESTS=full \
+	  $(BIN)/pytest tests/test_guest_os.py tests/test_guest_os_libvirt.py $(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/python examples/demo.py

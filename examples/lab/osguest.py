@@ -45,6 +45,7 @@ from .agent import attach_console
 from .build import DiskImage, overlay
 from .e2e import CloneLab, Log, SerialTap, clone_argv, run_cli
 from .guest import Console, Guest, GuestConfig, GuestError, default_accel
+from .shell import _console
 
 CPU = "qemu64"  # no RDRAND: nothing but the host makes clones diverge early
 SYSFS = "/sys/class/misc/vmwipe"
@@ -124,10 +125,11 @@ class BootFacts:
     boot_s: float = 0.0
 
 
-def boot_facts(g: Guest, agent_qmp: str) -> BootFacts:
-    """Look at a freshly booted disk guest: how the module got loaded, and the region."""
-    con = g.console
-    assert con is not None
+def boot_facts(g: Guest | Console, agent_qmp: str) -> BootFacts:
+    """Look at a freshly booted disk guest: how the module got loaded, and the region.
+
+    `g` may be a bare console: a libvirt domain's (oslibvirt.py) has no lab Guest."""
+    con = _console(g)
     f = BootFacts()
     con.check("udevadm settle", 120)
     f.cmdline = con.check("cat /proc/cmdline").strip()
