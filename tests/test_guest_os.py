@@ -13,7 +13,10 @@ run right after resume (python3's secrets and uuid4, `openssl rand`, the
 kernel's random/uuid) must print no value twice across the vmwipe clones or
 across the template clones, and a systemd service that keeps its key in a
 vmwipe page (libvmwipe) finds that page zeroed and holds a key of its own in
-each; the plain clones share values and keep the snapshot's key.
+each; the plain clones share values and keep the snapshot's key.  The kernel's
+CRNG is made to reseed just before the save (`OsCloneScenario._reseed_far`; on
+6.2+ that waits for its own scheduled reseed, up to a minute), so that its next
+reseed does not make the clones diverge by themselves right after resume.
 
 Images: VMWIPE_GUEST_IMAGES (default "debian12"; `make test-guest-os` sets
 "debian12 debian13").  Building an image the first time takes minutes (see

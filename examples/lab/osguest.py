@@ -92,6 +92,8 @@ Description=vmwipe lab: a key kept in a vmwipe page, rotated on every wipe
 [Service]
 ExecStart=/usr/local/sbin/vmwipe-keyd
 """
+#: RNDRESEEDCRNG (root).  See `OsCloneScenario._reseed_far`.
+RESEED = "python3 -c 'import fcntl; fcntl.ioctl(open(\"/dev/urandom\"), 0x5207)'"
 LINE = re.compile(r"(py-secrets|py-uuid4|openssl|kernel-uuid) ([0-9a-f-]{32,36})")
 #: `vmwipe clone` of the save, `vmwipe clone --template` of a template made from the save,
 #: and a plain restore of the save (what a hypervisor without vmwipe does).
@@ -242,6 +244,7 @@ class OsCloneScenario(CloneLab):
         loop = "; ".join([DRAWS] * self.rounds)
         con.check(f"(read -r go < /dev/ttyS1; {loop}; echo END) > /dev/ttyS1 2>&1 &")
         time.sleep(1)  # the job has opened ttyS1 and sits in read()
+        self._reseed_far(con)
         self._save()
         time.sleep(0.3)
         tap.close()
@@ -250,6 +253,33 @@ class OsCloneScenario(CloneLab):
         # the disk every clone must see.  Each clone writes to its own overlay over this copy.
         shutil.copy2(self.guest.disk, self.saved_disk)
         self.log(f"  saved {self.snapshot.stat().st_size >> 20} MiB")
+
+    def _reseed_far(self, con: Console, timeout: float = 150) -> None:
+        """Have the kernel's CRNG reseed now, so that its own next reseed is an interval away.
+
+        The kernel reseeds by itself every uptime/2 s early on, every 60 s from two minutes
+        up.  If that fell in the seconds after resume, the plain clones would diverge by
+        themselves and the vmwipe clones' divergence would prove nothing (measured before
+        this was done: 0/6 of every kind shared by the plain clones, once on each image).
+        6.1 reseeds on demand once its seed is that old, so RNDRESEEDCRNG resets the age;
+        from 6.2 a delayed work reseeds on a schedule the ioctl does not move, so the host
+        watches `base_crng.generation` (the table's second fill range) for the next one.
+        """
+        m = re.match(r"(\d+)\.(\d+)", self.facts.kernel)
+        if m is None or (int(m[1]), int(m[2])) < (6, 2):
+            con.check(RESEED, 60)
+            return
+        assert self.guest is not None
+        gen = self.facts.inspect["extra"]["fill_ranges"][1]
+        if int(gen["length"]) != 8:
+            raise GuestError(f"fill range 1 is not base_crng.generation: {gen}")
+        t0 = time.monotonic()
+        before = self.guest.read_phys(int(gen["gpa"]), 8)
+        while self.guest.read_phys(int(gen["gpa"]), 8) == before:
+            if time.monotonic() - t0 > timeout:
+                raise GuestError(f"the kernel CRNG did not reseed in {timeout:.0f} s")
+            time.sleep(0.2)
+        self.log(f"  the kernel reseeded its CRNG after {time.monotonic() - t0:.0f} s")
 
     def _start_keyd(self) -> str:
         """Install and start vmwipe-keyd.service; the key it holds (what the snapshot has)."""
