@@ -63,10 +63,11 @@ guest-images: setup
 	$(BIN)/python -m vmwipe.lab.diskimage $(GUEST_IMAGES)
 
 # The real-guest tests on every image (`make test` runs test_guest_os.py on debian12 only;
-# the libvirt domain on the images, minutes per image, runs here only).
+# the libvirt domain and S3/S4 on the images, minutes per image, run here only).
 test-guest-os: guest-images
 	VMWIPE_GUEST_IMAGES="$(GUEST_IMAGES)" VMWIPE_GUEST_OS_TESTS=full \
-	  $(BIN)/pytest tests/test_guest_os.py tests/test_guest_os_libvirt.py $(PYTEST_ARGS)
+	  $(BIN)/pytest tests/test_guest_os.py tests/test_guest_os_libvirt.py \
+	  tests/test_guest_os_sleep.py $(PYTEST_ARGS)
 
 demo: setup
 	$(BIN)/python examples/demo.py

@@ -11,10 +11,11 @@ the file name, so they are rebuilt only when an input changes:
 - **base** `NAME-base-HASH.raw` (minutes): a 3 GiB sparse raw disk, MBR with an
   ext4 root and a swap partition; `debootstrap --variant=minbase` plus
   systemd-sysv, udev, initramfs-tools, the distribution kernel and its headers
-  from the security suite, dkms, python3, openssl, GRUB for BIOS, serial
-  console, and the lab's command loop on ttyS0 (`vmwipe-lab-shell.service`,
-  the same line protocol as the initramfs guest's /init).  Inputs: the suite,
-  the mirror, the package lists, the files written into it, and RECIPE.
+  from the security suite, dkms, python3, openssl, dbus (for logind: `systemctl
+  suspend`), GRUB for BIOS, serial console, and the lab's command loop on ttyS0
+  (`vmwipe-lab-shell.service`, the same line protocol as the initramfs guest's
+  /init).  Inputs: the suite, the mirror, the package lists, the files written
+  into it, and RECIPE.
 - **vmwipe** `NAME-HASH.raw` (seconds): a copy of the base with vmwipe installed
   by `guestpkg.install_vmwipe()`.  Inputs: the base and the module's sources.
 
@@ -65,7 +66,10 @@ SECTOR = 512
 # in sources.list, so that the image gets the newest kernel, not the point release's.
 # e2fsprogs: fsck.ext4 for the initramfs (not part of trixie's minbase).
 DEBOOTSTRAP_INCLUDE = ("systemd-sysv", "udev", "initramfs-tools", "kmod", "e2fsprogs")
-PACKAGES = ("linux-image-amd64", "linux-headers-amd64", "dkms", "python3", "openssl", "grub-pc")
+# dbus: the system bus that systemd-logind needs; without it systemd 257's `systemctl suspend`
+# and `hibernate` fail ("Failed to connect to system scope bus"; 252 fell back to PID 1).
+PACKAGES = ("linux-image-amd64", "linux-headers-amd64", "dkms", "python3", "openssl", "grub-pc",
+            "dbus")
 CHROOT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "HOME": "/root",
               "DEBIAN_FRONTEND": "noninteractive"}
 

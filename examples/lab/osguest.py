@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 from .agent import attach_console
 from .build import DiskImage, overlay
 from .e2e import CloneLab, Log, SerialTap, clone_argv, run_cli
-from .guest import Console, Guest, GuestConfig, GuestError, default_accel
+from .guest import QEMU, Console, Guest, GuestConfig, GuestError, default_accel
 from .shell import _console
 
 CPU = "qemu64"  # no RDRAND: nothing but the host makes clones diverge early
@@ -206,7 +206,7 @@ class OsCloneScenario(CloneLab):
 
     def __init__(self, image: DiskImage, clones: int = 3, rounds: int = 2, *,
                  log: Log | None = None, accel: str | None = None,
-                 memory_mib: int = 1024) -> None:
+                 memory_mib: int = 1024, qemu: str = QEMU) -> None:
         if clones < 2:
             raise ValueError("at least 2 clones are needed to compare them")
         super().__init__(Path(tempfile.mkdtemp(prefix="vmwipe-os.")), own_dir=True)
@@ -216,6 +216,7 @@ class OsCloneScenario(CloneLab):
         self.log: Log = log or (lambda msg: None)
         self.accel = accel or default_accel()
         self.memory_mib = memory_mib
+        self.qemu = qemu  # the binary (S3 across a save needs QEMU >= 9: ossleep.py)
         self.facts = BootFacts()
         self.saved_disk = self.dir / "saved.qcow2"
         self.key_before = ""  # the SHA-256 of vmwipe-keyd's key in the snapshot
@@ -226,7 +227,7 @@ class OsCloneScenario(CloneLab):
         t0 = time.monotonic()
         g = Guest(GuestConfig(self.image, memory_mib=self.memory_mib, cpus=1, accel=self.accel,
                               extra_args=self._original_args(CPU), vmgenid=False,
-                              boot_timeout=timeout))
+                              boot_timeout=timeout, qemu=self.qemu))
         self.guest = g.__enter__()
         boot_s = time.monotonic() - t0
         self.log(f"{self.image.name}: booted from disk in {boot_s:.0f} s")
