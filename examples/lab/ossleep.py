@@ -43,7 +43,7 @@ from .agent import attach_console
 from .build import DiskImage
 from .e2e import Log, clone_argv, read_gpa, run_cli
 from .guest import Console, GuestError
-from .osguest import SYSFS, OsCloneScenario, with_disk
+from .osguest import SYSFS, BootFacts, OsCloneScenario, with_disk
 from .shell import sh, start, wait_output
 
 PAGE = 4096
@@ -107,12 +107,16 @@ class Vm:
 
 @dataclass
 class Waiter:
+    """The python3 waiter's page (its PFN) and the generation it started at."""
+
     pfn: int = 0
     gen: int = -1
 
 
 @dataclass
 class S3Result:
+    """What `run_s3` saw, from the host and from inside the guest; the test judges it."""
+
     power_states: str = ""  # /sys/power/state
     mem_sleep: str = ""  # /sys/power/mem_sleep ("s2idle [deep]": ACPI S3)
     suspend_status: str = ""  # QEMU's run state once the guest slept
@@ -143,6 +147,8 @@ class S3Result:
 
 @dataclass
 class S4Result:
+    """What `run_s4` saw: the resume configuration, the power-off, the resume, the wipe."""
+
     resume_dev: str = ""  # /sys/power/resume, as the initramfs's resume script wrote it
     swap_dev: str = ""  # /sys/class/block/vda2/dev
     initramfs_resume: str = ""  # the RESUME= the initramfs carries (conf/conf.d/resume)
@@ -179,7 +185,7 @@ class SleepLab(OsCloneScenario):
         self.waiter = Waiter()
         self._seq = 0
 
-    def boot(self, timeout: float = 600) -> Any:
+    def boot(self, timeout: float = 600) -> BootFacts:
         facts = super().boot(timeout)
         assert self.guest is not None and self.guest.console is not None
         self.vm = Vm("booted", f"{self.dir}/agent.qmp", self.guest.console, self.guest.pid)
