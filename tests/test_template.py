@@ -201,7 +201,7 @@ def test_mismatched_machine_refused_and_killed(template: tuple[str, Path, bytes]
 
 
 def test_changed_template_refused(template: tuple[str, Path, bytes], tmp_path: Path) -> None:
-    qemu, d, _ = template
+    qemu, d, other = template
     t2 = tmp_path / "t"
     shutil.copytree(d / "t", t2)
     ram = d / "ram"
@@ -218,7 +218,7 @@ def test_changed_template_refused(template: tuple[str, Path, bytes], tmp_path: P
     m.write(t2)
     st = os.stat(copy)
     with open(copy, "r+b") as f:
-        os.pwrite(f.fileno(), b"\x01", OTHER)
+        os.pwrite(f.fileno(), bytes([other[0] ^ 0xFF]), OTHER)  # a byte it did not hold
     os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
     m.ram_identity = type(m.ram_identity).of(copy)  # even with a matching stat
     m.write(t2)
